@@ -1,0 +1,90 @@
+"""The built-in catalog of well-known base models.
+
+Catalog model IDs are reserved: only a catalog model may use one, and only catalog models may be
+deployed serverless. Weights are not shipped: an entry says where an operator's model store keeps them
+(`store_path`, relative to the store URL), and the operator puts them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The dimensions of a Llama-family decoder, as in a Hugging Face `config.json`."""
+
+    architecture: str  # config.json "architectures"[0]
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def parameter_count(self) -> int:
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attention = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attention + mlp + 2 * h  # two RMSNorm weights
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_hidden_layers * per_layer + h  # final norm
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    model_id: str
+    display_name: str
+    dims: Architecture
+    serverless: bool  # may be deployed serverless
+    serverless_addons: bool  # its serverless deployments accept LoRA addons (popular bases only)
+
+    @property
+    def parameter_count(self) -> int:
+        return self.dims.parameter_count
+
+    @property
+    def store_path(self) -> str:
+        return f"catalog/{self.model_id}"
+
+
+def _llama3(hidden: int, inter: int, layers: int, heads: int, tied: bool = False) -> Architecture:
+    return Architecture("LlamaForCausalLM", hidden, inter, layers, heads, 8, 128256, 131072, tie_word_embeddings=tied)
+
+
+CATALOG: dict[str, CatalogModel] = {
+    m.model_id: m
+    for m in [
+        CatalogModel("llama-v3p1-8b-instruct", "Llama 3.1 8B Instruct", _llama3(4096, 14336, 32, 32), True, True),
+        CatalogModel("llama-v3p1-70b-instruct", "Llama 3.1 70B Instruct", _llama3(8192, 28672, 80, 64), True, True),
+        CatalogModel("llama-v3p1-405b-instruct", "Llama 3.1 405B Instruct", _llama3(16384, 53248, 126, 128), True, False),
+        CatalogModel("llama-v3p2-1b-instruct", "Llama 3.2 1B Instruct", _llama3(2048, 8192, 16, 32, True), True, False),
+        CatalogModel("llama-v3p2-3b-instruct", "Llama 3.2 3B Instruct", _llama3(3072, 8192, 28, 24, True), True, False),
+        CatalogModel(
+            "qwen2p5-7b-instruct",
+            "Qwen 2.5 7B Instruct",
+            Architecture("Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 152064, 32768, attention_bias=True),
+            True,
+            True,
+        ),
+        CatalogModel(
+            "mistral-7b-instruct-v0p3",
+            "Mistral 7B Instruct v0.3",
+            Architecture("MistralForCausalLM", 4096, 14336, 32, 32, 8, 32768, 32768),
+            True,
+            False,
+        ),
+    ]
+}
+
+
+def lookup(model_id: str) -> CatalogModel | None:
+    return CATALOG.get(model_id)

@@ -1,0 +1,25 @@
+import pytest
+
+from ember.provider import catalog
+
+# Published parameter counts (the models' safetensors index totals / model cards).
+PUBLISHED = {
+    "llama-v3p1-8b-instruct": 8_030_261_248,
+    "llama-v3p1-70b-instruct": 70_553_706_496,
+    "llama-v3p1-405b-instruct": 405_853_388_800,
+    "llama-v3p2-1b-instruct": 1_235_814_400,
+    "llama-v3p2-3b-instruct": 3_212_749_824,
+    "qwen2p5-7b-instruct": 7_615_616_512,
+    "mistral-7b-instruct-v0p3": 7_248_023_552,
+}
+
+
+@pytest.mark.parametrize("model_id, count", PUBLISHED.items())
+def test_parameter_counts_match_the_published_models(model_id, count):
+    assert catalog.lookup(model_id).parameter_count == count
+
+
+def test_catalog_entries_point_into_the_store():
+    assert set(PUBLISHED) == set(catalog.CATALOG)
+    assert catalog.lookup("llama-v3p1-8b-instruct").store_path == "catalog/llama-v3p1-8b-instruct"
+    assert catalog.lookup("not-a-model") is None

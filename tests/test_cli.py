@@ -1,0 +1,54 @@
+"""The `ember` command line: schema, validate, quickstart and the tiny-model kit."""
+
+import json
+import shutil
+from pathlib import Path
+
+from ember.provider import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_generates_models_and_prints_the_validated_stack(tmp_path, capsys):
+    stack = tmp_path / "stack.json"
+    shutil.copy(REPO / "examples/quickstart/stack.json", stack)
+    assert cli.main(["quickstart", "--stack", str(stack)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    sources = [m["source"] for m in printed["models"] + printed["addons"]]
+    assert sources == [str(tmp_path / "models" / n) for n in ("tiny-llama", "tiny-llama-pirate", "tiny-llama-poet")]
+    assert (tmp_path / "models/tiny-llama/model.safetensors").exists()
+    assert (tmp_path / "models/tiny-llama-poet/adapter_config.json").exists()
+    assert printed["deployments"][0]["precision"] == "fp32"  # defaults are filled in
+
+
+def test_validate_reports_field_and_value(tmp_path, capsys):
+    bad = tmp_path / "stack.json"
+    bad.write_text(json.dumps({"deployments": [{"account_id": "acme", "base_model": "accounts/acme/models/m",
+                                                "max_replicas": 100}]}))
+    assert cli.main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "deployments[0].max_replicas" in err and "(got 100)" in err
+    assert cli.main(["validate", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert cli.main(["validate", str(bad)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+
+
+def test_schema_check_and_write(tmp_path, capsys):
+    assert cli.main(["schema", "--check", str(REPO / "schema")]) == 0
+    assert cli.main(["schema", "--check", str(tmp_path)]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert cli.main(["schema", "--out", str(tmp_path)]) == 0
+    assert cli.main(["schema", "--check", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["schema"]) == 0
+    assert "deployment.args.json" in json.loads(capsys.readouterr().out)
+
+
+def test_tiny_model_and_lora_commands(tmp_path):
+    assert cli.main(["tiny-model", str(tmp_path / "m"), "--shards", "2", "--architecture", "qwen2"]) == 0
+    assert (tmp_path / "m/model.safetensors.index.json").exists()
+    assert cli.main(["tiny-lora", str(tmp_path / "m"), str(tmp_path / "l"), "--rank", "2", "--targets", "q_proj,down_proj"]) == 0
+    config = json.loads((tmp_path / "l/adapter_config.json").read_text())
+    assert (config["r"], config["target_modules"]) == (2, ["q_proj", "down_proj"])
