@@ -109,6 +109,9 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
     from transformers import AutoModelForCausalLM  # a benchmark reference only; the runtime never needs it
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # No EOS, so every row runs to max_new_tokens like Ember's ignore_eos (min_new_tokens would instead
+    # mask EOS logits and change the greedy tokens).
+    model.generation_config.eos_token_id = None
     longest_prompt, longest_output = max(map(len, work.prompts)), max(work.output_lens)
     pad = 0
     ids = torch.tensor([[pad] * (longest_prompt - len(p)) + p for p in work.prompts], device=device)
@@ -116,8 +119,8 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
     progress(f"transformers: generate() on a batch of {len(work.prompts)} x {longest_prompt} prompt tokens")
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest_output,
-                             min_new_tokens=longest_output, do_sample=False, pad_token_id=pad)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest_output, do_sample=False,
+                             pad_token_id=pad)
     seconds = time.perf_counter() - start
     outputs = [row[longest_prompt : longest_prompt + n].tolist() for row, n in zip(out, work.output_lens)]
     # Every row finishes with the batch, and nothing streams out before the batch is done.

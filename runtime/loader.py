@@ -71,9 +71,15 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
                 raise ModelLoadError(f"{path} is missing: {index.name} lists it as a shard")
         return files
     if single.exists():
-        with safe_open(single, "pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        return dict.fromkeys(open_safetensors(single).keys(), single)
     raise ModelLoadError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+
+
+def open_safetensors(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 class _Reader:
@@ -90,11 +96,11 @@ class _Reader:
             raise ModelLoadError(f"tensor {name} is missing from the checkpoint")
         path = self.files[name]
         if path not in self.handles:
-            try:
-                self.handles[path] = safe_open(path, "pt")
-            except Exception as exc:  # safetensors raises its own error types for bad headers
-                raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
-        tensor = self.handles[path].get_tensor(name)
+            self.handles[path] = open_safetensors(path)
+        try:
+            tensor = self.handles[path].get_tensor(name)
+        except Exception as exc:  # a header that lies about offsets or sizes
+            raise ModelLoadError(f"{path}: tensor {name} cannot be read: {exc}") from None
         if tuple(tensor.shape) != shape:
             raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, but config.json needs {shape}")
         self.used.add(name)

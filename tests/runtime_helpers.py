@@ -1,0 +1,38 @@
+"""Shared helpers for runtime tests: tiny models with peaked logits and their transformers twins."""
+
+import inspect
+
+import torch
+
+from ember.runtime import tinymodels
+
+# Random weights with std 0.02 give near-uniform logits where greedy ties flip on rounding; 0.1 gives
+# clear winners, so token-for-token comparisons test the model rather than the last bit of fp32.
+SHARP = {"init_std": 0.1}
+
+
+def make(path, **overrides):
+    return tinymodels.make_model(path, "tiny", seed=11, **(SHARP | overrides))
+
+
+def hf_model(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt, max_tokens):
+    """transformers' greedy decoding with its own KV cache, never stopping at EOS (like ignore_eos).
+
+    generate() cannot do that: min_new_tokens masks the EOS logits, which changes the argmax.
+    """
+    # transformers 5.x renames past_key_values to cache.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens = []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(max_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            state = getattr(out, name, None) or out.past_key_values
+            out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{name: state})
+    return tokens

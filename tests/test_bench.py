@@ -1,0 +1,30 @@
+"""The benchmark runs both engines on the same work and reports figures (not a speed test: see README)."""
+
+import json
+
+import pytest
+
+from ember.runtime import bench
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_benchmark_reports_both_engines_on_the_same_work(tmp_path, tiny_model, capsys):
+    report_path = tmp_path / "report.json"
+    assert bench.main(["--model", str(tiny_model), "--requests", "5", "--prompt-len", "8", "40",
+                       "--output-len", "4", "30", "--json", str(report_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "throughput ratio ember / transformers" in printed
+    report = json.loads(report_path.read_text())
+    ours, theirs = report["results"]
+    assert ours["output_tokens"] == theirs["output_tokens"] == sum(report["work"]["output_lens"])
+    assert report["identical_greedy_outputs"] == 5  # the same requests, decoded the same way
+    assert ours["ttft_p50_s"] <= ours["latency_p50_s"] and report["throughput_ratio"] > 0
+
+
+def test_workload_is_fixed_by_its_seed():
+    a = bench.make_workload(16, (32, 256), (16, 128), 32000, seed=0)
+    assert a == bench.make_workload(16, (32, 256), (16, 128), 32000, seed=0)
+    assert a != bench.make_workload(16, (32, 256), (16, 128), 32000, seed=1)
+    assert all(32 <= len(p) <= 256 for p in a.prompts) and all(16 <= n <= 128 for n in a.output_lens)

@@ -1,0 +1,141 @@
+"""The model code and loader: logits match transformers' in fp32, bad directories fail clearly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ember.runtime.batch import ScheduledChunk, build
+from ember.runtime.config import ModelConfig, ModelLoadError
+from ember.runtime.kv_cache import KVCache
+from ember.runtime.loader import load_model
+from ember.runtime.model import Llama
+
+from runtime_helpers import hf_model, make
+
+pytest.importorskip("transformers")
+CPU = torch.device("cpu")
+
+
+def run(model, cache, tokens, start, count, all_rows=False):
+    table = run.tables.setdefault(id(tokens), [])
+    cache.allocator.grow(table, start + count)
+    batch = build([ScheduledChunk(tokens, start, count, table)], cache.block_size, CPU)
+    if all_rows:
+        batch.sample_rows = torch.arange(count)
+    return model.forward(batch, cache)
+
+
+run.tables = {}
+
+
+def engine_parts(directory, dtype=torch.float32):
+    weights = load_model(directory, dtype)
+    c = weights.config
+    return Llama(weights), KVCache(c.num_hidden_layers, 32, 16, c.num_key_value_heads, c.head_dim, dtype, CPU)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"architecture": "qwen2"}, {"architecture": "mistral"}, {"tie_word_embeddings": True, "llama3_rope_scaling": True},
+     {"shards": 3}, {"chat_template_file": True, "num_key_value_heads": 4}],
+    ids=["llama", "qwen2", "mistral", "tied-llama3-rope", "sharded", "mha"],
+)
+def test_logits_match_transformers_for_prefill_chunks_and_decode(tmp_path, overrides):
+    directory = make(tmp_path / "m", **overrides)
+    model, cache = engine_parts(directory)
+    tokens = torch.randint(0, model.config.vocab_size, (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        reference = hf_model(directory)(torch.tensor([tokens])).logits[0]
+    whole = run(model, cache, list(tokens), 0, 120, all_rows=True)
+    torch.testing.assert_close(whole, reference, atol=2e-5, rtol=1e-5)
+    # The same sequence computed as two prefill chunks and a decode step, through the paged cache.
+    again = list(tokens)
+    first = run(model, cache, again, 0, 70, all_rows=True)
+    second = run(model, cache, again, 70, 49, all_rows=True)
+    last = run(model, cache, again, 119, 1)
+    torch.testing.assert_close(torch.cat([first, second, last]), reference, atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_logits_stay_close(tmp_path):
+    directory = make(tmp_path / "m")
+    model, cache = engine_parts(directory, torch.bfloat16)
+    tokens = list(range(5, 45))
+    with torch.no_grad():
+        reference = hf_model(directory)(torch.tensor([tokens])).logits[0, -1]
+    ours = run(model, cache, tokens, 0, 40)[0]
+    assert model.weights.dtype == torch.bfloat16
+    assert (ours - reference).abs().max() < 0.1 * reference.abs().max()
+    assert ours.argmax() == reference.argmax()
+
+
+def test_parameter_count_matches_the_checkpoint(tiny_model):
+    weights = load_model(tiny_model)
+    assert weights.parameter_count == sum(t.numel() for t in load_file(tiny_model / "model.safetensors").values())
+
+
+# --- bad directories ------------------------------------------------------------------------------------
+
+def broken(tmp_path, tiny_model):
+    target = tmp_path / "broken"
+    shutil.copytree(tiny_model, target)
+    return target
+
+
+def rewrite_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text()) | changes
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def rewrite_tensors(directory, change):
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").unlink(), r"config\.json is missing"),
+        (lambda d: (d / "config.json").write_text("{oops"), r"config\.json is not valid JSON"),
+        (lambda d: (d / "model.safetensors").unlink(), "has no model.safetensors"),
+        (lambda d: rewrite_config(d, architectures=["GPT2LMHeadModel"]), r"\['GPT2LMHeadModel'\] is not supported"),
+        (lambda d: rewrite_config(d, hidden_act="gelu"), "hidden_act 'gelu'"),
+        (lambda d: rewrite_config(d, hidden_size=0), "hidden_size must be a positive int, got 0"),
+        (lambda d: rewrite_config(d, num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
+        (lambda d: rewrite_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn'"),
+        (lambda d: rewrite_config(d, intermediate_size=100),
+         r"model.layers.0.mlp.gate_proj.weight has shape \(172, 64\), but config.json needs \(100, 64\)"),
+        (lambda d: rewrite_tensors(d, lambda t: t.pop("model.norm.weight")), "model.norm.weight is missing"),
+        (lambda d: rewrite_tensors(d, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)})),
+         r"\['model.layers.0.extra.weight'\] do not belong to a LlamaForCausalLM"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"),
+         "not a readable safetensors file"),
+    ],
+    ids=["no-config", "bad-json", "no-weights", "architecture", "activation", "zero-size", "gqa", "rope",
+         "wrong-shape", "missing-tensor", "extra-tensor", "corrupt-header"],
+)
+def test_bad_model_directories_fail_with_a_clear_message(tmp_path, tiny_model, damage, message):
+    directory = broken(tmp_path, tiny_model)
+    damage(directory)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(directory)
+
+
+def test_missing_shard_is_named(tmp_path):
+    directory = make(tmp_path / "m", shards=2)
+    (directory / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors is missing"):
+        load_model(directory)
+
+
+def test_transformers_5_rope_parameters_are_read():
+    config = ModelConfig.from_dict({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "vocab_size": 300,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    })
+    assert config.rope_theta == 500000.0 and config.rope_scaling.factor == 8.0
