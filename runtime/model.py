@@ -80,7 +80,9 @@ class Llama:
         self.lora = None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # As transformers does: normalise in fp32, scale in the model's dtype.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
+        # As transformers does for half precision: normalise in fp32, scale in the model's dtype.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps)
         return weight * normed.to(x.dtype)
 

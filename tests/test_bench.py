@@ -17,7 +17,7 @@ def test_benchmark_reports_both_engines_on_the_same_work(tmp_path, tiny_model, c
     printed = capsys.readouterr().out
     assert "throughput ratio ember / transformers" in printed
     report = json.loads(report_path.read_text())
-    ours, theirs = report["results"]
+    (ours, theirs), = report["runs"]
     assert ours["output_tokens"] == theirs["output_tokens"] == sum(report["work"]["output_lens"])
     assert report["identical_greedy_outputs"] == 5  # the same requests, decoded the same way
     assert ours["ttft_p50_s"] <= ours["latency_p50_s"] and report["throughput_ratio"] > 0
