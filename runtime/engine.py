@@ -16,6 +16,7 @@ import torch
 from . import batch as step_batch
 from .config import ModelLoadError
 from .kv_cache import KVCache
+from .lora import LoRAManager
 from .loader import load_model
 from .model import Llama
 from .sampling import SamplingParams, TokenLogprob, sample
@@ -35,6 +36,9 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # default: 1 GiB of cache on CPU, half the free memory on CUDA
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    max_loras: int = 0  # LoRA slots on the device; 0 serves the base model only
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 x max_loras, at least 32)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -88,12 +92,17 @@ class Engine:
             )
         self.cache = KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
                              model.weights.dtype, self.device)
-        self.scheduler = Scheduler(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras)
+        self.lora: LoRAManager | None = None
+        if config.max_loras:
+            self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
+                                    max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
+            model.lora = self.lora.apply
         self.stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
         self.requests: dict[str, Sequence] = {}
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
-        self.adapter_slot = lambda name: -1  # replaced by the LoRA manager
 
     @classmethod
     def from_dir(cls, directory: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
@@ -128,11 +137,15 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if adapter is not None and self.lora is None:
+            raise ValueError(f"model: {adapter!r} is an addon, and this deployment serves no addons")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceed "
                 f"the model's context of {self.max_model_len} tokens"
             )
+        if adapter is not None:
+            self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
         seq = Sequence(request_id, list(prompt_ids), params, adapter)
         self.requests[request_id] = seq
         self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids))
@@ -145,8 +158,13 @@ class Engine:
         self._text.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        self._finish(seq, "abort")
         return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if seq.adapter is not None:
+            self.lora.release(seq.adapter)
 
     @property
     def has_unfinished(self) -> bool:
@@ -158,11 +176,14 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        slots = self.lora.activate({s.adapter for s, _ in scheduled} - {None}) if self.lora else {}
         chunks = [
-            step_batch.ScheduledChunk(seq.tokens, seq.num_computed, n, seq.block_table, self.adapter_slot(seq.adapter))
+            step_batch.ScheduledChunk(seq.tokens, seq.num_computed, n, seq.block_table, slots.get(seq.adapter, -1))
             for seq, n in scheduled
         ]
         batch = step_batch.build(chunks, self.cache.block_size, self.device)
+        if self.lora:
+            self.lora.prepare(batch)
         logits = self.model.forward(batch, self.cache)
         for seq, n in scheduled:
             seq.num_computed += n
@@ -198,7 +219,7 @@ class Engine:
         end = max(state.emitted, len(state.text) - hold)
         delta, state.emitted = state.text[state.emitted : end], end
         if reason:
-            self.scheduler.finish(seq, reason)
+            self._finish(seq, reason)
             del self.requests[seq.request_id], self._text[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,

@@ -16,13 +16,14 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens {max_num_batched_tokens} must be at least max_num_seqs {max_num_seqs}"
             )
         self.allocator = allocator
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_loras = max_loras  # distinct adapters one step may use (the device's LoRA slots)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -52,9 +53,10 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
+        adapters: set[str] = set()
         preempted = False
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or budget == 0:
+            if seq.status is not Status.RUNNING or budget == 0 or not self._adapter_fits(seq, adapters):
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
@@ -66,17 +68,24 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 self.allocator.grow(seq.block_table, seq.num_computed + n)
                 scheduled.append((seq, n))
+                adapters.add(seq.adapter)
                 budget -= n
         # Admitting new work right after preempting would only thrash the cache.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            if not self._adapter_fits(seq, adapters) or not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 break
             self.waiting.popleft()
             self.allocator.grow(seq.block_table, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append((seq, n))
+            adapters.add(seq.adapter)
             budget -= n
         return scheduled
+
+    def _adapter_fits(self, seq: Sequence, adapters: set[str | None]) -> bool:
+        if seq.adapter is None or seq.adapter in adapters:
+            return True
+        return len(adapters - {None}) < self.max_loras
