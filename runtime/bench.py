@@ -25,7 +25,7 @@ import torch
 
 from .engine import Engine, EngineConfig
 from .sampling import SamplingParams
-from .tinymodels import make_model
+from .tinymodels import TinyLoRA, make_lora, make_model
 
 DEFAULT_MODEL_DIR = Path(".ember/bench")
 
@@ -81,10 +81,11 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def run_ember(engine: Engine, work: Workload) -> Result:
+def run_ember(engine: Engine, work: Workload, adapters: list[str | None] | None = None, name: str = "ember") -> Result:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
+    adapters = adapters or [None] * len(work.prompts)
     start = time.perf_counter()
-    ids = [engine.add_request(p, sp) for p, sp in zip(work.prompts, params)]
+    ids = [engine.add_request(p, sp, adapter=a) for p, sp, a in zip(work.prompts, params, adapters)]
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     tokens: dict[str, list[int]] = {i: [] for i in ids}
@@ -98,17 +99,30 @@ def run_ember(engine: Engine, work: Workload) -> Result:
                 done[out.request_id] = now
         steps += 1
         if steps % 25 == 0:
-            progress(f"ember: step {steps}, {len(done)}/{len(ids)} requests done")
+            progress(f"{name}: step {steps}, {len(done)}/{len(ids)} requests done")
     seconds = time.perf_counter() - start
     produced = sum(len(t) for t in tokens.values())
-    return Result("ember", seconds, produced, [done[i] for i in ids], [first[i] for i in ids], [tokens[i] for i in ids])
+    return Result(name, seconds, produced, [done[i] for i in ids], [first[i] for i in ids], [tokens[i] for i in ids])
 
 
-def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device: torch.device) -> Result:
-    """transformers' batched generate(): left-padded prompts, one batch, every row to the longest output."""
+def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device: torch.device,
+                     adapters: dict[str, Path] | None = None, adapter_names: list[str] | None = None) -> Result:
+    """transformers' batched generate(): left-padded prompts, one batch, every row to the longest output.
+
+    With adapters, PEFT serves them unmerged and each row names its own (`adapter_names`)."""
     from transformers import AutoModelForCausalLM  # a benchmark reference only; the runtime never needs it
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    extra = {}
+    if adapters:
+        from peft import PeftModel
+
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        model.eval()
+        extra["adapter_names"] = adapter_names
     # No EOS, so every row runs to max_new_tokens like Ember's ignore_eos (min_new_tokens would instead
     # mask EOS logits and change the greedy tokens).
     model.generation_config.eos_token_id = None
@@ -120,11 +134,47 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest_output, do_sample=False,
-                             pad_token_id=pad)
+                             pad_token_id=pad, **extra)
     seconds = time.perf_counter() - start
     outputs = [row[longest_prompt : longest_prompt + n].tolist() for row, n in zip(out, work.output_lens)]
     # Every row finishes with the batch, and nothing streams out before the batch is done.
-    return Result("transformers", seconds, work.output_tokens, [seconds] * len(outputs), [seconds] * len(outputs), outputs)
+    return Result("transformers+peft" if adapters else "transformers", seconds, work.output_tokens, [seconds] * len(outputs), [seconds] * len(outputs), outputs)
+
+
+def ensure_adapters(model_dir: Path, count: int, rank: int, targets: tuple[str, ...]) -> dict[str, Path]:
+    """`count` PEFT adapters for the model, named as addons are (accounts/<account>/models/<id>)."""
+    root = model_dir.parent / f"{model_dir.name}-loras-r{rank}-{'-'.join(t.removesuffix('_proj') for t in targets)}"
+    adapters = {}
+    for i in range(count):
+        directory = root / f"addon-{i}"
+        if not (directory / "adapter_model.safetensors").exists():
+            progress(f"generating LoRA adapter {i + 1}/{count} in {directory}")
+            make_lora(model_dir, directory, TinyLoRA(rank=rank, alpha=2.0 * rank, target_modules=targets), seed=100 + i)
+        adapters[f"accounts/bench/models/addon-{i}"] = directory
+    return adapters
+
+
+def lora_report(engine: Engine, model_dir: Path, work: Workload, args: argparse.Namespace) -> dict:
+    """Base-only, then 1, 4 and 16 distinct adapters over the same requests, then transformers+PEFT."""
+    adapters = ensure_adapters(model_dir, 16, args.lora_rank, tuple(args.lora_targets.split(",")))
+    for name, path in adapters.items():
+        engine.lora.add(name, path)
+    names = list(adapters)
+    n = len(work.prompts)
+    results = [run_ember(engine, work, name="ember base-only")]
+    for distinct in (1, 4, 16):
+        assignment = [names[i % distinct] for i in range(n)]
+        results.append(run_ember(engine, work, assignment, name=f"ember {distinct} adapters"))
+    mixed = [names[i % 16] for i in range(n)]
+    if not args.no_baseline:
+        results.append(run_transformers(model_dir, work, engine.model.weights.dtype, engine.device, adapters, mixed))
+    report = {"results": [r.summary() for r in results]}
+    base, sixteen = results[0], results[3]
+    report["cost_of_16_adapters"] = round(1 - sixteen.tokens_per_s / base.tokens_per_s, 3)
+    if not args.no_baseline:
+        report["ratio_16_adapters_vs_peft"] = round(sixteen.tokens_per_s / results[-1].tokens_per_s, 3)
+        report["identical_greedy_outputs_vs_peft"] = sum(a == b for a, b in zip(sixteen.outputs, results[-1].outputs))
+    return report | {"_results": results}
 
 
 def ensure_model(args: argparse.Namespace) -> Path:
@@ -149,13 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate()")
+    parser.add_argument("--lora", action="store_true",
+                        help="multi-LoRA mode: base-only, 1, 4 and 16 distinct adapters, and transformers+PEFT")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the engines this many times; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     model_dir = ensure_model(args)
-    config = EngineConfig(device=args.device, dtype=args.dtype)
+    config = EngineConfig(device=args.device, dtype=args.dtype, max_loras=16 if args.lora else 0,
+                          max_lora_rank=args.lora_rank)
     progress(f"loading {model_dir}")
     engine = Engine.from_dir(model_dir, config)
     weights = engine.model.weights
@@ -167,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({work.output_tokens} in all), seed {args.seed}, greedy")
 
     run_ember(engine, make_workload(2, (8, 16), (4, 4), engine.model.config.vocab_size, args.seed + 1))  # warm-up
+    if args.lora:
+        return _print_lora(lora_report(engine, model_dir, work, args), args)
     runs: list[list[Result]] = []
     for attempt in range(args.repeat):
         if args.repeat > 1:
@@ -193,6 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput ratio ember / transformers: {report['throughput_ratio']:.2f}x"
               + (f" (median of {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""))
         print(f"greedy outputs identical to transformers': {same}/{len(ours.outputs)} requests")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _print_lora(report: dict, args: argparse.Namespace) -> int:
+    results = report.pop("_results")
+    print(f"{'engine':<22}{'tok/s':>10}{'seconds':>10}{'p50 lat':>10}{'p90 lat':>10}")
+    for r in results:
+        s = r.summary()
+        print(f"{r.name:<22}{s['output_tokens_per_s']:>10.1f}{s['seconds']:>10.2f}{s['latency_p50_s']:>10.2f}{s['latency_p90_s']:>10.2f}")
+    print(f"16 distinct adapters cost {report['cost_of_16_adapters'] * 100:.1f}% of base-only throughput")
+    if "ratio_16_adapters_vs_peft" in report:
+        print(f"throughput ratio ember / transformers+peft (16 distinct adapters): {report['ratio_16_adapters_vs_peft']:.2f}x")
+        print(f"greedy outputs identical to transformers+peft: {report['identical_greedy_outputs_vs_peft']}/{len(results[0].outputs)}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

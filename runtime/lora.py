@@ -6,11 +6,14 @@ splitting the batch:
 
 * Decode rows (one token per request, each request its own adapter) use the shrink/expand scheme:
   x @ [A of every active slot] gives every slot's rank-r projection at once; a per-row slot mask keeps
-  each row's own slot; @ [B of every active slot] expands it. Two small GEMMs per module read each
+  each row's own slot; @ [B of every active slot] expands it. Two small GEMMs per projection read each
   active adapter's weights exactly once, whatever the mix of adapters in the batch.
 * Prefill chunks belong to one request each, so each applies its own slot's A and B directly.
 
-Slots are padded to `max_rank`; the LoRA scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) is folded into B.
+The stacks follow the model's fused projections (qkv, o, gate_up, down): the A of q, k and v sit side by
+side and B is block-diagonal, so one shrink and one expand serve all three, which halves the small
+operations a step runs. Slots are padded to `max_rank`; the LoRA scaling (alpha/r, or alpha/sqrt(r) for
+rsLoRA) is folded into B.
 """
 
 from __future__ import annotations
@@ -42,14 +45,15 @@ class LoRAManager:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.max_cpu_loras = max_cpu_loras or max(4 * max_loras, 32)
         self.parts = fused_parts(config)
-        # Per layer and module: A stacked as [slots * rank, in], B transposed as [slots * rank, out]. A module's
-        # stacks are allocated when the first adapter targeting it arrives (q/v-only adapters need no MLP stacks).
+        # Per layer and fused projection with P parts: A as [slots * P * rank, in] and B transposed as
+        # [slots * P * rank, out], slot-major so the active slots are a prefix. Allocated when the first
+        # adapter targeting the projection arrives (q/v-only adapters need no MLP stacks).
         self.a: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.bt: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.slots: list[str | None] = [None] * max_loras
-        self.slot_modules: list[tuple[str, ...]] = [()] * max_loras
+        self.slot_fused: list[tuple[str, ...]] = [()] * max_loras  # fused projections each slot touches
         self.slot_use: list[int] = [0] * max_loras  # last step that used each slot, for LRU eviction
-        self.targeted: Counter[str] = Counter()  # module → slots whose adapter targets it
+        self.targeted: Counter[str] = Counter()  # fused projection → slots whose adapter targets it
         self.sources: dict[str, Path] = {}  # the adapters this deployment serves
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.in_flight: Counter[str] = Counter()
@@ -57,7 +61,6 @@ class LoRAManager:
         self.loads = 0  # adapters read from disk (host cache misses)
         self._step = 0
         self._prepared: tuple | None = None
-        self._slot_of_row = torch.arange(max_loras, device=device).repeat_interleave(max_rank)
 
     # -- the served set --------------------------------------------------------------------------------
 
@@ -66,6 +69,8 @@ class LoRAManager:
         adapter = load_adapter(name, source, self.config, self.max_rank)
         self.sources[name] = Path(source)
         self.unloading.discard(name)
+        if name in self.slots:  # new weights under an old name: the slot is refilled when next used
+            self._clear_slot(self.slots.index(name))
         self._cache(adapter)
         return adapter
 
@@ -139,10 +144,7 @@ class LoRAManager:
         if len(names) > self.max_loras:
             raise ValueError(f"a step may use at most max_loras={self.max_loras} adapters, got {len(names)}")
         self._step += 1
-        slots = {}
-        for name in names:
-            if name in self.slots:
-                slots[name] = self.slots.index(name)
+        slots = {name: self.slots.index(name) for name in names if name in self.slots}
         for name in names - slots.keys():
             free = [i for i, s in enumerate(self.slots) if s is None]
             candidates = free or [i for i, s in enumerate(self.slots) if s not in names]
@@ -153,68 +155,75 @@ class LoRAManager:
             self.slot_use[slot] = self._step
         return slots
 
+    def _rows(self, fused: str, slot: int) -> slice:
+        width = len(self.parts[fused]) * self.max_rank
+        return slice(slot * width, (slot + 1) * width)
+
     def _fill_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         if self.slots[slot] is not None:
             self._clear_slot(slot)
-        rows = slice(slot * self.max_rank, slot * self.max_rank + adapter.rank)
         shapes = module_shapes(self.config)
-        for module, (a, b) in adapter.weights.items():
+        touched = []
+        for fused, parts in self.parts.items():
+            if not any(module in adapter.weights for module, _, _ in parts):
+                continue
+            touched.append(fused)
+            self.targeted[fused] += 1
+            height = self.max_loras * len(parts) * self.max_rank
+            fan_in = shapes[parts[0][0]][0]
+            fan_out = sum(width for _, _, width in parts)
             for layer in range(self.config.num_hidden_layers):
-                if module not in self.a[layer]:
-                    fan_in, fan_out = shapes[module]
-                    size = self.max_loras * self.max_rank
-                    self.a[layer][module] = torch.zeros(size, fan_in, device=self.device, dtype=self.dtype)
-                    self.bt[layer][module] = torch.zeros(size, fan_out, device=self.device, dtype=self.dtype)
-                self.a[layer][module][rows] = a[layer].to(self.device, self.dtype)
-                self.bt[layer][module][rows] = (b[layer] * adapter.scaling).t().to(self.device, self.dtype)
-            self.targeted[module] += 1
-        self.slots[slot], self.slot_modules[slot] = adapter.name, tuple(adapter.weights)
+                if fused not in self.a[layer]:
+                    self.a[layer][fused] = torch.zeros(height, fan_in, device=self.device, dtype=self.dtype)
+                    self.bt[layer][fused] = torch.zeros(height, fan_out, device=self.device, dtype=self.dtype)
+                base = self._rows(fused, slot).start
+                for p, (module, first, width) in enumerate(parts):
+                    if module not in adapter.weights:
+                        continue
+                    a, b = adapter.weights[module]
+                    rows = slice(base + p * self.max_rank, base + p * self.max_rank + adapter.rank)
+                    self.a[layer][fused][rows] = a[layer].to(self.device, self.dtype)
+                    self.bt[layer][fused][rows, first : first + width] = (b[layer] * adapter.scaling).t().to(self.device, self.dtype)
+        self.slots[slot], self.slot_fused[slot] = adapter.name, tuple(touched)
 
     def _clear_slot(self, slot: int) -> None:
-        rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
-        for module in self.slot_modules[slot]:
+        for fused in self.slot_fused[slot]:
+            rows = self._rows(fused, slot)
             for layer in range(self.config.num_hidden_layers):
-                self.a[layer][module][rows] = 0
-                self.bt[layer][module][rows] = 0
-            self.targeted[module] -= 1
-        self.slots[slot], self.slot_modules[slot] = None, ()
+                self.a[layer][fused][rows] = 0
+                self.bt[layer][fused][rows] = 0
+            self.targeted[fused] -= 1
+        self.slots[slot], self.slot_fused[slot] = None, ()
 
     # -- batched application ---------------------------------------------------------------------------
 
     def prepare(self, batch: StepBatch) -> None:
-        """Per-step state shared by every layer: which decode rows use which slot, and prefill segments."""
+        """Per-step state shared by every layer: each decode row's slot mask, and the prefill segments."""
         rows = batch.adapter_rows
         if rows is None:
             self._prepared = None
             return
         nd = batch.num_decode
-        decode = None
+        masks = {}
         if nd and bool((rows[:nd] >= 0).any()):
-            width = (int(rows[:nd].max()) + 1) * self.max_rank
-            mask = (rows[:nd, None] == self._slot_of_row[None, :width]).to(self.dtype)
-            decode = (width, mask)
-        segments = []
-        for chunk in batch.prefills:
-            slot = int(rows[chunk.start])
-            if slot >= 0:
-                r = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
-                segments.append((slice(chunk.start, chunk.start + chunk.length), r))
-        self._prepared = (nd, decode, segments)
+            used = int(rows[:nd].max()) + 1
+            for parts in {len(p) for p in self.parts.values()}:
+                slot_of_row = torch.arange(used, device=self.device).repeat_interleave(parts * self.max_rank)
+                masks[parts] = (rows[:nd, None] == slot_of_row[None, :]).to(self.dtype)
+        segments = [(slice(c.start, c.start + c.length), int(rows[c.start])) for c in batch.prefills if int(rows[c.start]) >= 0]
+        self._prepared = (nd, masks, segments)
 
     def apply(self, layer: int, fused: str, x: torch.Tensor, out: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """The model's hook: add every row's LoRA delta to the fused projection's output, in place."""
-        if self._prepared is None:
+        if self._prepared is None or not self.targeted[fused]:
             return out
-        nd, decode, segments = self._prepared
-        for module, first, width in self.parts[fused]:
-            if not self.targeted[module]:
-                continue
-            a, bt = self.a[layer][module], self.bt[layer][module]
-            cols = slice(first, first + width)
-            if decode is not None:
-                used, mask = decode
-                shrunk = (x[:nd] @ a[:used].t()) * mask
-                out[:nd, cols] += shrunk @ bt[:used]
-            for rows, ranks in segments:
-                out[rows, cols] += (x[rows] @ a[ranks].t()) @ bt[ranks]
+        nd, masks, segments = self._prepared
+        a, bt = self.a[layer][fused], self.bt[layer][fused]
+        if masks:
+            mask = masks[len(self.parts[fused])]
+            used = mask.shape[1]
+            out[:nd] += ((x[:nd] @ a[:used].t()) * mask) @ bt[:used]
+        for rows, slot in segments:
+            ranks = self._rows(fused, slot)
+            out[rows] += (x[rows] @ a[ranks].t()) @ bt[ranks]
         return out

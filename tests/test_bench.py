@@ -28,3 +28,20 @@ def test_workload_is_fixed_by_its_seed():
     assert a == bench.make_workload(16, (32, 256), (16, 128), 32000, seed=0)
     assert a != bench.make_workload(16, (32, 256), (16, 128), 32000, seed=1)
     assert all(32 <= len(p) <= 256 for p in a.prompts) and all(16 <= n <= 128 for n in a.output_lens)
+
+
+@pytest.mark.slow
+def test_multi_lora_benchmark_reports_every_mix(tmp_path, capsys):
+    from ember.runtime import tinymodels
+
+    model = tinymodels.make_model(tmp_path / "bench-model", "tiny", seed=0)
+    report_path = tmp_path / "lora.json"
+    assert bench.main(["--model", str(model), "--lora", "--lora-rank", "4", "--requests", "16", "--prompt-len", "4", "20",
+                       "--output-len", "2", "10", "--json", str(report_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "16 distinct adapters cost" in printed and "ember / transformers+peft" in printed
+    report = json.loads(report_path.read_text())
+    engines = [r["engine"] for r in report["results"]]
+    assert engines == ["ember base-only", "ember 1 adapters", "ember 4 adapters", "ember 16 adapters", "transformers+peft"]
+    assert report["identical_greedy_outputs_vs_peft"] == 16  # PEFT's mixed batch gives the same tokens
+    assert len(list((tmp_path / "bench-model-loras-r4-q-k-v-o").iterdir())) == 16
