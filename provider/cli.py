@@ -74,6 +74,12 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from ember.runtime.__main__ import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="LLM serving infrastructure as code.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="generate the quickstart's tiny models and print its validated stack")
     p.add_argument("--stack", type=Path, default=QUICKSTART_STACK)
     p.set_defaults(run=_quickstart)
+
+    p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")
+    from ember.runtime.__main__ import add_serve_arguments  # argparse only: no torch until it runs
+
+    add_serve_arguments(p)
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("tiny-model", help="generate a random Hugging Face-format model directory")
     p.add_argument("directory", type=Path)

@@ -1,0 +1,105 @@
+"""`python -m ember.runtime serve …` (also `ember serve`): run one deployment's replica."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ember.provider.names import parse_deployment_name, parse_model_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ember.runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve a deployment over the OpenAI API")
+    add_serve_arguments(p)
+    p = sub.add_parser("add-key", help="create an API key for an account; stores only its hash")
+    p.add_argument("--keys", required=True, help="keys file (path or fsspec URL)")
+    p.add_argument("--account", required=True)
+    return parser
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", required=True, help="the base model's Hugging Face directory")
+    p.add_argument("--deployment", required=True, help="accounts/<account>/deployments/<id>")
+    p.add_argument("--base-model", required=True, help="accounts/<account>/models/<id>: the name clients use")
+    p.add_argument("--serverless", action="store_true", help="serve every account (addons only to their owners)")
+    p.add_argument("--keys", required=True, help="API keys file (hashes), path or fsspec URL")
+    p.add_argument("--usage", required=True, help="where usage records go (path or fsspec URL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--addon", action="append", default=[], metavar="NAME=SOURCE", help="serve this addon from the start")
+    p.add_argument("--desired-addons", help="JSON {name: source} in the store, reconciled on a timer and on demand")
+    p.add_argument("--reconcile-interval", type=float, default=30.0)
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--kv-cache-tokens", type=int)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--accelerator-type", default="CPU")
+    p.add_argument("--accelerator-count", type=int, default=1)
+    p.add_argument("--request-log", help="opt-in: log prompts and outputs to this file")
+    p.add_argument("--retention-days", type=int, help="how long the request log keeps entries (1-365)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from .accounts import Deployment
+    from .engine import EngineConfig
+    from .server import ServerConfig, create_app
+
+    deployment = parse_deployment_name(args.deployment)
+    parse_model_name(args.base_model)
+    if args.request_log and not args.retention_days:
+        print("--request-log needs --retention-days", file=sys.stderr)
+        return 2
+    addons = {}
+    for item in args.addon:
+        name, sep, source = item.partition("=")
+        if not sep:
+            print(f"--addon {item!r}: use NAME=SOURCE", file=sys.stderr)
+            return 2
+        addons[str(parse_model_name(name))] = source
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ServerConfig(
+        model_dir=args.model_dir,
+        deployment=Deployment(args.deployment, deployment.account_id, args.base_model, args.serverless),
+        keys_url=args.keys,
+        usage_url=args.usage,
+        engine=EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                            kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+                            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+        max_queue=args.max_queue,
+        addons=addons,
+        desired_addons_url=args.desired_addons,
+        reconcile_interval_s=args.reconcile_interval,
+        request_log_url=args.request_log,
+        retention_days=args.retention_days,
+        accelerator_type=args.accelerator_type,
+        accelerator_count=args.accelerator_count,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "add-key":
+        from .accounts import Accounts
+
+        print(Accounts.add_key(args.keys, args.account))
+        return 0
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

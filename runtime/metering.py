@@ -1,0 +1,72 @@
+"""Usage records: metadata only, for per-token and per-GPU-second billing.
+
+Each finished request appends one JSON line — time, account, model, deployment, token counts, latency,
+status — to a file of this replica under the usage URL (an fsspec URL: a local directory by default, the
+model store in a cluster). A replica also writes its own record: when it started, what accelerators it
+holds, and when it was last seen, from which GPU-seconds are billed. Never any prompt or output text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import fsspec
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    time: float
+    account_id: str
+    model: str
+    deployment: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    status: str  # "ok" | "aborted" | "error"
+    replica: str
+
+
+class Meter:
+    def __init__(self, url: str, deployment: str, accelerator_type: str = "CPU", accelerator_count: int = 1):
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.deployment = deployment
+        safe = deployment.replace("/", "_")
+        self.dir = f"{root}/usage/{safe}"
+        self.fs.makedirs(self.dir, exist_ok=True)
+        self.requests_path = f"{self.dir}/requests-{self.replica}.jsonl"
+        self.replica_path = f"{self.dir}/replica-{self.replica}.json"
+        self.started = time.time()
+        self.accelerator_type, self.accelerator_count = accelerator_type, accelerator_count
+        self._lock = threading.Lock()
+        self.heartbeat()
+
+    def record(self, account_id: str, model: str, prompt_tokens: int, completion_tokens: int, latency_s: float,
+               status: str) -> UsageRecord:
+        record = UsageRecord(time.time(), account_id, model, self.deployment, prompt_tokens, completion_tokens,
+                             round(latency_s, 6), status, self.replica)
+        line = json.dumps(asdict(record)) + "\n"
+        with self._lock, self.fs.open(self.requests_path, "a") as f:
+            f.write(line)
+        return record
+
+    def heartbeat(self) -> None:
+        data = {"replica": self.replica, "deployment": self.deployment, "started": self.started,
+                "last_seen": time.time(), "accelerator_type": self.accelerator_type,
+                "accelerator_count": self.accelerator_count}
+        with self._lock:
+            self.fs.pipe_file(self.replica_path, json.dumps(data).encode())
+
+
+def read_usage(url: str) -> list[dict]:
+    """Every usage record under a usage URL (all deployments, all replicas)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    records = []
+    for path in sorted(fs.glob(f"{root}/usage/*/requests-*.jsonl")):
+        records += [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+    return records
