@@ -24,6 +24,32 @@ class Overloaded(Exception):
     """The waiting queue is full."""
 
 
+class Stream:
+    """One request's outputs, in order; iterating ends at its last output. Closing it early aborts it."""
+
+    def __init__(self, runner: "AsyncEngine", request_id: str, outputs: asyncio.Queue):
+        self.runner, self.request_id, self.outputs = runner, request_id, outputs
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self.outputs.get()
+                if isinstance(item, Exception):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.finished:
+            self.runner._streams.pop(self.request_id, None)
+        else:
+            self.runner.abort(self.request_id)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, max_queue: int = 64):
         self.engine = engine
@@ -49,42 +75,39 @@ class AsyncEngine:
     def running(self) -> int:
         return len(self.engine.scheduler.running)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Yield a request's outputs as the engine produces them; aborts it if the consumer goes away."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> "Stream":
+        """Queue a request now (synchronously, so the backlog bound holds under bursts); raises Overloaded."""
         with self._lock:
             if self.queue_depth >= self.max_queue:
                 raise Overloaded()
             self._pending += 1
-        request_id = f"r{next(self._ids)}"
-        outputs: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self._streams[request_id] = (loop, outputs)
+        stream = Stream(self, f"r{next(self._ids)}", asyncio.Queue())
+        self._streams[stream.request_id] = (asyncio.get_running_loop(), stream.outputs)
 
         def add() -> None:
             with self._lock:
                 self._pending -= 1
+            if stream.request_id not in self._streams:  # aborted before it was admitted
+                return
             try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id, adapter=adapter)
+                self.engine.add_request(prompt_ids, params, request_id=stream.request_id, adapter=adapter)
             except ValueError as exc:
-                self._send(request_id, exc)
+                self._send(stream.request_id, exc)
 
         self._submit(add)
-        finished = False
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the client went away: free its cache at once
-                self._submit(lambda: self.engine.abort(request_id))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request whose client went away; its cache is freed on the engine thread."""
+        if self._streams.pop(request_id, None) is not None:
+            self._submit(lambda: self.engine.abort(request_id))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Submit and yield the request's outputs; aborts it if the consumer stops early."""
+        stream = self.submit(prompt_ids, params, adapter)
+        async for out in stream:
+            yield out
 
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run `fn(engine)` on the engine thread between steps (adapter changes, inspection)."""
@@ -111,7 +134,14 @@ class AsyncEngine:
         self._wake.set()
 
     def _send(self, request_id: str, item: Any) -> None:
-        stream = self._streams.get(request_id)
+        if isinstance(item, RequestOutput) and item.finished or isinstance(item, Exception):
+            stream = self._streams.pop(request_id, None)
+        else:
+            stream = self._streams.get(request_id)
+        self._deliver(stream, item)
+
+    @staticmethod
+    def _deliver(stream, item: Any) -> None:
         if stream is not None:
             loop, outputs = stream
             loop.call_soon_threadsafe(outputs.put_nowait, item)

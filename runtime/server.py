@@ -8,6 +8,7 @@ metric or error; only a deployment that opted in writes it, to its own request l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -179,8 +180,6 @@ def _token_text(engine: Engine, token_id: int) -> str:
 
 def create_app(config: ServerConfig) -> FastAPI:
     replica = Replica(config)
-    app = FastAPI(title="Ember runtime", version="0.1.0")
-    app.state.replica = replica
 
     async def background() -> None:
         last_reconcile = time.monotonic()
@@ -194,17 +193,18 @@ def create_app(config: ServerConfig) -> FastAPI:
                 except Exception as exc:  # a store hiccup must not stop the replica
                     log.warning("reconcile failed: %s", type(exc).__name__)
 
-    @app.on_event("startup")
-    async def start() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
         threading.Thread(target=replica.load, name="ember-load", daemon=True).start()
-        app.state.background = asyncio.create_task(background())
-
-    @app.on_event("shutdown")
-    async def stop() -> None:
-        app.state.background.cancel()
+        task = asyncio.create_task(background())
+        yield
+        task.cancel()
         if replica.engine:
             replica.engine.stop()
         replica.meter.heartbeat()
+
+    app = FastAPI(title="Ember runtime", version="0.1.0", lifespan=lifespan)
+    app.state.replica = replica
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -326,15 +326,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         if len(prompt_ids) + max_tokens > context:
             raise APIError(400, f"the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceed this "
                                 f"model's context of {context} tokens", param="max_tokens", code="context_length_exceeded")
-        if runner.queue_depth + body.n > runner.max_queue:
-            replica.metrics.requests.labels(body.model, "429").inc()
-            raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
-                           code="overloaded", headers={"Retry-After": "1"})
         try:
             params = [body.sampling(max_tokens, logprobs, i) for i in range(body.n)]
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
-        call = Call(replica, runner, account, body.model, adapter, prompt_ids, params, chat, started, body)
+        try:
+            call = Call(replica, runner, account, body.model, adapter, prompt_ids, params, chat, started, body)
+        except Overloaded:
+            replica.metrics.requests.labels(body.model, "429").inc()
+            raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
+                           code="overloaded", headers={"Retry-After": "1"}) from None
         if body.stream:
             return StreamingResponse(call.stream(), media_type="text/event-stream")
         return JSONResponse(await call.complete())
@@ -351,7 +352,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 class Call:
-    """One HTTP request's choices running in the engine, turned into OpenAI responses and one usage record."""
+    """One HTTP request's choices running in the engine, turned into OpenAI responses and one usage record.
+
+    The choices are queued when the Call is made (raising Overloaded at once if the backlog is full) and
+    run to completion whatever the client does; a client that leaves aborts them. The usage record is
+    written exactly once, when the last choice ends: ok, aborted or error.
+    """
 
     def __init__(self, replica: Replica, runner: AsyncEngine, account: str, model: str, adapter: str | None,
                  prompt_ids: list[int], params: list, chat: bool, started: float, body):
@@ -362,47 +368,61 @@ class Call:
         self.completion_tokens = 0
         self.first_token: float | None = None
         self.texts = [""] * len(params)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.outcomes: list[str] = []
+        self.streams = []
+        try:
+            for p in params:
+                self.streams.append(runner.submit(prompt_ids, p, adapter))
+        except Overloaded:
+            for stream in self.streams:
+                stream.close()
+            raise
+        self.tasks = [asyncio.create_task(self._pump(i, stream)) for i, stream in enumerate(self.streams)]
 
     @property
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
+    async def _pump(self, index: int, stream) -> None:
+        outcome = "ok"
+        try:
+            async for out in stream:
+                if self.first_token is None:
+                    self.first_token = time.perf_counter()
+                self.completion_tokens += len(out.token_ids)
+                self.texts[index] += out.text
+                self.queue.put_nowait((index, out))
+        except asyncio.CancelledError:
+            outcome = "aborted"
+            stream.close()
+        except Exception as exc:  # handed to the consumer
+            outcome = "error"
+            self.queue.put_nowait((index, exc))
+        finally:
+            self.outcomes.append(outcome)
+            self.queue.put_nowait((index, None))
+            if len(self.outcomes) == len(self.streams):
+                self._finish(next((o for o in ("error", "aborted") if o in self.outcomes), "ok"))
+
     async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """The outputs of all n choices, as they come."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, params) -> None:
-            try:
-                async for out in self.runner.generate(self.prompt_ids, params, self.adapter):
-                    await queue.put((index, out))
-            except Exception as exc:  # handed to the consumer below
-                await queue.put((index, exc))
-            await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(self.params)]
-        open_choices = len(tasks)
+        """The outputs of all n choices, as they come; leaving early aborts the choices still running."""
+        open_choices = len(self.tasks)
         try:
             while open_choices:
-                index, item = await queue.get()
+                index, item = await self.queue.get()
                 if item is None:
                     open_choices -= 1
-                elif isinstance(item, Overloaded):
-                    raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
-                                   code="overloaded", headers={"Retry-After": "1"})
                 elif isinstance(item, Exception):
                     raise APIError(400 if isinstance(item, ValueError) else 500, str(item),
                                    type="invalid_request_error" if isinstance(item, ValueError) else "server_error")
                 else:
-                    if self.first_token is None:
-                        self.first_token = time.perf_counter()
-                    self.completion_tokens += len(item.token_ids)
-                    self.texts[index] += item.text
                     yield index, item
         finally:
-            for task in tasks:
+            for task in self.tasks:
                 task.cancel()
 
-    def _finish(self, status: str) -> dict:
+    def _finish(self, status: str) -> None:
         latency = time.perf_counter() - self.started
         metrics = self.replica.metrics
         metrics.requests.labels(self.model, status).inc()
@@ -416,9 +436,10 @@ class Call:
             prompt = [m.model_dump() for m in self.body.messages] if self.chat else self.body.prompt
             for text in self.texts:
                 self.replica.request_log.write(self.account, self.model, prompt, text)
+
+    def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion_tokens,
                 "total_tokens": len(self.prompt_ids) + self.completion_tokens}
-
     def _logprobs(self, items: list[TokenLogprob]) -> dict | None:
         engine = self.runner.engine
         if self.chat:
@@ -445,23 +466,15 @@ class Call:
     async def complete(self) -> dict:
         finishes: dict[int, str | None] = {}
         logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(self.params))}
-        status = "error"
-        try:
-            async for index, out in self._merged():
-                logprobs[index] += out.logprobs
-                if out.finished:
-                    finishes[index] = out.finish_reason
-            status = "ok"
-        except asyncio.CancelledError:
-            status = "aborted"
-            raise
-        finally:
-            usage = self._finish(status)
+        async for index, out in self._merged():
+            logprobs[index] += out.logprobs
+            if out.finished:
+                finishes[index] = out.finish_reason
         wanted = self.params[0].logprobs is not None
         choices = [self._choice(i, self.texts[i], finishes.get(i), logprobs[i] if wanted else None, delta=False)
                    for i in range(len(self.params))]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage}
+                "choices": choices, "usage": self.usage()}
 
     async def stream(self) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -474,7 +487,6 @@ class Call:
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk)}\n\n"
 
-        status = "error"
         try:
             if self.chat:
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
@@ -483,14 +495,8 @@ class Call:
                 if out.text or out.finished or (wanted and out.logprobs):
                     yield event([self._choice(index, out.text, out.finish_reason,
                                               out.logprobs if wanted else None, delta=True)])
-            status = "ok"
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-            status = "aborted"
-            raise
-        finally:
-            usage = self._finish(status)
         if include_usage:
-            yield event([], usage)
+            yield event([], self.usage())
         yield "data: [DONE]\n\n"
