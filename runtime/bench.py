@@ -12,6 +12,7 @@ run in one process, so they hold on a noisy, shared machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -141,6 +142,71 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
     return Result("transformers+peft" if adapters else "transformers", seconds, work.output_tokens, [seconds] * len(outputs), [seconds] * len(outputs), outputs)
 
 
+async def _http_run(url: str, api_key: str, model: str, work: Workload, concurrency: int) -> tuple[Result, list[float]]:
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    gaps: list[float] = []
+    latencies, ttfts, counts = [0.0] * len(work.prompts), [0.0] * len(work.prompts), [0] * len(work.prompts)
+    start = time.perf_counter()
+
+    async def one(i: int, http) -> None:
+        body = {"model": model, "prompt": work.prompts[i], "max_tokens": work.output_lens[i], "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with gate:
+            sent = time.perf_counter()
+            last = None
+            async with http.stream("POST", f"{url}/v1/completions", json=body,
+                                   headers={"Authorization": f"Bearer {api_key}"}) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"request {i}: HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        counts[i] = chunk["usage"]["completion_tokens"]
+                    if not chunk.get("choices"):
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        ttfts[i] = now - sent
+                    else:
+                        gaps.append(now - last)
+                    last = now
+            latencies[i] = time.perf_counter() - sent
+
+    async with httpx.AsyncClient(timeout=None) as http:
+        await asyncio.gather(*[one(i, http) for i in range(len(work.prompts))])
+    seconds = time.perf_counter() - start
+    return Result("ember over HTTP", seconds, sum(counts), latencies, ttfts, []), gaps
+
+
+def http_main(args: argparse.Namespace) -> int:
+    """Drive a running server: the same workload, streamed, `--concurrency` requests at a time."""
+    work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), 256, args.seed)
+    progress(f"{args.requests} requests to {args.url} as {args.served_model}, {args.concurrency} at a time")
+    result, gaps = asyncio.run(_http_run(args.url, args.api_key, args.served_model, work, args.concurrency))
+
+    def pct(values: list[float], q: int) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
+
+    report = {"url": args.url, "model": args.served_model, "concurrency": args.concurrency,
+              "output_tokens": result.output_tokens, "seconds": round(result.seconds, 3),
+              "output_tokens_per_s": round(result.tokens_per_s, 2)}
+    for name, values in (("ttft", result.ttfts), ("itl", gaps), ("latency", result.latencies)):
+        for q in (50, 90, 99):
+            report[f"{name}_p{q}_ms"] = round(pct(values, q) * 1000, 2)
+    print(f"throughput: {report['output_tokens_per_s']:.1f} output tokens/s ({result.output_tokens} tokens in "
+          f"{result.seconds:.2f} s, concurrency {args.concurrency})")
+    for name in ("ttft", "itl", "latency"):
+        print(f"{name:<8} p50 {report[name + '_p50_ms']:>9.1f} ms   p90 {report[name + '_p90_ms']:>9.1f} ms   "
+              f"p99 {report[name + '_p99_ms']:>9.1f} ms")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def ensure_adapters(model_dir: Path, count: int, rank: int, targets: tuple[str, ...]) -> dict[str, Path]:
     """`count` PEFT adapters for the model, named as addons are (accounts/<account>/models/<id>)."""
     root = model_dir.parent / f"{model_dir.name}-loras-r{rank}-{'-'.join(t.removesuffix('_proj') for t in targets)}"
@@ -205,7 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the engines this many times; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--url", help="HTTP mode: drive the server at this URL instead of an in-process engine")
+    parser.add_argument("--api-key", default="", help="HTTP mode: the API key")
+    parser.add_argument("--served-model", help="HTTP mode: the model (or addon) name to request")
+    parser.add_argument("--concurrency", type=int, default=16, help="HTTP mode: requests in flight at once")
     args = parser.parse_args(argv)
+    if args.url:
+        if not args.served_model:
+            parser.error("--url needs --served-model")
+        return http_main(args)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     model_dir = ensure_model(args)

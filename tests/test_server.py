@@ -193,3 +193,17 @@ def test_admin_hot_loads_and_unloads_addons(server, tmp_path):
     status, body = error_of(lambda: client(server).completions.create(model=extra, prompt="x", max_tokens=3))
     assert status == 400 and body["code"] == "model_not_found"
     assert client(server).completions.create(model=PIRATE, prompt="x", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_benchmark_drives_the_server_over_http(server, tmp_path, capsys):
+    from ember.runtime import bench
+
+    report = tmp_path / "http.json"
+    assert bench.main(["--url", server.url, "--api-key", server.keys["acme"], "--served-model", PIRATE,
+                       "--requests", "6", "--concurrency", "3", "--prompt-len", "4", "30", "--output-len", "4", "12",
+                       "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    work = bench.make_workload(6, (4, 30), (4, 12), 256, 0)
+    assert figures["output_tokens"] == work.output_tokens and figures["output_tokens_per_s"] > 0
+    assert 0 < figures["ttft_p50_ms"] <= figures["latency_p50_ms"] and figures["itl_p50_ms"] > 0
+    assert "itl" in capsys.readouterr().out
