@@ -74,6 +74,57 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_command(args: argparse.Namespace) -> int:
+    """preview | up | refresh | destroy a Pulumi program: the Pulumi CLI when installed, else offline."""
+    from . import runner
+
+    program = args.program.resolve()
+    if not (program / "Pulumi.yaml").exists():
+        print(f"ember: {program} has no Pulumi.yaml", file=sys.stderr)
+        return 2
+    try:
+        if runner.pulumi_cli_available() and not args.offline:
+            outputs = runner.run_with_pulumi(args.command, program, args.stack)
+            state_dir = runner.ProviderConfig.load(default_root=program).state_dir
+        else:
+            offline = runner.OfflineRunner(program, args.stack)
+            state_dir = offline.config.state_dir
+            if args.command == "refresh":
+                offline.refresh()
+                return 0
+            if args.command == "destroy":
+                offline.destroy()
+                print("destroyed: no replica process, port or store entry of this stack is left (usage records stay, for billing)")
+                return 0
+            outputs = offline.up(preview=args.command == "preview")
+    except Exception as exc:  # the provider's message names the resource, property and value
+        print(f"ember {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "up":
+        print("outputs:")
+        for key, value in sorted(outputs.items()):
+            print(f"  {key}: {json.dumps(value)}")
+        if not args.no_demo and outputs.get("endpoint") and outputs.get("models"):
+            _demo(outputs, state_dir)
+    return 0
+
+
+def _demo(outputs: dict, state_dir: Path) -> None:
+    """A chat completion from each model the stack exports, through its endpoint."""
+    import urllib.request
+
+    key = (state_dir / "keys" / f"{outputs['account']}.key").read_text().strip()
+    for model in outputs["models"]:
+        body = json.dumps({"model": model, "max_tokens": 12, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Say hello to Ember."}]}).encode()
+        request = urllib.request.Request(f"{outputs['endpoint']}/v1/chat/completions", data=body,
+                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        text = answer["choices"][0]["message"]["content"]
+        print(f"chat completion from {model} ({answer['usage']['completion_tokens']} tokens): {text!r}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ember.runtime.__main__ import serve
 
@@ -97,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="generate the quickstart's tiny models and print its validated stack")
     p.add_argument("--stack", type=Path, default=QUICKSTART_STACK)
     p.set_defaults(run=_quickstart)
+
+    for command, text in (("preview", "show what `up` would change"), ("up", "create or update a stack's resources"),
+                          ("refresh", "read the real state of a stack's resources (reports drift)"),
+                          ("destroy", "delete every resource of a stack")):
+        p = sub.add_parser(command, help=f"{text} (Pulumi CLI when installed, else the offline runner)")
+        p.add_argument("program", type=Path, nargs="?", default=Path("."), help="a Pulumi program directory")
+        p.add_argument("--stack", default="dev")
+        p.add_argument("--offline", action="store_true", help="use the offline runner even if the Pulumi CLI is installed")
+        if command == "up":
+            p.add_argument("--no-demo", action="store_true", help="do not send the sample chat completions")
+        p.set_defaults(run=_stack_command)
 
     p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")
     from ember.runtime.__main__ import add_serve_arguments  # argparse only: no torch until it runs

@@ -51,9 +51,10 @@ class FieldError(ValueError):
 class SpecError(ValueError):
     """Invalid resource input: `.errors` is a list of (field path, message), each naming the value."""
 
-    def __init__(self, resource: str, errors: list[tuple[str, str]]):
+    def __init__(self, resource: str, errors: list[tuple[str, str]], cross_field: set[str] = frozenset()):
         self.resource = resource
         self.errors = errors
+        self.cross_field = set(cross_field)  # paths of errors from rules that span fields
         lines = "\n".join(f"  {field or '(resource)'}: {message}" for field, message in errors)
         super().__init__(f"invalid {resource}:\n{lines}")
 
@@ -89,7 +90,9 @@ def parse(cls: type[S], data: Any) -> S:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(cls.__name__, [_describe(e) for e in exc.errors()]) from None
+        errors = [_describe(e) for e in exc.errors()]
+        cross = {errors[i][0] for i, e in enumerate(exc.errors()) if isinstance((e.get("ctx") or {}).get("error"), FieldError)}
+        raise SpecError(cls.__name__, errors, cross) from None
 
 
 # ---------------------------------------------------------------------------------------------------

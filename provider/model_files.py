@@ -1,0 +1,158 @@
+"""Inspect model and adapter directories without loading them: the provider's checks before an upload.
+
+Reads config.json, safetensors headers (8-byte length + JSON; no torch) and adapter_config.json, so the
+provider can refuse a corrupt model or an adapter that does not fit its base with a clear message, and
+report architecture and parameter count, while importing neither torch nor the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import LORA_TARGET_MODULES, LoRAConfig, SpecError, parse
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class ModelFilesError(ValueError):
+    """A model or adapter directory that cannot be served; the message names the file and the problem."""
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: tensor name → {dtype, shape, data_offsets}."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ModelFilesError(f"{path} is truncated: no safetensors header")
+            (length,) = struct.unpack("<Q", raw)
+            if length > MAX_HEADER:
+                raise ModelFilesError(f"{path}: header length {length} is implausible (corrupt file?)")
+            header = json.loads(f.read(length))
+            size = path.stat().st_size
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFilesError(f"{path} is not a safetensors file: {exc}") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + length + end > size:
+        raise ModelFilesError(f"{path} is truncated: its header promises {8 + length + end} bytes, the file has {size}")
+    return header
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    architecture: str
+    parameter_count: int
+    config: dict  # config.json
+
+
+def inspect_base_model(directory: str | Path) -> BaseModelInfo:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFilesError(f"{directory} is not a directory")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise ModelFilesError(f"{config_path} is missing: a Hugging Face model directory needs config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFilesError(f"{config_path} is not valid JSON: {exc}") from None
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelFilesError(f"{config_path}: architectures {config.get('architectures')!r} is not supported; "
+                              f"Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if not (directory / "tokenizer.json").exists():
+        raise ModelFilesError(f"{directory / 'tokenizer.json'} is missing: a model directory needs tokenizer.json")
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelFilesError(f"{index} is not a safetensors index: {exc}") from None
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ModelFilesError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+    count = 0
+    for name in files:
+        path = directory / name
+        if not path.exists():
+            raise ModelFilesError(f"{path} is missing")
+        for tensor in safetensors_header(path).values():
+            n = 1
+            for dim in tensor["shape"]:
+                n *= dim
+            count += n
+    hidden = config.get("hidden_size")
+    embed_shape = None
+    for name in files:
+        embed_shape = safetensors_header(directory / name).get("model.embed_tokens.weight", {}).get("shape", embed_shape)
+    if embed_shape is not None and embed_shape != [config.get("vocab_size"), hidden]:
+        raise ModelFilesError(f"{directory}: model.embed_tokens.weight has shape {embed_shape}, but config.json says "
+                              f"[{config.get('vocab_size')}, {hidden}]")
+    return BaseModelInfo(architecture, count, config)
+
+
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = (config.get("num_key_value_heads") or config["num_attention_heads"]) * head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def inspect_adapter(directory: str | Path, base_config: dict, max_rank: int | None = None) -> AdapterInfo:
+    """Check a PEFT adapter against its base model's config.json (the same rules the runtime applies)."""
+    directory = Path(directory)
+    config_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config_path.exists():
+        raise ModelFilesError(f"{config_path} is missing: a PEFT adapter needs adapter_config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+        config = parse(LoRAConfig, raw)
+    except json.JSONDecodeError as exc:
+        raise ModelFilesError(f"{config_path} is not valid JSON: {exc}") from None
+    except SpecError as exc:
+        raise ModelFilesError(f"{config_path}: " + "; ".join(f"{f}: {m}" for f, m in exc.errors)) from None
+    if max_rank is not None and config.r > max_rank:
+        raise ModelFilesError(f"{config_path}: rank r={config.r} is above the deployment's max_lora_rank {max_rank}")
+    if not weights.exists():
+        raise ModelFilesError(f"{weights} is missing: a PEFT adapter needs adapter_model.safetensors")
+    shapes = module_shapes(base_config)
+    layers = base_config["num_hidden_layers"]
+    seen = set()
+    for key, tensor in safetensors_header(weights).items():
+        match = _KEY.match(key)
+        if not match or match[2] not in LORA_TARGET_MODULES:
+            raise ModelFilesError(f"{weights}: tensor {key} is not a LoRA weight of a supported module")
+        layer, module, which = int(match[1]), match[2], match[3]
+        if layer >= layers:
+            raise ModelFilesError(f"{weights}: tensor {key} is for layer {layer}, but the base model has {layers}")
+        if module not in config.target_modules:
+            raise ModelFilesError(f"{weights}: tensor {key} is for {module}, which target_modules does not list")
+        fan_in, fan_out = shapes[module]
+        expected = [config.r, fan_in] if which == "A" else [fan_out, config.r]
+        if tensor["shape"] != expected:
+            raise ModelFilesError(f"{weights}: tensor {key} has shape {tensor['shape']}, but the base model needs "
+                                  f"{expected}: the adapter does not fit its base model")
+        seen.add((layer, module, which))
+    missing = [(l, m, w) for l in range(layers) for m in config.target_modules for w in "AB" if (l, m, w) not in seen]
+    if missing:
+        raise ModelFilesError(f"{weights}: {len(missing)} LoRA weights are missing, e.g. layer {missing[0][0]} "
+                              f"{missing[0][1]}.lora_{missing[0][2]}")
+    return AdapterInfo(config.r, config.target_modules)

@@ -1,0 +1,275 @@
+"""Running a Pulumi program: through the Pulumi CLI when it is installed, else the offline runner.
+
+The offline runner is for trying Ember and for CI on machines without the Pulumi CLI. It is not a
+replacement for the Pulumi engine: it runs the program under the SDK's mock monitor, and for every
+resource the program declares it calls the real providers — check, then diff against the previous run,
+then create, update, replace or nothing — and keeps the state in a JSON file. Resources that the program
+no longer declares are deleted after it finishes, newest first. Each resource's state is saved the moment
+it changes, so an interrupted run converges when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from pulumi.runtime import rpc
+from pulumi.runtime.mocks import MockMonitor, Mocks, set_mocks
+from pulumi.runtime.settings import ROOT
+from pulumi.runtime.stack import run_in_stack
+from pulumi.runtime.sync_await import _sync_await
+
+from .providers import PROVIDER_KEY, PROVIDERS, ProviderConfig, _Provider, is_unknown
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class Step:
+    op: str  # create | update | replace | delete | same | refresh
+    type: str
+    name: str
+    detail: str = ""
+
+
+@dataclass
+class StackState:
+    path: Path
+    resources: dict[str, dict] = field(default_factory=dict)  # "<type>::<name>" → {type, name, id, inputs, outputs}
+    order: list[str] = field(default_factory=list)  # creation order
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "StackState":
+        if not path.exists():
+            return cls(path)
+        raw = json.loads(path.read_text())
+        return cls(path, raw["resources"], raw["order"], raw.get("outputs", {}))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"resources": self.resources, "order": self.order, "outputs": self.outputs},
+                                  indent=2, sort_keys=True, default=str))
+        tmp.replace(self.path)
+
+
+def _kind(type_token: str) -> str:
+    return type_token.rsplit(":", 1)[-1]
+
+
+def _clean(props: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in props.items() if k != PROVIDER_KEY}
+
+
+class _Mocks(Mocks):
+    def __init__(self, runner: "OfflineRunner", preview: bool):
+        self.runner, self.preview = runner, preview
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def call(self, args):
+        return {}, None
+
+    def new_resource(self, args) -> tuple[str | None, dict]:
+        kind = _kind(args.typ)
+        if kind not in PROVIDERS:
+            raise RunError(f"{args.typ}: the offline runner knows only Ember's resources")
+        return self.runner.apply(kind, args.typ, args.name, _clean(dict(args.inputs)), self.preview, self.seen)
+
+
+class _Monitor(MockMonitor):
+    def __init__(self, mocks: Mocks):
+        super().__init__(mocks)
+        self.stack_outputs: dict[str, Any] = {}
+
+    def RegisterResourceOutputs(self, request):
+        if "pulumi:pulumi:Stack" in request.urn:
+            self.stack_outputs = rpc.deserialize_properties(request.outputs)
+        return super().RegisterResourceOutputs(request)
+
+
+class OfflineRunner:
+    def __init__(self, program_dir: Path, stack: str = "dev", config: ProviderConfig | None = None,
+                 log: Callable[[str], None] = print):
+        self.program_dir = Path(program_dir).resolve()
+        project = yaml.safe_load((self.program_dir / "Pulumi.yaml").read_text())
+        self.project = project["name"]
+        self.stack = stack
+        self.config = config or ProviderConfig.load(default_root=self.program_dir)
+        self.state = StackState.load(self.config.state_dir / "stacks" / f"{self.project}-{stack}.json")
+        self.log = log
+        self.steps: list[Step] = []
+        self._lock = threading.Lock()
+
+    def _provider(self, kind: str) -> _Provider:
+        provider = PROVIDERS[kind]()
+        provider._config = self.config
+        return provider
+
+    def _record(self, step: Step) -> None:
+        self.steps.append(step)
+        self.log(f"  {step.op:<8} {step.type}  {step.name}{('  ' + step.detail) if step.detail else ''}")
+
+    # -- one resource ----------------------------------------------------------------------------------
+
+    def apply(self, kind: str, type_token: str, name: str, news: dict, preview: bool, seen: set[str]) -> tuple[str, dict]:
+        key = f"{type_token}::{name}"
+        seen.add(key)
+        provider = self._provider(kind)
+        previous = self.state.resources.get(key)
+        checked = provider.check(previous["inputs"] if previous else {}, news | {PROVIDER_KEY: ""})
+        if checked.failures:
+            problems = "; ".join(f"{f.property}: {f.reason}" for f in checked.failures)
+            raise RunError(f"{kind} {name}: {problems}")
+        inputs = _clean(checked.inputs)
+        if previous is None:
+            return self._create(provider, kind, key, name, inputs, preview, "create")
+        diff = provider.diff(previous["id"], previous["outputs"], inputs)
+        if diff.replaces:
+            if preview:
+                self._record(Step("replace", kind, name, f"({', '.join(diff.replaces)})"))
+                return previous["id"], self._predicted(provider, inputs)
+            provider.delete(previous["id"], previous["outputs"])
+            self._forget(key)
+            return self._create(provider, kind, key, name, inputs, preview, "replace", f"({', '.join(diff.replaces)})")
+        if diff.changes:
+            if preview:
+                self._record(Step("update", kind, name))
+                return previous["id"], previous["outputs"] | inputs
+            outputs = _clean(provider.update(previous["id"], previous["outputs"], inputs).outs or {})
+            self._remember(key, kind, name, previous["id"], inputs, outputs)
+            self._record(Step("update", kind, name))
+            return previous["id"], outputs
+        self._record(Step("same", kind, name))
+        return previous["id"], previous["outputs"]
+
+    def _predicted(self, provider: _Provider, inputs: dict) -> dict:
+        try:  # the name is known before creation; every other output is not
+            return inputs | {"name": provider._spec(inputs).name}
+        except Exception:  # unknown parts: leave the name unknown too
+            return dict(inputs)
+
+    def _create(self, provider, kind, key, name, inputs, preview, op, detail="") -> tuple[str, dict]:
+        if preview:
+            self._record(Step(op, kind, name, detail))
+            return "", self._predicted(provider, inputs)
+        result = provider.create(inputs)
+        outputs = _clean(result.outs or {})
+        self._remember(key, kind, name, result.id, inputs, outputs)
+        self._record(Step(op, kind, name, detail))
+        return result.id, outputs
+
+    def _remember(self, key, kind, name, id_, inputs, outputs) -> None:
+        with self._lock:
+            self.state.resources[key] = {"type": kind, "name": name, "id": id_, "inputs": inputs, "outputs": outputs}
+            if key not in self.state.order:
+                self.state.order.append(key)
+            self.state.save()
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self.state.resources.pop(key, None)
+            if key in self.state.order:
+                self.state.order.remove(key)
+            self.state.save()
+
+    # -- whole runs ----------------------------------------------------------------------------------------
+
+    def _run_program(self, preview: bool) -> tuple[dict, set[str]]:
+        mocks = _Mocks(self, preview)
+        monitor = _Monitor(mocks)
+        ROOT.set(None)
+        set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
+        ROOT.set(None)  # set_mocks finishes a stack of its own; run_in_stack makes the one that collects exports
+        cwd = os.getcwd()
+        os.chdir(self.program_dir)
+        sys.path.insert(0, str(self.program_dir))
+        try:
+            _sync_await(run_in_stack(lambda: runpy.run_path(str(self.program_dir / "__main__.py"), run_name="__main__")))
+        finally:
+            os.chdir(cwd)
+            sys.path.remove(str(self.program_dir))
+        return monitor.stack_outputs, mocks.seen
+
+    def up(self, preview: bool = False, refresh: bool = True) -> dict:
+        if refresh and not preview and self.state.order:
+            self.refresh()  # like `pulumi up --refresh`: replicas that died since are restarted, not assumed
+        self.steps = []
+        self.log(f"{'Previewing' if preview else 'Updating'} {self.project}/{self.stack} (offline runner)")
+        outputs, seen = self._run_program(preview)
+        for key in reversed([k for k in self.state.order if k not in seen]):
+            resource = self.state.resources[key]
+            if not preview:
+                self._provider(resource["type"]).delete(resource["id"], resource["outputs"])
+                self._forget(key)
+            self._record(Step("delete", resource["type"], resource["name"]))
+        if not preview:
+            self.state.outputs = {k: v for k, v in outputs.items() if not is_unknown(v)}
+            self.state.save()
+        return outputs
+
+    def refresh(self) -> list[Step]:
+        self.steps = []
+        self.log(f"Refreshing {self.project}/{self.stack} (offline runner)")
+        for key in list(self.state.order):
+            resource = self.state.resources[key]
+            result = self._provider(resource["type"]).read(resource["id"], resource["outputs"])
+            if not result.id:
+                self._forget(key)
+                self._record(Step("deleted", resource["type"], resource["name"], "(gone outside Ember)"))
+                continue
+            outputs = _clean(result.outs or {})
+            drift = [k for k in outputs if outputs.get(k) != resource["outputs"].get(k)]
+            self._remember(key, resource["type"], resource["name"], result.id, resource["inputs"], outputs)
+            self._record(Step("refresh", resource["type"], resource["name"], f"drift: {', '.join(drift)}" if drift else ""))
+        return self.steps
+
+    def destroy(self) -> None:
+        self.steps = []
+        self.log(f"Destroying {self.project}/{self.stack} (offline runner)")
+        for key in reversed(list(self.state.order)):
+            resource = self.state.resources[key]
+            self._provider(resource["type"]).delete(resource["id"], resource["outputs"])
+            self._forget(key)
+            self._record(Step("delete", resource["type"], resource["name"]))
+        self.state.outputs = {}
+        self.state.save()
+
+
+def pulumi_cli_available() -> bool:
+    return shutil.which("pulumi") is not None
+
+
+def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[str], None] = print) -> dict:
+    """The same commands through Pulumi's Automation API and the real engine (when the CLI is installed)."""
+    from pulumi import automation as auto
+
+    config = ProviderConfig.load(default_root=Path(program_dir).resolve())
+    os.environ.setdefault("PULUMI_BACKEND_URL", f"file://{config.state_dir / 'pulumi'}")
+    os.environ.setdefault("PULUMI_CONFIG_PASSPHRASE", "")
+    (config.state_dir / "pulumi").mkdir(parents=True, exist_ok=True)
+    workspace_stack = auto.create_or_select_stack(stack_name=stack, work_dir=str(program_dir))
+    if command == "preview":
+        workspace_stack.preview(on_output=log)
+        return {}
+    if command == "refresh":
+        workspace_stack.refresh(on_output=log)
+        return {}
+    if command == "destroy":
+        workspace_stack.destroy(on_output=log)
+        return {}
+    result = workspace_stack.up(on_output=log)
+    return {k: v.value for k, v in result.outputs.items()}
