@@ -1,0 +1,51 @@
+"""Shared helpers for provider tests: an isolated state directory and tiny model files."""
+
+import json
+import os
+from pathlib import Path
+
+from ember.provider.providers import PROVIDERS, ProviderConfig
+from ember.runtime import tinymodels
+
+
+def config(tmp_path: Path, timeout: float = 120) -> ProviderConfig:
+    state = tmp_path / "state"
+    return ProviderConfig(state, f"file://{state / 'store'}", timeout)
+
+
+def provider(kind: str, cfg: ProviderConfig):
+    p = PROVIDERS[kind]()
+    p._config = cfg
+    return p
+
+
+def make_models(root: Path, seed: int = 0) -> dict[str, Path]:
+    base = tinymodels.make_model(root / "base", "tiny", seed=seed)
+    return {
+        "base": base,
+        "pirate": tinymodels.make_lora(base, root / "pirate", rank=4, seed=seed + 1),
+        "poet": tinymodels.make_lora(base, root / "poet", rank=8, seed=seed + 2, target_modules=("q_proj", "down_proj")),
+    }
+
+
+def store_entries(cfg: ProviderConfig) -> list[str]:
+    """Files a stack leaves in the store, apart from account data (keys, usage records)."""
+    root = cfg.state_dir / "store"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.relative_to(root).parts[0] not in ("keys.json", "usage"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def replica_pids(cfg: ProviderConfig, account: str, deployment: str) -> list[int]:
+    path = cfg.state_dir / "replicas" / account / f"{deployment}.json"
+    return [r["pid"] for r in json.loads(path.read_text())] if path.exists() else []

@@ -1,0 +1,115 @@
+"""A Pulumi program through the SDK's mocks and the real providers: create, no-op, in-place, replace, destroy."""
+
+import json
+import shutil
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ember.provider.runner import OfflineRunner
+
+from provider_helpers import alive, config, make_models, replica_pids, store_entries
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAM = '''
+import json
+import pulumi
+from ember.provider.resources import (Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
+
+s = json.load(open("settings.json"))
+base = Model("base", ModelArgs(account_id="acme", source=s["base_source"]))
+local = Deployment("local", DeploymentArgs(account_id="acme", base_model=base, min_replicas=s["replicas"],
+                                           max_replicas=s["replicas"], description=s["description"]))
+addons = [LoRAAddon(name, LoRAAddonArgs(account_id="acme", base_model=base, source=f"models/{name}",
+                                        deployments=[local] if name in s["attached"] else []))
+          for name in ("pirate", "poet")]
+pulumi.export("endpoint", local.endpoints.apply(lambda e: e[0] if e else None))
+'''
+
+
+def health(endpoint: str) -> dict:
+    with urllib.request.urlopen(f"{endpoint}/health", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def port_open(endpoint: str) -> bool:
+    port = int(endpoint.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_program_lifecycle(tmp_path):
+    program = tmp_path / "program"
+    models = make_models(program / "models")
+    make_models(program / "models-b", seed=7)
+    (program / "Pulumi.yaml").write_text("name: lifecycle\nruntime: python\n")
+    (program / "__main__.py").write_text(PROGRAM)
+    settings = {"base_source": "models/base", "replicas": 1, "description": "first", "attached": ["pirate", "poet"]}
+
+    def up(**changes):
+        settings.update(changes)
+        (program / "settings.json").write_text(json.dumps(settings))
+        runner = OfflineRunner(program, config=cfg, log=lambda _: None)
+        outputs = runner.up()
+        return runner, outputs, {(s.type, s.name): s.op for s in runner.steps}
+
+    cfg = config(tmp_path)
+    runner, outputs, steps = up()
+    assert set(steps.values()) == {"create"} and len(steps) == 4
+    endpoint = outputs["endpoint"]
+    assert set(health(endpoint)["addons"]) == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
+    [first_pid] = replica_pids(cfg, "acme", "local")
+
+    runner, outputs, steps = up()
+    assert set(steps.values()) == {"same"}  # a second run with no change is a no-op
+    assert replica_pids(cfg, "acme", "local") == [first_pid]
+
+    runner, outputs, steps = up(description="second", replicas=2, attached=["pirate"])
+    assert steps[("Deployment", "local")] == "update" and steps[("LoRAAddon", "poet")] == "update"
+    assert steps[("Model", "base")] == "same" and steps[("LoRAAddon", "pirate")] == "same"
+    pids = replica_pids(cfg, "acme", "local")
+    assert len(pids) == 2 and pids[0] == first_pid  # in place: the running replica was not restarted
+    assert health(endpoint)["addons"] == ["accounts/acme/models/pirate"]
+    state = runner.state.resources["pulumi-python:dynamic/ember:LoRAAddon::poet"]["outputs"]
+    assert state["deployed_on"] == []
+
+    runner, outputs, steps = up(base_source="models-b/base")  # new weights
+    assert steps[("Model", "base")] == "replace" and steps[("Deployment", "local")] == "replace"
+    assert steps[("LoRAAddon", "pirate")] == "replace"
+    new_pids = replica_pids(cfg, "acme", "local")
+    assert not set(new_pids) & set(pids) and not any(alive(p) for p in pids)
+
+    refreshed = runner.refresh()
+    # addons created after the deployment show up in its outputs; nothing else has drifted
+    assert {s.name: s.detail for s in refreshed if s.detail} in ({}, {"local": "drift: loaded_addons"})
+    runner.destroy()
+    assert not any(alive(p) for p in new_pids) and not port_open(outputs["endpoint"])
+    assert store_entries(cfg) == []
+    assert runner.state.resources == {}
+
+
+@pytest.mark.slow
+def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys):
+    from ember.provider import cli
+
+    program = tmp_path / "quickstart"
+    shutil.copytree(REPO / "examples/quickstart", program, ignore=shutil.ignore_patterns(".ember", "models"))
+    assert cli.main(["quickstart", "--stack", str(program / "stack.json")]) == 0
+    try:
+        assert cli.main(["up", str(program)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("chat completion from accounts/quickstart/models/") == 3
+        cfg = OfflineRunner(program, log=lambda _: None).config
+        [pid] = replica_pids(cfg, "quickstart", "tiny-llama-local")
+        __import__("os").kill(pid, 9)
+        assert cli.main(["refresh", str(program)]) == 0
+        assert "drift: " in capsys.readouterr().out
+        assert cli.main(["up", str(program), "--no-demo"]) == 0  # the next up restores it
+        [again] = replica_pids(cfg, "quickstart", "tiny-llama-local")
+        assert again != pid and alive(again)
+    finally:
+        assert cli.main(["destroy", str(program)]) == 0
+    assert store_entries(OfflineRunner(program, log=lambda _: None).config) == []
