@@ -17,6 +17,7 @@ from typing import Any
 
 from pulumi.dynamic import CheckFailure, CheckResult, ConfigureRequest, CreateResult, DiffResult, ReadResult, \
     ResourceProvider, UpdateResult
+from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
 from . import catalog, diff_rules
@@ -62,7 +63,8 @@ def _progress(message: str) -> None:
 
 
 def is_unknown(value: Any) -> bool:
-    if value == rpc.UNKNOWN:
+    """A value the engine will only know after a dependency is created (preview)."""
+    if isinstance(value, Unknown) or (isinstance(value, str) and value == rpc.UNKNOWN):
         return True
     if isinstance(value, dict):
         return any(is_unknown(v) for v in value.values())
