@@ -60,6 +60,7 @@ class Accounts:
         raw = json.loads(fs.cat_file(path)) if fs.exists(path) else {"keys": []}
         key = new_key()
         raw["keys"].append({"account_id": account_id, "sha256": hash_key(key)})
+        fs.makedirs(fs._parent(path), exist_ok=True)
         fs.pipe_file(path, json.dumps(raw, indent=2).encode())
         return key
 
