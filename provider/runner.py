@@ -10,6 +10,7 @@ it changes, so an interrupted run converges when run again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import runpy
@@ -191,6 +192,7 @@ class OfflineRunner:
     def _run_program(self, preview: bool) -> tuple[dict, set[str]]:
         mocks = _Mocks(self, preview)
         monitor = _Monitor(mocks)
+        asyncio.set_event_loop(asyncio.new_event_loop())  # the SDK runs the program on the current loop
         ROOT.set(None)
         set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
         ROOT.set(None)  # set_mocks finishes a stack of its own; run_in_stack makes the one that collects exports

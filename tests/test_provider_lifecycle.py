@@ -103,6 +103,9 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         printed = capsys.readouterr().out
         assert printed.count("chat completion from accounts/quickstart/models/") == 3
         cfg = OfflineRunner(program, log=lambda _: None).config
+        key = (cfg.state_dir / "keys" / "quickstart.key").read_text()
+        state_text = "".join(p.read_text() for p in (cfg.state_dir / "stacks").glob("*.json"))
+        assert key not in state_text and key not in (cfg.state_dir / "store" / "keys.json").read_text()
         [pid] = replica_pids(cfg, "quickstart", "tiny-llama-local")
         __import__("os").kill(pid, 9)
         assert cli.main(["refresh", str(program)]) == 0
