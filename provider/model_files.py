@@ -103,8 +103,17 @@ _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    rank: int
-    target_modules: tuple[str, ...]
+    config: LoRAConfig
+    weights: Path
+    keys: dict[tuple[int, str, str], str]  # (layer, module, "A" | "B") → tensor name in the file
+
+    @property
+    def rank(self) -> int:
+        return self.config.r
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return self.config.target_modules
 
 
 def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
@@ -117,7 +126,8 @@ def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
 
 
 def inspect_adapter(directory: str | Path, base_config: dict, max_rank: int | None = None) -> AdapterInfo:
-    """Check a PEFT adapter against its base model's config.json (the same rules the runtime applies)."""
+    """Check a PEFT adapter against its base model's config.json, from headers alone: the provider runs it
+    before an upload, the runtime before it reads a tensor."""
     directory = Path(directory)
     config_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if not config_path.exists():
@@ -129,13 +139,16 @@ def inspect_adapter(directory: str | Path, base_config: dict, max_rank: int | No
         raise ModelFilesError(f"{config_path} is not valid JSON: {exc}") from None
     except SpecError as exc:
         raise ModelFilesError(f"{config_path}: " + "; ".join(f"{f}: {m}" for f, m in exc.errors)) from None
+    for field in ("lora_bias", "use_dora"):
+        if raw.get(field):
+            raise ModelFilesError(f"{config_path}: {field}={raw[field]!r} is not supported")
     if max_rank is not None and config.r > max_rank:
         raise ModelFilesError(f"{config_path}: rank r={config.r} is above the deployment's max_lora_rank {max_rank}")
     if not weights.exists():
         raise ModelFilesError(f"{weights} is missing: a PEFT adapter needs adapter_model.safetensors")
     shapes = module_shapes(base_config)
     layers = base_config["num_hidden_layers"]
-    seen = set()
+    seen: dict[tuple[int, str, str], str] = {}
     for key, tensor in safetensors_header(weights).items():
         match = _KEY.match(key)
         if not match or match[2] not in LORA_TARGET_MODULES:
@@ -150,9 +163,9 @@ def inspect_adapter(directory: str | Path, base_config: dict, max_rank: int | No
         if tensor["shape"] != expected:
             raise ModelFilesError(f"{weights}: tensor {key} has shape {tensor['shape']}, but the base model needs "
                                   f"{expected}: the adapter does not fit its base model")
-        seen.add((layer, module, which))
+        seen[(layer, module, which)] = key
     missing = [(l, m, w) for l in range(layers) for m in config.target_modules for w in "AB" if (l, m, w) not in seen]
     if missing:
         raise ModelFilesError(f"{weights}: {len(missing)} LoRA weights are missing, e.g. layer {missing[0][0]} "
                               f"{missing[0][1]}.lora_{missing[0][2]}")
-    return AdapterInfo(config.r, config.target_modules)
+    return AdapterInfo(config, weights, seen)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from ember.provider.model_files import module_shapes
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,13 +257,7 @@ def make_model(
 
 def projection_shapes(hf: dict) -> dict[str, tuple[int, int]]:
     """Module name → (in_features, out_features) for every LoRA-targetable projection of a config.json."""
-    h, inter = hf["hidden_size"], hf["intermediate_size"]
-    head_dim = hf.get("head_dim") or h // hf["num_attention_heads"]
-    q, kv = hf["num_attention_heads"] * head_dim, hf["num_key_value_heads"] * head_dim
-    return {
-        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-        "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
-    }
+    return module_shapes(hf)
 
 
 _MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",

@@ -1,13 +1,11 @@
 """Multi-LoRA: PEFT's numbers, mixed batches, hot load/unload, slot and host caches, bad adapters."""
 
-import json
 import random
 import shutil
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from ember.runtime import tinymodels
 from ember.runtime.adapters import AdapterError, load_adapter
@@ -16,6 +14,7 @@ from ember.runtime.config import ModelConfig
 from ember.runtime.engine import Engine, EngineConfig
 from ember.runtime.sampling import SamplingParams
 
+from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make
 
 peft = pytest.importorskip("peft")
@@ -136,21 +135,18 @@ def test_reconcile_to_a_desired_set(base, adapters, tmp_path):
     bad = shutil.copytree(adapters[PIRATE], tmp_path / "bad")
     (bad / "adapter_model.safetensors").write_bytes(b"garbage")
     failed = eng.lora.reconcile({PIRATE: adapters[PIRATE], POET: adapters[POET], "accounts/acme/models/bad": bad})
-    assert list(failed) == ["accounts/acme/models/bad"] and "not a readable safetensors file" in failed["accounts/acme/models/bad"]
+    assert list(failed) == ["accounts/acme/models/bad"] and "no safetensors header" in failed["accounts/acme/models/bad"]
     assert eng.lora.served == [PIRATE, POET]
     assert eng.lora.reconcile({POET: adapters[POET]}) == {}
     assert eng.lora.served == [POET]
 
 
 def damage_config(path, **changes):
-    config = json.loads((path / "adapter_config.json").read_text()) | changes
-    (path / "adapter_config.json").write_text(json.dumps(config))
+    edit_json(path / "adapter_config.json", **changes)
 
 
 def damage_tensors(path, change):
-    tensors = load_file(path / "adapter_model.safetensors")
-    change(tensors)
-    save_file(tensors, path / "adapter_model.safetensors")
+    edit_tensors(path / "adapter_model.safetensors", change)
 
 
 FIRST_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -162,20 +158,20 @@ FIRST_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         (lambda p: (p / "adapter_config.json").unlink(), "adapter_config.json is missing"),
         (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
         (lambda p: damage_config(p, r=512), r"r: Input should be less than or equal to 256 \(got 512\)"),
-        (lambda p: damage_config(p, r=32), r"rank r=32 is above this deployment's max_lora_rank 16"),
+        (lambda p: damage_config(p, r=32), r"rank r=32 is above the deployment's max_lora_rank 16"),
         (lambda p: damage_config(p, target_modules=["q_proj", "lm_head"]), r"\['lm_head'\] are not supported"),
         (lambda p: damage_config(p, peft_type="IA3"), "peft_type"),
         (lambda p: damage_config(p, use_dora=True), "use_dora"),
         (lambda p: damage_config(p, target_modules=["v_proj"]), "q_proj, which target_modules does not list"),
         (lambda p: damage_tensors(p, lambda t: t.update({FIRST_A: torch.zeros(4, 99)})),
-         r"has shape \(4, 99\), but rank 4 on this base model needs \(4, 64\)"),
-        (lambda p: damage_tensors(p, lambda t: t.pop(FIRST_A)), r"lora_A of q_proj is missing for layers \[0\]"),
+         r"has shape \[4, 99\], but the base model needs \[4, 64\]"),
+        (lambda p: damage_tensors(p, lambda t: t.pop(FIRST_A)), r"1 LoRA weights are missing, e.g. layer 0 q_proj.lora_A"),
         (lambda p: damage_tensors(p, lambda t: t.update({FIRST_A.replace("layers.0", "layers.7"): torch.zeros(4, 64)})),
          "is for layer 7, but the base model has 2"),
         (lambda p: damage_tensors(p, lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)})),
          "is not a LoRA weight of a supported module"),
         (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:500]),
-         "not a readable safetensors file"),
+         "not a safetensors file"),
     ],
     ids=["no-config", "no-weights", "rank-range", "rank-above-max", "module", "peft-type", "dora", "unlisted-module",
          "wrong-shape", "missing-layer", "extra-layer", "foreign-tensor", "truncated"],
@@ -192,7 +188,7 @@ def test_bad_adapters_are_refused_and_the_rest_keep_serving(base, adapters, tmp_
 
 def test_adapter_for_another_base_model_is_refused(tmp_path, adapters):
     other = make(tmp_path / "other", hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
-    with pytest.raises(AdapterError, match="the adapter was made for another base model"):
+    with pytest.raises(AdapterError, match="the adapter does not fit its base model"):
         load_adapter("x", adapters[PIRATE], ModelConfig.from_dir(other))
 
 

@@ -10,6 +10,7 @@ import pytest
 from ember.provider.providers import EmberError
 from ember.runtime import tinymodels
 
+from file_edits import edit_json
 from provider_helpers import config, make_models, provider, store_entries
 
 BASE = "accounts/acme/models/base"
@@ -110,8 +111,7 @@ CREATE_CASES = [
         json.dumps({"architectures": ["GPT2LMHeadModel"]}))))), "'GPT2LMHeadModel'] is not supported"),
     ("no-tokenizer", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: (d / "tokenizer.json").unlink()))),
      "tokenizer.json is missing"),
-    ("lying-config", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: (d / "config.json").write_text(
-        json.dumps(json.loads((d / "config.json").read_text()) | {"hidden_size": 128}))))), "config.json says"),
+    ("lying-config", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: edit_json(d / "config.json", hidden_size=128)))), "config.json says"),
     ("catalog-not-in-store", "Model", lambda t, m: {"account_id": "platform", "catalog_id": "llama-v3p1-8b-instruct"},
      "are not in the store"),
     ("deployment-without-model", "Deployment", lambda t, m: deployment(base_model="accounts/acme/models/missing"),
@@ -138,8 +138,7 @@ def _corrupt_adapter(tmp_path, models):
 
 def _adapter_config(tmp_path, models, **changes):
     target = shutil.copytree(models["pirate"], tmp_path / "bad-config")
-    config = json.loads((target / "adapter_config.json").read_text()) | changes
-    (target / "adapter_config.json").write_text(json.dumps(config))
+    edit_json(target / "adapter_config.json", **changes)
     return target
 
 

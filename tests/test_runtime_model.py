@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ember.runtime.batch import ScheduledChunk, build
 from ember.runtime.config import ModelConfig, ModelLoadError
@@ -13,6 +13,7 @@ from ember.runtime.kv_cache import KVCache
 from ember.runtime.loader import load_model
 from ember.runtime.model import Llama
 
+from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make
 
 pytest.importorskip("transformers")
@@ -85,14 +86,11 @@ def broken(tmp_path, tiny_model):
 
 
 def rewrite_config(directory, **changes):
-    config = json.loads((directory / "config.json").read_text()) | changes
-    (directory / "config.json").write_text(json.dumps(config))
+    edit_json(directory / "config.json", **changes)
 
 
 def rewrite_tensors(directory, change):
-    tensors = load_file(directory / "model.safetensors")
-    change(tensors)
-    save_file(tensors, directory / "model.safetensors")
+    edit_tensors(directory / "model.safetensors", change)
 
 
 @pytest.mark.parametrize(
