@@ -1,6 +1,5 @@
 """The model code and loader: logits match transformers' in fp32, bad directories fail clearly."""
 
-import json
 import shutil
 
 import pytest
