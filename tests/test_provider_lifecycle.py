@@ -57,6 +57,13 @@ def test_program_lifecycle(tmp_path):
         return runner, outputs, {(s.type, s.name): s.op for s in runner.steps}
 
     cfg = config(tmp_path)
+    try:
+        _lifecycle(up, cfg)
+    finally:  # a failure must not leave replicas running
+        OfflineRunner(program, config=cfg, log=lambda _: None).destroy()
+
+
+def _lifecycle(up, cfg):
     runner, outputs, steps = up()
     assert set(steps.values()) == {"create"} and len(steps) == 4
     endpoint = outputs["endpoint"]
