@@ -16,7 +16,7 @@ from .spec import DeploymentArgs, LoRAAddonArgs, ModelArgs
 REPLACE: dict[type, frozenset[str]] = {
     ModelArgs: frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
     LoRAAddonArgs: frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
-    DeploymentArgs: frozenset({"account_id", "deployment_id", "base_model", "base_model_digest", "deployment_type",
+    DeploymentArgs: frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest", "deployment_type",
                                "accelerator_type", "accelerator_count", "precision", "max_loras", "max_lora_rank",
                                "request_logging"}),
 }

@@ -271,7 +271,9 @@ class DeploymentProvider(_Provider):
     derived = ("base_model_digest",)
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
-        # A refresh that found replicas down makes the next `up` start them again.
+        # A refresh that found replicas down makes the next `up` start them again (Kubernetes does that itself).
+        if news.get("cluster") == "kubernetes":
+            return False
         ready = olds.get("ready_replicas")
         return ready is not None and not is_unknown(news.get("min_replicas")) and \
             ready < max(int(news.get("min_replicas") or 1), 1)
@@ -283,8 +285,12 @@ class DeploymentProvider(_Provider):
         if not store.fs.exists(store._path("deployments", spec.account_id, spec.deployment_id, "addons.json")):
             store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)
         record = {"name": spec.name, "base_model": spec.base_model, "serverless": spec.deployment_type is DeploymentType.SERVERLESS,
-                  "max_lora_rank": spec.max_lora_rank}
+                  "max_lora_rank": spec.max_lora_rank, "cluster": spec.cluster}
         store.fs.pipe_file(deployment_record_path(store, spec.account_id, spec.deployment_id), json.dumps(record).encode())
+        if spec.cluster == "kubernetes":
+            # Pods are pulumi-kubernetes resources declared beside this one; they read this store themselves.
+            return {"name": spec.name, "state": DeploymentState.READY.value, "message": None, "endpoints": [],
+                    "ready_replicas": 0, "loaded_addons": [], "serving_digest": base["digest"]}
         request_log = self.config.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
         request_log.parent.mkdir(parents=True, exist_ok=True)
         command = serve_command(spec, store.local_path(base["object"]), spec.base_model, store.keys_url, store.url,
@@ -303,7 +309,8 @@ class DeploymentProvider(_Provider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         spec: DeploymentArgs = self._spec(props)
         try:
-            LocalCluster.check_supported(spec)
+            if spec.cluster == "local":
+                LocalCluster.check_supported(spec)
             if self.store.fs.exists(deployment_record_path(self.store, spec.account_id, spec.deployment_id)):
                 raise EmberError(f"deployment_id: {spec.name} already exists")
             outputs = self._run(spec)
@@ -327,6 +334,8 @@ class DeploymentProvider(_Provider):
         spec: DeploymentArgs = self._spec(props)
         if not self.store.fs.exists(deployment_record_path(self.store, spec.account_id, spec.deployment_id)):
             return ReadResult("", {})
+        if spec.cluster == "kubernetes":
+            return ReadResult(id_, props)
         return ReadResult(id_, props | self._status(spec, props.get("serving_digest")))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
@@ -394,6 +403,8 @@ class LoRAAddonProvider(_Provider):
                 self._withdraw(spec.name, account, deployment)
         for account, deployment, record in targets:
             store.change_desired_addons(account, deployment, lambda d: d.__setitem__(spec.name, manifest["object"]))
+            if record.get("cluster") == "kubernetes":
+                continue  # pods poll the desired set in the store
             key = store.ensure_key(account, self.config.state_dir / "keys")
             _progress(f"loading {spec.name} on {record['name']}")
             cluster.reconcile_addons(account, deployment, key, {spec.name}, set())

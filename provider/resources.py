@@ -58,6 +58,7 @@ class DeploymentArgs:
     base_model: "pulumi.Input[str] | Model"
     deployment_id: pulumi.Input[str] | None = None
     deployment_type: pulumi.Input[str] | None = None  # dedicated | serverless
+    cluster: str | None = None  # local (default) | kubernetes (set by ember.provider.kubernetes)
     accelerator_type: pulumi.Input[str] | None = None
     accelerator_count: pulumi.Input[int] | None = None
     precision: pulumi.Input[str] | None = None

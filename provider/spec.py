@@ -415,6 +415,9 @@ class DeploymentArgs(Spec):
     deployment_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")
     base_model: ModelName
     deployment_type: DeploymentType = DeploymentType.DEDICATED
+    cluster: Literal["local", "kubernetes"] = Field(
+        "local", description="local: replicas are processes on this machine; kubernetes: pods (ember.provider.kubernetes)"
+    )
     accelerator_type: AcceleratorType = AcceleratorType.CPU
     accelerator_count: int = Field(1, description="accelerators per replica")
     precision: Precision | None = Field(None, description="defaults to fp32 on CPU and bf16 on accelerators")
@@ -449,6 +452,11 @@ class DeploymentArgs(Spec):
         if self.min_replicas > self.max_replicas:
             raise FieldError("min_replicas", f"{self.min_replicas} is more than max_replicas {self.max_replicas}")
         to_zero = self.autoscaling.scale_to_zero_window_s
+        if self.cluster == "kubernetes" and to_zero is not None:
+            raise FieldError(
+                "autoscaling.scale_to_zero_window_s",
+                f"{to_zero} given, but a Kubernetes HorizontalPodAutoscaler cannot scale to zero: set min_replicas >= 1",
+            )
         if self.min_replicas == 0 and to_zero is None:
             raise FieldError("autoscaling.scale_to_zero_window_s", "is required when min_replicas is 0")
         if self.min_replicas > 0 and to_zero is not None:

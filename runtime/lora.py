@@ -26,6 +26,7 @@ import torch
 from .adapters import AdapterError, LoRAAdapter, load_adapter, module_shapes
 from .batch import StepBatch
 from .config import ModelConfig
+from .fetch import local_copy
 
 # The model's fused projections and the LoRA modules inside each: (module, first column, width).
 def fused_parts(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
@@ -66,7 +67,7 @@ class LoRAManager:
 
     def add(self, name: str, source: str | Path) -> LoRAAdapter:
         """Serve an adapter from now on; validates it fully first, so a bad one changes nothing."""
-        adapter = load_adapter(name, source, self.config, self.max_rank)
+        adapter = load_adapter(name, local_copy(str(source)), self.config, self.max_rank)
         self.sources[name] = Path(source)
         self.unloading.discard(name)
         if name in self.slots:  # new weights under an old name: the slot is refilled when next used
@@ -131,7 +132,7 @@ class LoRAManager:
     def _host_adapter(self, name: str) -> LoRAAdapter:
         adapter = self.host.get(name)
         if adapter is None:  # evicted from host memory: read it again
-            adapter = load_adapter(name, self.sources[name], self.config, self.max_rank)
+            adapter = load_adapter(name, local_copy(str(self.sources[name])), self.config, self.max_rank)
             self.loads += 1
             self._cache(adapter)
         self.host.move_to_end(name)

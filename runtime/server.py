@@ -28,6 +28,7 @@ from .accounts import Accounts, Deployment
 from .adapters import AdapterError
 from .async_engine import AsyncEngine, Overloaded
 from .engine import Engine, EngineConfig, RequestOutput
+from .fetch import local_copy
 from .metering import Meter
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest
@@ -71,7 +72,7 @@ class Replica:
 
     def load(self) -> None:
         try:
-            engine = Engine.from_dir(self.config.model_dir, self.config.engine)
+            engine = Engine.from_dir(local_copy(self.config.model_dir), self.config.engine)
             for name, source in self.config.addons.items():
                 self._add_adapter(engine, name, source)
             if self.config.desired_addons_url:

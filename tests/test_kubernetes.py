@@ -1,0 +1,162 @@
+"""The Kubernetes example through pulumi mocks: every object it declares is valid Kubernetes and right."""
+
+import asyncio
+import json
+import runpy
+from pathlib import Path
+
+import kubernetes_validate
+import pulumi
+import pytest
+from pulumi.runtime import rpc
+
+from ember.provider.spec import SpecError
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-value-never-in-manifests"
+K8S_VERSION = "1.30"
+
+
+def is_secret(value) -> bool:
+    return isinstance(value, dict) and value.get(rpc._special_sig_key) == rpc._special_secret_sig
+
+
+def unwrap(value):
+    """The manifest as the cluster receives it: secrets decrypted by the engine."""
+    if is_secret(value):
+        return unwrap(value["value"])
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+class Cluster(pulumi.runtime.Mocks):
+    """Records Kubernetes objects; answers Ember's resources as their providers would."""
+
+    def __init__(self):
+        self.objects: dict[str, dict] = {}
+        self.raw: dict[str, dict] = {}  # as registered, secrets still wrapped
+        self.ember: dict[str, dict] = {}
+
+    def new_resource(self, args):
+        inputs = dict(args.inputs)
+        if args.typ.startswith("kubernetes:"):
+            self.raw[f"{inputs['kind']}/{args.name}"] = inputs
+            self.objects[f"{inputs['kind']}/{args.name}"] = unwrap(inputs)
+            return f"{args.name}-id", inputs
+        self.ember[args.name] = inputs
+        outputs = dict(inputs)
+        if args.typ.endswith("ember:Model"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/models/{inputs['model_id']}",
+                        "digest": "sha256:" + "ab" * 32}
+        elif args.typ.endswith("ember:Deployment"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/deployments/{inputs['deployment_id']}"}
+        elif args.typ.endswith("ember:LoRAAddon"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/models/{inputs['model_id']}"}
+        return args.name, outputs
+
+    def call(self, args):
+        return {}, None
+
+
+def run_example(config: dict | None = None) -> Cluster:
+    cluster = Cluster()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_all_config({"ember-kubernetes:storeSecretKey": SECRET, "ember-kubernetes:storeAccessKey": "AKIA1",
+                                   **{f"ember-kubernetes:{k}": str(v) for k, v in (config or {}).items()}},
+                                  secret_keys=["ember-kubernetes:storeSecretKey", "ember-kubernetes:storeAccessKey"])
+    pulumi.runtime.set_mocks(cluster, project="ember-kubernetes", stack="test", preview=False)
+    defaults = {"image": "registry.example.com/ember-runtime:0.1.0", "namespace": "ember",
+                "storeUrl": "s3://ember-models/store", "acceleratorType": "NVIDIA_H100_80GB",
+                "minReplicas": "1", "maxReplicas": "3"}
+    for key, value in defaults.items():
+        pulumi.runtime.set_config(f"ember-kubernetes:{key}", str((config or {}).get(key, value)))
+
+    @pulumi.runtime.test
+    def program():
+        runpy.run_path(str(REPO / "examples/kubernetes/__main__.py"))
+
+    program()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return run_example()
+
+
+def test_every_object_is_valid_kubernetes(cluster):
+    kinds = sorted(o["kind"] for o in cluster.objects.values())
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret", "Service"]
+    for name, manifest in cluster.objects.items():
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+def test_gpus_nodes_probes_and_labels(cluster):
+    deployment = cluster.objects["Deployment/tiny-llama-gpu"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": 8000}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["ember.dev/account"] == "quickstart" and labels["ember.dev/deployment"] == "tiny-llama-gpu"
+    assert labels["ember.dev/model"] == "tiny-llama"
+    args = container["args"]
+    assert args[args.index("--model-dir") + 1] == "s3://ember-models/store/objects/" + "ab" * 32
+    assert args[args.index("--desired-addons") + 1].endswith("/deployments/quickstart/tiny-llama-gpu/addons.json")
+    hpa = cluster.objects["HorizontalPodAutoscaler/tiny-llama-gpu-hpa"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3) and "replicas" not in deployment["spec"]
+    assert cluster.ember["tiny-llama-gpu"]["cluster"] == "kubernetes"
+
+
+def test_no_secret_value_in_plain_manifests(cluster):
+    for name, manifest in cluster.raw.items():
+        if manifest["kind"] != "Secret":
+            assert SECRET not in json.dumps(manifest), name
+    assert is_secret(cluster.raw["Secret/tiny-llama-gpu-store"]["stringData"])  # encrypted in Pulumi's state
+    assert cluster.objects["Secret/tiny-llama-gpu-store"]["stringData"]["AWS_SECRET_ACCESS_KEY"] == SECRET
+    container = cluster.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "ember-quickstart-tiny-llama-gpu-store"}}]
+    assert SECRET not in json.dumps(cluster.ember)
+
+
+def test_changes_touch_only_the_objects_that_should(cluster):
+    replicas = run_example({"minReplicas": 2, "maxReplicas": 5})
+    changed = {k for k in cluster.objects if cluster.objects[k] != replicas.objects[k]}
+    assert changed == {"HorizontalPodAutoscaler/tiny-llama-gpu-hpa"}
+    fixed = run_example({"minReplicas": 2, "maxReplicas": 2})
+    assert "HorizontalPodAutoscaler/tiny-llama-gpu-hpa" not in fixed.objects
+    assert fixed.objects["Deployment/tiny-llama-gpu"]["spec"]["replicas"] == 2
+    gpus = run_example({"acceleratorType": "NVIDIA_A100_80GB"})
+    changed = {k for k in cluster.objects if cluster.objects[k] != gpus.objects[k]}
+    assert changed == {"Deployment/tiny-llama-gpu"}  # new pods; the Service, PDB and HPA stay
+    template = gpus.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]
+    assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert cluster.objects["Service/tiny-llama-gpu-service"] == gpus.objects["Service/tiny-llama-gpu-service"]
+
+
+def test_amd_and_cpu_pods():
+    amd = run_example({"acceleratorType": "AMD_MI300X_192GB"})
+    pod = amd.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"amd.com/gpu.product-name": "AMD_Instinct_MI300X"}
+    cpu = run_example({"acceleratorType": "CPU"})
+    pod = cpu.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]["spec"]
+    assert not any("gpu" in k for k in pod["containers"][0]["resources"]["limits"]) and "tolerations" not in pod
+
+
+def test_scale_to_zero_is_refused_on_kubernetes():
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
+    from ember.provider.resources import AutoscalingPolicyArgs, DeploymentArgs
+
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(Cluster(), project="p", stack="s", preview=False)
+    with pytest.raises(SpecError, match="cannot scale to zero"):
+        KubernetesDeployment("z", DeploymentArgs(account_id="a", base_model="accounts/a/models/m", min_replicas=0,
+                                                 max_replicas=2, autoscaling=AutoscalingPolicyArgs(scale_to_zero_window_s=600)),
+                             KubernetesArgs(image="img", store_url="s3://b/s"))
