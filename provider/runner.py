@@ -26,7 +26,7 @@ import pulumi
 import yaml
 from pulumi.runtime import rpc
 from pulumi.runtime.mocks import MockMonitor, Mocks, set_mocks
-from pulumi.runtime.settings import ROOT
+from pulumi.runtime.settings import ROOT, SETTINGS
 from pulumi.runtime.stack import run_in_stack
 from pulumi.runtime.sync_await import _sync_await
 
@@ -195,6 +195,9 @@ class OfflineRunner:
         asyncio.set_event_loop(asyncio.new_event_loop())  # the SDK runs the program on the current loop
         ROOT.set(None)
         set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
+        # The SDK waits for every Output in SETTINGS.outputs before a program ends, and set_mocks keeps the
+        # set: one left by an earlier program in this process (one that raised half-way) would never resolve.
+        SETTINGS.outputs = set()
         ROOT.set(None)  # set_mocks finishes a stack of its own; run_in_stack makes the one that collects exports
         cwd = os.getcwd()
         os.chdir(self.program_dir)

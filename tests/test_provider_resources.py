@@ -63,3 +63,21 @@ def test_default_ids():
     assert default_id("Tiny Llama!") == "tiny-llama"
     assert default_id("-" * 3) == "resource"
     assert len(default_id("x" * 100)) == 63
+
+
+def test_a_program_that_raised_half_way_does_not_stall_the_next(tmp_path, mocks):
+    import threading
+
+    from ember.provider.runner import OfflineRunner
+    from provider_helpers import config
+
+    # a program on its own loop that died before its outputs resolved (nothing awaits them, ever)
+    Deployment("orphan", DeploymentArgs(account_id="acme", base_model="accounts/acme/models/base"))
+    (tmp_path / "Pulumi.yaml").write_text("name: after\nruntime: python\n")
+    (tmp_path / "__main__.py").write_text("import pulumi\npulumi.export('answer', pulumi.Output.from_input(42))\n")
+    result = {}
+    worker = threading.Thread(daemon=True, target=lambda: result.update(
+        OfflineRunner(tmp_path, config=config(tmp_path), log=lambda _: None).up()))
+    worker.start()
+    worker.join(60)
+    assert result == {"answer": 42}
