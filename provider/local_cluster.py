@@ -150,7 +150,7 @@ class LocalCluster:
                 return
             if health is None:
                 try:
-                    failed = http_json(f"{replica.url}/health", timeout=2.0)
+                    http_json(f"{replica.url}/health", timeout=2.0)
                 except urllib.error.HTTPError as exc:
                     body = json.loads(exc.read() or b"{}")
                     if body.get("status") == "failed":

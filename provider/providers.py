@@ -8,7 +8,6 @@ readiness within the configured timeout. Every failure leaves nothing half-made 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -261,10 +260,6 @@ def _base_manifest(store: Store, base_model: str) -> dict:
 # Deployment
 
 
-def deployment_record_path(store: Store, account: str, deployment: str) -> str:
-    return store._path("deployments", account, deployment, "deployment.json")
-
-
 class DeploymentProvider(_Provider):
     spec_cls = DeploymentArgs
     placeholders = {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"}
@@ -286,7 +281,7 @@ class DeploymentProvider(_Provider):
             store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)
         record = {"name": spec.name, "base_model": spec.base_model, "serverless": spec.deployment_type is DeploymentType.SERVERLESS,
                   "max_lora_rank": spec.max_lora_rank, "cluster": spec.cluster}
-        store.fs.pipe_file(deployment_record_path(store, spec.account_id, spec.deployment_id), json.dumps(record).encode())
+        store.write_deployment_record(spec.account_id, spec.deployment_id, record)
         if spec.cluster == "kubernetes":
             # Pods are pulumi-kubernetes resources declared beside this one; they read this store themselves.
             return {"name": spec.name, "state": DeploymentState.READY.value, "message": None, "endpoints": [],
@@ -311,7 +306,7 @@ class DeploymentProvider(_Provider):
         try:
             if spec.cluster == "local":
                 LocalCluster.check_supported(spec)
-            if self.store.fs.exists(deployment_record_path(self.store, spec.account_id, spec.deployment_id)):
+            if self.store.read_deployment_record(spec.account_id, spec.deployment_id):
                 raise EmberError(f"deployment_id: {spec.name} already exists")
             outputs = self._run(spec)
         except (ClusterError, StoreError) as exc:
@@ -332,7 +327,7 @@ class DeploymentProvider(_Provider):
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec: DeploymentArgs = self._spec(props)
-        if not self.store.fs.exists(deployment_record_path(self.store, spec.account_id, spec.deployment_id)):
+        if not self.store.read_deployment_record(spec.account_id, spec.deployment_id):
             return ReadResult("", {})
         if spec.cluster == "kubernetes":
             return ReadResult(id_, props)
@@ -373,17 +368,15 @@ class LoRAAddonProvider(_Provider):
         targets = []
         for name in spec.deployments:
             parsed = parse_deployment_name(name)
-            path = deployment_record_path(store, parsed.account_id, parsed.resource_id)
-            if not store.fs.exists(path):
+            record = store.read_deployment_record(parsed.account_id, parsed.resource_id)
+            if record is None:
                 raise EmberError(f"deployments: {name} does not exist; create the Deployment first")
-            record = json.loads(store.fs.cat_file(path))
             if record["base_model"] != spec.base_model:
                 raise EmberError(f"deployments: {name} serves base model {record['base_model']}, not this addon's "
                                  f"base {spec.base_model}")
             targets.append((parsed.account_id, parsed.resource_id, record))
         if spec.serverless:
-            for path in store.fs.glob(store._path("deployments", "*", "*", "deployment.json")):
-                record = json.loads(store.fs.cat_file(path))
+            for record in store.deployment_records():
                 if record.get("serverless") and record["base_model"] == spec.base_model:
                     parsed = parse_deployment_name(record["name"])
                     targets.append((parsed.account_id, parsed.resource_id, record))

@@ -22,6 +22,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,12 +143,16 @@ class Store:
     def _manifest_path(self, account: str, model_id: str) -> str:
         return self._path("models", account, f"{model_id}.json")
 
-    def write_manifest(self, account: str, model_id: str, manifest: dict) -> None:
-        path = self._manifest_path(account, model_id)
+    def _write_json(self, path: str, data: Any) -> None:
+        # Written aside and moved into place: a reader running beside the writer sees the old or the new
+        # document, never a half-written one.
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        self.fs.pipe_file(tmp, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self.fs.pipe_file(tmp, json.dumps(data, indent=2, sort_keys=True).encode())
         self.fs.mv(tmp, path)
+
+    def write_manifest(self, account: str, model_id: str, manifest: dict) -> None:
+        self._write_json(self._manifest_path(account, model_id), manifest)
 
     def read_manifest(self, account: str, model_id: str) -> dict | None:
         path = self._manifest_path(account, model_id)
@@ -184,11 +189,24 @@ class Store:
         with self._locked(path):
             desired = self.desired_addons(account, deployment)
             change(desired)
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            self.fs.pipe_file(tmp, json.dumps(desired, indent=2, sort_keys=True).encode())
-            self.fs.mv(tmp, path)
+            self._write_json(path, desired)
             return desired
+
+    # -- deployment records: what each deployment serves, for the addons that target it -------------------
+
+    def _deployment_record_path(self, account: str, deployment: str) -> str:
+        return self._path("deployments", account, deployment, "deployment.json")
+
+    def write_deployment_record(self, account: str, deployment: str, record: dict) -> None:
+        self._write_json(self._deployment_record_path(account, deployment), record)
+
+    def read_deployment_record(self, account: str, deployment: str) -> dict | None:
+        path = self._deployment_record_path(account, deployment)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def deployment_records(self) -> Iterator[dict]:
+        for path in self.fs.glob(self._deployment_record_path("*", "*")):
+            yield json.loads(self.fs.cat_file(path))
 
     def delete_deployment(self, account: str, deployment: str) -> None:
         path = self._path("deployments", account, deployment)

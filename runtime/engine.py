@@ -21,7 +21,7 @@ from .loader import load_model
 from .model import Llama
 from .sampling import SamplingParams, TokenLogprob, sample
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from ember.provider.providers import EmberError
+from ember.provider.store import Store
 from ember.runtime import tinymodels
 
 from file_edits import edit_json
@@ -96,10 +97,8 @@ def damaged_model(tmp_path, models, damage):
 def fake_deployment(cfg, name, base, max_lora_rank=64):
     """A deployment record as Deployment.create writes it (no replica needed to test the refusals)."""
     account, _, deployment_id = name.split("/")[1:4]
-    path = cfg.state_dir / "store" / "deployments" / account / deployment_id / "deployment.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": name, "base_model": base, "serverless": False, "max_lora_rank": max_lora_rank}))
-    return path
+    Store(cfg.store_url, cfg.state_dir / "locks").write_deployment_record(
+        account, deployment_id, {"name": name, "base_model": base, "serverless": False, "max_lora_rank": max_lora_rank})
 
 
 CREATE_CASES = [

@@ -43,7 +43,7 @@ def port_open(endpoint: str) -> bool:
 @pytest.mark.slow
 def test_program_lifecycle(tmp_path):
     program = tmp_path / "program"
-    models = make_models(program / "models")
+    make_models(program / "models")
     make_models(program / "models-b", seed=7)
     (program / "Pulumi.yaml").write_text("name: lifecycle\nruntime: python\n")
     (program / "__main__.py").write_text(PROGRAM)

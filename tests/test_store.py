@@ -5,7 +5,6 @@ import threading
 import pytest
 
 from ember.provider.store import Store, StoreError, file_digests, tree_digest
-from ember.runtime import tinymodels
 
 
 @pytest.fixture
