@@ -83,8 +83,11 @@ def _stack_command(args: argparse.Namespace) -> int:
         print(f"ember: {program} has no Pulumi.yaml", file=sys.stderr)
         return 2
     try:
+        packs = [args.policy_pack] if getattr(args, "policy_pack", None) else []
+        pack_config = getattr(args, "policy_pack_config", None)
         if runner.pulumi_cli_available() and not args.offline:
-            outputs = runner.run_with_pulumi(args.command, program, args.stack)
+            outputs = runner.run_with_pulumi(args.command, program, args.stack, policy_packs=packs,
+                                             policy_pack_config=pack_config)
             state_dir = runner.ProviderConfig.load(default_root=program).state_dir
         else:
             offline = runner.OfflineRunner(program, args.stack)
@@ -97,6 +100,8 @@ def _stack_command(args: argparse.Namespace) -> int:
                 print("destroyed: no replica process, port or store entry of this stack is left (usage records stay, for billing)")
                 return 0
             outputs = offline.up(preview=args.command == "preview")
+            if packs:
+                return _report_policies(packs[0], offline.registrations, pack_config)
     except Exception as exc:  # the provider's message names the resource, property and value
         print(f"ember {args.command} failed: {exc}", file=sys.stderr)
         return 1
@@ -107,6 +112,19 @@ def _stack_command(args: argparse.Namespace) -> int:
         if not args.no_demo and outputs.get("endpoint") and outputs.get("models"):
             _demo(outputs, state_dir)
     return 0
+
+
+def _report_policies(pack: Path, registrations, config_path: Path | None) -> int:
+    """The pack's verdict on the previewed stack, as `pulumi preview --policy-pack` prints it; 1 if mandatory ones fail."""
+    from .policy_check import load_config, run_pack
+
+    violations = run_pack(pack, registrations, load_config(config_path))
+    for violation in violations:
+        print(violation)
+    mandatory = sum(v.mandatory for v in violations)
+    print(f"policy pack {pack}: {len(registrations)} resources, {mandatory} mandatory and "
+          f"{len(violations) - mandatory} advisory violations")
+    return 1 if mandatory else 0
 
 
 def _demo(outputs: dict, state_dir: Path) -> None:
@@ -123,6 +141,43 @@ def _demo(outputs: dict, state_dir: Path) -> None:
             answer = json.loads(response.read())
         text = answer["choices"][0]["message"]["content"]
         print(f"chat completion from {model} ({answer['usage']['completion_tokens']} tokens): {text!r}")
+
+
+def _usage(args: argparse.Namespace) -> int:
+    """Charges per account and period from the usage records in a store."""
+    import csv
+
+    from ember.runtime.metering import read_replicas, read_usage  # fsspec only: no torch
+
+    from . import billing
+    from .providers import ProviderConfig
+
+    store_url = args.store or ProviderConfig.load(default_root=args.program.resolve()).store_url
+    try:
+        prices = billing.load_prices(args.prices)
+        charges = billing.bill(read_usage(store_url), read_replicas(store_url), prices, args.period)
+    except (billing.BillingError, SpecError) as exc:
+        print(f"ember usage: {exc}", file=sys.stderr)
+        return 2
+    if args.account:
+        charges = [c for c in charges if c.account_id == args.account]
+    if args.format == "json":
+        totals = [{"account_id": a, "period": p, "amount": v} for (a, p), v in billing.totals(charges).items()]
+        print(json.dumps({"currency": prices.currency, "charges": [c.as_dict() for c in charges], "totals": totals},
+                         indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(billing.Charge.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(c.as_dict() for c in charges)
+    else:
+        print(f"{'account':<16} {'period':<14} {'kind':<30} {'item':<52} {'quantity':>14} {prices.currency:>12}")
+        for c in charges:
+            print(f"{c.account_id:<16} {c.period:<14} {c.kind:<30} {c.item:<52} {c.quantity:>14,.0f} {c.amount:>12.4f}")
+        for (account, period), amount in billing.totals(charges).items():
+            print(f"{account:<16} {period:<14} {'total':<30} {'':<52} {'':>14} {amount:>12.4f}")
+    if args.plot:
+        print(f"plotted {billing.plot(charges, args.plot, prices.currency)}", file=sys.stderr)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -156,9 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("program", type=Path, nargs="?", default=Path("."), help="a Pulumi program directory")
         p.add_argument("--stack", default="dev")
         p.add_argument("--offline", action="store_true", help="use the offline runner even if the Pulumi CLI is installed")
+        if command == "preview":
+            p.add_argument("--policy-pack", type=Path, metavar="DIR",
+                           help="check the preview with a CrossGuard policy pack (Ember's: provider/policy)")
+            p.add_argument("--policy-pack-config", type=Path, metavar="FILE", help="JSON configuration for the pack")
         if command == "up":
             p.add_argument("--no-demo", action="store_true", help="do not send the sample chat completions")
         p.set_defaults(run=_stack_command)
+
+    p = sub.add_parser("usage", help="what each account is charged, per period, from the store's usage records")
+    p.add_argument("program", type=Path, nargs="?", default=Path("."),
+                   help="a Pulumi program directory (its store is read; see --store)")
+    p.add_argument("--store", metavar="URL", help="the model store's URL (default: the program's, as the provider finds it)")
+    p.add_argument("--period", choices=("month", "day", "hour"), default="month")
+    p.add_argument("--prices", type=Path, metavar="FILE", help="a JSON price table (default: Ember's list prices)")
+    p.add_argument("--account", help="only this account")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also plot usage and charges over time to this PNG")
+    p.set_defaults(run=_usage)
 
     p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")
     from ember.runtime.__main__ import add_serve_arguments  # argparse only: no torch until it runs

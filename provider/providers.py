@@ -24,7 +24,7 @@ from .local_cluster import ClusterError, LocalCluster, serve_command
 from .model_files import ModelFilesError, inspect_adapter, inspect_base_model
 from .names import parse_deployment_name, parse_model_name
 from .spec import (DeploymentArgs, DeploymentState, DeploymentType, LoRAAddonArgs, ModelArgs, ModelKind, ModelState,
-                   SpecError, parse)
+                   parse, parse_known)
 from .store import Store, StoreError, file_digests, tree_digest
 
 PROVIDER_KEY = "__provider"
@@ -74,7 +74,6 @@ def is_unknown(value: Any) -> bool:
 
 class _Provider(ResourceProvider):
     spec_cls: type = ModelArgs
-    placeholders: dict[str, Any] = {}
     # inputs the provider derives or receives from other resources, not part of the user's spec
     derived: tuple[str, ...] = ()
 
@@ -105,19 +104,10 @@ class _Provider(ResourceProvider):
         props = {k: v for k, v in news.items() if k != PROVIDER_KEY and v is not None}
         derived = {k: props.pop(k) for k in self.derived if k in props}
         unknown = {k for k, v in props.items() if is_unknown(v)}
-        data = {k: (self.placeholders.get(k) if k in unknown else v) for k, v in props.items()}
-        data = {k: v for k, v in data.items() if v is not None}
-        failures: list[CheckFailure] = []
         inputs = dict(props)
-        try:
-            spec = parse(self.spec_cls, data)
-        except SpecError as exc:
-            for field, message in exc.errors:
-                top = field.split(".")[0].split("[")[0]
-                if top in unknown or (unknown and field in exc.cross_field):
-                    continue  # checked again once the value is known
-                failures.append(CheckFailure(field or "(resource)", message))
-        else:
+        spec, errors = parse_known(self.spec_cls, props, unknown)  # rules on unknowns: checked once known
+        failures = [CheckFailure(field or "(resource)", message) for field, message in errors]
+        if spec is not None:
             normalised = spec.model_dump(mode="json", exclude_none=True)
             inputs = {k: (props[k] if k in unknown else v) for k, v in normalised.items()}
             failures += [CheckFailure(f, m) for f, m in self.check_known(spec, unknown)]
@@ -176,7 +166,6 @@ def _staged_source(store: Store, source: str) -> Path:
 
 class ModelProvider(_Provider):
     spec_cls = ModelArgs
-    placeholders = {"account_id": "unknown", "source": "unknown"}
 
     def check_known(self, spec: ModelArgs, unknown: set[str]) -> list[tuple[str, str]]:
         if "source" in unknown or spec.source is None or "://" in spec.source:
@@ -262,7 +251,6 @@ def _base_manifest(store: Store, base_model: str) -> dict:
 
 class DeploymentProvider(_Provider):
     spec_cls = DeploymentArgs
-    placeholders = {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"}
     derived = ("base_model_digest",)
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
@@ -347,8 +335,6 @@ class DeploymentProvider(_Provider):
 
 class LoRAAddonProvider(_Provider):
     spec_cls = LoRAAddonArgs
-    placeholders = {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct",
-                    "source": "unknown", "deployments": []}
     derived = ("base_model_digest",)
 
     def check_known(self, spec: LoRAAddonArgs, unknown: set[str]) -> list[tuple[str, str]]:

@@ -24,11 +24,12 @@ from typing import Any
 
 import yaml
 from pulumi.runtime import rpc
-from pulumi.runtime.mocks import MockMonitor, Mocks, set_mocks
+from pulumi.runtime.mocks import Mocks, set_mocks
 from pulumi.runtime.settings import ROOT, SETTINGS
 from pulumi.runtime.stack import run_in_stack
 from pulumi.runtime.sync_await import _sync_await
 
+from .policy_check import RecordingMonitor, Registration
 from .providers import PROVIDER_KEY, PROVIDERS, ProviderConfig, _Provider, is_unknown
 
 
@@ -90,7 +91,7 @@ class _Mocks(Mocks):
         return self.runner.apply(kind, args.typ, args.name, _clean(dict(args.inputs)), self.preview, self.seen)
 
 
-class _Monitor(MockMonitor):
+class _Monitor(RecordingMonitor):
     def __init__(self, mocks: Mocks):
         super().__init__(mocks)
         self.stack_outputs: dict[str, Any] = {}
@@ -112,6 +113,7 @@ class OfflineRunner:
         self.state = StackState.load(self.config.state_dir / "stacks" / f"{self.project}-{stack}.json")
         self.log = log
         self.steps: list[Step] = []
+        self.registrations: list[Registration] = []  # the last run's resources, as a policy pack sees them
         self._lock = threading.Lock()
 
     def _provider(self, kind: str) -> _Provider:
@@ -206,6 +208,7 @@ class OfflineRunner:
         finally:
             os.chdir(cwd)
             sys.path.remove(str(self.program_dir))
+        self.registrations = monitor.registrations
         return monitor.stack_outputs, mocks.seen
 
     def up(self, preview: bool = False, refresh: bool = True) -> dict:
@@ -257,7 +260,8 @@ def pulumi_cli_available() -> bool:
     return shutil.which("pulumi") is not None
 
 
-def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[str], None] = print) -> dict:
+def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[str], None] = print,
+                    policy_packs: list[Path] = (), policy_pack_config: Path | None = None) -> dict:
     """The same commands through Pulumi's Automation API and the real engine (when the CLI is installed)."""
     from pulumi import automation as auto
 
@@ -267,7 +271,9 @@ def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[
     (config.state_dir / "pulumi").mkdir(parents=True, exist_ok=True)
     workspace_stack = auto.create_or_select_stack(stack_name=stack, work_dir=str(program_dir))
     if command == "preview":
-        workspace_stack.preview(on_output=log)
+        configs = [str(policy_pack_config)] if policy_pack_config else None
+        workspace_stack.preview(on_output=log, policy_packs=[str(p) for p in policy_packs] or None,
+                                policy_pack_configs=configs)
         return {}
     if command == "refresh":
         workspace_stack.refresh(on_output=log)

@@ -61,7 +61,9 @@ class Accounts:
         key = new_key()
         raw["keys"].append({"account_id": account_id, "sha256": hash_key(key)})
         fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.pipe_file(path, json.dumps(raw, indent=2).encode())
+        tmp = f"{path}.{secrets.token_hex(8)}.tmp"  # moved into place: replicas re-reading it never see half
+        fs.pipe_file(tmp, json.dumps(raw, indent=2).encode())
+        fs.mv(tmp, path)
         return key
 
     def authenticate(self, key: str | None) -> str | None:

@@ -3,7 +3,8 @@
 Each finished request appends one JSON line — time, account, model, deployment, token counts, latency,
 status — to a file of this replica under the usage URL (an fsspec URL: a local directory by default, the
 model store in a cluster). A replica also writes its own record: when it started, what accelerators it
-holds, and when it was last seen, from which GPU-seconds are billed. Never any prompt or output text.
+holds, whether it is serverless (billed per token) or dedicated (billed per GPU-second), its base model
+(serverless prices go by its size), and when it was last seen. Never any prompt or output text.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class UsageRecord:
 
 
 class Meter:
-    def __init__(self, url: str, deployment: str, accelerator_type: str = "CPU", accelerator_count: int = 1):
+    def __init__(self, url: str, deployment: str, accelerator_type: str = "CPU", accelerator_count: int = 1,
+                 base_model: str = "", serverless: bool = False):
         self.fs, root = fsspec.core.url_to_fs(url)
         self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.deployment = deployment
@@ -43,6 +45,7 @@ class Meter:
         self.replica_path = f"{self.dir}/replica-{self.replica}.json"
         self.started = time.time()
         self.accelerator_type, self.accelerator_count = accelerator_type, accelerator_count
+        self.base_model, self.deployment_type = base_model, "serverless" if serverless else "dedicated"
         self._lock = threading.Lock()
         self.heartbeat()
 
@@ -58,7 +61,8 @@ class Meter:
     def heartbeat(self) -> None:
         data = {"replica": self.replica, "deployment": self.deployment, "started": self.started,
                 "last_seen": time.time(), "accelerator_type": self.accelerator_type,
-                "accelerator_count": self.accelerator_count}
+                "accelerator_count": self.accelerator_count, "base_model": self.base_model,
+                "deployment_type": self.deployment_type}
         with self._lock:
             self.fs.pipe_file(self.replica_path, json.dumps(data).encode())
 
@@ -70,3 +74,9 @@ def read_usage(url: str) -> list[dict]:
     for path in sorted(fs.glob(f"{root}/usage/*/requests-*.jsonl")):
         records += [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
     return records
+
+
+def read_replicas(url: str) -> list[dict]:
+    """Every replica record under a usage URL: what ran, on what, from when to when."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/usage/*/replica-*.json"))]

@@ -55,13 +55,19 @@ class ServerConfig:
     accelerator_count: int = 1
 
 
+# An unknown key makes the replica re-read the keys file, at most this often (bad keys cannot hammer the store).
+KEY_RELOAD_INTERVAL_S = 1.0
+
+
 class Replica:
     """Everything one server holds; the model loads in the background so /health can say 503 meanwhile."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.accounts = Accounts.load(config.keys_url)
-        self.meter = Meter(config.usage_url, config.deployment.name, config.accelerator_type, config.accelerator_count)
+        self._keys_loaded = time.monotonic()
+        self.meter = Meter(config.usage_url, config.deployment.name, config.accelerator_type, config.accelerator_count,
+                           config.deployment.base_model, config.deployment.serverless)
         self.metrics = Metrics()
         self.request_log = RequestLog(config.request_log_url, config.retention_days) if config.request_log_url else None
         self.engine: AsyncEngine | None = None
@@ -127,13 +133,25 @@ class Replica:
             raise APIError(401, "missing API key: send Authorization: Bearer <key>", type="authentication_error",
                            code="missing_api_key")
         scheme, _, key = header.partition(" ")
-        account = self.accounts.authenticate(key.strip() if scheme.lower() == "bearer" else None)
+        key = key.strip() if scheme.lower() == "bearer" else None
+        account = self.accounts.authenticate(key)
+        if account is None and key and time.monotonic() - self._keys_loaded >= KEY_RELOAD_INTERVAL_S:
+            # a key made since the last reload (a new tenant of a serverless deployment) works at once
+            self.reload_keys()
+            account = self.accounts.authenticate(key)
         if account is None:
             raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
         if not self.config.deployment.may_use_deployment(account):
             raise APIError(403, f"account {account!r} may not use deployment {self.config.deployment.name!r}",
                            type="permission_error", code="forbidden")
         return account
+
+    def reload_keys(self) -> None:
+        self._keys_loaded = time.monotonic()
+        try:
+            self.accounts = Accounts.load(self.config.keys_url)
+        except (OSError, ValueError) as exc:  # the keys in force stay so until the store answers again
+            log.warning("could not reload API keys: %s", type(exc).__name__)
 
     def owner(self, request: Request) -> str:
         account = self.account(request)
@@ -186,6 +204,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         while True:
             await asyncio.sleep(min(config.heartbeat_interval_s, config.reconcile_interval_s))
             await asyncio.to_thread(replica.meter.heartbeat)
+            await asyncio.to_thread(replica.reload_keys)  # revoked keys stop working, new ones start
             if replica.engine and config.desired_addons_url and time.monotonic() - last_reconcile >= config.reconcile_interval_s:
                 last_reconcile = time.monotonic()
                 try:

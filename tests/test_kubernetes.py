@@ -10,6 +10,7 @@ import pulumi
 import pytest
 from pulumi.runtime import rpc
 
+from ember.provider.policy_check import RecordingMonitor
 from ember.provider.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,13 +62,14 @@ class Cluster(pulumi.runtime.Mocks):
         return {}, None
 
 
-def run_example(config: dict | None = None) -> Cluster:
+def run_example(config: dict | None = None, preview: bool = False) -> Cluster:
     cluster = Cluster()
+    cluster.monitor = RecordingMonitor(cluster)  # keeps each registration, for the policy pack tests
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_all_config({"ember-kubernetes:storeSecretKey": SECRET, "ember-kubernetes:storeAccessKey": "AKIA1",
                                    **{f"ember-kubernetes:{k}": str(v) for k, v in (config or {}).items()}},
                                   secret_keys=["ember-kubernetes:storeSecretKey", "ember-kubernetes:storeAccessKey"])
-    pulumi.runtime.set_mocks(cluster, project="ember-kubernetes", stack="test", preview=False)
+    pulumi.runtime.set_mocks(cluster, project="ember-kubernetes", stack="test", preview=preview, monitor=cluster.monitor)
     defaults = {"image": "registry.example.com/ember-runtime:0.1.0", "namespace": "ember",
                 "storeUrl": "s3://ember-models/store", "acceleratorType": "NVIDIA_H100_80GB",
                 "minReplicas": "1", "maxReplicas": "3"}

@@ -1,0 +1,303 @@
+"""Ember's policies: the domain rules as mandatory policies, and guardrails a platform team configures.
+
+Domain rules (the spec is their single source): names well formed and every other spec rule; custom
+base models never serverless; an addon only on deployments of its own base model. Guardrails (set with
+`--policy-pack-config`): allowed accelerator types, GPUs per deployment and per stack, replicas,
+request-log retention, the bases that take serverless addons.
+
+During preview some inputs are unknown: a Deployment's base_model is its Model's name, known only once
+the Model exists. A resource-level rule that needs an unknown value is skipped; the stack-level rules
+resolve such a value through the resource it comes from (the Model a base_model depends on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from pulumi_policy import (
+    PolicyConfigSchema,
+    PolicyResource,
+    ReportViolation,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
+)
+from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
+
+from .. import catalog
+from ..names import deployment_name, model_name, parse_model_name
+from ..spec import AcceleratorType, DeploymentArgs, LoRAAddonArgs, ModelArgs, parse_known
+
+MODEL = "pulumi-python:dynamic/ember:Model"
+DEPLOYMENT = "pulumi-python:dynamic/ember:Deployment"
+ADDON = "pulumi-python:dynamic/ember:LoRAAddon"
+SPECS = {MODEL: ModelArgs, DEPLOYMENT: DeploymentArgs, ADDON: LoRAAddonArgs}
+KIND = {MODEL: "Model", DEPLOYMENT: "Deployment", ADDON: "LoRAAddon"}
+
+# Spec errors on these fields are `ember-names`; on these (type, field) pairs, a stack-level rule that
+# also sees through unknowns reports them; every other spec error is `ember-spec`.
+NAME_FIELDS = {"account_id", "model_id", "deployment_id", "base_model", "deployments", "catalog_id"}
+STACK_LEVEL = {(DEPLOYMENT, "deployment_type"), (ADDON, "serverless")}
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "<unknown during preview>"
+
+
+UNKNOWN = _Unknown()
+
+
+def plain(value: Any) -> Any:
+    """Props as the analyzer hands them (proxies that raise on unknowns) as plain data, unknowns as UNKNOWN."""
+    if isinstance(value, _DictProxy):
+        value = value["__target"]
+    if isinstance(value, _ListProxy):
+        value = value["__target"]
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [plain(v) for v in value]
+    return UNKNOWN if _is_unknown(value) else value
+
+
+def has_unknown(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(has_unknown(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_unknown(v) for v in value)
+    return value is UNKNOWN
+
+
+def inputs(resource_type: str, props: Any) -> dict[str, Any]:
+    """A resource's spec inputs (outputs, derived values and the serialized provider left out)."""
+    fields = SPECS[resource_type].model_fields
+    return {k: v for k, v in plain(props).items() if k in fields and v is not None}
+
+
+def known(value: Any) -> bool:
+    return value is not None and not has_unknown(value)
+
+
+def _top(field: str) -> str:
+    return field.split(".")[0].split("[")[0]
+
+
+def spec_errors(resource_type: str, props: Any) -> list[tuple[str, str]]:
+    data = inputs(resource_type, props)
+    _, errors = parse_known(SPECS[resource_type], data, {k for k, v in data.items() if has_unknown(v)})
+    return errors
+
+
+def _ember_only(validate: Callable[[str, dict, dict, ReportViolation], None]):
+    """A resource validation for Ember's types only, given (type, inputs, config, report)."""
+
+    def run(args: ResourceValidationArgs, report: ReportViolation) -> None:
+        if args.resource_type in SPECS:
+            validate(args.resource_type, inputs(args.resource_type, args.props), dict(args.get_config()), report)
+
+    return run
+
+
+def _spec_policy(name: str, description: str, wanted: Callable[[str, str], bool]) -> ResourceValidationPolicy:
+    def run(args: ResourceValidationArgs, report: ReportViolation) -> None:
+        if args.resource_type not in SPECS:
+            return
+        for field, message in spec_errors(args.resource_type, args.props):
+            if wanted(args.resource_type, field):
+                report(f"{KIND[args.resource_type]} {args.name}: {field or '(resource)'}: {message}")
+
+    return ResourceValidationPolicy(name=name, description=description, validate=run)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolving names through the stack (for values unknown during preview)
+
+
+def _model_name(model: PolicyResource) -> str | None:
+    data = inputs(MODEL, model.props)
+    account, model_id = data.get("account_id"), data.get("catalog_id") or data.get("model_id")
+    return model_name(account, model_id) if known(account) and known(model_id) else None
+
+
+def _deployment_name(deployment: PolicyResource) -> str | None:
+    data = inputs(DEPLOYMENT, deployment.props)
+    account, deployment_id = data.get("account_id"), data.get("deployment_id")
+    return deployment_name(account, deployment_id) if known(account) and known(deployment_id) else None
+
+
+def _base_of(resource: PolicyResource) -> str | None:
+    """The base model name of a Deployment or LoRAAddon: its value, or the name of the Model it comes from."""
+    value = inputs(resource.resource_type, resource.props).get("base_model")
+    if known(value):
+        return value
+    for source in resource.property_dependencies.get("base_model", []):
+        if source.resource_type == MODEL:
+            return _model_name(source)
+    return None
+
+
+def _of_type(args: StackValidationArgs, resource_type: str) -> Iterator[PolicyResource]:
+    return (r for r in args.resources if r.resource_type == resource_type)
+
+
+def _catalog_entry(base: str) -> catalog.CatalogModel | None:
+    return catalog.lookup(parse_model_name(base).resource_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mandatory: the domain rules
+
+
+def _serverless_bases(args: StackValidationArgs, report: ReportViolation) -> None:
+    for deployment in _of_type(args, DEPLOYMENT):
+        if inputs(DEPLOYMENT, deployment.props).get("deployment_type") != "serverless":
+            continue
+        base = _base_of(deployment)
+        if base is None:
+            continue  # known at update time, when the provider's check refuses it
+        entry = _catalog_entry(base)
+        if entry is None:
+            report(f"Deployment {deployment.name}: deployment_type 'serverless' refuses custom base model {base!r}: "
+                   f"only catalog models are served serverless; make it 'dedicated'", deployment.urn)
+        elif not entry.serverless:
+            offered = sorted(m.model_id for m in catalog.CATALOG.values() if m.serverless)
+            report(f"Deployment {deployment.name}: 'serverless' is not offered for {entry.model_id!r}; "
+                   f"it is for: {', '.join(offered)}", deployment.urn)
+
+
+def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) -> None:
+    deployments = {name: d for d in _of_type(args, DEPLOYMENT) if (name := _deployment_name(d))}
+    for addon in _of_type(args, ADDON):
+        base = _base_of(addon)
+        targets = [deployments.get(n) for n in inputs(ADDON, addon.props).get("deployments", []) if known(n)]
+        targets += [d for d in addon.property_dependencies.get("deployments", []) if d.resource_type == DEPLOYMENT]
+        seen = set()
+        for deployment in (t for t in targets if t is not None and t.urn not in seen):
+            seen.add(deployment.urn)
+            serving = _base_of(deployment)
+            if base is not None and serving is not None and serving != base:
+                report(f"LoRAAddon {addon.name}: deployments: {_deployment_name(deployment) or deployment.name} serves "
+                       f"base model {serving}, not this addon's base {base}; attach it to a deployment of {base}",
+                       addon.urn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guardrails
+
+
+def _number(value: Any, default: float) -> float | None:
+    if value is None:
+        return default
+    return float(value) if known(value) else None
+
+
+def _gpus(data: dict) -> float | None:
+    """Accelerators a deployment may hold at its largest (count per replica x max replicas); None if unknown."""
+    accelerator = data.get("accelerator_type", "CPU")
+    count, replicas = _number(data.get("accelerator_count"), 1), _number(data.get("max_replicas"), 1)
+    if not known(accelerator) or count is None or replicas is None:
+        return None
+    return 0.0 if accelerator == AcceleratorType.CPU.value else count * replicas
+
+
+def _allowed_accelerators(resource_type: str, data: dict, config: dict, report: ReportViolation) -> None:
+    allowed = config.get("allowed", [a.value for a in AcceleratorType])
+    accelerator = data.get("accelerator_type", "CPU")
+    if resource_type == DEPLOYMENT and known(accelerator) and accelerator not in allowed:
+        report(f"accelerator_type {accelerator!r} is not allowed by this stack's policy; allowed: {', '.join(allowed)}")
+
+
+def _max_gpus_per_deployment(resource_type: str, data: dict, config: dict, report: ReportViolation) -> None:
+    maximum = config.get("maximum", 16)
+    gpus = _gpus(data) if resource_type == DEPLOYMENT else None
+    if gpus is not None and gpus > maximum:
+        report(f"accelerator_count {data.get('accelerator_count', 1):g} x max_replicas {data.get('max_replicas', 1):g} = "
+               f"{gpus:g} accelerators, above this policy's maximum of {maximum} per deployment")
+
+
+def _max_replicas(resource_type: str, data: dict, config: dict, report: ReportViolation) -> None:
+    maximum = config.get("maximum", 16)
+    replicas = _number(data.get("max_replicas"), 1) if resource_type == DEPLOYMENT else None
+    if replicas is not None and replicas > maximum:
+        report(f"max_replicas {replicas:g} is above this policy's maximum of {maximum}")
+
+
+def _request_log_retention(resource_type: str, data: dict, config: dict, report: ReportViolation) -> None:
+    maximum = config.get("maxRetentionDays", 30)
+    logging = data.get("request_logging") if resource_type == DEPLOYMENT else None
+    if not isinstance(logging, dict) or logging.get("enabled") is not True:
+        return
+    days = logging.get("retention_days")
+    if known(days) and days > maximum:
+        report(f"request_logging.retention_days {days:g} is above this policy's maximum of {maximum} days: "
+               f"logged prompts and outputs must not be kept longer")
+
+
+def _max_gpus_per_stack(args: StackValidationArgs, report: ReportViolation) -> None:
+    maximum = args.get_config().get("maximum", 64)
+    counts = [_gpus(inputs(DEPLOYMENT, d.props)) for d in _of_type(args, DEPLOYMENT)]
+    total = sum(c for c in counts if c is not None)  # unknown counts are judged when they are known
+    if total > maximum:
+        report(f"the stack's deployments may hold {total:g} accelerators at max_replicas, above this policy's "
+               f"maximum of {maximum} per stack")
+
+
+ADDON_BASES = sorted(m.model_id for m in catalog.CATALOG.values() if m.serverless_addons)
+
+
+def _serverless_addons(args: StackValidationArgs, report: ReportViolation) -> None:
+    bases = args.get_config().get("bases", ADDON_BASES)
+    for addon in _of_type(args, ADDON):
+        if inputs(ADDON, addon.props).get("serverless") is not True:
+            continue
+        base = _base_of(addon)
+        if base is not None and parse_model_name(base).resource_id not in bases:
+            report(f"LoRAAddon {addon.name}: serverless: base model {base!r} does not take serverless addons "
+                   f"under this policy; these do: {', '.join(bases)}", addon.urn)
+
+
+def _integer(description: str, default: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "default": default, "description": description}
+
+
+def _resource_policy(name, description, validate, schema=None) -> ResourceValidationPolicy:
+    return ResourceValidationPolicy(name=name, description=description, validate=_ember_only(validate),
+                                    config_schema=schema)
+
+
+POLICIES = [
+    # mandatory: the domain
+    _spec_policy("ember-names", "Account, model and deployment IDs and names are well formed",
+                 lambda kind, field: _top(field) in NAME_FIELDS),
+    _spec_policy("ember-spec", "Every other rule of Ember's resource spec (replicas, autoscaling, precision, LoRA ranks …)",
+                 lambda kind, field: _top(field) not in NAME_FIELDS and (kind, _top(field)) not in STACK_LEVEL),
+    StackValidationPolicy(name="ember-serverless-catalog-bases-only",
+                          description="Serverless deployments serve catalog base models only, never custom ones",
+                          validate=_serverless_bases),
+    StackValidationPolicy(name="ember-addons-on-their-base-deployments",
+                          description="A LoRA addon is attached only to deployments of its own base model",
+                          validate=_addons_on_their_base),
+    # guardrails
+    _resource_policy("ember-allowed-accelerators", "Deployments use only the accelerator types the platform allows",
+                     _allowed_accelerators, PolicyConfigSchema({"allowed": {
+                         "type": "array", "items": {"enum": [a.value for a in AcceleratorType]},
+                         "default": [a.value for a in AcceleratorType]}})),
+    _resource_policy("ember-max-gpus-per-deployment", "A deployment holds at most N accelerators at max_replicas",
+                     _max_gpus_per_deployment, PolicyConfigSchema({"maximum": _integer("accelerators", 16)})),
+    _resource_policy("ember-max-replicas", "A deployment scales to at most N replicas",
+                     _max_replicas, PolicyConfigSchema({"maximum": _integer("replicas", 16)})),
+    _resource_policy("ember-request-logging-retention", "Request logging, where opted in, keeps records at most N days",
+                     _request_log_retention, PolicyConfigSchema({"maxRetentionDays": _integer("days", 30)})),
+    StackValidationPolicy(name="ember-max-gpus-per-stack",
+                          description="A stack's deployments hold at most N accelerators at max_replicas",
+                          validate=_max_gpus_per_stack,
+                          config_schema=PolicyConfigSchema({"maximum": _integer("accelerators", 64)})),
+    StackValidationPolicy(name="ember-serverless-addons",
+                          description="Serverless addons only on the base models that take them",
+                          validate=_serverless_addons,
+                          config_schema=PolicyConfigSchema({"bases": {
+                              "type": "array", "items": {"type": "string"}, "default": ADDON_BASES}})),
+]
