@@ -166,7 +166,7 @@ def bill(records: list[dict], replicas: list[dict], prices: PriceTable = DEFAULT
     charges = []
     for (account, when, kind, item, detail, price), quantity in sorted(quantities.items()):
         amount = quantity / 1e6 * price if kind == TOKENS else quantity / 3600 * price
-        charges.append(Charge(account, when, kind, item, detail, round(quantity, 3), price, round(amount, 6)))
+        charges.append(Charge(account, when, kind, item, detail, round(quantity, 3), price, round(amount, 10)))
     return charges
 
 
@@ -175,7 +175,7 @@ def totals(charges: list[Charge]) -> dict[tuple[str, str], float]:
     out: dict[tuple[str, str], float] = defaultdict(float)
     for charge in charges:
         out[(charge.account_id, charge.period)] += charge.amount
-    return {k: round(v, 6) for k, v in sorted(out.items())}
+    return {k: round(v, 10) for k, v in sorted(out.items())}
 
 
 def plot(charges: list[Charge], path: Path, currency: str = "USD") -> Path:

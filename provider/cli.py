@@ -150,9 +150,9 @@ def _usage(args: argparse.Namespace) -> int:
     from ember.runtime.metering import read_replicas, read_usage  # fsspec only: no torch
 
     from . import billing
-    from .providers import ProviderConfig
+    from .runner import OfflineRunner
 
-    store_url = args.store or ProviderConfig.load(default_root=args.program.resolve()).store_url
+    store_url = args.store or OfflineRunner(args.program, args.stack, log=lambda _: None).config.store_url
     try:
         prices = billing.load_prices(args.prices)
         charges = billing.bill(read_usage(store_url), read_replicas(store_url), prices, args.period)
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", help="what each account is charged, per period, from the store's usage records")
     p.add_argument("program", type=Path, nargs="?", default=Path("."),
                    help="a Pulumi program directory (its store is read; see --store)")
+    p.add_argument("--stack", default="dev")
     p.add_argument("--store", metavar="URL", help="the model store's URL (default: the program's, as the provider finds it)")
     p.add_argument("--period", choices=("month", "day", "hour"), default="month")
     p.add_argument("--prices", type=Path, metavar="FILE", help="a JSON price table (default: Ember's list prices)")

@@ -50,7 +50,7 @@ class ProviderConfig:
             return value if value not in (None, "") else os.environ.get(env)
 
         root = default_root or Path.cwd()
-        state_dir = Path(get("stateDir", "EMBER_STATE_DIR") or root / ".ember").expanduser().resolve()
+        state_dir = (root / Path(get("stateDir", "EMBER_STATE_DIR") or ".ember").expanduser()).resolve()
         store_url = get("storeUrl", "EMBER_STORE_URL") or f"file://{state_dir / 'store'}"
         timeout = float(get("readyTimeout", "EMBER_READY_TIMEOUT") or 180.0)
         return cls(state_dir, store_url, timeout)
@@ -376,6 +376,8 @@ class LoRAAddonProvider(_Provider):
             if manifest["rank"] > record.get("max_lora_rank", 64):
                 raise EmberError(f"source: rank {manifest['rank']} is above {record['name']}'s max_lora_rank "
                                  f"{record.get('max_lora_rank')}")
+        if targets:  # the addon's own account calls it with its key (a serverless tenant has no other resource)
+            store.ensure_key(spec.account_id, self.config.state_dir / "keys")
         keep = {(a, d) for a, d, _ in targets}
         for account, deployment, _ in previous:
             if (account, deployment) not in keep:

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 from pulumi.runtime import rpc
+from pulumi.runtime.config import set_all_config
 from pulumi.runtime.mocks import Mocks, set_mocks
 from pulumi.runtime.settings import ROOT, SETTINGS
 from pulumi.runtime.stack import run_in_stack
@@ -109,7 +110,7 @@ class OfflineRunner:
         project = yaml.safe_load((self.program_dir / "Pulumi.yaml").read_text())
         self.project = project["name"]
         self.stack = stack
-        self.config = config or ProviderConfig.load(default_root=self.program_dir)
+        self.config = config or ProviderConfig.load(self.stack_config(), default_root=self.program_dir)
         self.state = StackState.load(self.config.state_dir / "stacks" / f"{self.project}-{stack}.json")
         self.log = log
         self.steps: list[Step] = []
@@ -195,6 +196,7 @@ class OfflineRunner:
         monitor = _Monitor(mocks)
         asyncio.set_event_loop(asyncio.new_event_loop())  # the SDK runs the program on the current loop
         ROOT.set(None)
+        set_all_config(self.stack_config(), secret_keys=[])
         set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
         # The SDK waits for every Output in SETTINGS.outputs before a program ends, and set_mocks keeps the
         # set: one left by an earlier program in this process (one that raised half-way) would never resolve.
@@ -210,6 +212,26 @@ class OfflineRunner:
             sys.path.remove(str(self.program_dir))
         self.registrations = monitor.registrations
         return monitor.stack_outputs, mocks.seen
+
+    def stack_config(self) -> dict[str, str]:
+        """The program's config as Pulumi reads it: Pulumi.yaml defaults, then Pulumi.<stack>.yaml values."""
+
+        def entries(data: dict | None, where: str) -> dict[str, str]:
+            out = {}
+            for key, value in (data or {}).items():
+                if isinstance(value, dict) and "secure" in value:
+                    raise RunError(f"{where}: {key} is a Pulumi secret; secrets need the Pulumi CLI to decrypt")
+                if isinstance(value, dict):
+                    value = value.get("default", value.get("value"))
+                if value is not None:
+                    out[key if ":" in key else f"{self.project}:{key}"] = value if isinstance(value, str) else json.dumps(value)
+            return out
+
+        config = entries(yaml.safe_load((self.program_dir / "Pulumi.yaml").read_text()).get("config"), "Pulumi.yaml")
+        stack_file = self.program_dir / f"Pulumi.{self.stack}.yaml"
+        if stack_file.exists():
+            config |= entries((yaml.safe_load(stack_file.read_text()) or {}).get("config"), stack_file.name)
+        return config
 
     def up(self, preview: bool = False, refresh: bool = True) -> dict:
         if refresh and not preview and self.state.order:

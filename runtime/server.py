@@ -55,17 +55,14 @@ class ServerConfig:
     accelerator_count: int = 1
 
 
-# An unknown key makes the replica re-read the keys file, at most this often (bad keys cannot hammer the store).
-KEY_RELOAD_INTERVAL_S = 1.0
-
-
 class Replica:
     """Everything one server holds; the model loads in the background so /health can say 503 meanwhile."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self._keys_fs, self._keys_path = fsspec.core.url_to_fs(str(config.keys_url))
+        self._keys_version = self._keys_file_version()
         self.accounts = Accounts.load(config.keys_url)
-        self._keys_loaded = time.monotonic()
         self.meter = Meter(config.usage_url, config.deployment.name, config.accelerator_type, config.accelerator_count,
                            config.deployment.base_model, config.deployment.serverless)
         self.metrics = Metrics()
@@ -135,9 +132,8 @@ class Replica:
         scheme, _, key = header.partition(" ")
         key = key.strip() if scheme.lower() == "bearer" else None
         account = self.accounts.authenticate(key)
-        if account is None and key and time.monotonic() - self._keys_loaded >= KEY_RELOAD_INTERVAL_S:
+        if account is None and key and self.reload_keys():
             # a key made since the last reload (a new tenant of a serverless deployment) works at once
-            self.reload_keys()
             account = self.accounts.authenticate(key)
         if account is None:
             raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
@@ -146,12 +142,24 @@ class Replica:
                            type="permission_error", code="forbidden")
         return account
 
-    def reload_keys(self) -> None:
-        self._keys_loaded = time.monotonic()
+    def _keys_file_version(self) -> str | None:
+        try:
+            return self._keys_fs.checksum(self._keys_path)  # from size and mtime / ETag: a stat, not a read
+        except OSError:
+            return None
+
+    def reload_keys(self) -> bool:
+        """Re-read the keys file if it changed (keys added or revoked since); True if it was re-read."""
+        version = self._keys_file_version()
+        if version == self._keys_version:
+            return False
         try:
             self.accounts = Accounts.load(self.config.keys_url)
         except (OSError, ValueError) as exc:  # the keys in force stay so until the store answers again
             log.warning("could not reload API keys: %s", type(exc).__name__)
+            return False
+        self._keys_version = version
+        return True
 
     def owner(self, request: Request) -> str:
         account = self.account(request)
