@@ -122,7 +122,7 @@ def _report_policies(pack: Path, registrations, config_path: Path | None) -> int
     for violation in violations:
         print(violation)
     mandatory = sum(v.mandatory for v in violations)
-    print(f"policy pack {pack}: {len(registrations)} resources, {mandatory} mandatory and "
+    print(f"policy pack {pack}: {len(registrations)} resource{'s' * (len(registrations) != 1)}, {mandatory} mandatory and "
           f"{len(violations) - mandatory} advisory violations")
     return 1 if mandatory else 0
 

@@ -213,15 +213,26 @@ def quickstart(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_examples_pass_the_pack(quickstart, capsys):
-    assert cli.main(["preview", str(quickstart), "--offline", "--policy-pack", str(PACK)]) == 0
+def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
+    guardrails = ["--policy-pack", str(PACK), "--policy-pack-config", str(REPO / "examples/policy/policy-config.json")]
+    assert cli.main(["preview", str(quickstart), "--offline", *guardrails]) == 0
     assert "4 resources, 0 mandatory and 0 advisory violations" in capsys.readouterr().out
+
+    serverless = tmp_path / "serverless"
+    shutil.copytree(REPO / "examples/serverless", serverless, ignore=shutil.ignore_patterns(".ember", "models"))
+    for name in ("support-bot", "legal-drafts"):
+        shutil.copytree(quickstart / "models" / "tiny-llama-pirate", serverless / "tenant" / "models" / name)
+    assert cli.main(["preview", str(serverless / "platform"), "--offline", *guardrails]) == 0
+    assert cli.main(["preview", str(serverless / "tenant"), "--stack", "acme", "--offline", *guardrails]) == 0
+    out = capsys.readouterr().out
+    assert "2 resources, 0 mandatory" in out and "1 resource, 0 mandatory" in out
+
     from test_kubernetes import run_example
 
     cluster = run_example(preview=True)
     types = {r.type for r in cluster.monitor.registrations}
     assert DEPLOYMENT in types and "kubernetes:apps/v1:Deployment" in types
-    assert run_pack(PACK, cluster.monitor.registrations) == []
+    assert run_pack(PACK, cluster.monitor.registrations, json.loads((REPO / "examples/policy/policy-config.json").read_text())) == []
 
 
 @pytest.mark.slow
