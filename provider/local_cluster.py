@@ -117,11 +117,14 @@ class LocalCluster:
         try:
             while len(replicas) + len(started) < wanted:
                 started.append(self._start(spec, command, len(replicas) + len(started)))
-            for replica in started:
+                # recorded before the wait: an `up` killed meanwhile leaves no process the next one cannot see
+                self._save(account, deployment, replicas + started)
+            for replica in replicas + started:  # kept ones too: one an interrupted `up` started may still load
                 self._wait_ready(replica)
         except Exception:
             for replica in started:
                 self._stop(replica)
+            self._save(account, deployment, replicas)
             raise
         replicas += started
         self._save(account, deployment, replicas)

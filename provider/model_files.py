@@ -17,6 +17,8 @@ from .spec import LORA_TARGET_MODULES, LoRAConfig, SpecError, parse
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MAX_HEADER = 100 * 1024 * 1024
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class ModelFilesError(ValueError):
@@ -37,11 +39,35 @@ def safetensors_header(path: Path) -> dict:
             size = path.stat().st_size
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFilesError(f"{path} is not a safetensors file: {exc}") from None
+    if not isinstance(header, dict):
+        raise ModelFilesError(f"{path}: the safetensors header is {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
+    for name, tensor in header.items():
+        _check_tensor_entry(path, name, tensor)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + length + end > size:
         raise ModelFilesError(f"{path} is truncated: its header promises {8 + length + end} bytes, the file has {size}")
     return header
+
+
+def _check_tensor_entry(path: Path, name: str, tensor) -> None:
+    """One header entry must describe a real tensor: a header that lies is refused before anything reads it."""
+    if not isinstance(tensor, dict):
+        raise ModelFilesError(f"{path}: tensor {name!r} has entry {tensor!r}, not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = tensor.get("dtype"), tensor.get("shape"), tensor.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise ModelFilesError(f"{path}: tensor {name!r} has dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ModelFilesError(f"{path}: tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ModelFilesError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPE_BYTES[dtype]:
+        raise ModelFilesError(f"{path}: tensor {name!r} is {shape} {dtype} ({numel * DTYPE_BYTES[dtype]} bytes), "
+                              f"but its data_offsets {offsets} span {offsets[1] - offsets[0]}")
 
 
 @dataclass(frozen=True)

@@ -261,17 +261,20 @@ class DeploymentProvider(_Provider):
         return ready is not None and not is_unknown(news.get("min_replicas")) and \
             ready < max(int(news.get("min_replicas") or 1), 1)
 
-    def _run(self, spec: DeploymentArgs) -> dict[str, Any]:
+    def _run(self, spec: DeploymentArgs, creating: bool = False) -> dict[str, Any]:
         store, cluster = self.store, self.cluster
         base = _base_manifest(store, spec.base_model)
         key = store.ensure_key(spec.account_id, self.config.state_dir / "keys")
         if not store.fs.exists(store._path("deployments", spec.account_id, spec.deployment_id, "addons.json")):
             store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)
+        # "created" stays False until a create has finished: a create cut short (a killed `up`) is resumed by
+        # the next one, while a deployment another stack finished creating is never taken over.
         record = {"name": spec.name, "base_model": spec.base_model, "serverless": spec.deployment_type is DeploymentType.SERVERLESS,
-                  "max_lora_rank": spec.max_lora_rank, "cluster": spec.cluster}
+                  "max_lora_rank": spec.max_lora_rank, "cluster": spec.cluster, "created": not creating}
         store.write_deployment_record(spec.account_id, spec.deployment_id, record)
         if spec.cluster == "kubernetes":
             # Pods are pulumi-kubernetes resources declared beside this one; they read this store themselves.
+            store.write_deployment_record(spec.account_id, spec.deployment_id, record | {"created": True})
             return {"name": spec.name, "state": DeploymentState.READY.value, "message": None, "endpoints": [],
                     "ready_replicas": 0, "loaded_addons": [], "serving_digest": base["digest"]}
         request_log = self.config.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
@@ -279,6 +282,8 @@ class DeploymentProvider(_Provider):
         command = serve_command(spec, store.local_path(base["object"]), spec.base_model, store.keys_url, store.url,
                                 store.desired_addons_url(spec.account_id, spec.deployment_id), request_log)
         cluster.scale(spec, command, key)
+        if creating:
+            store.write_deployment_record(spec.account_id, spec.deployment_id, record | {"created": True})
         return self._status(spec, base["digest"])
 
     def _status(self, spec: DeploymentArgs, base_digest: str | None) -> dict[str, Any]:
@@ -294,9 +299,12 @@ class DeploymentProvider(_Provider):
         try:
             if spec.cluster == "local":
                 LocalCluster.check_supported(spec)
-            if self.store.read_deployment_record(spec.account_id, spec.deployment_id):
+            existing = self.store.read_deployment_record(spec.account_id, spec.deployment_id)
+            if existing and existing.get("created", True):
                 raise EmberError(f"deployment_id: {spec.name} already exists")
-            outputs = self._run(spec)
+            if existing:
+                _progress(f"resuming the interrupted create of {spec.name}")
+            outputs = self._run(spec, creating=True)
         except (ClusterError, StoreError) as exc:
             self._remove(spec)
             raise EmberError(str(exc)) from None

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -93,7 +94,8 @@ class Store:
         final = self._path("objects", digest.removeprefix("sha256:"))
         if self.fs.exists(f"{final}/.complete"):
             return digest, digests
-        staging = self._path("objects", f".upload-{uuid.uuid4().hex}")
+        self._sweep_abandoned_uploads()
+        staging = self._path("objects", f".upload-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
         total = len(digests)
         for i, name in enumerate(sorted(digests), start=1):
             self.fs.makedirs(os.path.dirname(f"{staging}/{name}"), exist_ok=True)
@@ -107,6 +109,13 @@ class Store:
                 raise
             self.fs.rm(staging, recursive=True)
         return digest, digests
+
+    def _sweep_abandoned_uploads(self) -> None:
+        """Remove the staging folders of uploads whose process died (a killed `up`) on this host."""
+        for path in self.fs.glob(self._path("objects", ".upload-*")):
+            host, _, rest = path.rsplit("/", 1)[-1].removeprefix(".upload-").rpartition("-")[0].rpartition("-")
+            if host == socket.gethostname() and rest.isdigit() and not _process_alive(int(rest)):
+                self.fs.rm(path, recursive=True)
 
     def verify_object(self, digest: str) -> None:
         """Raise unless every file of an object is present with its recorded digest."""
@@ -229,3 +238,13 @@ class Store:
             with os.fdopen(fd, "w") as f:
                 f.write(key)
             return key
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -96,3 +96,12 @@ class ChatRequest(_Common):
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class AdapterLoadRequest(BaseModel):
+    """POST /admin/adapters: load an addon (by its model name) from a PEFT directory or URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=1)

@@ -30,7 +30,7 @@ from .engine import Engine, EngineConfig, RequestOutput
 from .fetch import local_copy
 from .metering import Meter
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest
+from .protocol import AdapterLoadRequest, APIError, ChatRequest, CompletionRequest
 from .request_log import RequestLog
 from .sampling import TokenLogprob
 
@@ -189,6 +189,22 @@ def _validation_error(exc: ValidationError) -> APIError:
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_parameter")
 
 
+def _documented_body(cls) -> dict:
+    """`openapi_extra` declaring a route's JSON body: the routes parse it themselves (for OpenAI-format
+    errors), so FastAPI cannot see it; clients and API fuzzers read it from /openapi.json."""
+    schema = cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 async def _body(request: Request, cls):
     try:
         raw = await request.json()
@@ -287,13 +303,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"served": lora.served if lora else [], "slots": list(lora.slots) if lora else [],
                 "failed": replica.adapter_failures}
 
-    @app.post("/admin/adapters")
+    @app.post("/admin/adapters", openapi_extra=_documented_body(AdapterLoadRequest))
     async def load_adapter(request: Request) -> dict:
         replica.owner(request)
-        body = await request.json()
-        name, source = body.get("name"), body.get("source")
-        if not isinstance(name, str) or not isinstance(source, str):
-            raise APIError(400, "give the addon's name and source", param="name")
+        body = await _body(request, AdapterLoadRequest)
+        name, source = body.name, body.source
 
         def add(engine: Engine) -> list[str]:
             if engine.lora is None:
@@ -367,11 +381,11 @@ def create_app(config: ServerConfig) -> FastAPI:
             return StreamingResponse(call.stream(), media_type="text/event-stream")
         return JSONResponse(await call.complete())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_documented_body(CompletionRequest))
     async def completions(request: Request):
         return await serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_documented_body(ChatRequest))
     async def chat_completions(request: Request):
         return await serve(request, chat=True)
 
