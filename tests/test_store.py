@@ -37,6 +37,23 @@ def test_corruption_and_interrupted_uploads_are_never_served(store, tmp_path, ti
         store.verify_object("sha256:" + "0" * 64)
 
 
+def test_staging_of_a_dead_upload_is_swept_and_a_live_one_kept(store, tmp_path, tiny_model):
+    import os
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    objects = tmp_path / "store" / "objects"
+    for pid in (dead.pid, os.getpid()):
+        staging = objects / f".upload-{socket.gethostname()}-{pid}-0123abcd"
+        staging.mkdir(parents=True)
+        (staging / "model.safetensors").write_bytes(b"half")
+    store.put_directory(tiny_model)
+    left = sorted(p.name for p in objects.iterdir() if p.name.startswith(".upload-"))
+    assert left == [f".upload-{socket.gethostname()}-{os.getpid()}-0123abcd"]  # still uploading: kept
+
+
 def test_manifests_are_written_whole(store):
     store.write_manifest("acme", "m", {"name": "accounts/acme/models/m", "digest": "sha256:1"})
     assert store.read_manifest("acme", "m")["digest"] == "sha256:1"
