@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .processes import alive
 from .spec import AcceleratorType, DeploymentArgs, DeploymentType
 
 
@@ -43,20 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def http_json(url: str, method: str = "GET", key: str | None = None, timeout: float = 5.0) -> dict:
@@ -99,7 +86,7 @@ class LocalCluster:
         return max(spec.min_replicas, 1)
 
     def health(self, replica: Replica) -> dict | None:
-        if not _alive(replica.pid):
+        if not alive(replica.pid):
             return None
         try:
             return http_json(f"{replica.url}/health", timeout=2.0)
@@ -109,7 +96,7 @@ class LocalCluster:
     def scale(self, spec: DeploymentArgs, command: list[str], key: str) -> list[Replica]:
         """Start or stop replicas until `replica_count(spec)` healthy ones run; existing ones are kept."""
         account, deployment = spec.account_id, spec.deployment_id
-        replicas = [r for r in self.replicas(account, deployment) if _alive(r.pid)]
+        replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
         wanted = self.replica_count(spec)
         while len(replicas) > wanted:
             self._stop(replicas.pop())
@@ -145,7 +132,7 @@ class LocalCluster:
     def _wait_ready(self, replica: Replica) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if not _alive(replica.pid):
+            if not alive(replica.pid):
                 raise ClusterError(f"replica on port {replica.port} exited while starting: {self._tail(replica)}")
             health = self.health(replica)
             if health and health.get("status") == "ready":
@@ -172,16 +159,16 @@ class LocalCluster:
             return "(no log)"
 
     def _stop(self, replica: Replica) -> None:
-        if not _alive(replica.pid):
+        if not alive(replica.pid):
             return
         try:
             os.killpg(replica.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             return
         deadline = time.monotonic() + 10
-        while _alive(replica.pid) and time.monotonic() < deadline:
+        while alive(replica.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(replica.pid):
+        if alive(replica.pid):
             os.killpg(replica.pid, signal.SIGKILL)
         try:  # reap it if it is our child
             os.waitpid(replica.pid, os.WNOHANG)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import fsspec
 
+from .processes import alive
+
 
 class StoreError(RuntimeError):
     pass
@@ -114,7 +116,7 @@ class Store:
         """Remove the staging folders of uploads whose process died (a killed `up`) on this host."""
         for path in self.fs.glob(self._path("objects", ".upload-*")):
             host, _, rest = path.rsplit("/", 1)[-1].removeprefix(".upload-").rpartition("-")[0].rpartition("-")
-            if host == socket.gethostname() and rest.isdigit() and not _process_alive(int(rest)):
+            if host == socket.gethostname() and rest.isdigit() and not alive(int(rest)):
                 self.fs.rm(path, recursive=True)
 
     def verify_object(self, digest: str) -> None:
@@ -238,13 +240,3 @@ class Store:
             with os.fdopen(fd, "w") as f:
                 f.write(key)
             return key
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

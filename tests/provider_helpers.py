@@ -1,9 +1,9 @@
 """Shared helpers for provider tests: an isolated state directory and tiny model files."""
 
 import json
-import os
 from pathlib import Path
 
+from ember.provider import processes
 from ember.provider.providers import PROVIDERS, ProviderConfig
 from ember.runtime import tinymodels
 
@@ -35,15 +35,7 @@ def store_entries(cfg: ProviderConfig) -> list[str]:
                   if p.is_file() and p.relative_to(root).parts[0] not in ("keys.json", "usage"))
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = processes.alive
 
 
 def replica_pids(cfg: ProviderConfig, account: str, deployment: str) -> list[int]:

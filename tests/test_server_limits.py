@@ -74,8 +74,10 @@ def test_addons_follow_the_desired_set_in_the_store(tmp_path):
         assert httpx.get(f"{server.url}/health").json()["addons"] == []
         desired.write_text(json.dumps({PIRATE: str(server.adapters[PIRATE]), "accounts/acme/models/broken": str(tmp_path)}))
         result = httpx.post(f"{server.url}/admin/reconcile", headers=headers).json()
-        assert result["loaded"] == [PIRATE] and list(result["failed"]) == ["accounts/acme/models/broken"]
-        assert httpx.get(f"{server.url}/health").json()["failed_addons"].keys() == {"accounts/acme/models/broken"}
+        # the 0.5 s timer may have reconciled first, so judge the outcome, not who did it
+        assert result["loaded"] in ([PIRATE], []) and list(result["failed"]) == ["accounts/acme/models/broken"]
+        health = httpx.get(f"{server.url}/health").json()
+        assert health["addons"] == [PIRATE] and health["failed_addons"].keys() == {"accounts/acme/models/broken"}
     finally:
         server.stop()
 
