@@ -102,7 +102,7 @@ def test_sustained_overload_sheds_load_and_loses_nothing(tmp_path):
         growth = max(rss[len(rss) // 4:]) - rss[len(rss) // 4]
         assert growth < 100, rss  # steady state: the queue bounds memory
         stored = "".join(p.read_text() for p in (tmp_path / "usage").rglob("*") if p.is_file()) + server.log.read_text()
-        assert CANARY not in stored
+        assert CANARY not in stored and server.keys["acme"] not in stored  # no prompt, no key in logs or usage
         print(f"\n[reliability] overload: {clients} clients x {seconds:.0f} s, queue 4: {len(results)} requests, "
               f"{len(accepted)} served ({len(accepted) / seconds:.1f}/s), {shed} shed with 429, 0 lost, "
               f"{len(records)} usage records; server RSS {rss[0]:.0f} -> peak {max(rss):.0f} MB, "
