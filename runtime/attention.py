@@ -30,20 +30,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
         )[:, :, 0, :]
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
-        query = q[rows].transpose(0, 1)
+        # [1, heads, tokens, dim]: with a batch dimension, CPU SDPA takes its flash kernel, not the math one.
+        query = q[rows].transpose(0, 1)[None]
         if chunk.context_blocks is None:
-            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
             result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
         else:
-            keys = _gather(k_pool, chunk.context_blocks[None], chunk.context)[0].transpose(0, 1)
-            values = _gather(v_pool, chunk.context_blocks[None], chunk.context)[0].transpose(0, 1)
+            keys = _gather(k_pool, chunk.context_blocks[None], chunk.context).transpose(1, 2)
+            values = _gather(v_pool, chunk.context_blocks[None], chunk.context).transpose(1, 2)
             # Row i of the chunk sits at position context - length + i and sees positions up to it.
             first = chunk.context - chunk.length
             visible = torch.arange(chunk.context, device=q.device)[None, :] <= (
                 first + torch.arange(chunk.length, device=q.device)[:, None]
             )
             result = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, enable_gqa=True)
-        out[rows] = result.transpose(0, 1)
+        out[rows] = result[0].transpose(0, 1)
     return out
 
 

@@ -7,6 +7,7 @@ untied embeddings. Numerics follow transformers' implementation so logits match 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,33 +20,56 @@ from .loader import ModelWeights
 
 
 class Matmul:
-    """x @ weight.T (+ bias), with the fastest kernel this device has for the input's row count.
+    """x @ weight.T (+ bias), with the faster of two CPU kernels for the input's row count.
 
-    Decode steps multiply a few rows by every weight, where MKL's default sgemm reaches half the
-    CPU's peak. oneDNN with weights pre-packed for a small batch (the kernel torch.compile's CPU
-    freezing uses) is faster there: on this project's 2-core CI machine a ~100M model's decode steps
-    took 11% less time end to end. Prefill-sized inputs keep F.linear, which is at peak already.
-    Packing copies each weight once, so CPU serving holds the weights twice.
+    F.linear calls MKL's sgemm, which on some CPUs stays far below peak: on the AVX-512 AMD EPYC this
+    project's CI ran on it reached 190-220 GFLOPS where oneDNN with weights pre-packed (the kernel
+    torch.compile's CPU freezing uses) reached 380-500, at every row count; on the AVX2 machine of an
+    earlier run, MKL was at peak for prefill-sized inputs and oneDNN won only for decode-sized ones. So both kernels are timed once, at load, on a decode-sized and a
+    prefill-sized input, and each size class keeps the faster one. When oneDNN wins either, CPU serving
+    holds the weights twice (the packed copy).
     """
 
     SMALL_ROWS = 64
+    PROBE_ROWS = {True: 16, False: 256}  # keyed by "is small"
 
     def __init__(self, weights: list[torch.Tensor]):
         self.packed: dict[int, torch.Tensor] = {}
+        self.packed_wins = {True: False, False: False}
         device, dtype = weights[0].device, weights[0].dtype
-        if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            try:
-                for w in weights:
-                    self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-            except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
-                self.packed.clear()
+        if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return
+        try:
+            for w in weights:
+                self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
+            self.packed.clear()
+            return
+        probe = weights[0]
+        for small, rows in self.PROBE_ROWS.items():
+            x = torch.randn(rows, probe.shape[1])
+            self.packed_wins[small] = _seconds(self._onednn, x, probe, None) < _seconds(F.linear, x, probe, None)
+        if not any(self.packed_wins.values()):
+            self.packed.clear()
+
+    def _onednn(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[weight.data_ptr()], bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] <= self.SMALL_ROWS:
-            packed = self.packed.get(weight.data_ptr())
-            if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if self.packed_wins[x.shape[0] <= self.SMALL_ROWS] and weight.data_ptr() in self.packed:
+            return self._onednn(x, weight, bias)
         return F.linear(x, weight, bias)
+
+
+def _seconds(kernel, *args, repeats: int = 5) -> float:
+    """The best of a few timed calls after a warm-up: what a kernel costs without the noise."""
+    kernel(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        kernel(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

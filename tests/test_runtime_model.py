@@ -4,8 +4,10 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ember.runtime import model as model_module
 from ember.runtime.batch import ScheduledChunk, build
 from ember.runtime.config import ModelConfig, ModelLoadError
 from ember.runtime.kv_cache import KVCache
@@ -57,6 +59,24 @@ def test_logits_match_transformers_for_prefill_chunks_and_decode(tmp_path, overr
     second = run(model, cache, again, 70, 49, all_rows=True)
     last = run(model, cache, again, 119, 1)
     torch.testing.assert_close(torch.cat([first, second, last]), reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("faster", ["oneDNN", "F.linear"])
+def test_logits_match_whichever_cpu_matmul_kernel_measures_faster(tmp_path, monkeypatch, faster):
+    """The kernel is chosen by timing at load, so each choice must give transformers' logits on its own."""
+    monkeypatch.setattr(model_module, "_seconds",
+                        lambda kernel, *args: 1.0 if (kernel is F.linear) == (faster == "oneDNN") else 0.0)
+    directory = make(tmp_path / "m")
+    model, cache = engine_parts(directory)
+    onednn = faster == "oneDNN" and torch.backends.mkldnn.is_available()
+    assert model.matmul.packed_wins == {True: onednn, False: onednn}
+    assert bool(model.matmul.packed) == onednn  # the packed copy is dropped when it is never used
+    tokens = list(range(5, 105))
+    with torch.no_grad():
+        reference = hf_model(directory)(torch.tensor([tokens])).logits[0]
+    prefill = run(model, cache, tokens, 0, 99, all_rows=True)  # more rows than Matmul.SMALL_ROWS
+    decode = run(model, cache, tokens, 99, 1)
+    torch.testing.assert_close(torch.cat([prefill, decode]), reference, atol=2e-5, rtol=1e-5)
 
 
 def test_bf16_logits_stay_close(tmp_path):
