@@ -67,12 +67,23 @@ class Meter:
             self.fs.pipe_file(self.replica_path, json.dumps(data).encode())
 
 
+    def read(self, account_id: str) -> list[dict]:
+        """One account's usage records on this deployment, from every replica's file."""
+        return [r for r in _read_records(self.fs, f"{self.dir}/requests-*.jsonl") if r["account_id"] == account_id]
+
+
 def read_usage(url: str) -> list[dict]:
     """Every usage record under a usage URL (all deployments, all replicas)."""
     fs, root = fsspec.core.url_to_fs(url)
+    return _read_records(fs, f"{root}/usage/*/requests-*.jsonl")
+
+
+def _read_records(fs, pattern: str) -> list[dict]:
     records = []
-    for path in sorted(fs.glob(f"{root}/usage/*/requests-*.jsonl")):
-        records += [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+    for path in sorted(fs.glob(pattern)):
+        # A replica may be appending right now: a last line without its newline is not a record yet.
+        *lines, _partial = fs.cat_file(path).decode().split("\n")
+        records += [json.loads(line) for line in lines if line]
     return records
 
 

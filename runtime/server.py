@@ -293,6 +293,19 @@ def create_app(config: ServerConfig) -> FastAPI:
                              "parent": config.deployment.base_model, "kind": "HF_PEFT_ADDON"})
         return {"object": "list", "data": data}
 
+    @app.get("/v1/usage")
+    async def usage(request: Request, account: str | None = None) -> dict:
+        """The caller's own usage on this deployment: metadata records and their totals, never text."""
+        caller = replica.account(request)
+        if account not in (None, caller):
+            raise APIError(403, f"account {caller!r} may not read the usage of account {account!r}",
+                           type="permission_error", param="account", code="forbidden")
+        records = await asyncio.to_thread(replica.meter.read, caller)
+        totals = {"requests": len(records)} | {
+            field: sum(r[field] for r in records) for field in ("prompt_tokens", "completion_tokens")}
+        return {"object": "list", "account_id": caller, "deployment": config.deployment.name, "data": records,
+                "totals": totals}
+
     # -- admin -------------------------------------------------------------------------------------------
 
     @app.get("/admin/adapters")

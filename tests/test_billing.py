@@ -9,7 +9,7 @@ import pytest
 
 from ember.provider import billing, cli
 from ember.provider.spec import SpecError
-from ember.runtime.metering import Meter
+from ember.runtime.metering import Meter, read_usage
 
 T0 = datetime(2026, 11, 24, 23, 30, tzinfo=timezone.utc).timestamp()  # 30 minutes before a day boundary
 SHARED_8B = "accounts/platform/deployments/shared-8b"
@@ -121,3 +121,14 @@ def test_ember_usage_reads_what_replicas_write(tmp_path, capsys):
     assert cli.main(["usage", "--store", f"file://{store}"]) == 0
     table = capsys.readouterr().out
     assert "globex" in table and "total" in table and "0.2000" in table
+
+
+def test_a_record_being_appended_is_not_read_half_written(tmp_path):
+    store = tmp_path / "store"
+    meter = Meter(f"file://{store}", SHARED_8B, serverless=True)
+    meter.record("acme", "accounts/acme/models/pirate", 10, 5, 0.1, "ok")
+    meter.record("globex", "accounts/globex/models/legal", 7, 3, 0.1, "ok")
+    with open(store / "usage" / SHARED_8B.replace("/", "_") / f"requests-{meter.replica}.jsonl", "a") as f:
+        f.write('{"time": 1, "account_id": "acme", "prompt_to')  # a replica mid-append
+    assert [r["prompt_tokens"] for r in read_usage(f"file://{store}")] == [10, 7]
+    assert [r["model"] for r in meter.read("acme")] == ["accounts/acme/models/pirate"]  # one account's only

@@ -62,6 +62,17 @@ def test_two_accounts_share_a_serverless_base_and_pay_for_their_own_tokens(tmp_p
             listed = httpx.get(f"{endpoint}/v1/models", headers={"Authorization": f"Bearer {keys[account]}"}).json()
             assert {m["id"] for m in listed["data"]} == {BASE, own}
 
+        for account in ADDONS:  # each account reads its own usage over HTTP, and only its own
+            auth = {"Authorization": f"Bearer {keys[account]}"}
+            mine = httpx.get(f"{endpoint}/v1/usage", headers=auth).json()
+            assert {r["account_id"] for r in mine["data"]} == {account} and mine["totals"]["requests"] == 2
+            assert mine["totals"]["prompt_tokens"] + mine["totals"]["completion_tokens"] == used[account]
+            assert "canary-serverless-prompt" not in json.dumps(mine)
+            other = next(a for a in ADDONS if a != account)
+            denied = httpx.get(f"{endpoint}/v1/usage", params={"account": other}, headers=auth)
+            assert denied.status_code == 403 and denied.json()["error"]["param"] == "account"
+        assert httpx.get(f"{endpoint}/v1/usage").status_code == 401
+
         assert cli.main(["usage", str(tenant), "--stack", "acme", "--format", "json"]) == 0
         report = json.loads(capsys.readouterr().out)
         price = billing.DEFAULT_PRICES.per_million_tokens(8_030_261_248)  # the catalog size, not the tiny weights
