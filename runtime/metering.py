@@ -66,7 +66,6 @@ class Meter:
         with self._lock:
             self.fs.pipe_file(self.replica_path, json.dumps(data).encode())
 
-
     def read(self, account_id: str) -> list[dict]:
         """One account's usage records on this deployment, from every replica's file."""
         return [r for r in _read_records(self.fs, f"{self.dir}/requests-*.jsonl") if r["account_id"] == account_id]

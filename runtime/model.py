@@ -25,9 +25,10 @@ class Matmul:
     F.linear calls MKL's sgemm, which on some CPUs stays far below peak: on the AVX-512 AMD EPYC this
     project's CI ran on it reached 190-220 GFLOPS where oneDNN with weights pre-packed (the kernel
     torch.compile's CPU freezing uses) reached 380-500, at every row count; on the AVX2 machine of an
-    earlier run, MKL was at peak for prefill-sized inputs and oneDNN won only for decode-sized ones. So both kernels are timed once, at load, on a decode-sized and a
-    prefill-sized input, and each size class keeps the faster one. When oneDNN wins either, CPU serving
-    holds the weights twice (the packed copy).
+    earlier run, MKL was at peak for prefill-sized inputs and oneDNN won only for decode-sized ones. So
+    both kernels are timed once, at load, on a decode-sized and a prefill-sized input, and each size
+    class keeps the faster one. Only when oneDNN wins either are the weights packed, and then CPU serving
+    holds them twice (the packed copy).
     """
 
     SMALL_ROWS = 64
@@ -36,29 +37,33 @@ class Matmul:
     def __init__(self, weights: list[torch.Tensor]):
         self.packed: dict[int, torch.Tensor] = {}
         self.packed_wins = {True: False, False: False}
-        device, dtype = weights[0].device, weights[0].dtype
-        if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        probe = weights[0]
+        if probe.device.type != "cpu" or probe.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return
         try:
-            for w in weights:
-                self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+            packed_probe = _pack(probe)
         except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
-            self.packed.clear()
             return
-        probe = weights[0]
         for small, rows in self.PROBE_ROWS.items():
             x = torch.randn(rows, probe.shape[1])
-            self.packed_wins[small] = _seconds(self._onednn, x, probe, None) < _seconds(F.linear, x, probe, None)
-        if not any(self.packed_wins.values()):
-            self.packed.clear()
-
-    def _onednn(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed[weight.data_ptr()], bias, "none", [], "")
+            self.packed_wins[small] = _seconds(_onednn, x, packed_probe, None) < _seconds(F.linear, x, probe, None)
+        if any(self.packed_wins.values()):
+            self.packed = {w.data_ptr(): _pack(w) for w in weights}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed_wins[x.shape[0] <= self.SMALL_ROWS] and weight.data_ptr() in self.packed:
-            return self._onednn(x, weight, bias)
+        if self.packed_wins[x.shape[0] <= self.SMALL_ROWS]:
+            packed = self.packed.get(weight.data_ptr())
+            if packed is not None:
+                return _onednn(x, packed, bias)
         return F.linear(x, weight, bias)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _seconds(kernel, *args, repeats: int = 5) -> float:
