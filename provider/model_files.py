@@ -77,6 +77,21 @@ class BaseModelInfo:
     config: dict  # config.json
 
 
+def _check_dimensions(config_path: Path, config: dict) -> None:
+    """The shape rules a replica would otherwise die on after it started."""
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelFilesError(f"{config_path}: {key} is {value!r}, not a positive integer")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if not config.get("head_dim") and config["hidden_size"] % heads:
+        raise ModelFilesError(f"{config_path}: hidden_size {config['hidden_size']} is not divisible by "
+                              f"num_attention_heads {heads}")
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ModelFilesError(f"{config_path}: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads!r}")
+
+
 def inspect_base_model(directory: str | Path) -> BaseModelInfo:
     directory = Path(directory)
     if not directory.is_dir():
@@ -92,6 +107,7 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelFilesError(f"{config_path}: architectures {config.get('architectures')!r} is not supported; "
                               f"Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_dimensions(config_path, config)
     if not (directory / "tokenizer.json").exists():
         raise ModelFilesError(f"{directory / 'tokenizer.json'} is missing: a model directory needs tokenizer.json")
     index = directory / "model.safetensors.index.json"
@@ -121,6 +137,15 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
     if embed_shape is not None and embed_shape != [config.get("vocab_size"), hidden]:
         raise ModelFilesError(f"{directory}: model.embed_tokens.weight has shape {embed_shape}, but config.json says "
                               f"[{config.get('vocab_size')}, {hidden}]")
+    headers = {}
+    for name in files:
+        headers |= safetensors_header(directory / name)
+    for module, (fan_in, fan_out) in module_shapes(config).items():  # layer 0 stands for all: a config that lies
+        part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = f"model.layers.0.{part}.{module}.weight"
+        if key in headers and headers[key]["shape"] != [fan_out, fan_in]:
+            raise ModelFilesError(f"{directory}: {key} has shape {headers[key]['shape']}, but config.json says "
+                                  f"[{fan_out}, {fan_in}]")
     return BaseModelInfo(architecture, count, config)
 
 
@@ -151,9 +176,10 @@ def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def inspect_adapter(directory: str | Path, base_config: dict, max_rank: int | None = None) -> AdapterInfo:
+def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: int | None = None) -> AdapterInfo:
     """Check a PEFT adapter against its base model's config.json, from headers alone: the provider runs it
-    before an upload, the runtime before it reads a tensor."""
+    before an upload, the runtime before it reads a tensor. Without the base's config (a preview whose base
+    model is elsewhere) the adapter is checked on its own."""
     directory = Path(directory)
     config_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if not config_path.exists():
@@ -172,10 +198,13 @@ def inspect_adapter(directory: str | Path, base_config: dict, max_rank: int | No
         raise ModelFilesError(f"{config_path}: rank r={config.r} is above the deployment's max_lora_rank {max_rank}")
     if not weights.exists():
         raise ModelFilesError(f"{weights} is missing: a PEFT adapter needs adapter_model.safetensors")
+    header = safetensors_header(weights)
+    if base_config is None:
+        return AdapterInfo(config, weights, {})
     shapes = module_shapes(base_config)
     layers = base_config["num_hidden_layers"]
     seen: dict[tuple[int, str, str], str] = {}
-    for key, tensor in safetensors_header(weights).items():
+    for key, tensor in header.items():
         match = _KEY.match(key)
         if not match or match[2] not in LORA_TARGET_MODULES:
             raise ModelFilesError(f"{weights}: tensor {key} is not a LoRA weight of a supported module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from enum import Enum
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -227,7 +228,7 @@ Text = Annotated[str, Field(max_length=1000)]
 DisplayName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-def _check_source(value: str) -> str:
+def normalise_source(value: str) -> str:
     """A local path or an fsspec URL; normalised so that a reformatted program gives no diff."""
     from fsspec.registry import known_implementations, registry
 
@@ -236,6 +237,11 @@ def _check_source(value: str) -> str:
         raise ValueError("must be a local path or an fsspec URL, got an empty string")
     if "://" in value:
         protocol = value.split("://", 1)[0]
+        parts = urlsplit(value)
+        if parts.username or parts.password:
+            masked = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+            raise ValueError(f"{masked!r} embeds credentials, which would be stored in the stack's state in plain "
+                             f"text; give them to fsspec through its environment or config instead")
         known = set(known_implementations) | set(registry)
         if protocol not in known:
             raise ValueError(f"{value!r} uses {protocol!r}, which is not an fsspec protocol")
@@ -245,7 +251,7 @@ def _check_source(value: str) -> str:
 
 Source = Annotated[
     str,
-    AfterValidator(_check_source),
+    AfterValidator(normalise_source),
     WithJsonSchema({"type": "string", "minLength": 1, "description": "a local path or an fsspec URL"}),
 ]
 
@@ -555,7 +561,6 @@ class DeploymentOutputs(Spec):
     message: str | None = None
     endpoints: tuple[str, ...] = ()
     ready_replicas: int = Field(0, ge=0)
-    loaded_addons: tuple[ModelName, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------
