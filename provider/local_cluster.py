@@ -40,9 +40,14 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _free_port() -> int:
+def _free_port(preferred: int = 0) -> int:
+    """`preferred` if it can be bound now, else any free loopback port."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the replica's server binds it
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -117,8 +122,24 @@ class LocalCluster:
         self._save(account, deployment, replicas)
         return replicas
 
+    def _ports(self, account: str, deployment: str) -> Path:
+        # Kept when replicas stop: a restarted or replaced deployment keeps its endpoints.
+        return self.state_dir / "ports" / account / f"{deployment}.json"
+
+    def _port(self, spec: DeploymentArgs, index: int) -> int:
+        path = self._ports(spec.account_id, spec.deployment_id)
+        ports = json.loads(path.read_text()) if path.exists() else {}
+        previous = ports.get(str(index))
+        port = _free_port(previous or 0)
+        if previous and port != previous:
+            self.progress(f"port {previous} of replica {index} of {spec.account_id}/{spec.deployment_id} is taken by "
+                          f"another process: its endpoint moves to port {port}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ports | {str(index): port}))
+        return port
+
     def _start(self, spec: DeploymentArgs, command: list[str], index: int) -> Replica:
-        port = _free_port()
+        port = self._port(spec, index)
         log_dir = self.state_dir / "logs" / spec.account_id
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"{spec.deployment_id}-{index}-{port}.log"

@@ -12,6 +12,7 @@ IDs default to the resource name. The type tokens are pulumi-python:dynamic/embe
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 import pulumi
 from pulumi.dynamic import Resource
 
+from .names import deployment_name, model_name, parse_deployment_name, parse_model_name
 from .providers import DeploymentProvider, LoRAAddonProvider, ModelProvider
+from .spec import normalise_source
 
 
 def default_id(resource_name: str) -> str:
@@ -94,12 +97,96 @@ def _props(args: Any) -> dict[str, Any]:
     return props
 
 
-def _base(props: dict[str, Any], base_model: Any) -> None:
+def _plain(*values: Any) -> bool:
+    return all(isinstance(v, (str, int, float, bool)) or v is None for v in values)
+
+
+def _name(make, *parts: Any) -> "pulumi.Input[str]":
+    """A resource's full name from its inputs: a plain string when they are plain, else an Output.
+
+    Names come from inputs, never from outputs: in a preview of an update the engine hands back a dynamic
+    resource's inputs as its outputs, so an output name would be unknown and every dependent would show a
+    replacement."""
+    return make(*parts) if _plain(*parts) else pulumi.Output.all(*parts).apply(lambda p: make(*p))
+
+
+class _Declared:
+    """What one program declares, for the rules that span resources: a dynamic provider's check sees one
+    resource at a time, so each resource carries the facts it needs about the ones it references."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, tuple[str, dict[str, Any]]] = {}  # model name → (Pulumi name, facts)
+        self.deployments: dict[str, dict[str, Any]] = {}  # deployment name → facts
+
+
+_DECLARED: "weakref.WeakKeyDictionary[Any, _Declared]" = weakref.WeakKeyDictionary()
+_FALLBACK = _Declared()
+
+
+def _declared() -> _Declared:
+    # One per program run, whose resource monitor is its own (the offline runner and tests run many in a process).
+    monitor = pulumi.runtime.settings.SETTINGS.monitor
+    try:
+        return _DECLARED.setdefault(monitor, _Declared())
+    except TypeError:  # no monitor (not weakly referable): a program outside any run
+        return _FALLBACK
+
+
+def _declare_model(resource_name: str, name: Any, facts: dict[str, Any]) -> None:
+    if not isinstance(name, str):
+        return  # an ID only known later: the store refuses a taken one at create
+    declared = _declared().models
+    if name in declared:
+        raise ValueError(f"model_id: {name!r} is declared twice in this program (by {declared[name][0]!r} and "
+                         f"{resource_name!r}); model IDs are globally unique, base models and addons alike")
+    declared[name] = (resource_name, facts)
+
+
+def _local(source: Any) -> str | None:
+    """A source the provider can read at check time (a local directory), else None."""
+    if not isinstance(source, str) or "://" in source and not source.startswith("file://"):
+        return None
+    return source.removeprefix("file://")
+
+
+def _weights_identity(model: "Model") -> "pulumi.Input[str]":
+    """What decides that the base weights changed, known in preview: the content digest check computes from a
+    local source, else the normalised remote URL or the catalog ID (a new one replaces the Model itself)."""
+    if model._source is not None and _local(model._source) is not None:
+        return model.source_digest
+    if isinstance(model._source, str):
+        return f"source:{normalise_source(model._source)}"
+    if isinstance(model._catalog_id, str):
+        return f"catalog:{model._catalog_id}"
+    return model.digest
+
+
+def _base(props: dict[str, Any], base_model: Any, refs: dict[str, Any], depends_on: list) -> None:
     if isinstance(base_model, Model):
-        props["base_model"] = base_model.name
-        props["base_model_digest"] = base_model.digest
-    else:
-        props["base_model"] = base_model
+        props["base_model"] = base_model.model_name
+        props["base_model_digest"] = _weights_identity(base_model)
+        refs["base_model"] = {"declared": True, "source": _local(base_model._source)}
+        depends_on.append(base_model)
+        return
+    props["base_model"] = base_model
+    if isinstance(base_model, str):
+        found = _declared().models.get(base_model)
+        refs["base_model"] = found[1] if found else {"declared": False, "source": None}
+
+
+def _with_dependencies(opts: pulumi.ResourceOptions | None, depends_on: list) -> pulumi.ResourceOptions | None:
+    # Names are passed as plain strings (computed from inputs), so the dependency is stated explicitly.
+    return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=depends_on)) if depends_on else opts
+
+
+def _get(cls, resource_name: str, id: "pulumi.Input[str]", opts: pulumi.ResourceOptions | None, provider,
+         collection: str, id_field: str, outputs: list[str]):
+    """Adopt an existing store entry by its full name (`accounts/<a>/<collection>/<id>`)."""
+    name = parse_deployment_name(id) if collection == "deployments" else parse_model_name(id)
+    props = {"account_id": name.account_id, id_field: name.resource_id} | dict.fromkeys(outputs)
+    resource = cls.__new__(cls)
+    Resource.__init__(resource, provider, resource_name, props, pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(id=id)))
+    return resource, str(name)
 
 
 class Model(Resource, module="ember", name="Model"):
@@ -107,15 +194,29 @@ class Model(Resource, module="ember", name="Model"):
     state: pulumi.Output[str]
     message: pulumi.Output[str | None]
     digest: pulumi.Output[str]
+    source_digest: pulumi.Output[str | None]  # derived at check from a local source
     architecture: pulumi.Output[str]
     parameter_count: pulumi.Output[int]
+
+    _OUTPUTS = ["name", "state", "message", "digest", "source_digest", "architecture", "parameter_count"]
 
     def __init__(self, resource_name: str, args: ModelArgs, opts: pulumi.ResourceOptions | None = None):
         props = _props(args)
         if args.model_id is None and args.catalog_id is None:
             props["model_id"] = default_id(resource_name)
-        outputs = dict.fromkeys(["name", "state", "message", "digest", "architecture", "parameter_count"])
-        super().__init__(ModelProvider(), resource_name, props | outputs, opts)
+        self._source, self._catalog_id = args.source, args.catalog_id
+        self.model_name = _name(model_name, args.account_id, props.get("model_id", args.catalog_id))
+        _declare_model(resource_name, self.model_name, {"declared": True, "source": _local(args.source)})
+        super().__init__(ModelProvider(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
+
+    @staticmethod
+    def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Model":
+        """An existing model (`accounts/<a>/models/<id>`), read from the store; Deployments may then name it."""
+        model, name = _get(Model, resource_name, id, opts, ModelProvider(), "models", "model_id", Model._OUTPUTS)
+        model._source = model._catalog_id = None
+        model.model_name = name
+        _declare_model(resource_name, name, {"declared": True, "source": None})
+        return model
 
 
 class Deployment(Resource, module="ember", name="Deployment"):
@@ -124,16 +225,28 @@ class Deployment(Resource, module="ember", name="Deployment"):
     message: pulumi.Output[str | None]
     endpoints: pulumi.Output[list[str]]
     ready_replicas: pulumi.Output[int]
-    loaded_addons: pulumi.Output[list[str]]
+
+    _OUTPUTS = ["name", "state", "message", "endpoints", "ready_replicas", "serving_digest"]
 
     def __init__(self, resource_name: str, args: DeploymentArgs, opts: pulumi.ResourceOptions | None = None):
-        props = _props(args)
-        _base(props, args.base_model)
+        props, refs, depends_on = _props(args), {}, []
+        _base(props, args.base_model, refs, depends_on)
         if args.deployment_id is None:
             props["deployment_id"] = default_id(resource_name)
-        outputs = dict.fromkeys(["name", "state", "message", "endpoints", "ready_replicas", "loaded_addons",
-                                 "serving_digest"])
-        super().__init__(DeploymentProvider(), resource_name, props | outputs, opts)
+        self.deployment_name = _name(deployment_name, args.account_id, props["deployment_id"])
+        # what an addon on this deployment needs to know at its own check
+        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or 64,
+                       "cluster": args.cluster or "local"}
+        super().__init__(DeploymentProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
+                         _with_dependencies(opts, depends_on))
+
+    @staticmethod
+    def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Deployment":
+        """An existing deployment (`accounts/<a>/deployments/<id>`), read from the store."""
+        deployment, name = _get(Deployment, resource_name, id, opts, DeploymentProvider(), "deployments",
+                                "deployment_id", Deployment._OUTPUTS)
+        deployment.deployment_name, deployment._facts = name, None
+        return deployment
 
 
 class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
@@ -145,11 +258,33 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
     target_modules: pulumi.Output[list[str]]
     deployed_on: pulumi.Output[list[str]]
 
+    _OUTPUTS = ["name", "state", "message", "digest", "rank", "target_modules", "deployed_on"]
+
     def __init__(self, resource_name: str, args: LoRAAddonArgs, opts: pulumi.ResourceOptions | None = None):
-        props = _props(args)
-        _base(props, args.base_model)
-        props["deployments"] = [d.name if isinstance(d, Deployment) else d for d in args.deployments]
+        props, refs, depends_on = _props(args), {}, []
+        _base(props, args.base_model, refs, depends_on)
+        targets = {}
+        props["deployments"] = []
+        for d in args.deployments:
+            if isinstance(d, Deployment):
+                props["deployments"].append(d.deployment_name)
+                depends_on.append(d)
+                if isinstance(d.deployment_name, str) and d._facts and _plain(*d._facts.values()):
+                    targets[d.deployment_name] = d._facts
+            else:
+                props["deployments"].append(d)
+        refs["deployments"] = targets
         if args.model_id is None:
             props["model_id"] = default_id(resource_name)
-        outputs = dict.fromkeys(["name", "state", "message", "digest", "rank", "target_modules", "deployed_on"])
-        super().__init__(LoRAAddonProvider(), resource_name, props | outputs, opts)
+        self.model_name = _name(model_name, args.account_id, props["model_id"])
+        _declare_model(resource_name, self.model_name, {"declared": True, "addon": True, "source": None})
+        super().__init__(LoRAAddonProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
+                         _with_dependencies(opts, depends_on))
+
+    @staticmethod
+    def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "LoRAAddon":
+        """An existing LoRA addon (`accounts/<a>/models/<id>`), read from the store."""
+        addon, name = _get(LoRAAddon, resource_name, id, opts, LoRAAddonProvider(), "models", "model_id",
+                           LoRAAddon._OUTPUTS)
+        addon.model_name = name
+        return addon

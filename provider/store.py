@@ -145,8 +145,12 @@ class Store:
             return
         if any(m.get("digest") == digest for m in self.manifests()):
             return
+        self.discard_object(digest)
+
+    def discard_object(self, digest: str) -> None:
+        """Remove an object's files whoever refers to it: a damaged object, before it is uploaded again."""
         path = self._path("objects", digest.removeprefix("sha256:"))
-        if self.fs.exists(path):
+        if digest.startswith("sha256:") and self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
     # -- manifests ---------------------------------------------------------------------------------------
@@ -200,7 +204,10 @@ class Store:
         with self._locked(path):
             desired = self.desired_addons(account, deployment)
             change(desired)
-            self._write_json(path, desired)
+            if desired or self.read_deployment_record(account, deployment) is not None:
+                self._write_json(path, desired)
+            elif self.fs.exists(path):  # the last addon of a deleted deployment left: nothing of it remains
+                self.fs.rm(self._path("deployments", account, deployment), recursive=True)
             return desired
 
     # -- deployment records: what each deployment serves, for the addons that target it -------------------
@@ -220,9 +227,17 @@ class Store:
             yield json.loads(self.fs.cat_file(path))
 
     def delete_deployment(self, account: str, deployment: str) -> None:
+        """Remove a deployment's record. Its desired addon set belongs to the addons declared on it and
+        stays while it names any: a deployment that is replaced (deleted, then created again) serves them
+        again, and the last addon to leave removes the set."""
         path = self._path("deployments", account, deployment)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        with self._locked(f"{path}/addons.json"):  # the lock change_desired_addons takes
+            record = self._deployment_record_path(account, deployment)
+            if self.desired_addons(account, deployment):
+                if self.fs.exists(record):
+                    self.fs.rm(record)
+            elif self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
 
     # -- API keys ------------------------------------------------------------------------------------------
 
