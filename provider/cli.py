@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from . import schemas, stackfile
+from .names import parse_model_name
 from .spec import LORA_TARGET_MODULES, SpecError
 
 QUICKSTART_STACK = Path("examples/quickstart/stack.json")
@@ -77,17 +79,18 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _stack_command(args: argparse.Namespace) -> int:
     """preview | up | refresh | destroy a Pulumi program: the Pulumi CLI when installed, else offline."""
     from . import runner
+    from .providers import EmberError
 
     program = args.program.resolve()
     if not (program / "Pulumi.yaml").exists():
         print(f"ember: {program} has no Pulumi.yaml", file=sys.stderr)
         return 2
     try:
-        packs = [args.policy_pack] if getattr(args, "policy_pack", None) else []
+        packs = [_policy_pack(args.policy_pack)] if getattr(args, "policy_pack", None) else []
         pack_config = getattr(args, "policy_pack_config", None)
         if runner.pulumi_cli_available() and not args.offline:
             outputs = runner.run_with_pulumi(args.command, program, args.stack, policy_packs=packs,
-                                             policy_pack_config=pack_config)
+                                             policy_pack_config=pack_config, refresh=getattr(args, "refresh", False))
             state_dir = runner.ProviderConfig.load(default_root=program).state_dir
         else:
             offline = runner.OfflineRunner(program, args.stack)
@@ -97,13 +100,18 @@ def _stack_command(args: argparse.Namespace) -> int:
                 return 0
             if args.command == "destroy":
                 offline.destroy()
-                print("destroyed: no replica process, port or store entry of this stack is left (usage records stay, for billing)")
+                print("destroyed: no replica process or store entry of this stack is left. Usage records stay, for "
+                      f"billing, and so do the accounts' API keys ({state_dir / 'keys'}) and replica logs "
+                      f"({state_dir / 'logs'}): remove {state_dir} to drop them too")
                 return 0
-            outputs = offline.up(preview=args.command == "preview")
+            outputs = offline.up(preview=args.command == "preview", refresh=getattr(args, "refresh", False))
             if packs:
                 return _report_policies(packs[0], offline.registrations, pack_config)
-    except Exception as exc:  # the provider's message names the resource, property and value
+    except (runner.RunError, EmberError, SpecError, FileNotFoundError) as exc:  # the message names the resource, property and value
         print(f"ember {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception:  # a defect in the program (or in Ember): the whole traceback, not one line
+        print(f"ember {args.command} failed:\n{traceback.format_exc()}", file=sys.stderr)
         return 1
     if args.command == "up":
         print("outputs:")
@@ -112,6 +120,18 @@ def _stack_command(args: argparse.Namespace) -> int:
         if not args.no_demo and outputs.get("endpoint") and outputs.get("models"):
             _demo(outputs, state_dir)
     return 0
+
+
+def _policy_pack(path: Path) -> Path:
+    """A pack's folder, relative to where `ember` runs; `ember` names the pack installed with Ember."""
+    if str(path) == "ember":
+        from . import policy
+
+        return Path(policy.__file__).parent
+    if not (path / "PulumiPolicy.yaml").exists():
+        raise FileNotFoundError(f"--policy-pack: {path.resolve()} has no PulumiPolicy.yaml (paths are relative to "
+                                f"where you run ember; `--policy-pack ember` names Ember's own pack)")
+    return path
 
 
 def _report_policies(pack: Path, registrations, config_path: Path | None) -> int:
@@ -131,8 +151,9 @@ def _demo(outputs: dict, state_dir: Path) -> None:
     """A chat completion from each model the stack exports, through its endpoint."""
     import urllib.request
 
-    key = (state_dir / "keys" / f"{outputs['account']}.key").read_text().strip()
     for model in outputs["models"]:
+        # the deployment's account calls it: a model name says which (accounts/<account>/models/<id>)
+        key = (state_dir / "keys" / f"{parse_model_name(model).account_id}.key").read_text().strip()
         body = json.dumps({"model": model, "max_tokens": 12, "temperature": 0,
                            "messages": [{"role": "user", "content": "Say hello to Ember."}]}).encode()
         request = urllib.request.Request(f"{outputs['endpoint']}/v1/chat/completions", data=body,
@@ -213,10 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--offline", action="store_true", help="use the offline runner even if the Pulumi CLI is installed")
         if command == "preview":
             p.add_argument("--policy-pack", type=Path, metavar="DIR",
-                           help="check the preview with a CrossGuard policy pack (Ember's: provider/policy)")
+                           help="check the preview with a CrossGuard policy pack: a folder, or `ember` for Ember's own")
             p.add_argument("--policy-pack-config", type=Path, metavar="FILE", help="JSON configuration for the pack")
         if command == "up":
             p.add_argument("--no-demo", action="store_true", help="do not send the sample chat completions")
+            p.add_argument("--refresh", action="store_true",
+                           help="refresh first, as `pulumi up --refresh` (restarts replicas that died, reloads addons)")
         p.set_defaults(run=_stack_command)
 
     p = sub.add_parser("usage", help="what each account is charged, per period, from the store's usage records")

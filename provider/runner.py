@@ -3,9 +3,12 @@
 The offline runner is for trying Ember and for CI on machines without the Pulumi CLI. It is not a
 replacement for the Pulumi engine: it runs the program under the SDK's mock monitor, and for every
 resource the program declares it calls the real providers — check, then diff against the previous run,
-then create, update, replace or nothing — and keeps the state in a JSON file. Resources that the program
-no longer declares are deleted after it finishes, newest first. Each resource's state is saved the moment
-it changes, so an interrupted run converges when run again.
+then create, update, replace or nothing — and keeps the state in a JSON file. It follows the engine where
+the two could differ: a preview hands back the inputs as a dynamic resource's outputs, `up` does not
+refresh unless asked, two resources with one URN are refused, resources are deleted dependents first,
+and `protect`, `retain_on_delete`, `ignore_changes`, `delete_before_replace`, `depends_on`, `import_` and
+`Resource.get` mean what they mean to the engine. Each resource's state is saved the moment it changes,
+so an interrupted run converges when run again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pulumi.runtime.stack import run_in_stack
 from pulumi.runtime.sync_await import _sync_await
 
 from .policy_check import RecordingMonitor, Registration
+from . import diff_rules
 from .providers import PROVIDER_KEY, PROVIDERS, ProviderConfig, _Provider, is_unknown
 
 
@@ -40,7 +44,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class Step:
-    op: str  # create | update | replace | delete | same | refresh
+    op: str  # create | update | replace | delete | same | import | read | refresh
     type: str
     name: str
     detail: str = ""
@@ -76,11 +80,36 @@ def _clean(props: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in props.items() if k != PROVIDER_KEY}
 
 
+def _key(urn: str) -> str:
+    """The state key ("<type>::<name>") of a URN."""
+    *_, type_token, name = urn.split("::")
+    return f"{type_token.split('$')[-1]}::{name}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The resource options the engine honours, as a registration carries them."""
+
+    dependencies: tuple[str, ...] = ()  # state keys: property dependencies and depends_on alike
+    protect: bool = False
+    retain_on_delete: bool = False
+    delete_before_replace: bool = False
+    ignore_changes: tuple[str, ...] = ()
+    import_id: str = ""
+
+    @classmethod
+    def of(cls, request) -> "Options":
+        return cls(tuple(dict.fromkeys(_key(u) for u in request.dependencies)), bool(request.protect),
+                   bool(request.retainOnDelete), bool(request.deleteBeforeReplace), tuple(request.ignoreChanges),
+                   request.importId)
+
+
 class _Mocks(Mocks):
     def __init__(self, runner: "OfflineRunner", preview: bool):
         self.runner, self.preview = runner, preview
         self.seen: set[str] = set()
-        self.lock = threading.Lock()
+        self.options: dict[tuple[str, str], Options] = {}  # (type, name) → options of the registration under way
+        self.reads: set[tuple[str, str]] = set()  # ReadResource registrations (Resource.get)
 
     def call(self, args):
         return {}, None
@@ -89,13 +118,25 @@ class _Mocks(Mocks):
         kind = _kind(args.typ)
         if kind not in PROVIDERS:
             raise RunError(f"{args.typ}: the offline runner knows only Ember's resources")
-        return self.runner.apply(kind, args.typ, args.name, _clean(dict(args.inputs)), self.preview, self.seen)
+        if (args.typ, args.name) in self.reads:
+            return self.runner.read_external(kind, args.name, args.resource_id, _clean(dict(args.inputs)))
+        options = self.options.get((args.typ, args.name), Options())
+        return self.runner.apply(kind, args.typ, args.name, _clean(dict(args.inputs)), self.preview, self.seen, options)
 
 
 class _Monitor(RecordingMonitor):
-    def __init__(self, mocks: Mocks):
+    def __init__(self, mocks: _Mocks):
         super().__init__(mocks)
+        self.mocks = mocks
         self.stack_outputs: dict[str, Any] = {}
+
+    def RegisterResource(self, request):
+        self.mocks.options[(request.type, request.name)] = Options.of(request)
+        return super().RegisterResource(request)
+
+    def ReadResource(self, request):
+        self.mocks.reads.add((request.type, request.name))
+        return super().ReadResource(request)
 
     def RegisterResourceOutputs(self, request):
         if "pulumi:pulumi:Stack" in request.urn:
@@ -128,59 +169,137 @@ class OfflineRunner:
 
     # -- one resource ----------------------------------------------------------------------------------
 
-    def apply(self, kind: str, type_token: str, name: str, news: dict, preview: bool, seen: set[str]) -> tuple[str, dict]:
+    def apply(self, kind: str, type_token: str, name: str, news: dict, preview: bool, seen: set[str],
+              options: Options = Options()) -> tuple[str, dict]:
         key = f"{type_token}::{name}"
+        if key in seen:
+            raise RunError(f"{kind} {name}: duplicate resource URN: this program declares two {kind} resources "
+                           f"named {name!r}")
         seen.add(key)
         provider = self._provider(kind)
         previous = self.state.resources.get(key)
+        importing = previous is None and bool(options.import_id)
+        if importing:
+            previous = self._imported(provider, kind, name, options.import_id, news)
+        if previous is not None:  # as the engine does: ignored properties keep their old input values
+            for prop in options.ignore_changes:
+                if prop in previous["inputs"]:
+                    news[prop] = previous["inputs"][prop]
+                else:
+                    news.pop(prop, None)
         checked = provider.check(previous["inputs"] if previous else {}, news | {PROVIDER_KEY: ""})
         if checked.failures:
             problems = "; ".join(f"{f.property}: {f.reason}" for f in checked.failures)
             raise RunError(f"{kind} {name}: {problems}")
         inputs = _clean(checked.inputs)
         if previous is None:
-            return self._create(provider, kind, key, name, inputs, preview, "create")
+            return self._create(provider, kind, key, name, inputs, preview, options, "create")
         diff = provider.diff(previous["id"], previous["outputs"], inputs)
+        changed, _ = diff_rules.compare(provider.spec_cls, previous["outputs"], inputs, is_unknown)
+        if importing:
+            if diff.changes:
+                raise RunError(f"{kind} {name}: import of {options.import_id}: the program's inputs differ from the "
+                               f"existing resource in {', '.join(changed) or 'its state'}")
+            if not preview:
+                self._remember(key, kind, name, previous["id"], inputs, previous["outputs"], options)
+            self._record(Step("import", kind, name))
+            return previous["id"], previous["outputs"]
         if diff.replaces:
-            if preview:
-                self._record(Step("replace", kind, name, f"({', '.join(diff.replaces)})"))
-                return previous["id"], self._predicted(provider, inputs)
-            provider.delete(previous["id"], previous["outputs"])
-            self._forget(key)
-            return self._create(provider, kind, key, name, inputs, preview, "replace", f"({', '.join(diff.replaces)})")
+            return self._replace(provider, kind, key, name, previous, inputs, preview, options, diff)
         if diff.changes:
-            if preview:
-                self._record(Step("update", kind, name))
-                return previous["id"], previous["outputs"] | inputs
+            detail = f"({', '.join(changed) or 'drift'})"
+            if preview:  # the engine does not ask a dynamic provider: the new inputs stand for the outputs
+                self._record(Step("update", kind, name, detail))
+                return previous["id"], inputs
             outputs = _clean(provider.update(previous["id"], previous["outputs"], inputs).outs or {})
-            self._remember(key, kind, name, previous["id"], inputs, outputs)
-            self._record(Step("update", kind, name))
+            self._remember(key, kind, name, previous["id"], inputs, outputs, options)
+            self._record(Step("update", kind, name, detail))
             return previous["id"], outputs
+        self._remember(key, kind, name, previous["id"], previous["inputs"], previous["outputs"], options)
         self._record(Step("same", kind, name))
         return previous["id"], previous["outputs"]
 
-    def _predicted(self, provider: _Provider, inputs: dict) -> dict:
-        try:  # the name is known before creation; every other output is not
-            return inputs | {"name": provider._spec(inputs).name}
-        except Exception:  # unknown parts: leave the name unknown too
-            return dict(inputs)
+    def _imported(self, provider: _Provider, kind: str, name: str, import_id: str, news: dict) -> dict:
+        result = provider.read(import_id, news | {PROVIDER_KEY: ""})
+        if not result.id:
+            raise RunError(f"{kind} {name}: import of {import_id}: it does not exist")
+        outputs = _clean(result.outs or {})
+        return {"id": result.id, "inputs": _clean(result.inputs or outputs), "outputs": outputs}
 
-    def _create(self, provider, kind, key, name, inputs, preview, op, detail="") -> tuple[str, dict]:
+    def _replace(self, provider, kind, key, name, previous, inputs, preview, options, diff) -> tuple[str, dict]:
+        if options.protect:
+            raise RunError(f"{kind} {name} is protected: replacing it ({', '.join(diff.replaces)}) would delete it; "
+                           f"set protect=False first")
+        old = previous["outputs"]
+        detail = "(" + ", ".join(f"{k}: {_shown(old.get(k))} → {_shown(inputs.get(k))}" for k in diff.replaces) + ")"
         if preview:
+            self._record(Step("replace", kind, name, detail))
+            return previous["id"], inputs
+        if diff.delete_before_replace or options.delete_before_replace:
+            self._delete(key, previous | {"options": previous.get("options", {})})
+            return self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
+        created = self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
+        if not previous.get("options", {}).get("retain_on_delete"):
+            provider.delete(previous["id"], previous["outputs"])
+        return created
+
+    def _create(self, provider, kind, key, name, inputs, preview, options, op, detail="") -> tuple[str, dict]:
+        if preview:  # the engine does not ask a dynamic provider: the inputs stand for the outputs
             self._record(Step(op, kind, name, detail))
-            return "", self._predicted(provider, inputs)
+            return "", dict(inputs)
         result = provider.create(inputs)
         outputs = _clean(result.outs or {})
-        self._remember(key, kind, name, result.id, inputs, outputs)
+        self._remember(key, kind, name, result.id, inputs, outputs, options)
         self._record(Step(op, kind, name, detail))
         return result.id, outputs
 
-    def _remember(self, key, kind, name, id_, inputs, outputs) -> None:
+    def read_external(self, kind: str, name: str, id_: str, props: dict) -> tuple[str, dict]:
+        """`Resource.get`: read an existing resource; it is not the stack's to change or delete."""
+        result = self._provider(kind).read(id_, props | {PROVIDER_KEY: ""})
+        if not result.id:
+            raise RunError(f"{kind} {name}: {id_} does not exist (Resource.get reads existing resources only)")
+        self._record(Step("read", kind, name))
+        return result.id, _clean(result.outs or {})
+
+    def _remember(self, key, kind, name, id_, inputs, outputs, options: Options = Options()) -> None:
         with self._lock:
-            self.state.resources[key] = {"type": kind, "name": name, "id": id_, "inputs": inputs, "outputs": outputs}
+            self.state.resources[key] = {"type": kind, "name": name, "id": id_, "inputs": inputs, "outputs": outputs,
+                                         "options": {"dependencies": list(options.dependencies), "protect": options.protect,
+                                                     "retain_on_delete": options.retain_on_delete}}
             if key not in self.state.order:
                 self.state.order.append(key)
             self.state.save()
+
+    def _delete(self, key: str, resource: dict) -> None:
+        if not resource.get("options", {}).get("retain_on_delete"):
+            self._provider(resource["type"]).delete(resource["id"], resource["outputs"])
+        self._forget(key)
+
+    def _deletion_order(self, keys: list[str]) -> list[str]:
+        """Dependents before what they depend on, as the engine deletes; newest first among equals."""
+        remaining, order = list(keys), []
+        while remaining:
+            free = [k for k in remaining
+                    if not any(k in self.state.resources[o].get("options", {}).get("dependencies", [])
+                               for o in remaining if o != k)]
+            nxt = free[-1] if free else remaining[-1]
+            order.append(nxt)
+            remaining.remove(nxt)
+        return order
+
+    def _delete_all(self, keys: list[str], preview: bool = False) -> None:
+        protected = [self.state.resources[k]["name"] for k in keys
+                     if self.state.resources[k].get("options", {}).get("protect")]
+        if protected:
+            raise RunError(f"refusing to delete protected resources {', '.join(protected)}: set protect=False and run "
+                           f"`up` first (nothing was deleted)")
+        for key in self._deletion_order(keys):
+            resource = self.state.resources[key]
+            if not preview:
+                self._delete(key, resource)
+            retained = resource.get("options", {}).get("retain_on_delete")
+            self._record(Step("delete", resource["type"], resource["name"],
+                              "(retained: dropped from the stack, left running)" if retained else ""))
 
     def _forget(self, key: str) -> None:
         with self._lock:
@@ -233,18 +352,13 @@ class OfflineRunner:
             config |= entries((yaml.safe_load(stack_file.read_text()) or {}).get("config"), stack_file.name)
         return config
 
-    def up(self, preview: bool = False, refresh: bool = True) -> dict:
+    def up(self, preview: bool = False, refresh: bool = False) -> dict:
         if refresh and not preview and self.state.order:
-            self.refresh()  # like `pulumi up --refresh`: replicas that died since are restarted, not assumed
+            self.refresh()  # `pulumi up --refresh`: replicas that died since are restarted, not assumed
         self.steps = []
         self.log(f"{'Previewing' if preview else 'Updating'} {self.project}/{self.stack} (offline runner)")
         outputs, seen = self._run_program(preview)
-        for key in reversed([k for k in self.state.order if k not in seen]):
-            resource = self.state.resources[key]
-            if not preview:
-                self._provider(resource["type"]).delete(resource["id"], resource["outputs"])
-                self._forget(key)
-            self._record(Step("delete", resource["type"], resource["name"]))
+        self._delete_all([k for k in self.state.order if k not in seen], preview)
         if not preview:
             self.state.outputs = {k: v for k, v in outputs.items() if not is_unknown(v)}
             self.state.save()
@@ -269,13 +383,13 @@ class OfflineRunner:
     def destroy(self) -> None:
         self.steps = []
         self.log(f"Destroying {self.project}/{self.stack} (offline runner)")
-        for key in reversed(list(self.state.order)):
-            resource = self.state.resources[key]
-            self._provider(resource["type"]).delete(resource["id"], resource["outputs"])
-            self._forget(key)
-            self._record(Step("delete", resource["type"], resource["name"]))
+        self._delete_all(list(self.state.order))
         self.state.outputs = {}
         self.state.save()
+
+
+def _shown(value: Any) -> str:
+    return "(unknown)" if is_unknown(value) else json.dumps(value, default=str)
 
 
 def pulumi_cli_available() -> bool:
@@ -283,13 +397,18 @@ def pulumi_cli_available() -> bool:
 
 
 def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[str], None] = print,
-                    policy_packs: list[Path] = (), policy_pack_config: Path | None = None) -> dict:
+                    policy_packs: list[Path] = (), policy_pack_config: Path | None = None, refresh: bool = False) -> dict:
     """The same commands through Pulumi's Automation API and the real engine (when the CLI is installed)."""
     from pulumi import automation as auto
 
     config = ProviderConfig.load(default_root=Path(program_dir).resolve())
     os.environ.setdefault("PULUMI_BACKEND_URL", f"file://{config.state_dir / 'pulumi'}")
-    os.environ.setdefault("PULUMI_CONFIG_PASSPHRASE", "")
+    if os.environ["PULUMI_BACKEND_URL"].startswith("file://") and not (
+            os.environ.get("PULUMI_CONFIG_PASSPHRASE") is not None or os.environ.get("PULUMI_CONFIG_PASSPHRASE_FILE")):
+        # Never an empty passphrase behind the user's back: it would encrypt the stack's secrets with nothing.
+        raise RunError("the local Pulumi backend encrypts stack secrets with a passphrase: set "
+                       "PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE (or PULUMI_BACKEND_URL to a "
+                       "backend with its own secrets provider)")
     (config.state_dir / "pulumi").mkdir(parents=True, exist_ok=True)
     workspace_stack = auto.create_or_select_stack(stack_name=stack, work_dir=str(program_dir))
     if command == "preview":
@@ -303,5 +422,5 @@ def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[
     if command == "destroy":
         workspace_stack.destroy(on_output=log)
         return {}
-    result = workspace_stack.up(on_output=log)
+    result = workspace_stack.up(on_output=log, refresh=refresh)
     return {k: v.value for k, v in result.outputs.items()}
