@@ -52,3 +52,12 @@ def test_tiny_model_and_lora_commands(tmp_path):
     assert cli.main(["tiny-lora", str(tmp_path / "m"), str(tmp_path / "l"), "--rank", "2", "--targets", "q_proj,down_proj"]) == 0
     config = json.loads((tmp_path / "l/adapter_config.json").read_text())
     assert (config["r"], config["target_modules"]) == (2, ["q_proj", "down_proj"])
+
+
+def test_a_policy_pack_path_that_is_not_a_pack_is_named(tmp_path, capsys):
+    from ember.provider import cli
+
+    (tmp_path / "Pulumi.yaml").write_text("name: p\nruntime: python\n")
+    assert cli.main(["preview", str(tmp_path), "--offline", "--policy-pack", "provider/nope"]) == 1
+    assert "has no PulumiPolicy.yaml (paths are relative to where you run ember; `--policy-pack ember`" in \
+        capsys.readouterr().err

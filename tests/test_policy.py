@@ -199,8 +199,11 @@ from ember.provider.resources import *
 custom = Model("custom", ModelArgs(account_id="acme", source="models/base"))
 other = Model("other", ModelArgs(account_id="acme", source="models/base"))
 big = Deployment("big", DeploymentArgs(account_id="acme", base_model=other, accelerator_type="NVIDIA_H200_141GB",
-                 accelerator_count=8, max_replicas=4, request_logging=RequestLoggingArgs(enabled=True, retention_days=90)))
-LoRAAddon("pirate", LoRAAddonArgs(account_id="acme", base_model=custom, source="models/pirate", deployments=[big]))
+                 accelerator_count=8, max_replicas=4, request_logging=RequestLoggingArgs(enabled=True, retention_days=90),
+                 cluster="kubernetes"))  # (the local cluster's check would refuse the GPUs before the pack ran)
+# by name: a Deployment object would let the addon's own check refuse the other base before the pack ran
+LoRAAddon("pirate", LoRAAddonArgs(account_id="acme", base_model=custom, source="models/pirate",
+                                  deployments=["accounts/acme/deployments/big"]))
 '''
 
 
@@ -214,7 +217,7 @@ def quickstart(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
-    guardrails = ["--policy-pack", str(PACK), "--policy-pack-config", str(REPO / "examples/policy/policy-config.json")]
+    guardrails = ["--policy-pack", "ember", "--policy-pack-config", str(REPO / "examples/policy/policy-config.json")]
     assert cli.main(["preview", str(quickstart), "--offline", *guardrails]) == 0
     assert "4 resources, 0 mandatory and 0 advisory violations" in capsys.readouterr().out
 
@@ -263,3 +266,34 @@ def test_a_bad_policy_config_is_refused_by_name(tmp_path):
 
     with pytest.raises(PolicyPackError, match="ember-max-replicas.enforcementLevel 'sometimes'"):
         _policy_config({"ember-max-replicas": {"enforcementLevel": "sometimes"}})
+
+
+def test_configured_integers_print_as_integers():
+    """The engine hands policy config over as floats: a message says "maximum of 8", not "8.0"."""
+    [message] = resource_violations("ember-max-replicas", DEPLOYMENT, {"maximum": 8.0}, account_id="acme",
+                                     deployment_id="d", base_model=CATALOG_BASE, max_replicas=9)
+    assert message.endswith("above this policy's maximum of 8")
+
+
+def test_model_ids_are_unique_across_models_and_addons():
+    stack = Stack()
+    stack.add(MODEL, "first", account_id="acme", model_id="shared", source="a")
+    stack.add(ADDON, "second", account_id="acme", model_id="shared", base_model="accounts/acme/models/x", source="p")
+    stack.add(MODEL, "unknown-id", account_id="acme", model_id=UNKNOWN, source="b")
+    [(message, urn)] = stack_violations("ember-unique-model-ids", stack)
+    assert message == ("LoRAAddon second: model_id: accounts/acme/models/shared is already declared by Model first; "
+                       "model IDs are globally unique, base models and addons alike") and urn.endswith("::second")
+
+
+def test_an_addon_rank_above_its_deployments_max_lora_rank(tmp_path):
+    from ember.runtime import tinymodels
+
+    base = tinymodels.make_model(tmp_path / "base", "tiny")
+    big = tinymodels.make_lora(base, tmp_path / "big", rank=16)
+    stack = Stack()
+    small = stack.add(DEPLOYMENT, "small", account_id="acme", deployment_id="small", base_model="accounts/acme/models/b",
+                      max_lora_rank=8)
+    stack.add(ADDON, "big", {"deployments": [small]}, account_id="acme", model_id="big",
+              base_model="accounts/acme/models/b", source=str(big), deployments=[UNKNOWN])
+    [(message, _)] = stack_violations("ember-addons-on-their-base-deployments", stack)
+    assert message.startswith("LoRAAddon big: rank 16 is above accounts/acme/deployments/small's max_lora_rank 8")

@@ -12,7 +12,9 @@ resolve such a value through the resource it comes from (the Model a base_model 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pulumi_policy import (
@@ -175,6 +177,7 @@ def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) ->
         targets = [deployments.get(n) for n in inputs(ADDON, addon.props).get("deployments", []) if known(n)]
         targets += [d for d in addon.property_dependencies.get("deployments", []) if d.resource_type == DEPLOYMENT]
         seen = set()
+        rank = _adapter_rank(inputs(ADDON, addon.props).get("source"))
         for deployment in (t for t in targets if t is not None and t.urn not in seen):
             seen.add(deployment.urn)
             serving = _base_of(deployment)
@@ -182,6 +185,34 @@ def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) ->
                 report(f"LoRAAddon {addon.name}: deployments: {_deployment_name(deployment) or deployment.name} serves "
                        f"base model {serving}, not this addon's base {base}; attach it to a deployment of {base}",
                        addon.urn)
+            max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"), 64)
+            if rank is not None and max_rank is not None and rank > max_rank:
+                report(f"LoRAAddon {addon.name}: rank {rank} is above {_deployment_name(deployment) or deployment.name}'s "
+                       f"max_lora_rank {max_rank:g}; raise it or train a smaller adapter", addon.urn)
+
+
+def _adapter_rank(source: Any) -> int | None:
+    """A local adapter's rank from its adapter_config.json (the pack runs beside the program), else None."""
+    if not known(source) or not isinstance(source, str) or "://" in source:
+        return None
+    try:
+        return int(json.loads((Path(source) / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the provider's check names what is wrong with the files
+
+
+def _unique_model_ids(args: StackValidationArgs, report: ReportViolation) -> None:
+    seen: dict[str, str] = {}
+    for resource in (r for r in args.resources if r.resource_type in (MODEL, ADDON)):
+        data = inputs(resource.resource_type, resource.props)
+        account, model_id = data.get("account_id"), data.get("catalog_id") or data.get("model_id")
+        if not (known(account) and known(model_id)):
+            continue
+        name = model_name(account, model_id)
+        if name in seen:
+            report(f"{KIND[resource.resource_type]} {resource.name}: model_id: {name} is already declared by "
+                   f"{seen[name]}; model IDs are globally unique, base models and addons alike", resource.urn)
+        seen[name] = f"{KIND[resource.resource_type]} {resource.name}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,14 +246,14 @@ def _max_gpus_per_deployment(resource_type: str, data: dict, config: dict, repor
     gpus = _gpus(data) if resource_type == DEPLOYMENT else None
     if gpus is not None and gpus > maximum:
         report(f"accelerator_count {data.get('accelerator_count', 1):g} x max_replicas {data.get('max_replicas', 1):g} = "
-               f"{gpus:g} accelerators, above this policy's maximum of {maximum} per deployment")
+               f"{gpus:g} accelerators, above this policy's maximum of {maximum:g} per deployment")
 
 
 def _max_replicas(resource_type: str, data: dict, config: dict, report: ReportViolation) -> None:
     maximum = config.get("maximum", 16)
     replicas = _number(data.get("max_replicas"), 1) if resource_type == DEPLOYMENT else None
     if replicas is not None and replicas > maximum:
-        report(f"max_replicas {replicas:g} is above this policy's maximum of {maximum}")
+        report(f"max_replicas {replicas:g} is above this policy's maximum of {maximum:g}")
 
 
 def _request_log_retention(resource_type: str, data: dict, config: dict, report: ReportViolation) -> None:
@@ -232,7 +263,7 @@ def _request_log_retention(resource_type: str, data: dict, config: dict, report:
         return
     days = logging.get("retention_days")
     if known(days) and days > maximum:
-        report(f"request_logging.retention_days {days:g} is above this policy's maximum of {maximum} days: "
+        report(f"request_logging.retention_days {days:g} is above this policy's maximum of {maximum:g} days: "
                f"logged prompts and outputs must not be kept longer")
 
 
@@ -242,7 +273,7 @@ def _max_gpus_per_stack(args: StackValidationArgs, report: ReportViolation) -> N
     total = sum(c for c in counts if c is not None)  # unknown counts are judged when they are known
     if total > maximum:
         report(f"the stack's deployments may hold {total:g} accelerators at max_replicas, above this policy's "
-               f"maximum of {maximum} per stack")
+               f"maximum of {maximum:g} per stack")
 
 
 ADDON_BASES = sorted(m.model_id for m in catalog.CATALOG.values() if m.serverless_addons)
@@ -278,8 +309,12 @@ POLICIES = [
                           description="Serverless deployments serve catalog base models only, never custom ones",
                           validate=_serverless_bases),
     StackValidationPolicy(name="ember-addons-on-their-base-deployments",
-                          description="A LoRA addon is attached only to deployments of its own base model",
+                          description="A LoRA addon is attached only to deployments of its own base model, within "
+                                      "their max_lora_rank",
                           validate=_addons_on_their_base),
+    StackValidationPolicy(name="ember-unique-model-ids",
+                          description="No two models or addons of a stack share an ID (model IDs are globally unique)",
+                          validate=_unique_model_ids),
     # guardrails
     _resource_policy("ember-allowed-accelerators", "Deployments use only the accelerator types the platform allows",
                      _allowed_accelerators, PolicyConfigSchema({"allowed": {
