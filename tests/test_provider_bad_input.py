@@ -101,31 +101,44 @@ def fake_deployment(cfg, name, base, max_lora_rank=64):
         account, deployment_id, {"name": name, "base_model": base, "serverless": False, "max_lora_rank": max_lora_rank})
 
 
+# (name, kind, make, fragment, the field whose check refuses it at preview too, or None where only create can know)
 CREATE_CASES = [
     ("truncated-weights", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: (d / "model.safetensors").write_bytes(
-        (d / "model.safetensors").read_bytes()[:-1000])))), "is truncated"),
+        (d / "model.safetensors").read_bytes()[:-1000])))), "is truncated", "source"),
     ("no-config", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: (d / "config.json").unlink()))),
-     "config.json is missing"),
+     "config.json is missing", "source"),
     ("gpt2", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: (d / "config.json").write_text(
-        json.dumps({"architectures": ["GPT2LMHeadModel"]}))))), "'GPT2LMHeadModel'] is not supported"),
+        json.dumps({"architectures": ["GPT2LMHeadModel"]}))))), "'GPT2LMHeadModel'] is not supported", "source"),
     ("no-tokenizer", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: (d / "tokenizer.json").unlink()))),
-     "tokenizer.json is missing"),
-    ("lying-config", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: edit_json(d / "config.json", hidden_size=128)))), "config.json says"),
+     "tokenizer.json is missing", "source"),
+    ("lying-config", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: edit_json(d / "config.json", hidden_size=128)))),
+     "config.json says", "source"),
+    ("heads-do-not-divide", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: edit_json(
+        d / "config.json", num_attention_heads=5, head_dim=None)))), "is not divisible by num_attention_heads 5", "source"),
+    ("heads-disagree-with-weights", "Model", lambda t, m: model(m, source=str(damaged_model(t, m, lambda d: edit_json(
+        d / "config.json", num_attention_heads=2, num_key_value_heads=1)))), "self_attn.q_proj.weight has shape", "source"),
     ("catalog-not-in-store", "Model", lambda t, m: {"account_id": "platform", "catalog_id": "llama-v3p1-8b-instruct"},
-     "are not in the store"),
+     "are not in the store", None),
     ("deployment-without-model", "Deployment", lambda t, m: deployment(base_model="accounts/acme/models/missing"),
-     "is not a base model in the store"),
+     "is not a base model in the store", None),
+    ("deployment-on-undeclared-model", "Deployment", lambda t, m: deployment(
+        base_model="accounts/acme/models/missing", references={"base_model": {"declared": False, "source": None}}),
+     "is not a base model in the store", "base_model"),
     ("gpu-on-local-cluster", "Deployment", lambda t, m: deployment(accelerator_type="NVIDIA_H100_80GB"),
-     "the local cluster runs CPU replicas only"),
+     "the local cluster runs CPU replicas only", "accelerator_type"),
     ("addon-without-base", "LoRAAddon", lambda t, m: addon(m, base_model="accounts/acme/models/missing"),
-     "is not a base model in the store"),
+     "is not a base model in the store", None),
     ("addon-from-another-base", "LoRAAddon", lambda t, m: addon(m, source=str(tinymodels.make_lora(
-        tinymodels.make_model(t / "other", hidden_size=96, num_attention_heads=6), t / "other-lora"))),
-     "the adapter does not fit its base model"),
+        tinymodels.make_model(t / "other", hidden_size=96, num_attention_heads=6), t / "other-lora")),
+        references={"base_model": {"declared": True, "source": str(m["base"])}}),
+     "the adapter does not fit its base model", "source"),
     ("addon-on-missing-deployment", "LoRAAddon", lambda t, m: addon(m, deployments=["accounts/acme/deployments/nope"]),
-     "accounts/acme/deployments/nope does not exist"),
-    ("corrupt-adapter", "LoRAAddon", lambda t, m: addon(m, source=str(_corrupt_adapter(t, m))), "is implausible (corrupt file?)"),
-    ("adapter-bad-rank", "LoRAAddon", lambda t, m: addon(m, source=str(_adapter_config(t, m, r=1000))), "less than or equal to 256"),
+     "accounts/acme/deployments/nope does not exist", None),
+    ("corrupt-adapter", "LoRAAddon", lambda t, m: addon(m, source=str(_corrupt_adapter(t, m))), "is implausible (corrupt file?)",
+     "source"),
+    ("truncated-adapter", "LoRAAddon", lambda t, m: addon(m, source=str(_truncated_adapter(t, m))), "is truncated", "source"),
+    ("adapter-bad-rank", "LoRAAddon", lambda t, m: addon(m, source=str(_adapter_config(t, m, r=1000))), "less than or equal to 256",
+     "source"),
 ]
 
 
@@ -141,16 +154,51 @@ def _adapter_config(tmp_path, models, **changes):
     return target
 
 
-@pytest.mark.parametrize("name, kind, make, fragment", CREATE_CASES, ids=[c[0] for c in CREATE_CASES])
-def test_create_refuses_and_leaves_nothing(env, name, kind, make, fragment):
+def _truncated_adapter(tmp_path, models):
+    target = shutil.copytree(models["pirate"], tmp_path / "truncated")
+    weights = target / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return target
+
+
+@pytest.mark.parametrize("name, kind, make, fragment, check_field", CREATE_CASES, ids=[c[0] for c in CREATE_CASES])
+def test_create_refuses_and_leaves_nothing(env, name, kind, make, fragment, check_field):
     cfg, models, tmp_path = env
     if kind != "Model":
         _create(cfg, "Model", model(models))
     before = store_entries(cfg)
+    p = provider(kind, cfg)
+    result = p.check({}, make(tmp_path, models) | {"__provider": "x"})
+    failures = {f.property: f.reason for f in result.failures}
+    if check_field is None:
+        assert failures == {}
+    else:  # refused at preview, and create refuses it too (a program run with another engine skipped check)
+        assert list(failures) == [check_field], failures
     with pytest.raises(EmberError, match=re.escape(fragment)):
-        _create(cfg, kind, make(tmp_path, models))
+        p.create({k: v for k, v in result.inputs.items() if k != "__provider"})
     assert store_entries(cfg) == before
     assert not list((cfg.state_dir / "replicas").rglob("*.json")) if (cfg.state_dir / "replicas").exists() else True
+
+
+def test_check_sees_the_references_a_program_passes(env):
+    """What spans resources is refused at preview from the facts the program computed from their inputs."""
+    cfg, models, tmp_path = env
+    other = {"base_model": "accounts/acme/models/other", "max_lora_rank": 64, "cluster": "local"}
+    small = {"base_model": BASE, "max_lora_rank": 8, "cluster": "local"}
+    big = tinymodels.make_lora(models["base"], tmp_path / "big", rank=16)
+    refs = {"base_model": {"declared": True, "source": str(models["base"])},
+            "deployments": {"accounts/acme/deployments/other-base": other, "accounts/acme/deployments/small-rank": small}}
+    failures = check_failures(cfg, "LoRAAddon", addon(models, source=str(big), references=refs, deployments=[
+        "accounts/acme/deployments/other-base", "accounts/acme/deployments/small-rank"]))
+    assert failures["deployments[0]"] == ("accounts/acme/deployments/other-base serves base model "
+                                          "accounts/acme/models/other, not this addon's base accounts/acme/models/base")
+    assert failures["source"] == "rank 16 is above accounts/acme/deployments/small-rank's max_lora_rank 8"
+    on_addon = check_failures(cfg, "Deployment", deployment(references={"base_model": {"declared": True, "addon": True}}))
+    assert on_addon == {"base_model": "accounts/acme/models/base is a LoRA addon, not a base model"}
+    # a catalog base needs no declaration; facts that are not known yet are not judged
+    assert check_failures(cfg, "Deployment", deployment(base_model="accounts/acme/models/llama-v3p1-8b-instruct",
+                                                        references={"base_model": {"declared": False}})) == {}
+    assert not (cfg.state_dir / "store").exists()
 
 
 def test_addon_on_a_deployment_of_another_base_or_rank(env):

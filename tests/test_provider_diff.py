@@ -52,7 +52,7 @@ def test_a_reformatted_program_gives_no_diff(cfg, tmp_path):
         ({"min_replicas": 2, "max_replicas": 2}, []),
         ({"description": "new words"}, []),
         ({"autoscaling": {"target_concurrent_requests": 4}}, []),
-        ({"accelerator_type": "NVIDIA_H100_80GB"}, ["accelerator_type", "precision"]),
+        ({"accelerator_type": "NVIDIA_H100_80GB", "cluster": "kubernetes"}, ["accelerator_type", "cluster", "precision"]),
         ({"base_model": "accounts/acme/models/other"}, ["base_model"]),
         ({"max_lora_rank": 128}, ["max_lora_rank"]),
         ({"base_model_digest": "sha256:" + "1" * 64}, ["base_model_digest"]),

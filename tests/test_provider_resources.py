@@ -18,7 +18,7 @@ class Recorder(pulumi.runtime.Mocks):
         outputs = dict(args.inputs)
         if args.typ.endswith("ember:Model"):
             outputs |= {"name": f"accounts/{args.inputs['account_id']}/models/{args.inputs['model_id']}",
-                        "digest": "sha256:" + "a" * 64}
+                        "digest": "sha256:" + "b" * 64, "source_digest": "sha256:" + "a" * 64}
         if args.typ.endswith("ember:Deployment"):
             outputs |= {"name": f"accounts/{args.inputs['account_id']}/deployments/{args.inputs['deployment_id']}"}
         return args.name, outputs
@@ -52,9 +52,12 @@ def test_resources_carry_type_tokens_ids_and_dependencies(mocks):
         assert inputs["base_model"] == "accounts/acme/models/my-base-model"
         assert inputs["base_model_digest"] == "sha256:" + "a" * 64
         assert inputs["request_logging"] == {"enabled": True, "retention_days": 7}
+        assert inputs["references"] == {"base_model": {"declared": True, "source": "models/base"}}
         typ, inputs = mocks.resources["pirate"]
         assert typ == "pulumi-python:dynamic/ember:LoRAAddon" and inputs["model_id"] == "pirate"
         assert addon_deployments == [deployment_name] == ["accounts/acme/deployments/local"]
+        assert inputs["references"]["deployments"] == {"accounts/acme/deployments/local": {
+            "base_model": "accounts/acme/models/my-base-model", "max_lora_rank": 64, "cluster": "local"}}
 
     return pulumi.Output.all(local.name, addon.deployed_on.apply(lambda _: mocks.resources["pirate"][1]["deployments"])).apply(check)
 
@@ -81,3 +84,49 @@ def test_a_program_that_raised_half_way_does_not_stall_the_next(tmp_path, mocks)
     worker.start()
     worker.join(60)
     assert result == {"answer": 42}
+
+
+class PreviewOfAnUpdate(pulumi.runtime.Mocks):
+    """The engine's preview of a dynamic resource's update: its outputs are its inputs, nothing more."""
+
+    def __init__(self):
+        self.resources = {}
+
+    def new_resource(self, args):
+        self.resources[args.name] = dict(args.inputs)
+        return args.name, dict(args.inputs)  # no name, no digest: in preview those outputs are unknown
+
+    def call(self, args):
+        return {}, None
+
+
+@pulumi.runtime.test
+def test_references_are_known_in_a_preview_of_an_update():
+    """Issue 12 item 5: a Model edit that keeps its weights must not make its dependents' inputs unknown."""
+    mocks = PreviewOfAnUpdate()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(mocks, project="test", stack="test", preview=True)
+    base = Model("base", ModelArgs(account_id="acme", source="models/base", description="edited"))
+    remote = Model("remote", ModelArgs(account_id="acme", source="s3://bucket/weights/"))
+    local = Deployment("local", DeploymentArgs(account_id="acme", base_model=base))
+    addon = LoRAAddon("pirate", LoRAAddonArgs(account_id="acme", base_model=base, source="a", deployments=[local]))
+    on_remote = Deployment("on-remote", DeploymentArgs(account_id="acme", base_model=remote))
+
+    def check(_):
+        assert mocks.resources["local"]["base_model"] == "accounts/acme/models/base"
+        assert mocks.resources["pirate"]["base_model"] == "accounts/acme/models/base"
+        assert mocks.resources["pirate"]["deployments"] == ["accounts/acme/deployments/local"]
+        assert mocks.resources["on-remote"]["base_model_digest"] == "source:s3://bucket/weights"
+
+    return pulumi.Output.all(local.urn, addon.urn, on_remote.urn).apply(check)
+
+
+@pulumi.runtime.test
+def test_duplicate_model_ids_are_refused_in_the_program(mocks):
+    """Issue 12 item 4: two Models (or a Model and an addon) with one ID; the second is refused by name."""
+    Model("first", ModelArgs(account_id="acme", model_id="shared", source="models/base"))
+    with pytest.raises(ValueError, match="model_id: 'accounts/acme/models/shared' is declared twice in this program "
+                                         "\\(by 'first' and 'second'\\)"):
+        Model("second", ModelArgs(account_id="acme", model_id="shared", source="models/other"))
+    with pytest.raises(ValueError, match="declared twice"):
+        LoRAAddon("shared", LoRAAddonArgs(account_id="acme", base_model="accounts/acme/models/x", source="a"))
