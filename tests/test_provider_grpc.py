@@ -98,3 +98,24 @@ def test_create_read_update_delete_a_model(stub, tmp_path):
     assert store_entries(cfg) == []
     gone = stub.Read(provider_pb2.ReadRequest(id=created.id, properties=updated.properties))
     assert gone.id == ""
+
+
+def test_check_judges_the_references_a_program_sends(stub, tmp_path):
+    """Issue 12 item 3 over the wire: an addon on a deployment of another base is refused at preview."""
+    configure(stub, config(tmp_path))
+    models = make_models(tmp_path / "models")
+    provider = serialize_provider(LoRAAddonProvider())
+    target = "accounts/acme/deployments/other"
+    news = {"__provider": provider, "account_id": "acme", "model_id": "pirate", "base_model": "accounts/acme/models/base",
+            "source": str(models["pirate"]), "deployments": [target],
+            "references": {"base_model": {"declared": True, "source": str(models["base"])},
+                           "deployments": {target: {"base_model": "accounts/acme/models/b2", "max_lora_rank": 64.0,
+                                                    "cluster": "local"}}}}
+    response = stub.Check(provider_pb2.CheckRequest(type=f"{TYPE}LoRAAddon", olds=struct({}), news=struct(news)))
+    assert {f.property: f.reason for f in response.failures} == {
+        "deployments[0]": f"{target} serves base model accounts/acme/models/b2, not this addon's base accounts/acme/models/base"}
+    # ignore_changes=["source_digest"]: the engine sends the old digest in the news; check keeps it
+    model = {"__provider": serialize_provider(ModelProvider()), "account_id": "acme", "model_id": "base",
+             "source": str(models["base"]), "source_digest": "sha256:" + "0" * 64}
+    response = stub.Check(provider_pb2.CheckRequest(type=f"{TYPE}Model", olds=struct({}), news=struct(model)))
+    assert list(response.failures) == [] and plain(response.inputs)["source_digest"] == "sha256:" + "0" * 64
