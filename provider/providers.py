@@ -417,8 +417,7 @@ class DeploymentProvider(_Provider):
         if by_id:
             inputs = record.get("inputs", {})
             spec, props = self._spec(inputs), inputs
-        outputs = props if spec.cluster == "kubernetes" else props | self._status(spec, props.get("serving_digest")
-                                                                                  or record.get("serving_digest"))
+        outputs = props if spec.cluster == "kubernetes" else props | self._status(spec, props.get("serving_digest"))
         return ReadResult(spec.name, outputs, props if by_id else None)
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:

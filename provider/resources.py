@@ -116,7 +116,6 @@ class _Declared:
 
     def __init__(self) -> None:
         self.models: dict[str, tuple[str, dict[str, Any]]] = {}  # model name → (Pulumi name, facts)
-        self.deployments: dict[str, dict[str, Any]] = {}  # deployment name → facts
 
 
 _DECLARED: "weakref.WeakKeyDictionary[Any, _Declared]" = weakref.WeakKeyDictionary()

@@ -236,7 +236,7 @@ class OfflineRunner:
             self._record(Step("replace", kind, name, detail))
             return previous["id"], inputs
         if diff.delete_before_replace or options.delete_before_replace:
-            self._delete(key, previous | {"options": previous.get("options", {})})
+            self._delete(key, previous)
             return self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
         created = self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
         if not previous.get("options", {}).get("retain_on_delete"):

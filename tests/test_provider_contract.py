@@ -144,6 +144,10 @@ addon = LoRAAddon("pirate", LoRAAddonArgs(account_id="acme", base_model=base, so
 for extra in s.get("extra", []):
     Model(extra["name"], ModelArgs(account_id="acme", model_id=extra.get("model_id"), source="models/poet-base"),
           opts(extra["name"]))
+if s.get("get"):
+    adopted = Model.get("adopted", s["get"])
+    pulumi.export("adopted_digest", adopted.digest)
+    pulumi.export("adopted_name", adopted.name)
 pulumi.export("name", base.name)
 '''
 
@@ -281,3 +285,16 @@ def test_a_damaged_model_object_shows_in_refresh_and_the_next_up_repairs_it(prog
     _, _, steps = run({})
     assert steps["base"] == ("update", "(drift)")
     assert OfflineRunner(runner.program_dir, config=cfg, log=lambda _: None).refresh()[0].detail == ""
+
+
+def test_get_reads_an_entry_the_stack_does_not_own(program):
+    run, cfg = program
+    runner, _, _ = run({"extra": [{"name": "other", "model_id": "other"}], "options": {"other": {"retain_on_delete": True}}})
+    digest = runner.state.resources["pulumi-python:dynamic/ember:Model::other"]["outputs"]["digest"]
+    runner, outputs, steps = run({"get": "accounts/acme/models/other"})
+    assert steps["other"] == ("delete", "(retained: dropped from the stack, left running)")
+    assert steps["adopted"] == ("read", "") and outputs["adopted_name"] == "accounts/acme/models/other"
+    assert outputs["adopted_digest"] == digest
+    assert "pulumi-python:dynamic/ember:Model::adopted" not in runner.state.resources  # read, not owned
+    with pytest.raises(Exception, match="accounts/acme/models/gone does not exist"):
+        run({"get": "accounts/acme/models/gone"}, preview=True)
