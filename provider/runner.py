@@ -329,6 +329,7 @@ class OfflineRunner:
         finally:
             os.chdir(cwd)
             sys.path.remove(str(self.program_dir))
+            _close(asyncio.get_event_loop())
         self.registrations = monitor.registrations
         return monitor.stack_outputs, mocks.seen
 
@@ -386,6 +387,17 @@ class OfflineRunner:
         self._delete_all(list(self.state.order))
         self.state.outputs = {}
         self.state.save()
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """End a program's loop: a program that raised leaves the SDK's RPC tasks pending, which would each print
+    "Task was destroyed but it is pending!" when the loop is collected."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
 
 
 def _shown(value: Any) -> str:

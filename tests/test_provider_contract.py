@@ -298,3 +298,4 @@ def test_get_reads_an_entry_the_stack_does_not_own(program):
     assert "pulumi-python:dynamic/ember:Model::adopted" not in runner.state.resources  # read, not owned
     with pytest.raises(Exception, match="accounts/acme/models/gone does not exist"):
         run({"get": "accounts/acme/models/gone"}, preview=True)
+
