@@ -120,26 +120,23 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
         files = ["model.safetensors"]
     else:
         raise ModelFilesError(f"{directory} has no model.safetensors or model.safetensors.index.json")
-    count = 0
+    headers: dict = {}  # every tensor of every shard, read once
     for name in files:
         path = directory / name
         if not path.exists():
             raise ModelFilesError(f"{path} is missing")
-        for tensor in safetensors_header(path).values():
-            n = 1
-            for dim in tensor["shape"]:
-                n *= dim
-            count += n
+        headers |= safetensors_header(path)
+    count = 0
+    for tensor in headers.values():
+        n = 1
+        for dim in tensor["shape"]:
+            n *= dim
+        count += n
     hidden = config.get("hidden_size")
-    embed_shape = None
-    for name in files:
-        embed_shape = safetensors_header(directory / name).get("model.embed_tokens.weight", {}).get("shape", embed_shape)
+    embed_shape = headers.get("model.embed_tokens.weight", {}).get("shape")
     if embed_shape is not None and embed_shape != [config.get("vocab_size"), hidden]:
         raise ModelFilesError(f"{directory}: model.embed_tokens.weight has shape {embed_shape}, but config.json says "
                               f"[{config.get('vocab_size')}, {hidden}]")
-    headers = {}
-    for name in files:
-        headers |= safetensors_header(directory / name)
     for module, (fan_in, fan_out) in module_shapes(config).items():  # layer 0 stands for all: a config that lies
         part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
         key = f"model.layers.0.{part}.{module}.weight"
