@@ -143,7 +143,12 @@ class _Provider(ResourceProvider):
         return []
 
     def derive(self, spec, unknown: set[str]) -> dict[str, Any]:
-        return {}
+        """The content digest of a local source (models and addons), which decides replacements."""
+        source = getattr(spec, "source", None)
+        if "source" in unknown or source is None:
+            return {}
+        digest = _local_digest(source, self.config.state_dir / "digest-cache")
+        return {"source_digest": digest} if digest else {}
 
     # -- diff ----------------------------------------------------------------------------------------------
 
@@ -213,12 +218,6 @@ class ModelProvider(_Provider):
         except ModelFilesError as exc:
             return [("source", str(exc))]
         return []
-
-    def derive(self, spec: ModelArgs, unknown: set[str]) -> dict[str, Any]:
-        if "source" in unknown or spec.source is None:
-            return {}
-        digest = _local_digest(spec.source, self.config.state_dir / "digest-cache")
-        return {"source_digest": digest} if digest else {}
 
     def _source(self, spec: ModelArgs) -> Path:
         store = self.store
@@ -462,12 +461,6 @@ class LoRAAddonProvider(_Provider):
                 failures.append(("source", f"rank {rank} is above {name}'s max_lora_rank "
                                            f"{int(facts.get('max_lora_rank') or 64)}"))
         return failures
-
-    def derive(self, spec: LoRAAddonArgs, unknown: set[str]) -> dict[str, Any]:
-        if "source" in unknown:
-            return {}
-        digest = _local_digest(spec.source, self.config.state_dir / "digest-cache")
-        return {"source_digest": digest} if digest else {}
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
         # A refresh found the addon not served on a deployment it is declared on: the next `up` loads it again.
