@@ -1,0 +1,36 @@
+"""Ember's Pulumi resources: `from ember.provider import Model, ModelArgs, LoRAAddon, LoRAAddonArgs, Deployment,
+DeploymentArgs` (and `KubernetesDeployment, KubernetesArgs`).
+
+The names load on first use, so importing `ember.provider.domain` (as a runtime replica does) never
+imports pulumi.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_PUBLIC = {
+    "Model": "ember.provider.resources",
+    "ModelArgs": "ember.provider.resources",
+    "LoRAAddon": "ember.provider.resources",
+    "LoRAAddonArgs": "ember.provider.resources",
+    "Deployment": "ember.provider.resources",
+    "DeploymentArgs": "ember.provider.resources",
+    "AutoscalingPolicyArgs": "ember.provider.resources",
+    "RequestLoggingArgs": "ember.provider.resources",
+    "KubernetesDeployment": "ember.provider.backends.kubernetes",
+    "KubernetesArgs": "ember.provider.backends.kubernetes",
+}
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:
+    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
+    from ember.provider.resources import (AutoscalingPolicyArgs, Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs,
+                                          Model, ModelArgs, RequestLoggingArgs)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ember.provider' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -20,9 +20,9 @@ from typing import Any
 import pulumi
 from pulumi.dynamic import Resource
 
-from .names import deployment_name, model_name, parse_deployment_name, parse_model_name
-from .providers import DeploymentProvider, LoRAAddonProvider, ModelProvider
-from .spec import normalise_source
+from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
+from ember.provider.providers.base import DeploymentProvider, LoRAAddonProvider, ModelProvider
+from ember.provider.domain.spec import normalise_source
 
 
 def default_id(resource_name: str) -> str:
@@ -61,7 +61,7 @@ class DeploymentArgs:
     base_model: "pulumi.Input[str] | Model"
     deployment_id: pulumi.Input[str] | None = None
     deployment_type: pulumi.Input[str] | None = None  # dedicated | serverless
-    cluster: str | None = None  # local (default) | kubernetes (set by ember.provider.kubernetes)
+    cluster: str | None = None  # local (default) | kubernetes (set by ember.provider.backends.kubernetes)
     accelerator_type: pulumi.Input[str] | None = None
     accelerator_count: pulumi.Input[int] | None = None
     precision: pulumi.Input[str] | None = None

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ember.provider.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.names import parse_deployment_name, parse_model_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +51,9 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from .accounts import Deployment
-    from .engine import EngineConfig
-    from .server import ServerConfig, create_app
+    from ember.provider.domain.accounts import Deployment
+    from ember.runtime.engine.engine import EngineConfig
+    from ember.runtime.serving.app import ServerConfig, create_app
 
     deployment = parse_deployment_name(args.deployment)
     parse_model_name(args.base_model)
@@ -94,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "add-key":
-        from .accounts import Accounts
+        from ember.provider.domain.accounts import Accounts
 
         print(Accounts.add_key(args.keys, args.account))
         return 0

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, EngineConfig
-from .sampling import SamplingParams
-from .tinymodels import TinyLoRA, make_lora, make_model
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.sampling import SamplingParams
+from ember.runtime.tinymodels import TinyLoRA, make_lora, make_model
 
 DEFAULT_MODEL_DIR = Path(".ember/bench")
 

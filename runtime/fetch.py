@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fsspec
 
-from .config import ModelLoadError
+from ember.runtime.model.config import ModelLoadError
 
 
 def _sha256(path: Path) -> str:

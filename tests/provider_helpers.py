@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from ember.provider import processes
-from ember.provider.providers import PROVIDERS, ProviderConfig
+from ember.provider.backends import processes
+from ember.provider.providers.base import PROVIDERS, ProviderConfig
 from ember.runtime import tinymodels
 
 

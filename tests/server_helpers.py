@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from ember.runtime import tinymodels
-from ember.runtime.accounts import Accounts
+from ember.provider.domain.accounts import Accounts
 
 BASE = "accounts/acme/models/tiny-llama"
 PIRATE = "accounts/acme/models/pirate"

@@ -1,6 +1,6 @@
 import pytest
 
-from ember.provider import catalog
+from ember.provider.domain import catalog
 
 # Published parameter counts (the models' safetensors index totals / model cards).
 PUBLISHED = {

@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ember.provider import cli
+from ember.provider.tools import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_tiny_model_and_lora_commands(tmp_path):
 
 
 def test_a_policy_pack_path_that_is_not_a_pack_is_named(tmp_path, capsys):
-    from ember.provider import cli
+    from ember.provider.tools import cli
 
     (tmp_path / "Pulumi.yaml").write_text("name: p\nruntime: python\n")
     assert cli.main(["preview", str(tmp_path), "--offline", "--policy-pack", "provider/nope"]) == 1

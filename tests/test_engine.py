@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from ember.runtime.engine import Engine, EngineConfig
-from ember.runtime.sampling import SamplingParams
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.sampling import SamplingParams
 
 from runtime_helpers import hf_greedy, hf_model, make
 

@@ -10,8 +10,8 @@ import pulumi
 import pytest
 from pulumi.runtime import rpc
 
-from ember.provider.policy_check import RecordingMonitor
-from ember.provider.spec import SpecError
+from ember.provider.policy.check import RecordingMonitor
+from ember.provider.domain.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-never-in-manifests"
@@ -153,7 +153,7 @@ def test_amd_and_cpu_pods():
 
 
 def test_scale_to_zero_is_refused_on_kubernetes():
-    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
+    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
     from ember.provider.resources import AutoscalingPolicyArgs, DeploymentArgs
 
     asyncio.set_event_loop(asyncio.new_event_loop())

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ember.runtime import tinymodels
-from ember.runtime.adapters import AdapterError, load_adapter
-from ember.runtime.batch import ScheduledChunk, build
-from ember.runtime.config import ModelConfig
-from ember.runtime.engine import Engine, EngineConfig
-from ember.runtime.sampling import SamplingParams
+from ember.runtime.lora.adapters import AdapterError, load_adapter
+from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.model.config import ModelConfig
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.sampling import SamplingParams
 
 from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make

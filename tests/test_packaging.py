@@ -28,7 +28,7 @@ def test_every_package_folder_is_listed():
 
 
 def test_console_script_is_declared():
-    assert PYPROJECT["project"]["scripts"]["ember"] == "ember.provider.cli:main"
+    assert PYPROJECT["project"]["scripts"]["ember"] == "ember.provider.tools.cli:main"
 
 
 def _modules_after_import(code: str) -> set[str]:
@@ -38,14 +38,14 @@ def _modules_after_import(code: str) -> set[str]:
 
 
 def test_provider_never_imports_torch_and_runtime_never_imports_pulumi():
-    provider = _modules_after_import("import ember.provider.spec, ember.provider.cli, ember.provider.schemas")
+    provider = _modules_after_import("import ember.provider.domain.spec, ember.provider.tools.cli, ember.provider.tools.schemas")
     assert "torch" not in provider and "pulumi" not in provider
     runtime = _modules_after_import("import ember.runtime.tinymodels")
     assert "pulumi" not in runtime
 
 
 def test_ember_help_runs():
-    out = subprocess.run([sys.executable, "-m", "ember.provider.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ember.provider.tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "schema" in out.stdout and "quickstart" in out.stdout
 
 
@@ -55,7 +55,7 @@ def test_non_editable_install_imports(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, capture_output=True)
     assert not (target / "provider").exists(), "top-level folders must install under ember/"
-    code = "import ember.provider, ember.runtime, ember.provider.spec; print(ember.provider.__file__, ember.runtime.__file__)"
+    code = "import ember.provider, ember.runtime, ember.provider.domain.spec; print(ember.provider.__file__, ember.runtime.__file__)"
     env = os.environ | {"PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     for path in out.stdout.split():

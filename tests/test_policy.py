@@ -11,9 +11,9 @@ from pulumi_policy import PolicyResource, ResourceValidationArgs, StackValidatio
 from pulumi_policy.deserialize import deserialize_properties
 from pulumi_policy.proxy import UNKNOWN_NUMBER_VALUE, UNKNOWN_STRING_VALUE, unknown_checking_proxy
 
-from ember.provider import cli
+from ember.provider.tools import cli
 from ember.provider.policy.policies import ADDON, DEPLOYMENT, MODEL, POLICIES
-from ember.provider.policy_check import run_pack
+from ember.provider.policy.check import run_pack
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "provider" / "policy"
@@ -262,7 +262,7 @@ def test_a_bad_stack_fails_with_messages_a_user_can_act_on(quickstart, tmp_path,
 
 
 def test_a_bad_policy_config_is_refused_by_name(tmp_path):
-    from ember.provider.policy_check import PolicyPackError, _policy_config
+    from ember.provider.policy.check import PolicyPackError, _policy_config
 
     with pytest.raises(PolicyPackError, match="ember-max-replicas.enforcementLevel 'sometimes'"):
         _policy_config({"ember-max-replicas": {"enforcementLevel": "sometimes"}})

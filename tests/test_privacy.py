@@ -72,7 +72,7 @@ def test_request_log_retention_is_enforced(tmp_path):
     import json
     import time
 
-    from ember.runtime.request_log import DAY, RequestLog
+    from ember.runtime.serving.request_log import DAY, RequestLog
 
     path = tmp_path / "log.jsonl"
     old, recent = time.time() - 10 * DAY, time.time() - DAY

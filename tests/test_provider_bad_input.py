@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from ember.provider.providers import EmberError
-from ember.provider.store import Store
+from ember.provider.providers.base import EmberError
+from ember.provider.backends.store import Store
 from ember.runtime import tinymodels
 
 from file_edits import edit_json

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from ember.provider.providers import EmberError
-from ember.provider.runner import OfflineRunner, RunError, run_with_pulumi
-from ember.provider.store import Store
+from ember.provider.providers.base import EmberError
+from ember.provider.tools.runner import OfflineRunner, RunError, run_with_pulumi
+from ember.provider.backends.store import Store
 
 from provider_helpers import alive, config, make_models, provider, store_entries
 
@@ -241,7 +241,7 @@ def test_delete_before_replace_false_creates_the_replacement_first(program, monk
     run, cfg = program
     run({})
     calls = []
-    from ember.provider import providers
+    from ember.provider.providers import base as providers
     for kind in ("create", "delete"):
         original = getattr(providers.LoRAAddonProvider, kind)
         monkeypatch.setattr(providers.LoRAAddonProvider, kind,

@@ -11,7 +11,7 @@ from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.runtime import rpc
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
-from ember.provider.providers import DeploymentProvider, LoRAAddonProvider, ModelProvider, is_unknown
+from ember.provider.providers.base import DeploymentProvider, LoRAAddonProvider, ModelProvider, is_unknown
 
 from provider_helpers import make_models, store_entries, config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.provider.runner import OfflineRunner, RunError
+from ember.provider.tools.runner import OfflineRunner, RunError
 
 from provider_helpers import alive, config, make_models, replica_pids, store_entries
 
@@ -123,7 +123,7 @@ def _lifecycle(up, cfg):
 
 @pytest.mark.slow
 def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys):
-    from ember.provider import cli
+    from ember.provider.tools import cli
 
     program = tmp_path / "quickstart"
     shutil.copytree(REPO / "examples/quickstart", program, ignore=shutil.ignore_patterns(".ember", "models"))

@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_preview_through_the_pulumi_engine(tmp_path):
     program = tmp_path / "quickstart"
     shutil.copytree(REPO / "examples/quickstart", program, ignore=shutil.ignore_patterns(".ember", "models"))
-    subprocess.run([sys.executable, "-m", "ember.provider.cli", "quickstart", "--stack", str(program / "stack.json")],
+    subprocess.run([sys.executable, "-m", "ember.provider.tools.cli", "quickstart", "--stack", str(program / "stack.json")],
                    check=True, capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "ember.provider.cli", "preview", str(program)],
+    out = subprocess.run([sys.executable, "-m", "ember.provider.tools.cli", "preview", str(program)],
                          capture_output=True, text=True, env={**__import__("os").environ, "PULUMI_CONFIG_PASSPHRASE": ""})
     assert out.returncode == 0, out.stderr
     assert "ember:Model" in out.stdout or "Model" in out.stdout

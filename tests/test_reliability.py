@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ember.provider.model_files import ModelFilesError, inspect_adapter, inspect_base_model
-from ember.provider.providers import PROVIDERS
-from ember.provider.runner import OfflineRunner
-from ember.provider.spec import DeploymentArgs, LoRAAddonArgs, ModelArgs, SpecError, parse
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
+from ember.provider.providers.base import PROVIDERS
+from ember.provider.tools.runner import OfflineRunner
+from ember.provider.domain.spec import DeploymentArgs, LoRAAddonArgs, ModelArgs, SpecError, parse
 from ember.runtime import tinymodels
 
 from provider_helpers import alive, config, make_models, replica_pids, store_entries
@@ -219,7 +219,7 @@ def test_a_replica_killed_during_traffic_gives_clean_errors_and_up_restores_it(t
 def test_an_up_killed_midway_converges_when_run_again(tmp_path):
     root = program(tmp_path)
     state = root / ".ember"
-    up = subprocess.Popen([sys.executable, "-c", "from ember.provider.cli import main; main(['up', '.', '--no-demo', '--offline'])"],
+    up = subprocess.Popen([sys.executable, "-c", "from ember.provider.tools.cli import main; main(['up', '.', '--no-demo', '--offline'])"],
                           cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     replicas = state / "replicas" / "acme" / "local.json"
     deadline = time.monotonic() + 120
@@ -322,7 +322,7 @@ def test_truncated_and_lying_safetensors_are_refused_by_name(weights, tmp_path_f
 def test_keys_are_stored_hashed_and_every_hash_is_compared_in_constant_time(tmp_path, monkeypatch):
     import hmac
 
-    from ember.runtime import accounts
+    from ember.provider.domain import accounts
 
     keys_file = tmp_path / "keys.json"
     keys = [accounts.Accounts.add_key(keys_file, f"account-{i}") for i in range(5)]

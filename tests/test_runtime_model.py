@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ember.runtime import model as model_module
-from ember.runtime.batch import ScheduledChunk, build
-from ember.runtime.config import ModelConfig, ModelLoadError
-from ember.runtime.kv_cache import KVCache
-from ember.runtime.loader import load_model
-from ember.runtime.model import Llama
+from ember.runtime.model import llama as model_module
+from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.model.config import ModelConfig, ModelLoadError
+from ember.runtime.engine.kv_cache import KVCache
+from ember.runtime.model.loader import load_model
+from ember.runtime.model.llama import Llama
 
 from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make

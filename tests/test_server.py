@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from ember.runtime.tokenizer import TextTokenizer
+from ember.runtime.model.tokenizer import TextTokenizer
 
 from server_helpers import BASE, PIRATE, POET, start, usage_records
 

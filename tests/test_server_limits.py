@@ -6,9 +6,9 @@ import json
 import httpx
 import pytest
 
-from ember.runtime.accounts import Deployment
-from ember.runtime.engine import EngineConfig
-from ember.runtime.server import ServerConfig, create_app
+from ember.provider.domain.accounts import Deployment
+from ember.runtime.engine.engine import EngineConfig
+from ember.runtime.serving.app import ServerConfig, create_app
 
 from server_helpers import BASE, PIRATE, POET, start, usage_records
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ember.provider import billing, cli
-from ember.provider.runner import OfflineRunner
+from ember.provider.tools import billing
+
+from ember.provider.tools import cli
+from ember.provider.tools.runner import OfflineRunner
 from ember.runtime import tinymodels
 
 from provider_helpers import alive, replica_pids

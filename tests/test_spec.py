@@ -2,8 +2,10 @@
 
 import pytest
 
-from ember.provider import catalog, spec
-from ember.provider.names import deployment_name, model_name, parse_deployment_name, parse_model_name
+from ember.provider.domain import catalog
+
+from ember.provider.domain import spec
+from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
 
 BASE = "accounts/acme/models/my-llama"
 CATALOG_8B = "accounts/platform/models/llama-v3p1-8b-instruct"

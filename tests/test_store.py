@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from ember.provider.store import Store, StoreError, file_digests, tree_digest
+from ember.provider.backends.store import Store, StoreError, file_digests, tree_digest
 
 
 @pytest.fixture

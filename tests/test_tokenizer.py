@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from ember.runtime.config import ModelLoadError
-from ember.runtime.tokenizer import IncrementalDetokenizer, TextTokenizer
+from ember.runtime.model.config import ModelLoadError
+from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 from ember.runtime import tinymodels
 
 transformers = pytest.importorskip("transformers")

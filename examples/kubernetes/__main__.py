@@ -12,8 +12,7 @@ from there and pick up addons without a restart.
 import pulumi
 import pulumi_kubernetes as k8s
 
-from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
-from ember.provider.resources import DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs
+from ember.provider import DeploymentArgs, KubernetesArgs, KubernetesDeployment, LoRAAddon, LoRAAddonArgs, Model, ModelArgs
 
 config = pulumi.Config()
 ACCOUNT = "quickstart"

@@ -6,7 +6,7 @@ deploys them. Swap `source` for your own Hugging Face directories to serve real 
 
 import pulumi
 
-from ember.provider.resources import Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs
+from ember.provider import Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs
 
 ACCOUNT = "quickstart"
 

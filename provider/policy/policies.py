@@ -28,9 +28,9 @@ from pulumi_policy import (
 )
 from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
-from .. import catalog
-from ..names import deployment_name, model_name, parse_model_name
-from ..spec import AcceleratorType, DeploymentArgs, LoRAAddonArgs, ModelArgs, parse_known
+from ember.provider.domain import catalog
+from ember.provider.domain.names import deployment_name, model_name, parse_model_name
+from ember.provider.domain.spec import AcceleratorType, DeploymentArgs, LoRAAddonArgs, ModelArgs, parse_known
 
 MODEL = "pulumi-python:dynamic/ember:Model"
 DEPLOYMENT = "pulumi-python:dynamic/ember:Deployment"

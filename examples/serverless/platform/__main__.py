@@ -6,7 +6,7 @@ tenants then add their LoRA addons to it from their own stacks (../tenant) and p
 
 import pulumi
 
-from ember.provider.resources import Deployment, DeploymentArgs, Model, ModelArgs
+from ember.provider import Deployment, DeploymentArgs, Model, ModelArgs
 
 config = pulumi.Config()
 base = Model("llama-8b", ModelArgs(account_id="platform", catalog_id="llama-v3p1-8b-instruct"))

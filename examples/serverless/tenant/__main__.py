@@ -6,7 +6,7 @@ where it is served to this account only, billed per token (`ember usage`).
 
 import pulumi
 
-from ember.provider.resources import LoRAAddon, LoRAAddonArgs
+from ember.provider import LoRAAddon, LoRAAddonArgs
 
 config = pulumi.Config()
 addon = LoRAAddon(config.require("addon"), LoRAAddonArgs(

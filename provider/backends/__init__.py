@@ -1,0 +1,1 @@
+"""Where resources live: the model store, the local cluster of runtime processes, and Kubernetes."""

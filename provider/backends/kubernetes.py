@@ -1,0 +1,177 @@
+"""The Kubernetes cluster backend: an Ember deployment as pulumi-kubernetes resources.
+
+`KubernetesDeployment` is a component whose children `pulumi preview` shows: the Ember `Deployment`
+(cluster="kubernetes": it registers the deployment and its desired addon set in the model store), a
+`Secret` with the store credentials, an apps/v1 `Deployment` of the runtime image (GPU requests and
+limits from the accelerator count, node selection by accelerator type, probes on /health), a `Service`,
+a `PodDisruptionBudget`, and a `HorizontalPodAutoscaler` when the replica range can move. pulumi-kubernetes
+applies them and waits for the rollout; nothing here talks to the cluster itself.
+
+Replicas load the base model from the store at start and reconcile addons from it on a timer, with the
+same runtime code as the local cluster, so attaching an addon needs no pod restart.
+
+HPA requirements: the autoscaler scales on the pods metric `ember_running_requests` (each replica's
+/metrics), so the cluster needs a metrics pipeline that serves pod custom metrics (for example
+Prometheus with prometheus-adapter). It cannot scale to zero; the spec refuses scale_to_zero_window_s here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from ember.provider.domain.names import parse_model_name
+from ember.provider.resources import Deployment, DeploymentArgs, Model, _props, default_id
+from ember.provider.domain.spec import AcceleratorType, DeploymentArgs as DeploymentSpec, parse
+
+RUNTIME_PORT = 8000
+
+# Node labels published by NVIDIA's GPU feature discovery and AMD's GPU operator.
+NODE_SELECTORS: dict[AcceleratorType, dict[str, str]] = {
+    AcceleratorType.NVIDIA_A100_80GB: {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+    AcceleratorType.NVIDIA_H100_80GB: {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    AcceleratorType.NVIDIA_H200_141GB: {"nvidia.com/gpu.product": "NVIDIA-H200"},
+    AcceleratorType.AMD_MI300X_192GB: {"amd.com/gpu.product-name": "AMD_Instinct_MI300X"},
+}
+
+
+@dataclass
+class KubernetesArgs:
+    image: pulumi.Input[str]  # the runtime image (runtime/Dockerfile), e.g. registry.example.com/ember-runtime:0.1.0
+    store_url: str  # the model store as replicas reach it, e.g. s3://bucket/ember
+    namespace: pulumi.Input[str] = "default"
+    # Environment for fsspec's store backend (AWS_ACCESS_KEY_ID …); kept in a Secret, never in a manifest.
+    store_credentials: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    provider: k8s.Provider | None = None  # a kubeconfig/namespace provider; the ambient kubeconfig otherwise
+    cpu: str = "2"  # requests per replica besides accelerators
+    memory: str = "16Gi"
+
+
+# Stands in for a base model that is a Model resource (its name is known only once it exists) while the
+# component validates the deployment's own fields; the Ember Deployment checks the real name.
+PLACEHOLDER_BASE = "accounts/placeholder/models/llama-v3p1-8b-instruct"
+
+
+def labels(spec: DeploymentSpec, base_name: pulumi.Input[str]) -> dict[str, pulumi.Input[str]]:
+    base = pulumi.Output.from_input(base_name).apply(parse_model_name)
+    return {"app.kubernetes.io/name": "ember-runtime", "app.kubernetes.io/managed-by": "ember",
+            "ember.dev/account": spec.account_id, "ember.dev/deployment": spec.deployment_id,
+            "ember.dev/model": base.apply(lambda b: b.resource_id),
+            "ember.dev/model-account": base.apply(lambda b: b.account_id)}
+
+
+def container_resources(spec: DeploymentSpec, cpu: str, memory: str) -> dict:
+    amounts = {"cpu": cpu, "memory": memory}
+    vendor = spec.accelerator_type.vendor
+    if vendor:
+        amounts[f"{vendor}.com/gpu"] = str(spec.accelerator_count)
+    # Requests equal limits: a replica's accelerators and memory are reserved, never overcommitted.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def runtime_args(spec: DeploymentSpec, store_url: str, model_url: pulumi.Input[str],
+                 base_name: pulumi.Input[str]) -> pulumi.Output:
+    desired = f"{store_url}/deployments/{spec.account_id}/{spec.deployment_id}/addons.json"
+    fixed = ["--deployment", spec.name, "--keys", f"{store_url}/keys.json",
+             "--usage", store_url, "--desired-addons", desired, "--host", "0.0.0.0", "--port", str(RUNTIME_PORT),
+             "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank),
+             "--dtype", spec.precision.value, "--accelerator-type", spec.accelerator_type.value,
+             "--accelerator-count", str(spec.accelerator_count)]
+    if spec.deployment_type.value == "serverless":
+        fixed.append("--serverless")
+    if spec.request_logging.enabled:
+        fixed += ["--request-log", "/var/log/ember/requests.jsonl", "--retention-days",
+                  str(spec.request_logging.retention_days)]
+    return pulumi.Output.all(model_url, base_name).apply(
+        lambda values: ["serve", "--model-dir", values[0], "--base-model", values[1], *fixed])
+
+
+class KubernetesDeployment(pulumi.ComponentResource):
+    endpoint: pulumi.Output[str]  # the Service's in-cluster URL
+    deployment: Deployment
+
+    def __init__(self, resource_name: str, args: DeploymentArgs, cluster: KubernetesArgs,
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ember:kubernetes:Deployment", resource_name, None, opts)
+        args = replace(args, cluster="kubernetes", deployment_id=args.deployment_id or default_id(resource_name))
+        from_resource = isinstance(args.base_model, Model)
+        plain = _props(args) | {"base_model": PLACEHOLDER_BASE if from_resource else args.base_model}
+        # Validated here with the plain values, so a bad spec fails `pulumi preview` before any object is planned.
+        spec = parse(DeploymentSpec, {k: v for k, v in plain.items() if k in DeploymentSpec.model_fields})
+        if from_resource:
+            base_name = args.base_model.name
+            model_url = args.base_model.digest.apply(lambda d: f"{cluster.store_url}/objects/{d.removeprefix('sha256:')}")
+        else:
+            base_name = args.base_model
+            model_url = f"{cluster.store_url}/catalog/{parse_model_name(args.base_model).resource_id}"
+        self.deployment = Deployment(resource_name, args, pulumi.ResourceOptions(parent=self))
+        child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
+        pod_labels = labels(spec, base_name)
+        name = f"ember-{spec.account_id}-{spec.deployment_id}"[:63].rstrip("-")
+        metadata = {"name": name, "namespace": cluster.namespace, "labels": pod_labels}
+
+        secret = k8s.core.v1.Secret(f"{resource_name}-store", metadata={**metadata, "name": f"{name}-store"},
+                                    string_data={k: pulumi.Output.secret(v) for k, v in cluster.store_credentials.items()},
+                                    opts=child)
+        selector = {"ember.dev/account": spec.account_id, "ember.dev/deployment": spec.deployment_id}
+        probe = {"httpGet": {"path": "/health", "port": RUNTIME_PORT}, "periodSeconds": 10, "timeoutSeconds": 5}
+        container = {
+            "name": "runtime",
+            "image": cluster.image,
+            "command": ["python", "-m", "ember.runtime"],
+            "args": runtime_args(spec, cluster.store_url, model_url, base_name),
+            "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
+            "envFrom": [{"secretRef": {"name": secret.metadata["name"]}}],
+            "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
+            "resources": container_resources(spec, cluster.cpu, cluster.memory),
+            # Loading weights takes a while: the startup probe allows it, then liveness takes over.
+            "startupProbe": {**probe, "failureThreshold": 120},
+            "readinessProbe": probe,
+            "livenessProbe": {**probe, "failureThreshold": 6},
+            "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/ember"},
+                             {"name": "logs", "mountPath": "/var/log/ember"}],
+        }
+        pod_spec = {
+            "containers": [container],
+            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "logs", "emptyDir": {}}],
+            "nodeSelector": NODE_SELECTORS.get(spec.accelerator_type, {}),
+        }
+        vendor = spec.accelerator_type.vendor
+        if vendor:
+            pod_spec["tolerations"] = [{"key": f"{vendor}.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        autoscaled = spec.max_replicas > spec.min_replicas
+        deployment_spec = {
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {
+                "ember.dev/accelerator": f"{spec.accelerator_count}x{spec.accelerator_type.value}"}}, "spec": pod_spec},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        }
+        if not autoscaled:
+            deployment_spec["replicas"] = spec.min_replicas  # with an HPA, the autoscaler owns the count
+        workload = k8s.apps.v1.Deployment(resource_name, metadata=metadata, spec=deployment_spec,
+                                          opts=pulumi.ResourceOptions(parent=self, provider=cluster.provider,
+                                                                      depends_on=[self.deployment]))
+        service = k8s.core.v1.Service(f"{resource_name}-service", metadata=metadata, spec={
+            "selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": RUNTIME_PORT}]}, opts=child)
+        k8s.policy.v1.PodDisruptionBudget(f"{resource_name}-pdb", metadata=metadata, spec={
+            "selector": {"matchLabels": selector},
+            "maxUnavailable": 1,  # voluntary disruptions take at most one replica at a time
+        }, opts=child)
+        if autoscaled:
+            policy = spec.autoscaling
+            k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{resource_name}-hpa", metadata=metadata, spec={
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": workload.metadata["name"]},
+                "minReplicas": spec.min_replicas,
+                "maxReplicas": spec.max_replicas,
+                "metrics": [{"type": "Pods", "pods": {
+                    "metric": {"name": "ember_running_requests"},
+                    "target": {"type": "AverageValue", "averageValue": str(policy.target_concurrent_requests)}}}],
+                "behavior": {"scaleUp": {"stabilizationWindowSeconds": policy.scale_up_window_s},
+                             "scaleDown": {"stabilizationWindowSeconds": policy.scale_down_window_s}},
+            }, opts=child)
+        self.endpoint = pulumi.Output.concat("http://", service.metadata["name"], ".", cluster.namespace,
+                                             ".svc.cluster.local")
+        self.register_outputs({"endpoint": self.endpoint})

@@ -1,0 +1,246 @@
+"""The local cluster (the embedded default): a deployment's replicas are runtime processes on this machine.
+
+Each replica is `python -m ember.runtime serve` on a free loopback port, detached from the provider (its
+own session, its log in the state directory), recorded in `<state>/replicas/<account>/<deployment>.json`.
+Nothing restarts a replica behind the user's back: a dead one shows up in `read` as drift and the next
+`up` starts it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.provider.backends.processes import alive
+from ember.provider.domain.spec import AcceleratorType, DeploymentArgs, DeploymentType
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Replica:
+    pid: int
+    port: int
+    log: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_port(preferred: int = 0) -> int:
+    """`preferred` if it can be bound now, else any free loopback port."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the replica's server binds it
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, method: str = "GET", key: str | None = None, timeout: float = 5.0) -> dict:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+class LocalCluster:
+    def __init__(self, state_dir: Path, ready_timeout_s: float, progress: Callable[[str], None] = lambda _: None):
+        self.state_dir = Path(state_dir)
+        self.ready_timeout_s = ready_timeout_s
+        self.progress = progress
+
+    def _record(self, account: str, deployment: str) -> Path:
+        return self.state_dir / "replicas" / account / f"{deployment}.json"
+
+    def replicas(self, account: str, deployment: str) -> list[Replica]:
+        path = self._record(account, deployment)
+        return [Replica(**r) for r in json.loads(path.read_text())] if path.exists() else []
+
+    def _save(self, account: str, deployment: str, replicas: list[Replica]) -> None:
+        path = self._record(account, deployment)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.__dict__ for r in replicas]))
+        tmp.replace(path)
+
+    @staticmethod
+    def check_supported(spec: DeploymentArgs) -> None:
+        if spec.accelerator_type is not AcceleratorType.CPU:
+            raise ClusterError(f"accelerator_type: the local cluster runs CPU replicas only, not "
+                               f"{spec.accelerator_type.value}; use the Kubernetes backend for GPUs")
+
+    @staticmethod
+    def replica_count(spec: DeploymentArgs) -> int:
+        # No autoscaler runs locally: the floor of the range is served, and at least one replica.
+        return max(spec.min_replicas, 1)
+
+    def health(self, replica: Replica) -> dict | None:
+        if not alive(replica.pid):
+            return None
+        try:
+            return http_json(f"{replica.url}/health", timeout=2.0)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def scale(self, spec: DeploymentArgs, command: list[str], key: str) -> list[Replica]:
+        """Start or stop replicas until `replica_count(spec)` healthy ones run; existing ones are kept."""
+        account, deployment = spec.account_id, spec.deployment_id
+        replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
+        wanted = self.replica_count(spec)
+        while len(replicas) > wanted:
+            self._stop(replicas.pop())
+        started = []
+        try:
+            while len(replicas) + len(started) < wanted:
+                started.append(self._start(spec, command, len(replicas) + len(started)))
+                # recorded before the wait: an `up` killed meanwhile leaves no process the next one cannot see
+                self._save(account, deployment, replicas + started)
+            for replica in replicas + started:  # kept ones too: one an interrupted `up` started may still load
+                self._wait_ready(replica)
+        except Exception:
+            for replica in started:
+                self._stop(replica)
+            self._save(account, deployment, replicas)
+            raise
+        replicas += started
+        self._save(account, deployment, replicas)
+        return replicas
+
+    def _ports(self, account: str, deployment: str) -> Path:
+        # Kept when replicas stop: a restarted or replaced deployment keeps its endpoints.
+        return self.state_dir / "ports" / account / f"{deployment}.json"
+
+    def _port(self, spec: DeploymentArgs, index: int) -> int:
+        path = self._ports(spec.account_id, spec.deployment_id)
+        ports = json.loads(path.read_text()) if path.exists() else {}
+        previous = ports.get(str(index))
+        port = _free_port(previous or 0)
+        if previous and port != previous:
+            self.progress(f"port {previous} of replica {index} of {spec.account_id}/{spec.deployment_id} is taken by "
+                          f"another process: its endpoint moves to port {port}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ports | {str(index): port}))
+        return port
+
+    def _start(self, spec: DeploymentArgs, command: list[str], index: int) -> Replica:
+        port = self._port(spec, index)
+        log_dir = self.state_dir / "logs" / spec.account_id
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"{spec.deployment_id}-{index}-{port}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen([sys.executable, "-m", "ember.runtime", "serve", *command, "--port", str(port)],
+                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        self.progress(f"started replica {index} of {spec.account_id}/{spec.deployment_id} on port {port} (pid {process.pid})")
+        return Replica(process.pid, port, str(log))
+
+    def _wait_ready(self, replica: Replica) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if not alive(replica.pid):
+                raise ClusterError(f"replica on port {replica.port} exited while starting: {self._tail(replica)}")
+            health = self.health(replica)
+            if health and health.get("status") == "ready":
+                self.progress(f"replica on port {replica.port} is ready")
+                return
+            if health is None:
+                try:
+                    http_json(f"{replica.url}/health", timeout=2.0)
+                except urllib.error.HTTPError as exc:
+                    body = json.loads(exc.read() or b"{}")
+                    if body.get("status") == "failed":
+                        raise ClusterError(f"replica on port {replica.port} failed to load: {body.get('error')}") from None
+                except (urllib.error.URLError, OSError, ValueError):
+                    pass
+            time.sleep(0.2)
+        raise ClusterError(f"replica on port {replica.port} was not ready within {self.ready_timeout_s:.0f} s: "
+                           f"{self._tail(replica)}")
+
+    @staticmethod
+    def _tail(replica: Replica) -> str:
+        try:
+            return " | ".join(Path(replica.log).read_text().strip().splitlines()[-3:])
+        except OSError:
+            return "(no log)"
+
+    def _stop(self, replica: Replica) -> None:
+        if not alive(replica.pid):
+            return
+        try:
+            os.killpg(replica.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + 10
+        while alive(replica.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(replica.pid):
+            os.killpg(replica.pid, signal.SIGKILL)
+        try:  # reap it if it is our child
+            os.waitpid(replica.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    def stop_all(self, account: str, deployment: str) -> None:
+        for replica in self.replicas(account, deployment):
+            self._stop(replica)
+        self._record(account, deployment).unlink(missing_ok=True)
+
+    def reconcile_addons(self, account: str, deployment: str, key: str, wanted: set[str], unwanted: set[str]) -> None:
+        """Ask every replica to re-read the desired addons; check that `wanted` are served and `unwanted`
+        are not (other addons may come and go meanwhile). Raises with the replica's reason if one of
+        `wanted` was refused."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        for replica in self.replicas(account, deployment):
+            while True:
+                try:
+                    result = http_json(f"{replica.url}/admin/reconcile", method="POST", key=key, timeout=30)
+                    break
+                except (urllib.error.URLError, OSError) as exc:
+                    if time.monotonic() > deadline:
+                        raise ClusterError(f"replica on port {replica.port} did not reconcile: {exc}") from None
+                    time.sleep(0.2)
+            refused = {n: why for n, why in result.get("failed", {}).items() if n in wanted}
+            if refused:
+                name, why = next(iter(refused.items()))
+                raise ClusterError(f"addon {name} was refused by the replica on port {replica.port}: {why}")
+            served = set(result.get("served", []))
+            if not wanted <= served or served & unwanted:
+                raise ClusterError(f"replica on port {replica.port} serves {sorted(served)}; wanted "
+                                   f"{sorted(wanted)} and not {sorted(unwanted)}")
+
+    def status(self, spec_account: str, deployment: str) -> tuple[list[str], int, set[str]]:
+        """(endpoints, ready replicas, addons loaded on every ready replica)."""
+        replicas = self.replicas(spec_account, deployment)
+        healthy = [(r, h) for r in replicas if (h := self.health(r)) and h.get("status") == "ready"]
+        loaded = set.intersection(*(set(h.get("addons", [])) for _, h in healthy)) if healthy else set()
+        return [r.url for r, _ in healthy], len(healthy), loaded
+
+
+def serve_command(spec: DeploymentArgs, model_dir: Path, base_model: str, keys_url: str, usage_url: str,
+                  desired_addons_url: str, request_log: Path | None) -> list[str]:
+    command = ["--model-dir", str(model_dir), "--deployment", spec.name, "--base-model", base_model,
+               "--keys", keys_url, "--usage", usage_url, "--desired-addons", desired_addons_url,
+               "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank),
+               "--dtype", spec.precision.value, "--accelerator-type", spec.accelerator_type.value,
+               "--accelerator-count", str(spec.accelerator_count)]
+    if spec.deployment_type is DeploymentType.SERVERLESS:
+        command.append("--serverless")
+    if spec.request_logging.enabled and request_log is not None:
+        command += ["--request-log", str(request_log), "--retention-days", str(spec.request_logging.retention_days)]
+    return command

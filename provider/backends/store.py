@@ -1,0 +1,257 @@
+"""The model store: weights, manifests and each deployment's desired addon set, on any fsspec URL.
+
+Layout under the store root:
+
+    objects/<digest>/...                        a model or adapter directory, content-addressed
+    models/<account>/<model_id>.json            its manifest: kind, digest, architecture, parameters …
+    deployments/<account>/<deployment>/addons.json   {addon name: object URL}: what replicas must serve
+    catalog/<model_id>/...                      catalog weights an operator put there
+    keys.json, usage/                           API key hashes; usage records the replicas write
+
+Writes are atomic: an object is uploaded under a temporary name and renamed into place only once every
+file is there and its digest checks out; a manifest is written last, so a half-written model is never
+visible, and readers verify digests. Desired addon sets are changed under a lock, so LoRAAddons created in
+parallel on one deployment all land.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+
+from ember.provider.backends.processes import alive
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under a directory."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return digests
+
+
+def tree_digest(digests: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(f"{name}\0{digests[name]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+class Store:
+    def __init__(self, url: str, lock_dir: str | Path):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.lock_dir = Path(lock_dir)
+
+    # -- paths -----------------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def object_url(self, digest: str) -> str:
+        return self._url("objects", digest.removeprefix("sha256:"))
+
+    def _url(self, *parts: str) -> str:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        path = self._path(*parts)
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+    def local_path(self, url: str) -> Path:
+        """A directory the runtime can read; only file stores are readable in place."""
+        if "://" in url and not url.startswith("file://"):
+            raise StoreError(f"{url}: replicas on the local cluster read file:// stores only")
+        return Path(url.removeprefix("file://"))
+
+    def desired_addons_url(self, account: str, deployment: str) -> str:
+        return self._url("deployments", account, deployment, "addons.json")
+
+    @property
+    def keys_url(self) -> str:
+        return self._url("keys.json")
+
+    # -- objects -----------------------------------------------------------------------------------------
+
+    def put_directory(self, source: Path, progress: Callable[[str], None] = lambda _: None) -> tuple[str, dict[str, str]]:
+        """Upload a directory content-addressed; returns (digest, file digests). Idempotent."""
+        digests = file_digests(source)
+        digest = tree_digest(digests)
+        final = self._path("objects", digest.removeprefix("sha256:"))
+        if self.fs.exists(f"{final}/.complete"):
+            return digest, digests
+        self._sweep_abandoned_uploads()
+        staging = self._path("objects", f".upload-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+        total = len(digests)
+        for i, name in enumerate(sorted(digests), start=1):
+            self.fs.makedirs(os.path.dirname(f"{staging}/{name}"), exist_ok=True)
+            self.fs.put_file(str(source / name), f"{staging}/{name}")
+            progress(f"uploaded {i}/{total} files ({name})")
+        self.fs.pipe_file(f"{staging}/.complete", json.dumps(digests).encode())
+        try:
+            self.fs.mv(staging, final, recursive=True)
+        except (FileExistsError, OSError):
+            if not self.fs.exists(f"{final}/.complete"):  # someone else's upload of the same digest won
+                raise
+            self.fs.rm(staging, recursive=True)
+        return digest, digests
+
+    def _sweep_abandoned_uploads(self) -> None:
+        """Remove the staging folders of uploads whose process died (a killed `up`) on this host."""
+        for path in self.fs.glob(self._path("objects", ".upload-*")):
+            host, _, rest = path.rsplit("/", 1)[-1].removeprefix(".upload-").rpartition("-")[0].rpartition("-")
+            if host == socket.gethostname() and rest.isdigit() and not alive(int(rest)):
+                self.fs.rm(path, recursive=True)
+
+    def verify_object(self, digest: str) -> None:
+        """Raise unless every file of an object is present with its recorded digest."""
+        path = self._path("objects", digest.removeprefix("sha256:"))
+        if not self.fs.exists(f"{path}/.complete"):
+            raise StoreError(f"object {digest} is not in the store (or its upload never finished)")
+        recorded = json.loads(self.fs.cat_file(f"{path}/.complete"))
+        if tree_digest(recorded) != digest:
+            raise StoreError(f"object {digest}: its file list does not match its digest")
+        actual = file_digests(self.local_path(self._url("objects", digest.removeprefix("sha256:")))) if self._is_local else None
+        if actual is not None:
+            actual.pop(".complete", None)
+            if actual != recorded:
+                bad = sorted(n for n in recorded if actual.get(n) != recorded[n])
+                raise StoreError(f"object {digest}: files {bad[:5]} do not match their digests (corrupt store?)")
+
+    @property
+    def _is_local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol in ("file", "local")
+
+    def delete_object(self, digest: str) -> None:
+        """Remove an object nobody's manifest refers to any more."""
+        if not digest.startswith("sha256:"):
+            return
+        if any(m.get("digest") == digest for m in self.manifests()):
+            return
+        self.discard_object(digest)
+
+    def discard_object(self, digest: str) -> None:
+        """Remove an object's files whoever refers to it: a damaged object, before it is uploaded again."""
+        path = self._path("objects", digest.removeprefix("sha256:"))
+        if digest.startswith("sha256:") and self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    # -- manifests ---------------------------------------------------------------------------------------
+
+    def _manifest_path(self, account: str, model_id: str) -> str:
+        return self._path("models", account, f"{model_id}.json")
+
+    def _write_json(self, path: str, data: Any) -> None:
+        # Written aside and moved into place: a reader running beside the writer sees the old or the new
+        # document, never a half-written one.
+        self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        self.fs.pipe_file(tmp, json.dumps(data, indent=2, sort_keys=True).encode())
+        self.fs.mv(tmp, path)
+
+    def write_manifest(self, account: str, model_id: str, manifest: dict) -> None:
+        self._write_json(self._manifest_path(account, model_id), manifest)
+
+    def read_manifest(self, account: str, model_id: str) -> dict | None:
+        path = self._manifest_path(account, model_id)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def delete_manifest(self, account: str, model_id: str) -> None:
+        path = self._manifest_path(account, model_id)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def manifests(self) -> Iterator[dict]:
+        for path in self.fs.glob(self._path("models", "*", "*.json")):
+            yield json.loads(self.fs.cat_file(path))
+
+    # -- desired addon sets --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        # The provider runs on one machine; an OS lock serialises its parallel resource operations.
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def desired_addons(self, account: str, deployment: str) -> dict[str, str]:
+        path = self._path("deployments", account, deployment, "addons.json")
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+
+    def change_desired_addons(self, account: str, deployment: str, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
+        path = self._path("deployments", account, deployment, "addons.json")
+        with self._locked(path):
+            desired = self.desired_addons(account, deployment)
+            change(desired)
+            if desired or self.read_deployment_record(account, deployment) is not None:
+                self._write_json(path, desired)
+            elif self.fs.exists(path):  # the last addon of a deleted deployment left: nothing of it remains
+                self.fs.rm(self._path("deployments", account, deployment), recursive=True)
+            return desired
+
+    # -- deployment records: what each deployment serves, for the addons that target it -------------------
+
+    def _deployment_record_path(self, account: str, deployment: str) -> str:
+        return self._path("deployments", account, deployment, "deployment.json")
+
+    def write_deployment_record(self, account: str, deployment: str, record: dict) -> None:
+        self._write_json(self._deployment_record_path(account, deployment), record)
+
+    def read_deployment_record(self, account: str, deployment: str) -> dict | None:
+        path = self._deployment_record_path(account, deployment)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def deployment_records(self) -> Iterator[dict]:
+        for path in self.fs.glob(self._deployment_record_path("*", "*")):
+            yield json.loads(self.fs.cat_file(path))
+
+    def delete_deployment(self, account: str, deployment: str) -> None:
+        """Remove a deployment's record. Its desired addon set belongs to the addons declared on it and
+        stays while it names any: a deployment that is replaced (deleted, then created again) serves them
+        again, and the last addon to leave removes the set."""
+        path = self._path("deployments", account, deployment)
+        with self._locked(f"{path}/addons.json"):  # the lock change_desired_addons takes
+            record = self._deployment_record_path(account, deployment)
+            if self.desired_addons(account, deployment):
+                if self.fs.exists(record):
+                    self.fs.rm(record)
+            elif self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    # -- API keys ------------------------------------------------------------------------------------------
+
+    def ensure_key(self, account: str, key_dir: Path) -> str:
+        """The account's local API key (created once, kept mode 600 outside the store; only its hash inside)."""
+        from ember.provider.domain.accounts import Accounts  # key hashing lives with the code that checks keys (no torch)
+
+        key_file = key_dir / f"{account}.key"
+        with self._locked(self.keys_url):
+            if key_file.exists():
+                return key_file.read_text().strip()
+            key = Accounts.add_key(self.keys_url, account)
+            key_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key)
+            return key

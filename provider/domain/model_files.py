@@ -1,0 +1,223 @@
+"""Inspect model and adapter directories without loading them: the provider's checks before an upload.
+
+Reads config.json, safetensors headers (8-byte length + JSON; no torch) and adapter_config.json, so the
+provider can refuse a corrupt model or an adapter that does not fit its base with a clear message, and
+report architecture and parameter count, while importing neither torch nor the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.provider.domain.spec import LORA_TARGET_MODULES, LoRAConfig, SpecError, parse
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MAX_HEADER = 100 * 1024 * 1024
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class ModelFilesError(ValueError):
+    """A model or adapter directory that cannot be served; the message names the file and the problem."""
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: tensor name → {dtype, shape, data_offsets}."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ModelFilesError(f"{path} is truncated: no safetensors header")
+            (length,) = struct.unpack("<Q", raw)
+            if length > MAX_HEADER:
+                raise ModelFilesError(f"{path}: header length {length} is implausible (corrupt file?)")
+            header = json.loads(f.read(length))
+            size = path.stat().st_size
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFilesError(f"{path} is not a safetensors file: {exc}") from None
+    if not isinstance(header, dict):
+        raise ModelFilesError(f"{path}: the safetensors header is {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    for name, tensor in header.items():
+        _check_tensor_entry(path, name, tensor)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + length + end > size:
+        raise ModelFilesError(f"{path} is truncated: its header promises {8 + length + end} bytes, the file has {size}")
+    return header
+
+
+def _check_tensor_entry(path: Path, name: str, tensor) -> None:
+    """One header entry must describe a real tensor: a header that lies is refused before anything reads it."""
+    if not isinstance(tensor, dict):
+        raise ModelFilesError(f"{path}: tensor {name!r} has entry {tensor!r}, not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = tensor.get("dtype"), tensor.get("shape"), tensor.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise ModelFilesError(f"{path}: tensor {name!r} has dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ModelFilesError(f"{path}: tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ModelFilesError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPE_BYTES[dtype]:
+        raise ModelFilesError(f"{path}: tensor {name!r} is {shape} {dtype} ({numel * DTYPE_BYTES[dtype]} bytes), "
+                              f"but its data_offsets {offsets} span {offsets[1] - offsets[0]}")
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    architecture: str
+    parameter_count: int
+    config: dict  # config.json
+
+
+def _check_dimensions(config_path: Path, config: dict) -> None:
+    """The shape rules a replica would otherwise die on after it started."""
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelFilesError(f"{config_path}: {key} is {value!r}, not a positive integer")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if not config.get("head_dim") and config["hidden_size"] % heads:
+        raise ModelFilesError(f"{config_path}: hidden_size {config['hidden_size']} is not divisible by "
+                              f"num_attention_heads {heads}")
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ModelFilesError(f"{config_path}: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads!r}")
+
+
+def inspect_base_model(directory: str | Path) -> BaseModelInfo:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFilesError(f"{directory} is not a directory")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise ModelFilesError(f"{config_path} is missing: a Hugging Face model directory needs config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFilesError(f"{config_path} is not valid JSON: {exc}") from None
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelFilesError(f"{config_path}: architectures {config.get('architectures')!r} is not supported; "
+                              f"Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_dimensions(config_path, config)
+    if not (directory / "tokenizer.json").exists():
+        raise ModelFilesError(f"{directory / 'tokenizer.json'} is missing: a model directory needs tokenizer.json")
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelFilesError(f"{index} is not a safetensors index: {exc}") from None
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ModelFilesError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+    headers: dict = {}  # every tensor of every shard, read once
+    for name in files:
+        path = directory / name
+        if not path.exists():
+            raise ModelFilesError(f"{path} is missing")
+        headers |= safetensors_header(path)
+    count = 0
+    for tensor in headers.values():
+        n = 1
+        for dim in tensor["shape"]:
+            n *= dim
+        count += n
+    hidden = config.get("hidden_size")
+    embed_shape = headers.get("model.embed_tokens.weight", {}).get("shape")
+    if embed_shape is not None and embed_shape != [config.get("vocab_size"), hidden]:
+        raise ModelFilesError(f"{directory}: model.embed_tokens.weight has shape {embed_shape}, but config.json says "
+                              f"[{config.get('vocab_size')}, {hidden}]")
+    for module, (fan_in, fan_out) in module_shapes(config).items():  # layer 0 stands for all: a config that lies
+        part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = f"model.layers.0.{part}.{module}.weight"
+        if key in headers and headers[key]["shape"] != [fan_out, fan_in]:
+            raise ModelFilesError(f"{directory}: {key} has shape {headers[key]['shape']}, but config.json says "
+                                  f"[{fan_out}, {fan_in}]")
+    return BaseModelInfo(architecture, count, config)
+
+
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    config: LoRAConfig
+    weights: Path
+    keys: dict[tuple[int, str, str], str]  # (layer, module, "A" | "B") → tensor name in the file
+
+    @property
+    def rank(self) -> int:
+        return self.config.r
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return self.config.target_modules
+
+
+def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = (config.get("num_key_value_heads") or config["num_attention_heads"]) * head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: int | None = None) -> AdapterInfo:
+    """Check a PEFT adapter against its base model's config.json, from headers alone: the provider runs it
+    before an upload, the runtime before it reads a tensor. Without the base's config (a preview whose base
+    model is elsewhere) the adapter is checked on its own."""
+    directory = Path(directory)
+    config_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config_path.exists():
+        raise ModelFilesError(f"{config_path} is missing: a PEFT adapter needs adapter_config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+        config = parse(LoRAConfig, raw)
+    except json.JSONDecodeError as exc:
+        raise ModelFilesError(f"{config_path} is not valid JSON: {exc}") from None
+    except SpecError as exc:
+        raise ModelFilesError(f"{config_path}: " + "; ".join(f"{f}: {m}" for f, m in exc.errors)) from None
+    for field in ("lora_bias", "use_dora"):
+        if raw.get(field):
+            raise ModelFilesError(f"{config_path}: {field}={raw[field]!r} is not supported")
+    if max_rank is not None and config.r > max_rank:
+        raise ModelFilesError(f"{config_path}: rank r={config.r} is above the deployment's max_lora_rank {max_rank}")
+    if not weights.exists():
+        raise ModelFilesError(f"{weights} is missing: a PEFT adapter needs adapter_model.safetensors")
+    header = safetensors_header(weights)
+    if base_config is None:
+        return AdapterInfo(config, weights, {})
+    shapes = module_shapes(base_config)
+    layers = base_config["num_hidden_layers"]
+    seen: dict[tuple[int, str, str], str] = {}
+    for key, tensor in header.items():
+        match = _KEY.match(key)
+        if not match or match[2] not in LORA_TARGET_MODULES:
+            raise ModelFilesError(f"{weights}: tensor {key} is not a LoRA weight of a supported module")
+        layer, module, which = int(match[1]), match[2], match[3]
+        if layer >= layers:
+            raise ModelFilesError(f"{weights}: tensor {key} is for layer {layer}, but the base model has {layers}")
+        if module not in config.target_modules:
+            raise ModelFilesError(f"{weights}: tensor {key} is for {module}, which target_modules does not list")
+        fan_in, fan_out = shapes[module]
+        expected = [config.r, fan_in] if which == "A" else [fan_out, config.r]
+        if tensor["shape"] != expected:
+            raise ModelFilesError(f"{weights}: tensor {key} has shape {tensor['shape']}, but the base model needs "
+                                  f"{expected}: the adapter does not fit its base model")
+        seen[(layer, module, which)] = key
+    missing = [(l, m, w) for l in range(layers) for m in config.target_modules for w in "AB" if (l, m, w) not in seen]
+    if missing:
+        raise ModelFilesError(f"{weights}: {len(missing)} LoRA weights are missing, e.g. layer {missing[0][0]} "
+                              f"{missing[0][1]}.lora_{missing[0][2]}")
+    return AdapterInfo(config, weights, seen)

@@ -1,0 +1,34 @@
+"""What a change to each resource means: replacement, in-place update, or nothing.
+
+A change that needs new weights or a new base (a model's source digest, an addon's base model, a
+deployment's accelerators or engine shape) replaces the resource; replica counts, autoscaling, attached
+addons and descriptions update in place. Inputs are compared after check normalised them, so a
+reformatted program or a reinstalled package gives no diff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ember.provider.domain.spec import DeploymentArgs, LoRAAddonArgs, ModelArgs
+
+REPLACE: dict[type, frozenset[str]] = {
+    ModelArgs: frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
+    LoRAAddonArgs: frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
+    DeploymentArgs: frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest", "deployment_type",
+                               "accelerator_type", "accelerator_count", "precision", "max_loras", "max_lora_rank",
+                               "request_logging"}),
+}
+DERIVED = ("source_digest", "base_model_digest")
+
+
+def compare(spec_cls: type, olds: dict[str, Any], news: dict[str, Any],
+            is_unknown: Callable[[Any], bool]) -> tuple[list[str], list[str]]:
+    """(changed properties, those among them that force a replacement)."""
+    keys = [k for k in (*spec_cls.model_fields, *DERIVED) if k in olds or k in news]
+    changed = [k for k in keys if is_unknown(news.get(k)) or olds.get(k) != news.get(k)]
+    replace = set(REPLACE[spec_cls])
+    if "source" in changed and not (olds.get("source_digest") and news.get("source_digest")):
+        replace.add("source")  # a remote source has no digest at preview: a new URL means new weights
+    return changed, [k for k in changed if k in replace]

@@ -1,0 +1,295 @@
+"""The `ember` command line.
+
+The provider half never imports torch; subcommands about the runtime (the tiny-model kit, later
+`serve` and `bench`) import it only when they run, so `ember --help` and `ember schema` stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from ember.provider.tools import schemas
+
+from ember.provider.tools import stackfile
+from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.spec import LORA_TARGET_MODULES, SpecError
+
+QUICKSTART_STACK = Path("examples/quickstart/stack.json")
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.check:
+        stale = schemas.stale(args.check)
+        for name in stale:
+            print(f"stale: {args.check / name} (run: ember schema --out {args.check})", file=sys.stderr)
+        return 1 if stale else 0
+    if args.out:
+        for path in schemas.write(args.out):
+            print(path)
+        return 0
+    print(json.dumps(schemas.generate(), indent=2, sort_keys=True))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    print(stackfile.dump(stackfile.load(args.stack)))
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from ember.runtime import tinymodels
+
+    directory = tinymodels.make_model(
+        args.directory, args.preset, seed=args.seed, shards=args.shards, architecture=args.architecture
+    )
+    print(directory)
+    return 0
+
+
+def _tiny_lora(args: argparse.Namespace) -> int:
+    from ember.runtime import tinymodels
+
+    lora = tinymodels.TinyLoRA(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.targets.split(",")),
+                               use_rslora=args.rslora)
+    print(tinymodels.make_lora(args.base, args.directory, lora, seed=args.seed))
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    """Generate the quickstart's tiny model and two addons, then validate and print its stack."""
+    from ember.runtime import tinymodels
+
+    models = args.stack.parent / "models"
+    base = tinymodels.make_model(models / "tiny-llama", "tiny", seed=0)
+    print(f"generated base model   {base}", file=sys.stderr)
+    for seed, (name, lora) in enumerate(
+        {
+            "tiny-llama-pirate": tinymodels.TinyLoRA(rank=8, target_modules=("q_proj", "v_proj")),
+            "tiny-llama-poet": tinymodels.TinyLoRA(rank=16, target_modules=LORA_TARGET_MODULES),
+        }.items(),
+        start=1,
+    ):
+        print(f"generated LoRA addon   {tinymodels.make_lora(base, models / name, lora, seed=seed)}", file=sys.stderr)
+    print(stackfile.dump(stackfile.load(args.stack)))
+    return 0
+
+
+def _stack_command(args: argparse.Namespace) -> int:
+    """preview | up | refresh | destroy a Pulumi program: the Pulumi CLI when installed, else offline."""
+    from ember.provider.tools import runner
+    from ember.provider.providers.base import EmberError
+
+    program = args.program.resolve()
+    if not (program / "Pulumi.yaml").exists():
+        print(f"ember: {program} has no Pulumi.yaml", file=sys.stderr)
+        return 2
+    try:
+        packs = [_policy_pack(args.policy_pack)] if getattr(args, "policy_pack", None) else []
+        pack_config = getattr(args, "policy_pack_config", None)
+        if runner.pulumi_cli_available() and not args.offline:
+            outputs = runner.run_with_pulumi(args.command, program, args.stack, policy_packs=packs,
+                                             policy_pack_config=pack_config, refresh=getattr(args, "refresh", False))
+            state_dir = runner.ProviderConfig.load(default_root=program).state_dir
+        else:
+            offline = runner.OfflineRunner(program, args.stack)
+            state_dir = offline.config.state_dir
+            if args.command == "refresh":
+                offline.refresh()
+                return 0
+            if args.command == "destroy":
+                offline.destroy()
+                print("destroyed: no replica process or store entry of this stack is left. Usage records stay, for "
+                      f"billing, and so do the accounts' API keys ({state_dir / 'keys'}) and replica logs "
+                      f"({state_dir / 'logs'}): remove {state_dir} to drop them too")
+                return 0
+            outputs = offline.up(preview=args.command == "preview", refresh=getattr(args, "refresh", False))
+            if packs:
+                return _report_policies(packs[0], offline.registrations, pack_config)
+    except (runner.RunError, EmberError, SpecError, FileNotFoundError) as exc:  # the message names the resource, property and value
+        print(f"ember {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception:  # a defect in the program (or in Ember): the whole traceback, not one line
+        print(f"ember {args.command} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return 1
+    if args.command == "up":
+        print("outputs:")
+        for key, value in sorted(outputs.items()):
+            print(f"  {key}: {json.dumps(value)}")
+        if not args.no_demo and outputs.get("endpoint") and outputs.get("models"):
+            _demo(outputs, state_dir)
+    return 0
+
+
+def _policy_pack(path: Path) -> Path:
+    """A pack's folder, relative to where `ember` runs; `ember` names the pack installed with Ember."""
+    if str(path) == "ember":
+        from ember.provider import policy
+
+        return Path(policy.__file__).parent
+    if not (path / "PulumiPolicy.yaml").exists():
+        raise FileNotFoundError(f"--policy-pack: {path.resolve()} has no PulumiPolicy.yaml (paths are relative to "
+                                f"where you run ember; `--policy-pack ember` names Ember's own pack)")
+    return path
+
+
+def _report_policies(pack: Path, registrations, config_path: Path | None) -> int:
+    """The pack's verdict on the previewed stack, as `pulumi preview --policy-pack` prints it; 1 if mandatory ones fail."""
+    from ember.provider.policy.check import load_config, run_pack
+
+    violations = run_pack(pack, registrations, load_config(config_path))
+    for violation in violations:
+        print(violation)
+    mandatory = sum(v.mandatory for v in violations)
+    print(f"policy pack {pack}: {len(registrations)} resource{'s' * (len(registrations) != 1)}, {mandatory} mandatory and "
+          f"{len(violations) - mandatory} advisory violations")
+    return 1 if mandatory else 0
+
+
+def _demo(outputs: dict, state_dir: Path) -> None:
+    """A chat completion from each model the stack exports, through its endpoint."""
+    import urllib.request
+
+    for model in outputs["models"]:
+        # the deployment's account calls it: a model name says which (accounts/<account>/models/<id>)
+        key = (state_dir / "keys" / f"{parse_model_name(model).account_id}.key").read_text().strip()
+        body = json.dumps({"model": model, "max_tokens": 12, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Say hello to Ember."}]}).encode()
+        request = urllib.request.Request(f"{outputs['endpoint']}/v1/chat/completions", data=body,
+                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        text = answer["choices"][0]["message"]["content"]
+        print(f"chat completion from {model} ({answer['usage']['completion_tokens']} tokens): {text!r}")
+
+
+def _usage(args: argparse.Namespace) -> int:
+    """Charges per account and period from the usage records in a store."""
+    import csv
+
+    from ember.provider.domain.usage import read_replicas, read_usage  # fsspec only: no torch
+
+    from ember.provider.tools import billing
+    from ember.provider.tools.runner import OfflineRunner
+
+    store_url = args.store or OfflineRunner(args.program, args.stack, log=lambda _: None).config.store_url
+    try:
+        prices = billing.load_prices(args.prices)
+        charges = billing.bill(read_usage(store_url), read_replicas(store_url), prices, args.period)
+    except (billing.BillingError, SpecError) as exc:
+        print(f"ember usage: {exc}", file=sys.stderr)
+        return 2
+    if args.account:
+        charges = [c for c in charges if c.account_id == args.account]
+    if args.format == "json":
+        totals = [{"account_id": a, "period": p, "amount": v} for (a, p), v in billing.totals(charges).items()]
+        print(json.dumps({"currency": prices.currency, "charges": [c.as_dict() for c in charges], "totals": totals},
+                         indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(billing.Charge.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(c.as_dict() for c in charges)
+    else:
+        print(f"{'account':<16} {'period':<14} {'kind':<30} {'item':<52} {'quantity':>14} {prices.currency:>12}")
+        for c in charges:
+            print(f"{c.account_id:<16} {c.period:<14} {c.kind:<30} {c.item:<52} {c.quantity:>14,.0f} {c.amount:>12.4f}")
+        for (account, period), amount in billing.totals(charges).items():
+            print(f"{account:<16} {period:<14} {'total':<30} {'':<52} {'':>14} {amount:>12.4f}")
+    if args.plot:
+        print(f"plotted {billing.plot(charges, args.plot, prices.currency)}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ember.runtime.__main__ import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="LLM serving infrastructure as code.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("schema", help="print or write the JSON Schemas generated from the resource spec")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--out", type=Path, metavar="DIR", help="write one file per schema into DIR")
+    group.add_argument("--check", type=Path, metavar="DIR", help="exit 1 if the schemas in DIR are stale")
+    p.set_defaults(run=_schema)
+
+    p = sub.add_parser("validate", help="validate a stack file and print its normalised spec")
+    p.add_argument("stack", type=Path)
+    p.set_defaults(run=_validate)
+
+    p = sub.add_parser("quickstart", help="generate the quickstart's tiny models and print its validated stack")
+    p.add_argument("--stack", type=Path, default=QUICKSTART_STACK)
+    p.set_defaults(run=_quickstart)
+
+    for command, text in (("preview", "show what `up` would change"), ("up", "create or update a stack's resources"),
+                          ("refresh", "read the real state of a stack's resources (reports drift)"),
+                          ("destroy", "delete every resource of a stack")):
+        p = sub.add_parser(command, help=f"{text} (Pulumi CLI when installed, else the offline runner)")
+        p.add_argument("program", type=Path, nargs="?", default=Path("."), help="a Pulumi program directory")
+        p.add_argument("--stack", default="dev")
+        p.add_argument("--offline", action="store_true", help="use the offline runner even if the Pulumi CLI is installed")
+        if command == "preview":
+            p.add_argument("--policy-pack", type=Path, metavar="DIR",
+                           help="check the preview with a CrossGuard policy pack: a folder, or `ember` for Ember's own")
+            p.add_argument("--policy-pack-config", type=Path, metavar="FILE", help="JSON configuration for the pack")
+        if command == "up":
+            p.add_argument("--no-demo", action="store_true", help="do not send the sample chat completions")
+            p.add_argument("--refresh", action="store_true",
+                           help="refresh first, as `pulumi up --refresh` (restarts replicas that died, reloads addons)")
+        p.set_defaults(run=_stack_command)
+
+    p = sub.add_parser("usage", help="what each account is charged, per period, from the store's usage records")
+    p.add_argument("program", type=Path, nargs="?", default=Path("."),
+                   help="a Pulumi program directory (its store is read; see --store)")
+    p.add_argument("--stack", default="dev")
+    p.add_argument("--store", metavar="URL", help="the model store's URL (default: the program's, as the provider finds it)")
+    p.add_argument("--period", choices=("month", "day", "hour"), default="month")
+    p.add_argument("--prices", type=Path, metavar="FILE", help="a JSON price table (default: Ember's list prices)")
+    p.add_argument("--account", help="only this account")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also plot usage and charges over time to this PNG")
+    p.set_defaults(run=_usage)
+
+    p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")
+    from ember.runtime.__main__ import add_serve_arguments  # argparse only: no torch until it runs
+
+    add_serve_arguments(p)
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("tiny-model", help="generate a random Hugging Face-format model directory")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "bench-100m"])
+    p.add_argument("--architecture", default="llama", choices=["llama", "qwen2", "mistral"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.set_defaults(run=_tiny_model)
+
+    p = sub.add_parser("tiny-lora", help="generate a random PEFT LoRA adapter for a model directory")
+    p.add_argument("base", type=Path)
+    p.add_argument("directory", type=Path)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated projection names")
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_tiny_lora)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SpecError as exc:
+        print(f"ember: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

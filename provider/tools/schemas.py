@@ -1,0 +1,52 @@
+"""JSON Schemas of the resources, generated from the spec and checked in under schema/.
+
+tests/test_schemas.py fails when the checked-in files differ from what the spec generates now;
+`ember schema --out schema` regenerates them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ember.provider.domain import spec
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _schema(cls: type[spec.Spec], title: str, mode: str) -> dict:
+    body = cls.model_json_schema(mode=mode)
+    body["title"] = title
+    return {"$schema": SCHEMA_DIALECT, **body}
+
+
+def generate() -> dict[str, dict]:
+    """File name → JSON Schema, for every resource's inputs and outputs and for a whole stack."""
+    schemas = {}
+    for resource, (args, outputs) in spec.RESOURCES.items():
+        schemas[f"{resource}.args.json"] = _schema(args, f"{args.__name__}", "validation")
+        schemas[f"{resource}.outputs.json"] = _schema(outputs, f"{outputs.__name__}", "serialization")
+    schemas["stack.json"] = _schema(spec.StackSpec, "StackSpec", "validation")
+    return schemas
+
+
+def render(schema: dict) -> str:
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def write(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, schema in generate().items():
+        path = directory / name
+        path.write_text(render(schema))
+        written.append(path)
+    return written
+
+
+def stale(directory: Path) -> list[str]:
+    """Names of the schema files in `directory` that are missing, different, or no longer generated."""
+    expected = {name: render(schema) for name, schema in generate().items()}
+    present = {p.name for p in directory.glob("*.json")} if directory.is_dir() else set()
+    wrong = [n for n, text in expected.items() if n not in present or (directory / n).read_text() != text]
+    return sorted(wrong + [n for n in present - set(expected)])

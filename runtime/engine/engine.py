@@ -1,0 +1,254 @@
+"""The engine: requests in, token and text deltas out, one continuous-batching step at a time.
+
+request → scheduler → model step → sampler → detokenizer/stop check → RequestOutput. The engine is
+single-threaded and synchronous; the HTTP server drives it from one loop thread. It never logs or
+keeps prompt or output text beyond the life of a request.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember.runtime.engine import batch as step_batch
+from ember.runtime.model.config import ModelLoadError
+from ember.runtime.engine.kv_cache import KVCache
+from ember.runtime.lora.manager import LoRAManager
+from ember.runtime.model.loader import load_model
+from ember.runtime.model.llama import Llama
+from ember.runtime.model.sampling import SamplingParams, TokenLogprob, sample
+from ember.runtime.engine.scheduler import Scheduler
+from ember.runtime.engine.sequence import Sequence
+from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # "auto" picks CUDA when present
+    dtype: str | None = None  # fp32 | bf16 | fp16; default fp32 on CPU, bf16 on CUDA
+    max_model_len: int | None = None  # prompt + output tokens; default the model's, at most 8192
+    block_size: int = 16
+    kv_cache_tokens: int | None = None  # default: 1 GiB of cache on CPU, half the free memory on CUDA
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_loras: int = 0  # LoRA slots on the device; 0 serves the base model only
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 x max_loras, at least 32)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new tokens and text, and whether it is done."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Completion:
+    """A whole finished request (from `Engine.generate`)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    emitted: int = 0  # characters already handed out
+
+
+class Engine:
+    def __init__(self, model: Llama, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        c = model.config
+        self.device = model.weights.device
+        self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        tokens = config.kv_cache_tokens or self._default_cache_tokens()
+        num_blocks = tokens // config.block_size
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens: {tokens} cannot hold one request of max_model_len {self.max_model_len}"
+            )
+        self.cache = KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
+                             model.weights.dtype, self.device)
+        self.scheduler = Scheduler(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras)
+        self.lora: LoRAManager | None = None
+        if config.max_loras:
+            self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
+                                    max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
+            model.lora = self.lora.apply
+        self.stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
+        self.requests: dict[str, Sequence] = {}
+        self._text: dict[str, _TextState] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
+        device = config.resolved_device()
+        dtype_name = config.dtype or ("fp32" if device.type == "cpu" else "bf16")
+        if dtype_name not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+        weights = load_model(directory, DTYPES[dtype_name], device)
+        max_len = min(config.max_model_len or weights.config.max_position_embeddings, weights.config.max_position_embeddings)
+        return cls(Llama(weights, max_positions=max_len), TextTokenizer.from_dir(directory), config)
+
+    def _default_cache_tokens(self) -> int:
+        c = self.model.config
+        per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.model.weights.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free // 2
+        else:
+            budget = 1 << 30
+        return max(budget // per_token, self.max_model_len)
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    adapter: str | None = None) -> str:
+        """Queue a request; raises ValueError (naming the field, never the text) if it cannot be served."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        if not prompt_ids:
+            raise ValueError("prompt: is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if adapter is not None and self.lora is None:
+            raise ValueError(f"model: {adapter!r} is an addon, and this deployment serves no addons")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceed "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        if adapter is not None:
+            self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
+        seq = Sequence(request_id, list(prompt_ids), params, adapter)
+        self.requests[request_id] = seq
+        self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids))
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (its client went away); frees its cache at once. False if it was not in flight."""
+        seq = self.requests.pop(request_id, None)
+        self._text.pop(request_id, None)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if seq.adapter is not None:
+            self.lora.release(seq.adapter)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        slots = self.lora.activate({s.adapter for s, _ in scheduled} - {None}) if self.lora else {}
+        chunks = [
+            step_batch.ScheduledChunk(seq.tokens, seq.num_computed, n, seq.block_table, slots.get(seq.adapter, -1))
+            for seq, n in scheduled
+        ]
+        batch = step_batch.build(chunks, self.cache.block_size, self.device)
+        if self.lora:
+            self.lora.prepare(batch)
+        logits = self.model.forward(batch, self.cache)
+        for seq, n in scheduled:
+            seq.num_computed += n
+        sampled = [scheduled[i][0] for i in batch.sampled_chunks]
+        if not sampled:
+            return []
+        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        return [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.tokens.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        state = self._text[seq.request_id]
+        searched_to = len(state.text)
+        state.text += state.detokenizer.add(token)
+        params = seq.params
+        reason = None
+        stops = params.stop
+        if stops:
+            # Only a stop string that ends in this token's text is new.
+            tail_start = max(0, searched_to - max(map(len, stops)) + 1)
+            hits = [i for s in stops if (i := state.text.find(s, tail_start)) >= 0]
+            if hits:
+                state.text = state.text[: min(hits)]
+                reason = "stop"
+        if reason is None and ((token in self.stop_token_ids and not params.ignore_eos) or token in params.stop_token_ids):
+            reason = "stop"
+        if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
+            reason = "length"
+        # Hold back text that could still turn out to be the start of a stop string.
+        hold = 0 if reason else max(map(len, stops), default=1) - 1
+        end = max(state.emitted, len(state.text) - hold)
+        delta, state.emitted = state.text[state.emitted : end], end
+        if reason:
+            self._finish(seq, reason)
+            del self.requests[seq.request_id], self._text[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=[token],
+            text=delta,
+            logprobs=[logprob] if logprob is not None else [],
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=seq.num_prompt,
+            completion_tokens=len(seq.output_ids),
+        )
+
+    # -- convenience -----------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Completion]:
+        """Run requests to completion together (continuous batching) and return them in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        ids = [self.add_request(p, sp, adapter=a) for p, sp, a in zip(prompts, params_list, adapters)]
+        results = {i: Completion(prompt_tokens=len(p)) for i, p in zip(ids, prompts)}
+        while self.has_unfinished:
+            for out in self.step():
+                result = results.get(out.request_id)
+                if result is None:
+                    continue
+                result.token_ids += out.token_ids
+                result.text += out.text
+                result.logprobs += out.logprobs
+                if out.finished:
+                    result.finish_reason = out.finish_reason
+        return [results[i] for i in ids]

@@ -1,0 +1,91 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+Every step, running sequences go first (a decode token each, or their next prompt chunk), in arrival
+order, then waiting ones join while the token budget, the sequence limit and the KV cache allow. A
+prompt longer than the remaining budget is prefilled in chunks across steps. When the cache runs out,
+the latest-arrived running sequence is preempted: its blocks are freed and it waits at the front of the
+queue to be recomputed (its generated tokens are kept), so earlier requests always make progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ember.runtime.engine.kv_cache import BlockAllocator
+from ember.runtime.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens {max_num_batched_tokens} must be at least max_num_seqs {max_num_seqs}"
+            )
+        self.allocator = allocator
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_loras = max_loras  # distinct adapters one step may use (the device's LoRA slots)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.release(seq.block_table)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.release(seq.block_table)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        adapters: set[str] = set()
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget == 0 or not self._adapter_fits(seq, adapters):
+                continue
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                self.allocator.grow(seq.block_table, seq.num_computed + n)
+                scheduled.append((seq, n))
+                adapters.add(seq.adapter)
+                budget -= n
+        # Admitting new work right after preempting would only thrash the cache.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self._adapter_fits(seq, adapters) or not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.allocator.grow(seq.block_table, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            adapters.add(seq.adapter)
+            budget -= n
+        return scheduled
+
+    def _adapter_fits(self, seq: Sequence, adapters: set[str | None]) -> bool:
+        if seq.adapter is None or seq.adapter in adapters:
+            return True
+        return len(adapters - {None}) < self.max_loras

@@ -1,0 +1,52 @@
+"""A request as the engine tracks it: its tokens, its place in the KV cache, and its output so far."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from ember.runtime.model.sampling import SamplingParams, TokenLogprob, make_generator
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # the LoRA addon's model name, None for the base model
+    tokens: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.tokens = list(self.prompt_ids)
+        self.generator = make_generator(self.params.seed)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,73 @@
+"""PEFT LoRA adapters: read `adapter_config.json` + `adapter_model.safetensors` and check them against the
+base model they will run on.
+
+Every refusal names the file and the problem (a rank out of range, an unsupported module, a tensor whose
+shape does not fit the base), so a bad addon fails alone while the deployment keeps serving the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
+from ember.provider.domain.model_files import module_shapes as shapes_of
+from ember.provider.domain.spec import LoRAConfig
+
+from ember.runtime.model.config import ModelConfig, ModelLoadError
+
+class AdapterError(ModelLoadError):
+    """An adapter that cannot be served on this base model."""
+
+
+def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """LoRA-targetable module → (in_features, out_features) on this base model."""
+    return shapes_of(base_config(config))
+
+
+def base_config(config: ModelConfig) -> dict:
+    """The config.json fields the adapter checks read."""
+    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim, "num_hidden_layers": config.num_hidden_layers}
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter in host memory: per target module, A [layers, r, in] and B [layers, out, r]."""
+
+    name: str
+    config: LoRAConfig
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def load_adapter(name: str, directory: str | Path, base: ModelConfig, max_rank: int | None = None) -> LoRAAdapter:
+    try:
+        info = inspect_adapter(directory, base_config(base), max_rank)
+    except ModelFilesError as exc:
+        raise AdapterError(str(exc)) from None
+    weights = {}
+    try:
+        with safe_open(info.weights, "pt") as f:
+            for module in info.target_modules:
+                a, b = (torch.stack([f.get_tensor(info.keys[(layer, module, which)]).float()
+                                     for layer in range(base.num_hidden_layers)]) for which in "AB")
+                weights[module] = (a, b)
+    except Exception as exc:  # a header that lies about the data behind it
+        raise AdapterError(f"{info.weights} is not a readable safetensors file: {exc}") from None
+    return LoRAAdapter(name, info.config, weights)

@@ -1,0 +1,1 @@
+"""The Llama-family model: config.json, weights, the forward pass, attention, sampling and the tokenizer."""

@@ -1,0 +1,112 @@
+"""Text ↔ tokens for a model directory: `tokenizer.json` (the tokenizers library) and chat templates.
+
+Chat templates come from `tokenizer_config.json` (`chat_template`, a string or a list of named
+templates) or from `chat_template.jinja` beside it (how transformers >= 5 saves them), rendered with a
+sandboxed jinja2 environment as transformers renders them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from ember.runtime.model.config import ModelLoadError
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, config: dict, chat_template: str | None):
+        self.tokenizer = tokenizer
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.chat_template = chat_template
+        self._template = None
+        if chat_template is not None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(chat_template)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "TextTokenizer":
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            raise ModelLoadError(f"{path} is missing: a model directory needs tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ModelLoadError(f"{path} is not a tokenizers file: {exc}") from None
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (directory / "chat_template.jinja").exists():
+            template = (directory / "chat_template.jinja").read_text()
+        return cls(tokenizer, config, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ValueError("messages: this model has no chat template; use the completions API")
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            # The template's own message (e.g. "roles must alternate"), never the conversation's text.
+            raise ValueError(f"messages: the chat template refused them: {exc.message}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template already writes BOS, so encoding must not add another (as transformers does).
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas, holding back bytes of an unfinished character."""
+
+    CONTEXT = 5  # prompt tokens kept so the first output token decodes with its leading space
+
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset])
+        after = decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before):]
+        return ""
