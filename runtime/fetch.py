@@ -16,15 +16,8 @@ from pathlib import Path
 
 import fsspec
 
-from ember.runtime.model.config import ModelLoadError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from ember.provider.domain.digests import file_sha256
+from ember.provider.domain.model_files import ModelFilesError
 
 
 def local_copy(url: str, cache_dir: str | Path | None = None) -> Path:
@@ -41,15 +34,15 @@ def local_copy(url: str, cache_dir: str | Path | None = None) -> Path:
         listing = staging / ".complete"
         if listing.exists():
             for name, digest in json.loads(listing.read_text()).items():
-                if not (staging / name).exists() or _sha256(staging / name) != digest:
-                    raise ModelLoadError(f"{url}: {name} does not match its digest (corrupt store or download)")
+                if not (staging / name).exists() or file_sha256(staging / name) != digest:
+                    raise ModelFilesError(f"{url}: {name} does not match its digest (corrupt store or download)")
         else:
             listing.write_text("{}")
         staging.rename(target)
-    except ModelLoadError:
+    except ModelFilesError:
         raise
     except Exception as exc:  # fsspec backends raise their own errors
-        raise ModelLoadError(f"{url} could not be downloaded: {type(exc).__name__}: {exc}") from None
+        raise ModelFilesError(f"{url} could not be downloaded: {type(exc).__name__}: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from ember.runtime.model import llama as model_module
 from ember.runtime.engine.batch import ScheduledChunk, build
-from ember.runtime.model.config import ModelConfig, ModelLoadError
+from ember.provider.domain.model_files import ModelFilesError
+from ember.runtime.model.config import ModelConfig
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.llama import Llama
@@ -137,14 +138,14 @@ def rewrite_tensors(directory, change):
 def test_bad_model_directories_fail_with_a_clear_message(tmp_path, tiny_model, damage, message):
     directory = broken(tmp_path, tiny_model)
     damage(directory)
-    with pytest.raises(ModelLoadError, match=message):
+    with pytest.raises(ModelFilesError, match=message):
         load_model(directory)
 
 
 def test_missing_shard_is_named(tmp_path):
     directory = make(tmp_path / "m", shards=2)
     (directory / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors is missing"):
+    with pytest.raises(ModelFilesError, match="model-00002-of-00002.safetensors is missing"):
         load_model(directory)
 
 

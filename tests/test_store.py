@@ -4,7 +4,8 @@ import threading
 
 import pytest
 
-from ember.provider.backends.store import Store, StoreError, file_digests, tree_digest
+from ember.provider.backends.store import Store, StoreError
+from ember.provider.domain.digests import file_digests, tree_digest
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ember.runtime.model.config import ModelLoadError
+from ember.provider.domain.model_files import ModelFilesError
 from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 from ember.runtime import tinymodels
 
@@ -47,5 +47,5 @@ def test_template_errors_and_missing_files(tmp_path, tiny_model):
         bad.render_chat(MESSAGES)
     with pytest.raises(ValueError, match="no chat template"):
         TextTokenizer(tokenizer.tokenizer, {}, None).render_chat(MESSAGES)
-    with pytest.raises(ModelLoadError, match="tokenizer.json is missing"):
+    with pytest.raises(ModelFilesError, match="tokenizer.json is missing"):
         TextTokenizer.from_dir(tmp_path)

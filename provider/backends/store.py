@@ -30,29 +30,11 @@ from pathlib import Path
 import fsspec
 
 from ember.provider.backends.processes import alive
+from ember.provider.domain.digests import file_digests, tree_digest
 
 
 class StoreError(RuntimeError):
     pass
-
-
-def file_digests(directory: Path) -> dict[str, str]:
-    """Relative path → sha256 of every file under a directory."""
-    digests = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
-    return digests
-
-
-def tree_digest(digests: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(digests):
-        h.update(f"{name}\0{digests[name]}\n".encode())
-    return "sha256:" + h.hexdigest()
 
 
 class Store:

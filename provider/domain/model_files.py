@@ -77,37 +77,61 @@ class BaseModelInfo:
     config: dict  # config.json
 
 
-def _check_dimensions(config_path: Path, config: dict) -> None:
-    """The shape rules a replica would otherwise die on after it started."""
+def rope_settings(config: dict) -> dict:
+    # transformers >= 5 nests RoPE settings under rope_parameters; older configs keep them top-level.
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def rope_type(config: dict) -> str:
+    rope = rope_settings(config)
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def read_config(directory: str | Path) -> dict:
+    """A model directory's config.json, or an error naming the file."""
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFilesError(f"{path} is missing: a Hugging Face model directory needs config.json") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFilesError(f"{path} is not valid JSON: {exc}") from None
+
+
+def check_config(config: dict, source: str | Path = "config.json") -> None:
+    """Everything in a config.json that Ember cannot serve, refused with the key and its value: the provider
+    runs it at preview, the runtime before it builds the model, so the two never disagree."""
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelFilesError(f"{source}: architectures {config.get('architectures')!r} is not supported; "
+                              f"Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ModelFilesError(f"{config_path}: {key} is {value!r}, not a positive integer")
+            raise ModelFilesError(f"{source}: {key} must be a positive int, got {value!r}")
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     if not config.get("head_dim") and config["hidden_size"] % heads:
-        raise ModelFilesError(f"{config_path}: hidden_size {config['hidden_size']} is not divisible by "
+        raise ModelFilesError(f"{source}: hidden_size {config['hidden_size']} is not divisible by "
                               f"num_attention_heads {heads}")
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-        raise ModelFilesError(f"{config_path}: num_attention_heads {heads} is not a multiple of "
+        raise ModelFilesError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv_heads!r}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ModelFilesError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", architecture == "MistralForCausalLM")
+    if uses_window and window is not None and window < config.get("max_position_embeddings", 0):
+        raise ModelFilesError(f"{source}: sliding_window {window} attention is not supported")
+    if rope_type(config) not in ("default", "llama3"):
+        raise ModelFilesError(f"{source}: rope_type {rope_type(config)!r} is not supported (default or llama3)")
 
 
 def inspect_base_model(directory: str | Path) -> BaseModelInfo:
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelFilesError(f"{directory} is not a directory")
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise ModelFilesError(f"{config_path} is missing: a Hugging Face model directory needs config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFilesError(f"{config_path} is not valid JSON: {exc}") from None
-    architecture = (config.get("architectures") or [None])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ModelFilesError(f"{config_path}: architectures {config.get('architectures')!r} is not supported; "
-                              f"Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}")
-    _check_dimensions(config_path, config)
+    config = read_config(directory)
+    check_config(config, directory / "config.json")
     if not (directory / "tokenizer.json").exists():
         raise ModelFilesError(f"{directory / 'tokenizer.json'} is missing: a model directory needs tokenizer.json")
     index = directory / "model.safetensors.index.json"
@@ -143,7 +167,7 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
         if key in headers and headers[key]["shape"] != [fan_out, fan_in]:
             raise ModelFilesError(f"{directory}: {key} has shape {headers[key]['shape']}, but config.json says "
                                   f"[{fan_out}, {fan_in}]")
-    return BaseModelInfo(architecture, count, config)
+    return BaseModelInfo(config["architectures"][0], count, config)
 
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")

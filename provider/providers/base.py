@@ -28,7 +28,8 @@ from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, 
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.spec import (DeploymentArgs, DeploymentState, DeploymentType, LoRAAddonArgs, ModelArgs, ModelKind, ModelState,
                    parse, parse_known)
-from ember.provider.backends.store import Store, StoreError, file_digests, tree_digest
+from ember.provider.backends.store import Store, StoreError
+from ember.provider.domain.digests import file_digests, tree_digest
 
 PROVIDER_KEY = "__provider"
 # Facts a resource carries about the resources it references (base model, target deployments), computed by

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ember.runtime.engine import batch as step_batch
-from ember.runtime.model.config import ModelLoadError
+from ember.provider.domain.model_files import ModelFilesError
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.loader import load_model
@@ -109,7 +109,7 @@ class Engine:
         device = config.resolved_device()
         dtype_name = config.dtype or ("fp32" if device.type == "cpu" else "bf16")
         if dtype_name not in DTYPES:
-            raise ModelLoadError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+            raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
         weights = load_model(directory, DTYPES[dtype_name], device)
         max_len = min(config.max_model_len or weights.config.max_position_embeddings, weights.config.max_position_embeddings)
         return cls(Llama(weights, max_positions=max_len), TextTokenizer.from_dir(directory), config)

@@ -17,9 +17,9 @@ from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
 from ember.provider.domain.model_files import module_shapes as shapes_of
 from ember.provider.domain.spec import LoRAConfig
 
-from ember.runtime.model.config import ModelConfig, ModelLoadError
+from ember.runtime.model.config import ModelConfig
 
-class AdapterError(ModelLoadError):
+class AdapterError(ModelFilesError):
     """An adapter that cannot be served on this base model."""
 
 

@@ -6,11 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
-class ModelLoadError(ValueError):
-    """A model or adapter directory that cannot be served; the message names the file and the problem."""
+from ember.provider.domain.model_files import check_config, read_config, rope_settings, rope_type
 
 
 @dataclass(frozen=True)
@@ -41,7 +37,6 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2 always; Llama with attention_bias
     o_bias: bool  # Llama with attention_bias
     eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
 
     @property
     def q_size(self) -> int:
@@ -53,59 +48,21 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "ModelConfig":
-        path = Path(directory) / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path} is missing: a Hugging Face model directory needs config.json") from None
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+        raw = read_config(directory)
         generation = Path(directory) / "generation_config.json"
         extra_eos = json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None
-        return cls.from_dict(raw, source=str(path), extra_eos=extra_eos)
+        return cls.from_dict(raw, source=str(Path(directory) / "config.json"), extra_eos=extra_eos)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json", extra_eos=None) -> "ModelConfig":
-        architectures = raw.get("architectures") or []
-        architecture = architectures[0] if architectures else None
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"{source}: architectures {architectures!r} is not supported; Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-
-        def need(key: str, kind=int):
-            value = raw.get(key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or kind(value) != value:
-                raise ModelLoadError(f"{source}: {key} must be a positive {kind.__name__}, got {value!r}")
-            return kind(value)
-
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise ModelLoadError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        head_dim = raw.get("head_dim") or hidden // heads
-        if raw.get("hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
-        window = raw.get("sliding_window")
-        uses_window = raw.get("use_sliding_window", architecture == "MistralForCausalLM")
-        if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
-            raise ModelLoadError(f"{source}: sliding_window {window} attention is not supported")
-
-        # transformers >= 5 nests RoPE settings under rope_parameters; older configs keep them top-level.
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_theta = float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "llama3":
-            scaling = RopeScaling(
-                float(rope["factor"]),
-                float(rope["low_freq_factor"]),
-                float(rope["high_freq_factor"]),
-                int(rope["original_max_position_embeddings"]),
-            )
-        elif rope_type == "default":
-            scaling = None
-        else:
-            raise ModelLoadError(f"{source}: rope_type {rope_type!r} is not supported (default or llama3)")
+        check_config(raw, source)
+        architecture = raw["architectures"][0]
+        heads = raw["num_attention_heads"]
+        rope = rope_settings(raw)
+        scaling = None
+        if rope_type(raw) == "llama3":
+            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                                  int(rope["original_max_position_embeddings"]))
 
         eos: list[int] = []
         for value in (raw.get("eos_token_id"), extra_eos):
@@ -114,20 +71,19 @@ class ModelConfig:
                     eos.append(token)
         return cls(
             architecture=architecture,
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            vocab_size=need("vocab_size"),
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            vocab_size=raw["vocab_size"],
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
+            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or bool(raw.get("attention_bias")),
             o_bias=architecture != "Qwen2ForCausalLM" and bool(raw.get("attention_bias")),
             eos_token_ids=tuple(eos),
-            bos_token_id=raw.get("bos_token_id"),
         )

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ember.runtime.model.config import ModelConfig, ModelLoadError
+from ember.provider.domain.model_files import ModelFilesError
+from ember.runtime.model.config import ModelConfig
 
 # Checkpoints from older transformers versions carry these buffers; they are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -64,22 +65,22 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"{index} is not a safetensors index (needs a weight_map): {exc}") from None
+            raise ModelFilesError(f"{index} is not a safetensors index (needs a weight_map): {exc}") from None
         files = {name: directory / file for name, file in weight_map.items()}
         for path in set(files.values()):
             if not path.exists():
-                raise ModelLoadError(f"{path} is missing: {index.name} lists it as a shard")
+                raise ModelFilesError(f"{path} is missing: {index.name} lists it as a shard")
         return files
     if single.exists():
         return dict.fromkeys(open_safetensors(single).keys(), single)
-    raise ModelLoadError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+    raise ModelFilesError(f"{directory} has no model.safetensors or model.safetensors.index.json")
 
 
 def open_safetensors(path: Path):
     try:
         return safe_open(path, "pt")
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise ModelFilesError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 class _Reader:
@@ -93,16 +94,16 @@ class _Reader:
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self.files:
-            raise ModelLoadError(f"tensor {name} is missing from the checkpoint")
+            raise ModelFilesError(f"tensor {name} is missing from the checkpoint")
         path = self.files[name]
         if path not in self.handles:
             self.handles[path] = open_safetensors(path)
         try:
             tensor = self.handles[path].get_tensor(name)
         except Exception as exc:  # a header that lies about offsets or sizes
-            raise ModelLoadError(f"{path}: tensor {name} cannot be read: {exc}") from None
+            raise ModelFilesError(f"{path}: tensor {name} cannot be read: {exc}") from None
         if tuple(tensor.shape) != shape:
-            raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, but config.json needs {shape}")
+            raise ModelFilesError(f"tensor {name} has shape {tuple(tensor.shape)}, but config.json needs {shape}")
         self.used.add(name)
         return tensor.to(device=self.device, dtype=self.dtype)
 
@@ -148,5 +149,5 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device
     unused = reader.unused()
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-        raise ModelLoadError(f"{directory}: tensors {unused[:5]}{more} do not belong to a {config.architecture}")
+        raise ModelFilesError(f"{directory}: tensors {unused[:5]}{more} do not belong to a {config.architecture}")
     return weights

@@ -15,7 +15,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from ember.runtime.model.config import ModelLoadError
+from ember.provider.domain.model_files import ModelFilesError
 
 
 def _token_text(value) -> str | None:
@@ -40,11 +40,11 @@ class TextTokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.exists():
-            raise ModelLoadError(f"{path} is missing: a model directory needs tokenizer.json")
+            raise ModelFilesError(f"{path} is missing: a model directory needs tokenizer.json")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises a bare Exception
-            raise ModelLoadError(f"{path} is not a tokenizers file: {exc}") from None
+            raise ModelFilesError(f"{path} is not a tokenizers file: {exc}") from None
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         template = config.get("chat_template")
