@@ -53,7 +53,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from ember.provider.domain.accounts import Deployment
     from ember.runtime.engine.engine import EngineConfig
-    from ember.runtime.serving.app import ServerConfig, create_app
+    from ember.runtime.serving.app import create_app
+    from ember.runtime.serving.replica import ServerConfig
 
     deployment = parse_deployment_name(args.deployment)
     parse_model_name(args.base_model)

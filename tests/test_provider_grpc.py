@@ -11,7 +11,7 @@ from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.runtime import rpc
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
-from ember.provider.providers.base import DeploymentProvider, LoRAAddonProvider, ModelProvider, is_unknown
+from ember.provider.providers.base import DeploymentProvider, LoRAAddonProvider, ModelProvider, has_unknown
 
 from provider_helpers import make_models, store_entries, config
 
@@ -67,7 +67,7 @@ def test_unknowns_during_preview(stub, tmp_path):
             "source": rpc.UNKNOWN, "deployments": [rpc.UNKNOWN]}
     response = stub.Check(provider_pb2.CheckRequest(type=f"{TYPE}LoRAAddon", olds=struct({}), news=struct(news)))
     assert list(response.failures) == []
-    assert is_unknown(plain(response.inputs)["base_model"])
+    assert has_unknown(plain(response.inputs)["base_model"])
     olds = {"__provider": provider, "account_id": "acme", "model_id": "pirate", "base_model": "accounts/acme/models/b",
             "source": "/x", "deployments": []}
     diff = stub.Diff(provider_pb2.DiffRequest(id="x", olds=struct(olds), news=struct(news)))

@@ -8,7 +8,8 @@ import pytest
 
 from ember.provider.domain.accounts import Deployment
 from ember.runtime.engine.engine import EngineConfig
-from ember.runtime.serving.app import ServerConfig, create_app
+from ember.runtime.serving.app import create_app
+from ember.runtime.serving.replica import ServerConfig
 
 from server_helpers import BASE, PIRATE, POET, start, usage_records
 

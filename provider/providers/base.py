@@ -69,14 +69,14 @@ def _progress(message: str) -> None:
     print(f"[ember] {message}", flush=True, file=__import__("sys").stderr)
 
 
-def is_unknown(value: Any) -> bool:
+def has_unknown(value: Any) -> bool:
     """A value the engine will only know after a dependency is created (preview)."""
     if isinstance(value, Unknown) or (isinstance(value, str) and value == rpc.UNKNOWN):
         return True
     if isinstance(value, dict):
-        return any(is_unknown(v) for v in value.values())
+        return any(has_unknown(v) for v in value.values())
     if isinstance(value, list):
-        return any(is_unknown(v) for v in value)
+        return any(has_unknown(v) for v in value)
     return False
 
 
@@ -114,7 +114,7 @@ class _Provider(ResourceProvider):
         derived = {k: props.pop(k) for k in self.derived if k in props}
         references = props.pop(REFERENCES, None)
         references = references if isinstance(references, dict) else {}
-        unknown = {k for k, v in props.items() if is_unknown(v)}
+        unknown = {k for k, v in props.items() if has_unknown(v)}
         inputs = dict(props)
         spec, errors = parse_known(self.spec_cls, props, unknown)  # rules on unknowns: checked once known
         failures = [CheckFailure(field or "(resource)", message) for field, message in errors]
@@ -156,7 +156,7 @@ class _Provider(ResourceProvider):
     # -- diff ----------------------------------------------------------------------------------------------
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        changed, replaces = diff_rules.compare(self.spec_cls, olds, news, is_unknown)
+        changed, replaces = diff_rules.compare(self.spec_cls, olds, news, has_unknown)
         drift = self.drifted(olds, news)
         return DiffResult(changes=bool(changed or drift), replaces=replaces, delete_before_replace=True)
 
@@ -340,7 +340,7 @@ class DeploymentProvider(_Provider):
         if news.get("cluster") == "kubernetes":
             return False
         ready = olds.get("ready_replicas")
-        return ready is not None and not is_unknown(news.get("min_replicas")) and \
+        return ready is not None and not has_unknown(news.get("min_replicas")) and \
             ready < max(int(news.get("min_replicas") or 1), 1)
 
     def _run(self, spec: DeploymentArgs, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
@@ -455,7 +455,7 @@ class LoRAAddonProvider(_Provider):
         targets = references.get("deployments") if "deployments" not in unknown else None
         for i, name in enumerate(spec.deployments):
             facts = (targets or {}).get(name)
-            if not isinstance(facts, dict) or is_unknown(facts):
+            if not isinstance(facts, dict) or has_unknown(facts):
                 continue
             if "base_model" not in unknown and facts.get("base_model") != spec.base_model:
                 failures.append((f"deployments[{i}]", f"{name} serves base model {facts.get('base_model')}, not "
@@ -468,7 +468,7 @@ class LoRAAddonProvider(_Provider):
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
         # A refresh found the addon not served on a deployment it is declared on: the next `up` loads it again.
         deployed, wanted = olds.get("deployed_on"), news.get("deployments")
-        return isinstance(deployed, list) and isinstance(wanted, list) and not is_unknown(wanted) and \
+        return isinstance(deployed, list) and isinstance(wanted, list) and not has_unknown(wanted) and \
             not set(wanted) <= set(deployed)
 
     def _targets(self, spec: LoRAAddonArgs) -> list[tuple[str, str, dict]]:

@@ -24,10 +24,10 @@ DERIVED = ("source_digest", "base_model_digest")
 
 
 def compare(spec_cls: type, olds: dict[str, Any], news: dict[str, Any],
-            is_unknown: Callable[[Any], bool]) -> tuple[list[str], list[str]]:
+            has_unknown: Callable[[Any], bool]) -> tuple[list[str], list[str]]:
     """(changed properties, those among them that force a replacement)."""
     keys = [k for k in (*spec_cls.model_fields, *DERIVED) if k in olds or k in news]
-    changed = [k for k in keys if is_unknown(news.get(k)) or olds.get(k) != news.get(k)]
+    changed = [k for k in keys if has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
     replace = set(REPLACE[spec_cls])
     if "source" in changed and not (olds.get("source_digest") and news.get("source_digest")):
         replace.add("source")  # a remote source has no digest at preview: a new URL means new weights

@@ -35,7 +35,7 @@ from pulumi.runtime.sync_await import _sync_await
 
 from ember.provider.policy.check import RecordingMonitor, Registration
 from ember.provider.providers import diff_rules
-from ember.provider.providers.base import PROVIDER_KEY, PROVIDERS, ProviderConfig, _Provider, is_unknown
+from ember.provider.providers.base import PROVIDER_KEY, PROVIDERS, ProviderConfig, _Provider, has_unknown
 
 
 class RunError(RuntimeError):
@@ -195,7 +195,7 @@ class OfflineRunner:
         if previous is None:
             return self._create(provider, kind, key, name, inputs, preview, options, "create")
         diff = provider.diff(previous["id"], previous["outputs"], inputs)
-        changed, _ = diff_rules.compare(provider.spec_cls, previous["outputs"], inputs, is_unknown)
+        changed, _ = diff_rules.compare(provider.spec_cls, previous["outputs"], inputs, has_unknown)
         if importing:
             if diff.changes:
                 raise RunError(f"{kind} {name}: import of {options.import_id}: the program's inputs differ from the "
@@ -361,7 +361,7 @@ class OfflineRunner:
         outputs, seen = self._run_program(preview)
         self._delete_all([k for k in self.state.order if k not in seen], preview)
         if not preview:
-            self.state.outputs = {k: v for k, v in outputs.items() if not is_unknown(v)}
+            self.state.outputs = {k: v for k, v in outputs.items() if not has_unknown(v)}
             self.state.save()
         return outputs
 
@@ -401,7 +401,7 @@ def _close(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _shown(value: Any) -> str:
-    return "(unknown)" if is_unknown(value) else json.dumps(value, default=str)
+    return "(unknown)" if has_unknown(value) else json.dumps(value, default=str)
 
 
 def pulumi_cli_available() -> bool:

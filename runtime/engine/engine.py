@@ -167,6 +167,10 @@ class Engine:
             self.lora.release(seq.adapter)
 
     @property
+    def served_addons(self) -> list[str]:
+        return self.lora.served if self.lora else []
+
+    @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 

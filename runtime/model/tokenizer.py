@@ -18,15 +18,16 @@ from tokenizers import Tokenizer
 from ember.provider.domain.model_files import ModelFilesError
 
 
-def _token_text(value) -> str | None:
+def _special_token_content(value) -> str | None:
+    # tokenizer_config.json writes a special token as its text or as {"content": text, ...}
     return value.get("content") if isinstance(value, dict) else value
 
 
 class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, config: dict, chat_template: str | None):
         self.tokenizer = tokenizer
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token = _special_token_content(config.get("bos_token"))
+        self.eos_token = _special_token_content(config.get("eos_token"))
         self.chat_template = chat_template
         self._template = None
         if chat_template is not None:
@@ -67,6 +68,10 @@ class TextTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included (what logprobs report)."""
+        return self.decode([token_id], skip_special_tokens=False)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:

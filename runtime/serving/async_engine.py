@@ -61,7 +61,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._stopped = False
-        self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -101,13 +100,6 @@ class AsyncEngine:
         """Drop a request whose client went away; its cache is freed on the engine thread."""
         if self._streams.pop(request_id, None) is not None:
             self._submit(lambda: self.engine.abort(request_id))
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Submit and yield the request's outputs; aborts it if the consumer stops early."""
-        stream = self.submit(prompt_ids, params, adapter)
-        async for out in stream:
-            yield out
 
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run `fn(engine)` on the engine thread between steps (adapter changes, inspection)."""
@@ -165,6 +157,5 @@ class AsyncEngine:
                     self.engine.abort(request_id)
                     self._send(request_id, RuntimeError(f"the engine failed a step: {type(exc).__name__}"))
                 continue
-            self.steps += 1
             for out in outputs:
                 self._send(out.request_id, out)

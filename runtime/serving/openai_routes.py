@@ -1,0 +1,116 @@
+"""The OpenAI API: /v1/models, /v1/usage, /v1/completions and /v1/chat/completions.
+
+request → auth (API key → account) → access (deployment, addon) → validation → tokenizer → engine →
+response (JSON or SSE) → metrics and a usage record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ember.runtime.engine.engine import Engine
+from ember.runtime.model.sampling import SamplingParams
+from ember.runtime.serving.accounting import Accounting
+from ember.runtime.serving.async_engine import Overloaded
+from ember.runtime.serving.bodies import documented_body, parse_body
+from ember.runtime.serving.call import Call
+from ember.runtime.serving.protocol import APIError, ChatRequest, CompletionRequest
+from ember.runtime.serving.replica import Replica, replica_of
+from ember.runtime.serving.responses import Responses
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request, replica: Replica = Depends(replica_of)) -> dict:
+    account = replica.account(request)
+    engine = replica.ready().engine
+    deployment = replica.config.deployment
+    created = int(replica.started)
+    data = [{"id": deployment.base_model, "object": "model", "created": created,
+             "owned_by": deployment.base_model.split("/")[1], "parent": None, "kind": "HF_BASE_MODEL"}]
+    for name in engine.served_addons:
+        if deployment.may_use_addon(account, name):
+            data.append({"id": name, "object": "model", "created": created, "owned_by": name.split("/")[1],
+                         "parent": deployment.base_model, "kind": "HF_PEFT_ADDON"})
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/usage")
+async def usage(request: Request, account: str | None = None, replica: Replica = Depends(replica_of)) -> dict:
+    """The caller's own usage on this deployment: metadata records and their totals, never text."""
+    caller = replica.account(request)
+    if account not in (None, caller):
+        raise APIError(403, f"account {caller!r} may not read the usage of account {account!r}",
+                       type="permission_error", param="account", code="forbidden")
+    records = await asyncio.to_thread(replica.meter.read, caller)
+    totals = {"requests": len(records)} | {
+        field: sum(r[field] for r in records) for field in ("prompt_tokens", "completion_tokens")}
+    return {"object": "list", "account_id": caller, "deployment": replica.config.deployment.name, "data": records,
+            "totals": totals}
+
+
+def _prompt(body: ChatRequest | CompletionRequest, engine: Engine) -> list[int]:
+    if isinstance(body, ChatRequest):
+        try:
+            return engine.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+    return engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+
+
+def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], context: int) -> list[SamplingParams]:
+    """Each choice's sampling parameters, once the prompt and max_tokens are known to fit the context."""
+    chat = isinstance(body, ChatRequest)
+    requested = (body.max_completion_tokens or body.max_tokens) if chat else (body.max_tokens or 16)
+    if len(prompt_ids) >= context:
+        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {context}",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    max_tokens = requested or context - len(prompt_ids)
+    if len(prompt_ids) + max_tokens > context:
+        raise APIError(400, f"the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceed this "
+                            f"model's context of {context} tokens", param="max_tokens", code="context_length_exceeded")
+    logprobs = body.wanted_logprobs() if chat else body.logprobs
+    try:
+        return [body.sampling(max_tokens, logprobs, i) for i in range(body.n)]
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
+
+
+async def _serve(request: Request, replica: Replica, chat: bool):
+    started = time.perf_counter()
+    account = replica.account(request)
+    runner = replica.ready()
+    engine = runner.engine
+    body = await parse_body(request, ChatRequest if chat else CompletionRequest)
+    adapter = replica.resolve_model(body.model, account, engine)
+    prompt_ids = _prompt(body, engine)
+    params = _sampling(body, prompt_ids, engine.max_model_len)
+    logged_prompt = None
+    if replica.request_log:
+        logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
+    try:
+        call = Call(runner, prompt_ids, params, adapter, Accounting(replica, account, body.model, started, logged_prompt))
+    except Overloaded:
+        replica.metrics.requests.labels(body.model, "429").inc()
+        raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
+                       code="overloaded", headers={"Retry-After": "1"}) from None
+    responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
+                          bool(body.stream_options and body.stream_options.include_usage))
+    if body.stream:
+        return StreamingResponse(responses.stream(call), media_type="text/event-stream")
+    return JSONResponse(await responses.complete(call))
+
+
+@router.post("/v1/completions", openapi_extra=documented_body(CompletionRequest))
+async def completions(request: Request, replica: Replica = Depends(replica_of)):
+    return await _serve(request, replica, chat=False)
+
+
+@router.post("/v1/chat/completions", openapi_extra=documented_body(ChatRequest))
+async def chat_completions(request: Request, replica: Replica = Depends(replica_of)):
+    return await _serve(request, replica, chat=True)

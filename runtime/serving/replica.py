@@ -1,0 +1,172 @@
+"""What one replica holds: its engine (loaded in the background so /health can answer 503 meanwhile), its
+API keys, its meter and metrics, and the addon set it reconciles towards; and who may use what."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+from fastapi import Request
+
+from ember.provider.domain.accounts import Accounts, Deployment
+from ember.provider.domain.usage import Meter
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.fetch import local_copy
+from ember.runtime.lora.adapters import AdapterError
+from ember.runtime.serving.async_engine import AsyncEngine
+from ember.runtime.serving.metrics import Metrics
+from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.request_log import RequestLog
+
+log = logging.getLogger("ember.server")
+
+
+@dataclass
+class ServerConfig:
+    model_dir: str
+    deployment: Deployment
+    keys_url: str
+    usage_url: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_queue: int = 64
+    addons: dict[str, str] = field(default_factory=dict)  # served from the start: name → source
+    desired_addons_url: str | None = None  # a JSON {name: source} in the store; reconciled on a timer and on demand
+    reconcile_interval_s: float = 30.0
+    heartbeat_interval_s: float = 30.0
+    request_log_url: str | None = None  # opt-in request logging
+    retention_days: int | None = None
+    accelerator_type: str = "CPU"
+    accelerator_count: int = 1
+
+
+class Replica:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self._keys_fs, self._keys_path = fsspec.core.url_to_fs(str(config.keys_url))
+        self._keys_version = self._keys_file_version()
+        self.accounts = Accounts.load(config.keys_url)
+        self.meter = Meter(config.usage_url, config.deployment.name, config.accelerator_type, config.accelerator_count,
+                           config.deployment.base_model, config.deployment.serverless)
+        self.metrics = Metrics()
+        self.request_log = RequestLog(config.request_log_url, config.retention_days) if config.request_log_url else None
+        self.engine: AsyncEngine | None = None
+        self.failure: str | None = None
+        self.adapter_failures: dict[str, str] = {}
+        self.started = time.time()
+
+    def load(self) -> None:
+        try:
+            engine = Engine.from_dir(local_copy(self.config.model_dir), self.config.engine)
+            for name, source in self.config.addons.items():
+                self._add_adapter(engine, name, source)
+            if self.config.desired_addons_url:
+                self._reconcile(engine)
+            self.engine = AsyncEngine(engine, self.config.max_queue)
+            self.count_adapters(engine)
+        except Exception as exc:  # reported by /health; the message names files, never request text
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("model failed to load: %s", self.failure)
+
+    def ready(self) -> AsyncEngine:
+        if self.engine is None:
+            raise APIError(503, "the model is loading" if not self.failure else f"the model failed to load: {self.failure}",
+                           type="service_unavailable", code="model_loading", headers={"Retry-After": "5"})
+        return self.engine
+
+    # -- addons --------------------------------------------------------------------------------------------
+
+    def _add_adapter(self, engine: Engine, name: str, source: str) -> None:
+        try:
+            engine.lora.add(name, source) if engine.lora else None
+            self.adapter_failures.pop(name, None)
+        except AdapterError as exc:
+            self.adapter_failures[name] = str(exc)
+            log.warning("addon %s refused: %s", name, exc)
+
+    def _reconcile(self, engine: Engine) -> dict:
+        with fsspec.open(self.config.desired_addons_url, "r") as f:
+            desired = json.load(f)
+        if engine.lora is None:
+            return {"failed": dict.fromkeys(desired, "this deployment serves no addons (max_loras=0)")}
+        before = set(engine.served_addons)
+        failed = engine.lora.reconcile(desired)
+        self.adapter_failures = failed
+        for name, why in failed.items():
+            log.warning("addon %s refused: %s", name, why)
+        after = set(engine.served_addons)
+        self.count_adapters(engine)
+        return {"loaded": sorted(after - before), "removed": sorted(before - after), "failed": failed,
+                "served": sorted(after)}
+
+    def count_adapters(self, engine: Engine) -> None:
+        self.metrics.adapters.set(len(engine.served_addons))
+
+    async def reconcile(self) -> dict:
+        if not self.config.desired_addons_url:
+            raise APIError(400, "this replica was started without a desired-addons URL to reconcile from")
+        return await self.ready().call(self._reconcile)
+
+    # -- access --------------------------------------------------------------------------------------------
+
+    def account(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        if not header:
+            raise APIError(401, "missing API key: send Authorization: Bearer <key>", type="authentication_error",
+                           code="missing_api_key")
+        scheme, _, key = header.partition(" ")
+        key = key.strip() if scheme.lower() == "bearer" else None
+        account = self.accounts.authenticate(key)
+        if account is None and key and self.reload_keys():
+            # a key made since the last reload (a new tenant of a serverless deployment) works at once
+            account = self.accounts.authenticate(key)
+        if account is None:
+            raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+        if not self.config.deployment.may_use_deployment(account):
+            raise APIError(403, f"account {account!r} may not use deployment {self.config.deployment.name!r}",
+                           type="permission_error", code="forbidden")
+        return account
+
+    def _keys_file_version(self) -> str | None:
+        try:
+            return self._keys_fs.checksum(self._keys_path)  # from size and mtime / ETag: a stat, not a read
+        except OSError:
+            return None
+
+    def reload_keys(self) -> bool:
+        """Re-read the keys file if it changed (keys added or revoked since); True if it was re-read."""
+        version = self._keys_file_version()
+        if version == self._keys_version:
+            return False
+        try:
+            self.accounts = Accounts.load(self.config.keys_url)
+        except (OSError, ValueError) as exc:  # the keys in force stay so until the store answers again
+            log.warning("could not reload API keys: %s", type(exc).__name__)
+            return False
+        self._keys_version = version
+        return True
+
+    def owner(self, request: Request) -> str:
+        account = self.account(request)
+        if account != self.config.deployment.account_id:
+            raise APIError(403, f"only account {self.config.deployment.account_id!r} administers this deployment",
+                           type="permission_error", code="forbidden")
+        return account
+
+    def resolve_model(self, model: str, account: str, engine: Engine) -> str | None:
+        """The adapter a request's `model` names (None for the base model), checked against the account."""
+        deployment = self.config.deployment
+        if model in (deployment.base_model, deployment.name):
+            return None
+        if model in engine.served_addons:
+            if not deployment.may_use_addon(account, model):
+                raise APIError(403, f"account {account!r} may not use addon {model!r}", type="permission_error",
+                               param="model", code="forbidden")
+            return model
+        raise APIError(400, f"model {model!r} is not served by this deployment", param="model", code="model_not_found")
+
+
+def replica_of(request: Request) -> Replica:
+    return request.app.state.replica

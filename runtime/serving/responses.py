@@ -1,0 +1,81 @@
+"""A Call's outputs in OpenAI's shapes: one JSON completion, or server-sent event chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from ember.runtime.model.sampling import TokenLogprob
+from ember.runtime.model.tokenizer import TextTokenizer
+from ember.runtime.serving.call import Call
+from ember.runtime.serving.protocol import APIError
+
+
+class Responses:
+    def __init__(self, chat: bool, model: str, tokenizer: TextTokenizer, logprobs: bool, include_usage: bool):
+        self.chat, self.model, self.tokenizer = chat, model, tokenizer
+        self.logprobs_wanted, self.include_usage = logprobs, include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    @staticmethod
+    def usage(call: Call) -> dict:
+        prompt = len(call.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": call.completion_tokens,
+                "total_tokens": prompt + call.completion_tokens}
+
+    def _logprobs(self, items: list[TokenLogprob]) -> dict:
+        text = self.tokenizer.token_text
+        if self.chat:
+            return {"content": [{
+                "token": text(lp.token_id), "logprob": lp.logprob, "bytes": list(text(lp.token_id).encode()),
+                "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())} for t, v in lp.top],
+            } for lp in items]}
+        return {"tokens": [text(lp.token_id) for lp in items],
+                "token_logprobs": [lp.logprob for lp in items],
+                "top_logprobs": [{text(t): v for t, v in lp.top} for lp in items],
+                "text_offset": []}
+
+    def _choice(self, index: int, text: str, finish: str | None, logprobs: list[TokenLogprob], delta: bool) -> dict:
+        choice: dict = {"index": index, "finish_reason": finish}
+        if self.chat:
+            choice["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self._logprobs(logprobs) if self.logprobs_wanted else None
+        return choice
+
+    async def complete(self, call: Call) -> dict:
+        n = len(call.params)
+        finishes: dict[int, str | None] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(n)}
+        async for index, out in call.merged():
+            logprobs[index] += out.logprobs
+            if out.finished:
+                finishes[index] = out.finish_reason
+        choices = [self._choice(i, call.texts[i], finishes.get(i), logprobs[i], delta=False) for i in range(n)]
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage(call)}
+
+    def _event(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def stream(self, call: Call) -> AsyncIterator[str]:
+        try:
+            if self.chat:
+                yield self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                    "logprobs": None} for i in range(len(call.params))])
+            async for index, out in call.merged():
+                if out.text or out.finished or (self.logprobs_wanted and out.logprobs):
+                    yield self._event([self._choice(index, out.text, out.finish_reason, out.logprobs, delta=True)])
+        except APIError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        if self.include_usage:
+            yield self._event([], self.usage(call))
+        yield "data: [DONE]\n\n"
