@@ -146,7 +146,7 @@ def test_stop_tokens_and_eos(model_dir, reference):
     expected = reference(prompt, 10)
     out = eng.generate([prompt], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[expected[3]]))[0]
     assert out.finish_reason == "stop" and out.token_ids == expected[: expected.index(expected[3]) + 1]
-    eos = next(iter(eng.stop_token_ids))
+    eos = next(iter(eng.output.stop_token_ids))
     assert eos in eng.model.config.eos_token_ids
 
 

@@ -58,9 +58,8 @@ def ember_logits(eng, tokens, adapter):
     eng.cache.allocator.grow(table, len(tokens))
     batch = build([ScheduledChunk(tokens, 0, len(tokens), table, slots[adapter])], eng.cache.block_size, eng.device)
     batch.sample_rows = torch.arange(len(tokens))
-    eng.lora.prepare(batch)
     try:
-        return eng.model.forward(batch, eng.cache)
+        return eng.model.forward(batch, eng.cache, eng.runner.lora_hook.step_metadata(batch))
     finally:
         eng.cache.allocator.release(table)
 

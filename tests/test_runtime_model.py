@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ember.runtime.model import llama as model_module
+from ember.runtime.model import matmul as matmul_module
 from ember.runtime.engine.batch import ScheduledChunk, build
 from ember.provider.domain.model_files import ModelFilesError
 from ember.runtime.model.config import ModelConfig
@@ -65,7 +65,7 @@ def test_logits_match_transformers_for_prefill_chunks_and_decode(tmp_path, overr
 @pytest.mark.parametrize("faster", ["oneDNN", "F.linear"])
 def test_logits_match_whichever_cpu_matmul_kernel_measures_faster(tmp_path, monkeypatch, faster):
     """The kernel is chosen by timing at load, so each choice must give transformers' logits on its own."""
-    monkeypatch.setattr(model_module, "_seconds",
+    monkeypatch.setattr(matmul_module, "_seconds",
                         lambda kernel, *args: 1.0 if (kernel is F.linear) == (faster == "oneDNN") else 0.0)
     directory = make(tmp_path / "m")
     model, cache = engine_parts(directory)

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 
-from ember.runtime.engine import batch as step_batch
 from ember.provider.domain.model_files import ModelFilesError
 from ember.runtime.engine.kv_cache import KVCache
+from ember.runtime.engine.model_runner import ModelRunner
+from ember.runtime.engine.output import OutputProcessor
 from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.llama import Llama
-from ember.runtime.model.sampling import SamplingParams, TokenLogprob, sample
+from ember.runtime.model.sampling import SamplingParams, TokenLogprob
 from ember.runtime.engine.scheduler import Scheduler
 from ember.runtime.engine.sequence import Sequence
-from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
+from ember.runtime.model.tokenizer import TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,13 +72,6 @@ class Completion:
     prompt_tokens: int = 0
 
 
-@dataclass
-class _TextState:
-    detokenizer: IncrementalDetokenizer
-    text: str = ""
-    emitted: int = 0  # characters already handed out
-
-
 class Engine:
     def __init__(self, model: Llama, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -98,10 +92,10 @@ class Engine:
         if config.max_loras:
             self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                                     max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
-            model.lora = self.lora.apply
-        self.stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
+        self.runner = ModelRunner(model, self.cache, self.lora)
+        stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
+        self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
-        self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
 
     @classmethod
@@ -148,14 +142,14 @@ class Engine:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
         seq = Sequence(request_id, list(prompt_ids), params, adapter)
         self.requests[request_id] = seq
-        self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids))
+        self.output.add(seq)
         self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> bool:
         """Drop a request (its client went away); frees its cache at once. False if it was not in flight."""
         seq = self.requests.pop(request_id, None)
-        self._text.pop(request_id, None)
+        self.output.remove(request_id)
         if seq is None:
             return False
         self._finish(seq, "abort")
@@ -180,51 +174,16 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        slots = self.lora.activate({s.adapter for s, _ in scheduled} - {None}) if self.lora else {}
-        chunks = [
-            step_batch.ScheduledChunk(seq.tokens, seq.num_computed, n, seq.block_table, slots.get(seq.adapter, -1))
-            for seq, n in scheduled
-        ]
-        batch = step_batch.build(chunks, self.cache.block_size, self.device)
-        if self.lora:
-            self.lora.prepare(batch)
-        logits = self.model.forward(batch, self.cache)
-        for seq, n in scheduled:
-            seq.num_computed += n
-        sampled = [scheduled[i][0] for i in batch.sampled_chunks]
-        if not sampled:
-            return []
-        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-        return [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
+        return [self._append(seq, token, logprob) for seq, token, logprob in self.runner.run(scheduled)]
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.tokens.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        state = self._text[seq.request_id]
-        searched_to = len(state.text)
-        state.text += state.detokenizer.add(token)
-        params = seq.params
-        reason = None
-        stops = params.stop
-        if stops:
-            # Only a stop string that ends in this token's text is new.
-            tail_start = max(0, searched_to - max(map(len, stops)) + 1)
-            hits = [i for s in stops if (i := state.text.find(s, tail_start)) >= 0]
-            if hits:
-                state.text = state.text[: min(hits)]
-                reason = "stop"
-        if reason is None and ((token in self.stop_token_ids and not params.ignore_eos) or token in params.stop_token_ids):
-            reason = "stop"
-        if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
-            reason = "length"
-        # Hold back text that could still turn out to be the start of a stop string.
-        hold = 0 if reason else max(map(len, stops), default=1) - 1
-        end = max(state.emitted, len(state.text) - hold)
-        delta, state.emitted = state.text[state.emitted : end], end
+        delta, reason = self.output.process(seq, token)
         if reason:
             self._finish(seq, reason)
-            del self.requests[seq.request_id], self._text[seq.request_id]
+            del self.requests[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
             token_ids=[token],

@@ -14,18 +14,12 @@ import torch
 from safetensors import safe_open
 
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
-from ember.provider.domain.model_files import module_shapes as shapes_of
 from ember.provider.domain.spec import LoRAConfig
-
 from ember.runtime.model.config import ModelConfig
+
 
 class AdapterError(ModelFilesError):
     """An adapter that cannot be served on this base model."""
-
-
-def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """LoRA-targetable module → (in_features, out_features) on this base model."""
-    return shapes_of(base_config(config))
 
 
 def base_config(config: ModelConfig) -> dict:
@@ -50,10 +44,6 @@ class LoRAAdapter:
     @property
     def scaling(self) -> float:
         return self.config.scaling
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
 def load_adapter(name: str, directory: str | Path, base: ModelConfig, max_rank: int | None = None) -> LoRAAdapter:

@@ -1,0 +1,65 @@
+"""LoRA applied to a mixed batch without merging weights or splitting the batch.
+
+* Decode rows (one token per request, each request its own adapter) use the shrink/expand scheme:
+  x @ [A of every active slot] gives every slot's rank-r projection at once; a per-row slot mask keeps
+  each row's own slot; @ [B of every active slot] expands it. Two small GEMMs per projection read each
+  active adapter's weights exactly once, whatever the mix of adapters in the batch.
+* Prefill chunks belong to one request each, so each applies its own slot's A and B directly.
+
+What every layer shares is computed once per step (`LoRAStepMetadata`) and passed with the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.runtime.engine.batch import StepBatch
+from ember.runtime.lora.slots import DeviceSlots
+from ember.runtime.model.projections import Projection
+
+
+@dataclass(frozen=True)
+class LoRAStepMetadata:
+    num_decode: int
+    decode_masks: dict[int, torch.Tensor]  # parts per projection → [num_decode, used slots * parts * rank]
+    prefill_segments: list[tuple[slice, int]]  # (rows of one prefill chunk, its slot)
+
+
+class BatchedLoRA:
+    """The model's LoRA hook: adds each row's adapter delta to a fused projection's output, in place."""
+
+    def __init__(self, slots: DeviceSlots):
+        self.slots = slots
+
+    def step_metadata(self, batch: StepBatch) -> LoRAStepMetadata | None:
+        rows = batch.adapter_rows
+        if rows is None:
+            return None
+        nd, slots = batch.num_decode, self.slots
+        masks = {}
+        if nd and bool((rows[:nd] >= 0).any()):
+            used = int(rows[:nd].max()) + 1
+            for parts in {len(p) for p in slots.parts.values()}:
+                slot_of_row = torch.arange(used, device=slots.device).repeat_interleave(parts * slots.max_rank)
+                masks[parts] = (rows[:nd, None] == slot_of_row[None, :]).to(slots.dtype)
+        segments = [(slice(c.start, c.start + c.length), int(rows[c.start]))
+                    for c in batch.prefills if int(rows[c.start]) >= 0]
+        return LoRAStepMetadata(nd, masks, segments)
+
+    def __call__(self, layer: int, projection: Projection, x: torch.Tensor, out: torch.Tensor,
+                 step: LoRAStepMetadata) -> torch.Tensor:
+        slots = self.slots
+        if not slots.targeted[projection]:
+            return out
+        a, bt = slots.a[layer][projection], slots.bt[layer][projection]
+        nd = step.num_decode
+        if step.decode_masks:
+            mask = step.decode_masks[len(slots.parts[projection])]
+            used = mask.shape[1]
+            out[:nd] += ((x[:nd] @ a[:used].t()) * mask) @ bt[:used]
+        for rows, slot in step.prefill_segments:
+            ranks = slots.rows(projection, slot)
+            out[rows] += (x[rows] @ a[ranks].t()) @ bt[ranks]
+        return out

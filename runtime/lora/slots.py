@@ -1,0 +1,96 @@
+"""`max_loras` adapter slots on the device: stacked A and B weights per layer and fused projection.
+
+Per layer and fused projection with P parts: A as [slots * P * rank, in] and B transposed as
+[slots * P * rank, out], slot-major so the active slots are a prefix. The A of q, k and v sit side by
+side and B is block-diagonal, so one shrink and one expand serve all three. Slots are padded to
+`max_rank`; the LoRA scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) is folded into B. A projection's
+stacks are allocated when the first adapter targeting it arrives (q/v-only adapters need no MLP stacks).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from ember.provider.domain.model_files import module_shapes
+from ember.runtime.lora.adapters import LoRAAdapter, base_config
+from ember.runtime.model.config import ModelConfig
+from ember.runtime.model.projections import Projection, lora_parts
+
+
+class DeviceSlots:
+    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+        self.config, self.max_loras, self.max_rank, self.device, self.dtype = config, max_loras, max_rank, device, dtype
+        self.parts = lora_parts(config)
+        self.a: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        self.bt: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        self.names: list[str | None] = [None] * max_loras
+        self.touched: list[tuple[Projection, ...]] = [()] * max_loras  # projections each slot's adapter targets
+        self.last_used: list[int] = [0] * max_loras  # the step that last used each slot, for LRU eviction
+        self.targeted: Counter[Projection] = Counter()  # projection → slots whose adapter targets it
+        self._step = 0
+
+    def activate(self, names: set[str], adapter: Callable[[str], LoRAAdapter]) -> dict[str, int]:
+        """Put every adapter of this step in a slot (evicting the least recently used others)."""
+        if len(names) > self.max_loras:
+            raise ValueError(f"a step may use at most max_loras={self.max_loras} adapters, got {len(names)}")
+        self._step += 1
+        slots = {name: self.names.index(name) for name in names if name in self.names}
+        for name in names - slots.keys():
+            free = [i for i, s in enumerate(self.names) if s is None]
+            candidates = free or [i for i, s in enumerate(self.names) if s not in names]
+            slot = min(candidates, key=lambda i: (self.names[i] is not None, self.last_used[i]))
+            self._fill(slot, adapter(name))
+            slots[name] = slot
+        for slot in slots.values():
+            self.last_used[slot] = self._step
+        return slots
+
+    def evict(self, name: str) -> None:
+        """Empty the slot holding `name`, if any (the adapter left, or its weights changed)."""
+        if name in self.names:
+            self._clear(self.names.index(name))
+
+    def rows(self, projection: Projection, slot: int) -> slice:
+        width = len(self.parts[projection]) * self.max_rank
+        return slice(slot * width, (slot + 1) * width)
+
+    def _stacks(self, projection: Projection, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if projection not in self.a[layer]:
+            parts = self.parts[projection]
+            height = self.max_loras * len(parts) * self.max_rank
+            fan_in = module_shapes(base_config(self.config))[parts[0].module][0]
+            fan_out = sum(part.width for part in parts)
+            self.a[layer][projection] = torch.zeros(height, fan_in, device=self.device, dtype=self.dtype)
+            self.bt[layer][projection] = torch.zeros(height, fan_out, device=self.device, dtype=self.dtype)
+        return self.a[layer][projection], self.bt[layer][projection]
+
+    def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
+        if self.names[slot] is not None:
+            self._clear(slot)
+        touched = tuple(p for p, parts in self.parts.items() if any(part.module in adapter.weights for part in parts))
+        for projection in touched:
+            self.targeted[projection] += 1
+            base = self.rows(projection, slot).start
+            for layer in range(self.config.num_hidden_layers):
+                a_stack, bt_stack = self._stacks(projection, layer)
+                for p, part in enumerate(self.parts[projection]):
+                    if part.module not in adapter.weights:
+                        continue
+                    a, b = adapter.weights[part.module]
+                    rows = slice(base + p * self.max_rank, base + p * self.max_rank + adapter.rank)
+                    a_stack[rows] = a[layer].to(self.device, self.dtype)
+                    bt_stack[rows, part.first : part.first + part.width] = \
+                        (b[layer] * adapter.scaling).t().to(self.device, self.dtype)
+        self.names[slot], self.touched[slot] = adapter.name, touched
+
+    def _clear(self, slot: int) -> None:
+        for projection in self.touched[slot]:
+            rows = self.rows(projection, slot)
+            for layer in range(self.config.num_hidden_layers):
+                self.a[layer][projection][rows] = 0
+                self.bt[layer][projection][rows] = 0
+            self.targeted[projection] -= 1
+        self.names[slot], self.touched[slot] = None, ()
