@@ -21,7 +21,9 @@ import pulumi
 from pulumi.dynamic import Resource
 
 from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
-from ember.provider.providers.base import DeploymentProvider, LoRAAddonProvider, ModelProvider
+from ember.provider.providers.deployment import DeploymentProvider
+from ember.provider.providers.lora_addon import LoRAAddonProvider
+from ember.provider.providers.model import ModelProvider
 from ember.provider.domain.spec import normalise_source
 
 

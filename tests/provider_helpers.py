@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 from ember.provider.backends import processes
-from ember.provider.providers.base import PROVIDERS, ProviderConfig
+from ember.provider.providers.base import ProviderConfig
+from ember.provider.providers.registry import PROVIDERS
 from ember.runtime import tinymodels
 
 

@@ -1,5 +1,6 @@
 import pytest
 
+from ember.provider.backends.store import StoreLayout
 from ember.provider.domain import catalog
 
 # Published parameter counts (the models' safetensors index totals / model cards).
@@ -21,5 +22,5 @@ def test_parameter_counts_match_the_published_models(model_id, count):
 
 def test_catalog_entries_point_into_the_store():
     assert set(PUBLISHED) == set(catalog.CATALOG)
-    assert catalog.lookup("llama-v3p1-8b-instruct").store_path == "catalog/llama-v3p1-8b-instruct"
+    assert StoreLayout("s3://bucket/ember").catalog("llama-v3p1-8b-instruct") == "s3://bucket/ember/catalog/llama-v3p1-8b-instruct"
     assert catalog.lookup("not-a-model") is None

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from ember.provider.providers.base import EmberError
+from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.store import Store
 from ember.runtime import tinymodels
 
@@ -98,7 +99,7 @@ def fake_deployment(cfg, name, base, max_lora_rank=64):
     """A deployment record as Deployment.create writes it (no replica needed to test the refusals)."""
     account, _, deployment_id = name.split("/")[1:4]
     Store(cfg.store_url, cfg.state_dir / "locks").write_deployment_record(
-        account, deployment_id, {"name": name, "base_model": base, "serverless": False, "max_lora_rank": max_lora_rank})
+        DeploymentRecord(name=name, base_model=base, max_lora_rank=max_lora_rank))
 
 
 # (name, kind, make, fragment, the field whose check refuses it at preview too, or None where only create can know)

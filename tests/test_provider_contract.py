@@ -12,10 +12,13 @@ import subprocess
 import sys
 
 import pytest
+from pulumi.dynamic import DiffResult
 
-from ember.provider.providers.base import EmberError
-from ember.provider.tools.runner import OfflineRunner, RunError, run_with_pulumi
+from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.store import Store
+from ember.provider.providers.base import EmberError
+from ember.provider.providers.lora_addon import LoRAAddonProvider
+from ember.provider.tools.runner import OfflineRunner, RunError, run_with_pulumi
 
 from provider_helpers import alive, config, make_models, provider, store_entries
 
@@ -34,9 +37,8 @@ def checked(p, news, olds=None):
 def test_a_refused_deployment_create_leaves_the_live_deployment_running(tmp_path):
     cfg = config(tmp_path)
     store = Store(cfg.store_url, cfg.state_dir / "locks")
-    record = {"name": "accounts/acme/deployments/prod", "base_model": BASE, "serverless": False, "max_lora_rank": 64,
-              "cluster": "local", "created": True}
-    store.write_deployment_record("acme", "prod", record)
+    record = DeploymentRecord(name="accounts/acme/deployments/prod", base_model=BASE)
+    store.write_deployment_record(record)
     store.change_desired_addons("acme", "prod", lambda d: d.update({"accounts/acme/models/pirate": "objects/x"}))
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     replicas = cfg.state_dir / "replicas" / "acme" / "prod.json"
@@ -241,12 +243,11 @@ def test_delete_before_replace_false_creates_the_replacement_first(program, monk
     run, cfg = program
     run({})
     calls = []
-    from ember.provider.providers import base as providers
     for kind in ("create", "delete"):
-        original = getattr(providers.LoRAAddonProvider, kind)
-        monkeypatch.setattr(providers.LoRAAddonProvider, kind,
+        original = getattr(LoRAAddonProvider, kind)
+        monkeypatch.setattr(LoRAAddonProvider, kind,
                             lambda self, *a, _k=kind, _o=original: (calls.append(_k), _o(self, *a))[1])
-    monkeypatch.setattr(providers.LoRAAddonProvider, "diff", lambda self, *a: providers.DiffResult(
+    monkeypatch.setattr(LoRAAddonProvider, "diff", lambda self, *a: DiffResult(
         changes=True, replaces=["source_digest"], delete_before_replace=False))
     with pytest.raises(EmberError, match="already exists"):  # a same-name replacement needs the old one gone first
         run({})

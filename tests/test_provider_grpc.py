@@ -11,7 +11,10 @@ from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.runtime import rpc
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
-from ember.provider.providers.base import DeploymentProvider, LoRAAddonProvider, ModelProvider, has_unknown
+from ember.provider.providers.base import has_unknown
+from ember.provider.providers.deployment import DeploymentProvider
+from ember.provider.providers.lora_addon import LoRAAddonProvider
+from ember.provider.providers.model import ModelProvider
 
 from provider_helpers import make_models, store_entries, config
 

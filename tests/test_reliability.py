@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
-from ember.provider.providers.base import PROVIDERS
+from ember.provider.providers.registry import PROVIDERS
 from ember.provider.tools.runner import OfflineRunner
 from ember.provider.domain.spec import DeploymentArgs, LoRAAddonArgs, ModelArgs, SpecError, parse
 from ember.runtime import tinymodels

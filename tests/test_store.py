@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+from ember.provider.backends.records import AddonManifest
 from ember.provider.backends.store import Store, StoreError
 from ember.provider.domain.digests import file_digests, tree_digest
 
@@ -21,7 +22,7 @@ def test_put_is_content_addressed_and_idempotent(store, tmp_path, tiny_model):
     objects = [p for p in (tmp_path / "store" / "objects").iterdir()]
     assert [p.name for p in objects] == [digest.removeprefix("sha256:")]
     store.verify_object(digest)
-    assert store.local_path(store.object_url(digest)) == objects[0]
+    assert store.local_path(store.urls.object(digest)) == objects[0]
 
 
 def test_corruption_and_interrupted_uploads_are_never_served(store, tmp_path, tiny_model):
@@ -56,9 +57,10 @@ def test_staging_of_a_dead_upload_is_swept_and_a_live_one_kept(store, tmp_path, 
 
 
 def test_manifests_are_written_whole(store):
-    store.write_manifest("acme", "m", {"name": "accounts/acme/models/m", "digest": "sha256:1"})
-    assert store.read_manifest("acme", "m")["digest"] == "sha256:1"
-    assert [m["name"] for m in store.manifests()] == ["accounts/acme/models/m"]
+    store.write_manifest(AddonManifest(name="accounts/acme/models/m", digest="sha256:1", object="objects/1",
+                                       base_model="accounts/acme/models/base", rank=8, target_modules=["q_proj"]))
+    assert store.read_manifest("acme", "m").digest == "sha256:1"
+    assert [m.name for m in store.manifests()] == ["accounts/acme/models/m"]
     store.delete_manifest("acme", "m")
     assert store.read_manifest("acme", "m") is None
 

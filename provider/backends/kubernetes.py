@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 import pulumi
 import pulumi_kubernetes as k8s
 
+from ember.provider.backends.runtime_command import serve_arguments
+from ember.provider.backends.store import StoreLayout
 from ember.provider.domain.names import parse_model_name
 from ember.provider.resources import Deployment, DeploymentArgs, Model, _props, default_id
 from ember.provider.domain.spec import AcceleratorType, DeploymentArgs as DeploymentSpec, parse
@@ -72,23 +74,6 @@ def container_resources(spec: DeploymentSpec, cpu: str, memory: str) -> dict:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def runtime_args(spec: DeploymentSpec, store_url: str, model_url: pulumi.Input[str],
-                 base_name: pulumi.Input[str]) -> pulumi.Output:
-    desired = f"{store_url}/deployments/{spec.account_id}/{spec.deployment_id}/addons.json"
-    fixed = ["--deployment", spec.name, "--keys", f"{store_url}/keys.json",
-             "--usage", store_url, "--desired-addons", desired, "--host", "0.0.0.0", "--port", str(RUNTIME_PORT),
-             "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank),
-             "--dtype", spec.precision.value, "--accelerator-type", spec.accelerator_type.value,
-             "--accelerator-count", str(spec.accelerator_count)]
-    if spec.deployment_type.value == "serverless":
-        fixed.append("--serverless")
-    if spec.request_logging.enabled:
-        fixed += ["--request-log", "/var/log/ember/requests.jsonl", "--retention-days",
-                  str(spec.request_logging.retention_days)]
-    return pulumi.Output.all(model_url, base_name).apply(
-        lambda values: ["serve", "--model-dir", values[0], "--base-model", values[1], *fixed])
-
-
 class KubernetesDeployment(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]  # the Service's in-cluster URL
     deployment: Deployment
@@ -101,12 +86,13 @@ class KubernetesDeployment(pulumi.ComponentResource):
         plain = _props(args) | {"base_model": PLACEHOLDER_BASE if from_resource else args.base_model}
         # Validated here with the plain values, so a bad spec fails `pulumi preview` before any object is planned.
         spec = parse(DeploymentSpec, {k: v for k, v in plain.items() if k in DeploymentSpec.model_fields})
+        store = StoreLayout(cluster.store_url)
         if from_resource:
             base_name = args.base_model.name
-            model_url = args.base_model.digest.apply(lambda d: f"{cluster.store_url}/objects/{d.removeprefix('sha256:')}")
+            model_url = args.base_model.digest.apply(store.object)
         else:
             base_name = args.base_model
-            model_url = f"{cluster.store_url}/catalog/{parse_model_name(args.base_model).resource_id}"
+            model_url = store.catalog(parse_model_name(args.base_model).resource_id)
         self.deployment = Deployment(resource_name, args, pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
         pod_labels = labels(spec, base_name)
@@ -122,7 +108,9 @@ class KubernetesDeployment(pulumi.ComponentResource):
             "name": "runtime",
             "image": cluster.image,
             "command": ["python", "-m", "ember.runtime"],
-            "args": runtime_args(spec, cluster.store_url, model_url, base_name),
+            "args": pulumi.Output.all(model_url, base_name).apply(lambda values: serve_arguments(
+                spec, values[0], values[1], store, cluster.store_url, "/var/log/ember/requests.jsonl")
+                + ["--host", "0.0.0.0", "--port", str(RUNTIME_PORT)]),
             "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
             "envFrom": [{"secretRef": {"name": secret.metadata["name"]}}],
             "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.provider.backends.processes import alive
-from ember.provider.domain.spec import AcceleratorType, DeploymentArgs, DeploymentType
+from ember.provider.domain.spec import AcceleratorType, DeploymentArgs
 
 
 class ClusterError(RuntimeError):
@@ -30,7 +30,7 @@ class ClusterError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Replica:
+class ReplicaProcess:
     pid: int
     port: int
     log: str
@@ -68,11 +68,11 @@ class LocalCluster:
     def _record(self, account: str, deployment: str) -> Path:
         return self.state_dir / "replicas" / account / f"{deployment}.json"
 
-    def replicas(self, account: str, deployment: str) -> list[Replica]:
+    def replicas(self, account: str, deployment: str) -> list[ReplicaProcess]:
         path = self._record(account, deployment)
-        return [Replica(**r) for r in json.loads(path.read_text())] if path.exists() else []
+        return [ReplicaProcess(**r) for r in json.loads(path.read_text())] if path.exists() else []
 
-    def _save(self, account: str, deployment: str, replicas: list[Replica]) -> None:
+    def _save(self, account: str, deployment: str, replicas: list[ReplicaProcess]) -> None:
         path = self._record(account, deployment)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -90,7 +90,7 @@ class LocalCluster:
         # No autoscaler runs locally: the floor of the range is served, and at least one replica.
         return max(spec.min_replicas, 1)
 
-    def health(self, replica: Replica) -> dict | None:
+    def health(self, replica: ReplicaProcess) -> dict | None:
         if not alive(replica.pid):
             return None
         try:
@@ -98,7 +98,7 @@ class LocalCluster:
         except (urllib.error.URLError, OSError, ValueError):
             return None
 
-    def scale(self, spec: DeploymentArgs, command: list[str], key: str) -> list[Replica]:
+    def scale(self, spec: DeploymentArgs, command: list[str], key: str) -> list[ReplicaProcess]:
         """Start or stop replicas until `replica_count(spec)` healthy ones run; existing ones are kept."""
         account, deployment = spec.account_id, spec.deployment_id
         replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
@@ -138,19 +138,19 @@ class LocalCluster:
         path.write_text(json.dumps(ports | {str(index): port}))
         return port
 
-    def _start(self, spec: DeploymentArgs, command: list[str], index: int) -> Replica:
+    def _start(self, spec: DeploymentArgs, command: list[str], index: int) -> ReplicaProcess:
         port = self._port(spec, index)
         log_dir = self.state_dir / "logs" / spec.account_id
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"{spec.deployment_id}-{index}-{port}.log"
         with log.open("w") as out:
-            process = subprocess.Popen([sys.executable, "-m", "ember.runtime", "serve", *command, "--port", str(port)],
+            process = subprocess.Popen([sys.executable, "-m", "ember.runtime", *command, "--port", str(port)],
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         self.progress(f"started replica {index} of {spec.account_id}/{spec.deployment_id} on port {port} (pid {process.pid})")
-        return Replica(process.pid, port, str(log))
+        return ReplicaProcess(process.pid, port, str(log))
 
-    def _wait_ready(self, replica: Replica) -> None:
+    def _wait_ready(self, replica: ReplicaProcess) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if not alive(replica.pid):
@@ -173,13 +173,13 @@ class LocalCluster:
                            f"{self._tail(replica)}")
 
     @staticmethod
-    def _tail(replica: Replica) -> str:
+    def _tail(replica: ReplicaProcess) -> str:
         try:
             return " | ".join(Path(replica.log).read_text().strip().splitlines()[-3:])
         except OSError:
             return "(no log)"
 
-    def _stop(self, replica: Replica) -> None:
+    def _stop(self, replica: ReplicaProcess) -> None:
         if not alive(replica.pid):
             return
         try:
@@ -230,17 +230,3 @@ class LocalCluster:
         healthy = [(r, h) for r in replicas if (h := self.health(r)) and h.get("status") == "ready"]
         loaded = set.intersection(*(set(h.get("addons", [])) for _, h in healthy)) if healthy else set()
         return [r.url for r, _ in healthy], len(healthy), loaded
-
-
-def serve_command(spec: DeploymentArgs, model_dir: Path, base_model: str, keys_url: str, usage_url: str,
-                  desired_addons_url: str, request_log: Path | None) -> list[str]:
-    command = ["--model-dir", str(model_dir), "--deployment", spec.name, "--base-model", base_model,
-               "--keys", keys_url, "--usage", usage_url, "--desired-addons", desired_addons_url,
-               "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank),
-               "--dtype", spec.precision.value, "--accelerator-type", spec.accelerator_type.value,
-               "--accelerator-count", str(spec.accelerator_count)]
-    if spec.deployment_type is DeploymentType.SERVERLESS:
-        command.append("--serverless")
-    if spec.request_logging.enabled and request_log is not None:
-        command += ["--request-log", str(request_log), "--retention-days", str(spec.request_logging.retention_days)]
-    return command

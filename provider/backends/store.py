@@ -30,31 +30,61 @@ from pathlib import Path
 import fsspec
 
 from ember.provider.backends.processes import alive
+from ember.provider.backends.records import MANIFEST, DeploymentRecord, Manifest
+from ember.provider.domain.accounts import Accounts
 from ember.provider.domain.digests import file_digests, tree_digest
+from ember.provider.domain.names import parse_deployment_name, parse_model_name
 
 
 class StoreError(RuntimeError):
     pass
 
 
+class StoreLayout:
+    """Where each thing lives under a store root (a URL or an fsspec path). String arithmetic only, so a
+    Kubernetes program can name the URLs its pods will read without reaching the store."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def object(self, digest: str) -> str:
+        return self._join("objects", digest.removeprefix("sha256:"))
+
+    def uploads(self, name: str = "*") -> str:
+        return self._join("objects", f".upload-{name}")
+
+    def catalog(self, catalog_id: str) -> str:
+        return self._join("catalog", catalog_id)
+
+    def manifest(self, account: str, model_id: str) -> str:
+        return self._join("models", account, f"{model_id}.json")
+
+    def deployment(self, account: str, deployment: str) -> str:
+        return self._join("deployments", account, deployment)
+
+    def desired_addons(self, account: str, deployment: str) -> str:
+        return self._join("deployments", account, deployment, "addons.json")
+
+    def deployment_record(self, account: str, deployment: str) -> str:
+        return self._join("deployments", account, deployment, "deployment.json")
+
+    @property
+    def keys(self) -> str:
+        return self._join("keys.json")
+
+
 class Store:
     def __init__(self, url: str, lock_dir: str | Path):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
         self.lock_dir = Path(lock_dir)
-
-    # -- paths -----------------------------------------------------------------------------------------
-
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def object_url(self, digest: str) -> str:
-        return self._url("objects", digest.removeprefix("sha256:"))
-
-    def _url(self, *parts: str) -> str:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        path = self._path(*parts)
-        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+        self.is_local = protocol in ("file", "local")
+        self.paths = StoreLayout(root)  # for this process's fsspec calls
+        self.urls = StoreLayout(root if self.is_local else f"{protocol}://{root}")  # for replicas and manifests
 
     def local_path(self, url: str) -> Path:
         """A directory the runtime can read; only file stores are readable in place."""
@@ -62,24 +92,17 @@ class Store:
             raise StoreError(f"{url}: replicas on the local cluster read file:// stores only")
         return Path(url.removeprefix("file://"))
 
-    def desired_addons_url(self, account: str, deployment: str) -> str:
-        return self._url("deployments", account, deployment, "addons.json")
-
-    @property
-    def keys_url(self) -> str:
-        return self._url("keys.json")
-
     # -- objects -----------------------------------------------------------------------------------------
 
     def put_directory(self, source: Path, progress: Callable[[str], None] = lambda _: None) -> tuple[str, dict[str, str]]:
         """Upload a directory content-addressed; returns (digest, file digests). Idempotent."""
         digests = file_digests(source)
         digest = tree_digest(digests)
-        final = self._path("objects", digest.removeprefix("sha256:"))
+        final = self.paths.object(digest)
         if self.fs.exists(f"{final}/.complete"):
             return digest, digests
         self._sweep_abandoned_uploads()
-        staging = self._path("objects", f".upload-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+        staging = self.paths.uploads(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
         total = len(digests)
         for i, name in enumerate(sorted(digests), start=1):
             self.fs.makedirs(os.path.dirname(f"{staging}/{name}"), exist_ok=True)
@@ -96,49 +119,41 @@ class Store:
 
     def _sweep_abandoned_uploads(self) -> None:
         """Remove the staging folders of uploads whose process died (a killed `up`) on this host."""
-        for path in self.fs.glob(self._path("objects", ".upload-*")):
+        for path in self.fs.glob(self.paths.uploads()):
             host, _, rest = path.rsplit("/", 1)[-1].removeprefix(".upload-").rpartition("-")[0].rpartition("-")
             if host == socket.gethostname() and rest.isdigit() and not alive(int(rest)):
                 self.fs.rm(path, recursive=True)
 
     def verify_object(self, digest: str) -> None:
         """Raise unless every file of an object is present with its recorded digest."""
-        path = self._path("objects", digest.removeprefix("sha256:"))
+        path = self.paths.object(digest)
         if not self.fs.exists(f"{path}/.complete"):
             raise StoreError(f"object {digest} is not in the store (or its upload never finished)")
         recorded = json.loads(self.fs.cat_file(f"{path}/.complete"))
         if tree_digest(recorded) != digest:
             raise StoreError(f"object {digest}: its file list does not match its digest")
-        actual = file_digests(self.local_path(self._url("objects", digest.removeprefix("sha256:")))) if self._is_local else None
+        actual = file_digests(self.local_path(self.urls.object(digest))) if self.is_local else None
         if actual is not None:
             actual.pop(".complete", None)
             if actual != recorded:
                 bad = sorted(n for n in recorded if actual.get(n) != recorded[n])
                 raise StoreError(f"object {digest}: files {bad[:5]} do not match their digests (corrupt store?)")
 
-    @property
-    def _is_local(self) -> bool:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return protocol in ("file", "local")
-
     def delete_object(self, digest: str) -> None:
         """Remove an object nobody's manifest refers to any more."""
         if not digest.startswith("sha256:"):
             return
-        if any(m.get("digest") == digest for m in self.manifests()):
+        if any(m.digest == digest for m in self.manifests()):
             return
         self.discard_object(digest)
 
     def discard_object(self, digest: str) -> None:
         """Remove an object's files whoever refers to it: a damaged object, before it is uploaded again."""
-        path = self._path("objects", digest.removeprefix("sha256:"))
+        path = self.paths.object(digest)
         if digest.startswith("sha256:") and self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
     # -- manifests ---------------------------------------------------------------------------------------
-
-    def _manifest_path(self, account: str, model_id: str) -> str:
-        return self._path("models", account, f"{model_id}.json")
 
     def _write_json(self, path: str, data: Any) -> None:
         # Written aside and moved into place: a reader running beside the writer sees the old or the new
@@ -148,21 +163,25 @@ class Store:
         self.fs.pipe_file(tmp, json.dumps(data, indent=2, sort_keys=True).encode())
         self.fs.mv(tmp, path)
 
-    def write_manifest(self, account: str, model_id: str, manifest: dict) -> None:
-        self._write_json(self._manifest_path(account, model_id), manifest)
-
-    def read_manifest(self, account: str, model_id: str) -> dict | None:
-        path = self._manifest_path(account, model_id)
+    def _read_json(self, path: str) -> Any:
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
+    def write_manifest(self, manifest: Manifest) -> None:
+        name = parse_model_name(manifest.name)
+        self._write_json(self.paths.manifest(name.account_id, name.resource_id), manifest.to_json())
+
+    def read_manifest(self, account: str, model_id: str) -> Manifest | None:
+        raw = self._read_json(self.paths.manifest(account, model_id))
+        return None if raw is None else MANIFEST.validate_python(raw)
+
     def delete_manifest(self, account: str, model_id: str) -> None:
-        path = self._manifest_path(account, model_id)
+        path = self.paths.manifest(account, model_id)
         if self.fs.exists(path):
             self.fs.rm(path)
 
-    def manifests(self) -> Iterator[dict]:
-        for path in self.fs.glob(self._path("models", "*", "*.json")):
-            yield json.loads(self.fs.cat_file(path))
+    def manifests(self) -> Iterator[Manifest]:
+        for path in self.fs.glob(self.paths.manifest("*", "*")):
+            yield MANIFEST.validate_python(json.loads(self.fs.cat_file(path)))
 
     # -- desired addon sets --------------------------------------------------------------------------------
 
@@ -178,43 +197,46 @@ class Store:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def desired_addons(self, account: str, deployment: str) -> dict[str, str]:
-        path = self._path("deployments", account, deployment, "addons.json")
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+        return self._read_json(self.paths.desired_addons(account, deployment)) or {}
+
+    def desired_addon_sets(self) -> Iterator[tuple[str, str, dict[str, str]]]:
+        """(account, deployment, {addon: object URL}) of every deployment with a desired addon set."""
+        for path in self.fs.glob(self.paths.desired_addons("*", "*")):
+            account, deployment = path.split("/")[-3:-1]
+            yield account, deployment, self.desired_addons(account, deployment)
 
     def change_desired_addons(self, account: str, deployment: str, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
-        path = self._path("deployments", account, deployment, "addons.json")
+        path = self.paths.desired_addons(account, deployment)
         with self._locked(path):
             desired = self.desired_addons(account, deployment)
             change(desired)
             if desired or self.read_deployment_record(account, deployment) is not None:
                 self._write_json(path, desired)
             elif self.fs.exists(path):  # the last addon of a deleted deployment left: nothing of it remains
-                self.fs.rm(self._path("deployments", account, deployment), recursive=True)
+                self.fs.rm(self.paths.deployment(account, deployment), recursive=True)
             return desired
 
     # -- deployment records: what each deployment serves, for the addons that target it -------------------
 
-    def _deployment_record_path(self, account: str, deployment: str) -> str:
-        return self._path("deployments", account, deployment, "deployment.json")
+    def write_deployment_record(self, record: DeploymentRecord) -> None:
+        name = parse_deployment_name(record.name)
+        self._write_json(self.paths.deployment_record(name.account_id, name.resource_id), record.to_json())
 
-    def write_deployment_record(self, account: str, deployment: str, record: dict) -> None:
-        self._write_json(self._deployment_record_path(account, deployment), record)
+    def read_deployment_record(self, account: str, deployment: str) -> DeploymentRecord | None:
+        raw = self._read_json(self.paths.deployment_record(account, deployment))
+        return None if raw is None else DeploymentRecord.model_validate(raw)
 
-    def read_deployment_record(self, account: str, deployment: str) -> dict | None:
-        path = self._deployment_record_path(account, deployment)
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
-
-    def deployment_records(self) -> Iterator[dict]:
-        for path in self.fs.glob(self._deployment_record_path("*", "*")):
-            yield json.loads(self.fs.cat_file(path))
+    def deployment_records(self) -> Iterator[DeploymentRecord]:
+        for path in self.fs.glob(self.paths.deployment_record("*", "*")):
+            yield DeploymentRecord.model_validate(json.loads(self.fs.cat_file(path)))
 
     def delete_deployment(self, account: str, deployment: str) -> None:
         """Remove a deployment's record. Its desired addon set belongs to the addons declared on it and
         stays while it names any: a deployment that is replaced (deleted, then created again) serves them
         again, and the last addon to leave removes the set."""
-        path = self._path("deployments", account, deployment)
-        with self._locked(f"{path}/addons.json"):  # the lock change_desired_addons takes
-            record = self._deployment_record_path(account, deployment)
+        path = self.paths.deployment(account, deployment)
+        with self._locked(self.paths.desired_addons(account, deployment)):  # the lock change_desired_addons takes
+            record = self.paths.deployment_record(account, deployment)
             if self.desired_addons(account, deployment):
                 if self.fs.exists(record):
                     self.fs.rm(record)
@@ -225,13 +247,11 @@ class Store:
 
     def ensure_key(self, account: str, key_dir: Path) -> str:
         """The account's local API key (created once, kept mode 600 outside the store; only its hash inside)."""
-        from ember.provider.domain.accounts import Accounts  # key hashing lives with the code that checks keys (no torch)
-
         key_file = key_dir / f"{account}.key"
-        with self._locked(self.keys_url):
+        with self._locked(self.urls.keys):
             if key_file.exists():
                 return key_file.read_text().strip()
-            key = Accounts.add_key(self.keys_url, account)
+            key = Accounts.add_key(self.urls.keys, account)
             key_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

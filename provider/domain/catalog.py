@@ -1,8 +1,8 @@
 """The built-in catalog of well-known base models.
 
 Catalog model IDs are reserved: only a catalog model may use one, and only catalog models may be
-deployed serverless. Weights are not shipped: an entry says where an operator's model store keeps them
-(`store_path`, relative to the store URL), and the operator puts them there.
+deployed serverless. Weights are not shipped: an operator puts them in the model store, under
+`catalog/<model_id>`.
 """
 
 from __future__ import annotations
@@ -50,10 +50,6 @@ class CatalogModel:
     @property
     def parameter_count(self) -> int:
         return self.dims.parameter_count
-
-    @property
-    def store_path(self) -> str:
-        return f"catalog/{self.model_id}"
 
 
 def _llama3(hidden: int, inter: int, layers: int, heads: int, tied: bool = False) -> Architecture:

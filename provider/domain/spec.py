@@ -185,6 +185,7 @@ class AcceleratorType(str, Enum):
 # A LoRA rank beyond this is a full fine-tune in disguise and would not batch well with the rest.
 MAX_LORA_RANK = 256
 LORA_RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
+DEFAULT_MAX_LORA_RANK = 64
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_REPLICAS = 64
 MAX_RETENTION_DAYS = 365
@@ -460,7 +461,7 @@ class DeploymentArgs(Spec):
     max_replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     autoscaling: AutoscalingPolicy = AutoscalingPolicy()
     max_loras: int = Field(8, ge=1, le=128, description="addons active on the accelerator at once (more wait in host memory)")
-    max_lora_rank: int = Field(64, json_schema_extra={"enum": list(LORA_RANK_BUCKETS)})
+    max_lora_rank: int = Field(DEFAULT_MAX_LORA_RANK, json_schema_extra={"enum": list(LORA_RANK_BUCKETS)})
     request_logging: RequestLogging = RequestLogging()
     display_name: DisplayName | None = None
     description: Text | None = None

@@ -35,7 +35,8 @@ from pulumi.runtime.sync_await import _sync_await
 
 from ember.provider.policy.check import RecordingMonitor, Registration
 from ember.provider.providers import diff_rules
-from ember.provider.providers.base import PROVIDER_KEY, PROVIDERS, ProviderConfig, _Provider, has_unknown
+from ember.provider.providers.base import PROVIDER_KEY, EmberProvider, ProviderConfig, has_unknown
+from ember.provider.providers.registry import PROVIDERS
 
 
 class RunError(RuntimeError):
@@ -158,7 +159,7 @@ class OfflineRunner:
         self.registrations: list[Registration] = []  # the last run's resources, as a policy pack sees them
         self._lock = threading.Lock()
 
-    def _provider(self, kind: str) -> _Provider:
+    def _provider(self, kind: str) -> EmberProvider:
         provider = PROVIDERS[kind]()
         provider._config = self.config
         return provider
@@ -219,7 +220,7 @@ class OfflineRunner:
         self._record(Step("same", kind, name))
         return previous["id"], previous["outputs"]
 
-    def _imported(self, provider: _Provider, kind: str, name: str, import_id: str, news: dict) -> dict:
+    def _imported(self, provider: EmberProvider, kind: str, name: str, import_id: str, news: dict) -> dict:
         result = provider.read(import_id, news | {PROVIDER_KEY: ""})
         if not result.id:
             raise RunError(f"{kind} {name}: import of {import_id}: it does not exist")

@@ -1,0 +1,186 @@
+"""The LoRAAddon provider: an adapter uploaded to the store as a model of its account, put in the desired
+addon set of every deployment it targets, and waited for until their replicas serve it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
+
+from ember.provider.backends.local_cluster import ClusterError
+from ember.provider.backends.records import AddonManifest, DeploymentRecord
+from ember.provider.backends.store import StoreError
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, read_config
+from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, LoRAAddonArgs
+from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source
+
+
+class LoRAAddonProvider(EmberProvider):
+    spec_cls = LoRAAddonArgs
+    derived = ("base_model_digest", "source_digest")
+
+    def check_known(self, spec: LoRAAddonArgs, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
+        failures = self._base_failures(spec.base_model, unknown, references)
+        if "source" in unknown or "://" in spec.source:
+            return failures
+        if not Path(spec.source).exists():
+            return failures + [("source", f"{spec.source!r} does not exist")]
+        try:  # headers only; against the base model's config.json when its files are here too
+            base = (references.get("base_model") or {}).get("source") if "base_model" not in unknown else None
+            base_config = read_config(base) if isinstance(base, str) and (Path(base) / "config.json").is_file() else None
+            rank = inspect_adapter(spec.source, base_config).rank
+        except (ModelFilesError, ValueError, KeyError, OSError) as exc:
+            return failures + [("source", str(exc))]
+        targets = references.get("deployments") if "deployments" not in unknown else None
+        for i, name in enumerate(spec.deployments):
+            facts = (targets or {}).get(name)
+            if not isinstance(facts, dict) or has_unknown(facts):
+                continue
+            if "base_model" not in unknown and facts.get("base_model") != spec.base_model:
+                failures.append((f"deployments[{i}]", f"{name} serves base model {facts.get('base_model')}, not "
+                                                      f"this addon's base {spec.base_model}"))
+            max_rank = int(facts.get("max_lora_rank") or DEFAULT_MAX_LORA_RANK)
+            if rank > max_rank:
+                failures.append(("source", f"rank {rank} is above {name}'s max_lora_rank {max_rank}"))
+        return failures
+
+    def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
+        # A refresh found the addon not served on a deployment it is declared on: the next `up` loads it again.
+        deployed, wanted = olds.get("deployed_on"), news.get("deployments")
+        return isinstance(deployed, list) and isinstance(wanted, list) and not has_unknown(wanted) and \
+            not set(wanted) <= set(deployed)
+
+    def _targets(self, spec: LoRAAddonArgs) -> list[tuple[str, str, DeploymentRecord]]:
+        """(account, deployment id, record) of every deployment this addon must be served on."""
+        store = self.store
+        targets = []
+        for name in spec.deployments:
+            parsed = parse_deployment_name(name)
+            record = store.read_deployment_record(parsed.account_id, parsed.resource_id)
+            if record is None:
+                raise EmberError(f"deployments: {name} does not exist; create the Deployment first")
+            if record.base_model != spec.base_model:
+                raise EmberError(f"deployments: {name} serves base model {record.base_model}, not this addon's "
+                                 f"base {spec.base_model}")
+            targets.append((parsed.account_id, parsed.resource_id, record))
+        if spec.serverless:
+            for record in store.deployment_records():
+                if record.serverless and record.base_model == spec.base_model:
+                    parsed = parse_deployment_name(record.name)
+                    targets.append((parsed.account_id, parsed.resource_id, record))
+        return targets
+
+    def _apply(self, spec: LoRAAddonArgs, manifest: AddonManifest, previous: list[tuple[str, str, DeploymentRecord]]
+               ) -> list[str]:
+        """Put the addon in the desired set of exactly its target deployments and wait until replicas agree."""
+        store, cluster = self.store, self.cluster
+        targets = self._targets(spec)
+        for account, deployment, record in targets:
+            if manifest.rank > record.max_lora_rank:
+                raise EmberError(f"source: rank {manifest.rank} is above {record.name}'s max_lora_rank "
+                                 f"{record.max_lora_rank}")
+        if targets:  # the addon's own account calls it with its key (a serverless tenant has no other resource)
+            store.ensure_key(spec.account_id, self.config.state_dir / "keys")
+        keep = {(a, d) for a, d, _ in targets}
+        for account, deployment, _ in previous:
+            if (account, deployment) not in keep:
+                self._withdraw(spec.name, account, deployment)
+        for account, deployment, record in targets:
+            store.change_desired_addons(account, deployment, lambda d: d.__setitem__(spec.name, manifest.object))
+            if record.cluster == "kubernetes":
+                continue  # pods poll the desired set in the store
+            key = store.ensure_key(account, self.config.state_dir / "keys")
+            progress(f"loading {spec.name} on {record.name}")
+            cluster.reconcile_addons(account, deployment, key, {spec.name}, set())
+        return sorted(record.name for _, _, record in targets)
+
+    def _withdraw(self, name: str, account: str, deployment: str) -> None:
+        store = self.store
+        store.change_desired_addons(account, deployment, lambda d: d.pop(name, None))
+        try:
+            self.cluster.reconcile_addons(account, deployment, store.ensure_key(account, self.config.state_dir / "keys"),
+                                          set(), {name})
+        except ClusterError as exc:
+            progress(f"could not unload {name} from {account}/{deployment}: {exc}")
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        spec: LoRAAddonArgs = self._spec(props)
+        store = self.store
+        base = base_manifest(store, spec.base_model)
+        if store.read_manifest(spec.account_id, spec.model_id) is not None:
+            raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
+        source = staged_source(spec.source)
+        try:
+            info = inspect_adapter(source, base.config)
+        except ModelFilesError as exc:
+            raise EmberError(f"source: {exc}") from None
+        digest, _ = store.put_directory(source, progress)
+        manifest = AddonManifest(name=spec.name, digest=digest, object=store.urls.object(digest), base_model=spec.base_model,
+                                 rank=info.rank, target_modules=list(info.target_modules), created=time.time(),
+                                 inputs=self._inputs(props))
+        store.write_manifest(manifest)
+        try:
+            deployed = self._apply(spec, manifest, [])
+        except (EmberError, ClusterError, StoreError) as exc:
+            self._undo(spec, manifest.digest)
+            raise EmberError(str(exc)) from None
+        return CreateResult(spec.name, props | self._outputs(manifest, deployed))
+
+    def _undo(self, spec: LoRAAddonArgs, digest: str) -> None:
+        for account, deployment, desired in list(self.store.desired_addon_sets()):
+            if spec.name in desired:
+                self._withdraw(spec.name, account, deployment)
+        self.store.delete_manifest(spec.account_id, spec.model_id)
+        self.store.delete_object(digest)
+
+    @staticmethod
+    def _outputs(manifest: AddonManifest, deployed: list[str]) -> dict[str, Any]:
+        return {"name": manifest.name, "state": manifest.state.value, "digest": manifest.digest, "rank": manifest.rank,
+                "target_modules": manifest.target_modules, "deployed_on": deployed, "message": manifest.message}
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        old_spec, spec = self._spec(olds), self._spec(news)
+        manifest = self.store.read_manifest(spec.account_id, spec.model_id)
+        if manifest is None:
+            raise EmberError(f"{spec.name} is missing from the store; run `refresh` and `up` to recreate it")
+        try:
+            previous = self._targets(old_spec)
+        except EmberError:  # an old target was deleted meanwhile: nothing to withdraw from it
+            previous = []
+        try:
+            deployed = self._apply(spec, manifest, previous)
+        except (ClusterError, StoreError) as exc:
+            raise EmberError(str(exc)) from None
+        manifest = manifest.model_copy(update={"inputs": self._inputs(news)})
+        self.store.write_manifest(manifest)
+        return UpdateResult(news | self._outputs(manifest, deployed))
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        spec, by_id = self._read_spec(id_, props)
+        name = parse_model_name(id_ if by_id else spec.name)
+        manifest = self.store.read_manifest(name.account_id, name.resource_id)
+        if not isinstance(manifest, AddonManifest):
+            return ReadResult("", {})
+        if by_id:
+            props = manifest.inputs
+            spec = self._spec(props)
+        deployed = []
+        for account, deployment, record in self._safe_targets(spec):
+            _, ready, loaded = self.cluster.status(account, deployment)
+            if record.cluster == "kubernetes" or (ready and spec.name in loaded):
+                deployed.append(record.name)
+        return ReadResult(spec.name, props | self._outputs(manifest, sorted(deployed)), props if by_id else None)
+
+    def _safe_targets(self, spec: LoRAAddonArgs) -> list[tuple[str, str, DeploymentRecord]]:
+        try:
+            return self._targets(spec)
+        except EmberError:
+            return []
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        spec: LoRAAddonArgs = self._spec(props)
+        manifest = self.store.read_manifest(spec.account_id, spec.model_id)
+        self._undo(spec, manifest.digest if manifest else props.get("digest") or "")

@@ -1,0 +1,115 @@
+"""The Model provider: a base model's weights uploaded content-addressed to the store, with a manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
+
+from ember.provider.backends.records import BaseModelManifest
+from ember.provider.backends.store import StoreError
+from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
+from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.spec import ModelArgs, ModelState
+from ember.provider.providers.base import EmberError, EmberProvider, progress, staged_source
+
+
+class ModelProvider(EmberProvider):
+    spec_cls = ModelArgs
+    derived = ("source_digest",)
+
+    def check_known(self, spec: ModelArgs, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
+        if "source" in unknown or spec.source is None or "://" in spec.source:
+            return []
+        if not Path(spec.source).exists():
+            return [("source", f"{spec.source!r} does not exist")]
+        try:  # headers and config.json only: what a replica would otherwise die on after `up` started it
+            inspect_base_model(spec.source)
+        except ModelFilesError as exc:
+            return [("source", str(exc))]
+        return []
+
+    def _source(self, spec: ModelArgs) -> Path:
+        if not spec.catalog_id:
+            return staged_source(spec.source)
+        source = self.store.local_path(self.store.urls.catalog(spec.catalog_id))
+        if not source.is_dir():
+            raise EmberError(f"catalog_id: the weights of {spec.catalog_id} are not in the store at {source}; an "
+                             f"operator puts them there once for every stack")
+        return source
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        spec: ModelArgs = self._spec(props)
+        store = self.store
+        if store.read_manifest(spec.account_id, spec.model_id) is not None:
+            raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
+        source = self._source(spec)
+        try:
+            info = inspect_base_model(source)
+        except ModelFilesError as exc:
+            raise EmberError(f"source: {exc}") from None
+        progress(f"uploading {spec.name} from {source}")
+        digest, _ = store.put_directory(source, progress)
+        manifest = BaseModelManifest(name=spec.name, digest=digest, object=store.urls.object(digest),
+                                     architecture=info.architecture, parameter_count=info.parameter_count,
+                                     config=info.config, catalog_id=spec.catalog_id, created=time.time(),
+                                     inputs=self._inputs(props))
+        try:
+            store.write_manifest(manifest)
+        except Exception:
+            store.delete_object(digest)  # ours alone unless another manifest shares the content
+            raise
+        return CreateResult(spec.name, props | self._outputs(manifest))
+
+    @staticmethod
+    def _outputs(manifest: BaseModelManifest) -> dict[str, Any]:
+        return {"name": manifest.name, "state": manifest.state.value, "digest": manifest.digest,
+                "architecture": manifest.architecture, "parameter_count": manifest.parameter_count,
+                "message": manifest.message}
+
+    def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
+        return olds.get("state") == ModelState.FAILED.value  # a refresh found the stored weights damaged
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        # Only descriptions and an unchanged-digest source path change in place; the weights stay, and are
+        # uploaded again when a refresh found them damaged.
+        spec: ModelArgs = self._spec(news)
+        store = self.store
+        manifest = store.read_manifest(spec.account_id, spec.model_id)
+        if manifest is None:
+            raise EmberError(f"{spec.name} is missing from the store; run `refresh` and `up` to recreate it")
+        try:
+            store.verify_object(manifest.digest)
+        except StoreError as exc:
+            progress(f"{spec.name}: {exc}; uploading it again")
+            store.discard_object(manifest.digest)
+            digest, _ = store.put_directory(self._source(spec), progress)
+            if digest != manifest.digest:
+                raise EmberError(f"source: {spec.source} now holds other weights ({digest}) than {spec.name} "
+                                 f"({manifest.digest}); a change of weights is a replacement") from None
+        manifest = manifest.model_copy(update={"inputs": self._inputs(news)})
+        store.write_manifest(manifest)
+        return UpdateResult(news | self._outputs(manifest))
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        spec, by_id = self._read_spec(id_, props)
+        name = parse_model_name(id_) if by_id else parse_model_name(spec.name)
+        manifest = self.store.read_manifest(name.account_id, name.resource_id)
+        if not isinstance(manifest, BaseModelManifest):
+            return ReadResult("", {})  # gone: the engine drops it from the state
+        try:
+            self.store.verify_object(manifest.digest)
+        except StoreError as exc:
+            manifest = manifest.model_copy(update={"state": ModelState.FAILED, "message": str(exc)})
+        if by_id:
+            return ReadResult(str(name), manifest.inputs | self._outputs(manifest), manifest.inputs)
+        return ReadResult(id_, props | self._outputs(manifest))
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        spec = self._spec(props)
+        manifest = self.store.read_manifest(spec.account_id, spec.model_id)
+        self.store.delete_manifest(spec.account_id, spec.model_id)
+        if manifest:
+            self.store.delete_object(manifest.digest)
