@@ -24,7 +24,7 @@ from ember.provider.domain.names import deployment_name, model_name, parse_deplo
 from ember.provider.providers.deployment import DeploymentProvider
 from ember.provider.providers.lora_addon import LoRAAddonProvider
 from ember.provider.providers.model import ModelProvider
-from ember.provider.domain.spec import normalise_source
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentOutputs, LoRAAddonOutputs, ModelOutputs, normalise_source
 
 
 def default_id(resource_name: str) -> str:
@@ -63,7 +63,7 @@ class DeploymentArgs:
     base_model: "pulumi.Input[str] | Model"
     deployment_id: pulumi.Input[str] | None = None
     deployment_type: pulumi.Input[str] | None = None  # dedicated | serverless
-    cluster: str | None = None  # local (default) | kubernetes (set by ember.provider.backends.kubernetes)
+    cluster: str | None = None  # local (default) | kubernetes (set by KubernetesDeployment)
     accelerator_type: pulumi.Input[str] | None = None
     accelerator_count: pulumi.Input[int] | None = None
     precision: pulumi.Input[str] | None = None
@@ -199,7 +199,7 @@ class Model(Resource, module="ember", name="Model"):
     architecture: pulumi.Output[str]
     parameter_count: pulumi.Output[int]
 
-    _OUTPUTS = ["name", "state", "message", "digest", "source_digest", "architecture", "parameter_count"]
+    _OUTPUTS = list(ModelOutputs.model_fields)  # the annotations above are pinned to them by a test
 
     def __init__(self, resource_name: str, args: ModelArgs, opts: pulumi.ResourceOptions | None = None):
         props = _props(args)
@@ -226,8 +226,9 @@ class Deployment(Resource, module="ember", name="Deployment"):
     message: pulumi.Output[str | None]
     endpoints: pulumi.Output[list[str]]
     ready_replicas: pulumi.Output[int]
+    serving_digest: pulumi.Output[str | None]  # the base weights the replicas serve
 
-    _OUTPUTS = ["name", "state", "message", "endpoints", "ready_replicas", "serving_digest"]
+    _OUTPUTS = list(DeploymentOutputs.model_fields)
 
     def __init__(self, resource_name: str, args: DeploymentArgs, opts: pulumi.ResourceOptions | None = None):
         props, refs, depends_on = _props(args), {}, []
@@ -236,7 +237,7 @@ class Deployment(Resource, module="ember", name="Deployment"):
             props["deployment_id"] = default_id(resource_name)
         self.deployment_name = _name(deployment_name, args.account_id, props["deployment_id"])
         # what an addon on this deployment needs to know at its own check
-        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or 64,
+        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DEFAULT_MAX_LORA_RANK,
                        "cluster": args.cluster or "local"}
         super().__init__(DeploymentProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
                          _with_dependencies(opts, depends_on))
@@ -259,7 +260,7 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
     target_modules: pulumi.Output[list[str]]
     deployed_on: pulumi.Output[list[str]]
 
-    _OUTPUTS = ["name", "state", "message", "digest", "rank", "target_modules", "deployed_on"]
+    _OUTPUTS = list(LoRAAddonOutputs.model_fields)
 
     def __init__(self, resource_name: str, args: LoRAAddonArgs, opts: pulumi.ResourceOptions | None = None):
         props, refs, depends_on = _props(args), {}, []

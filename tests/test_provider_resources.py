@@ -1,10 +1,13 @@
 """The Pulumi resources as the engine sees them (set_mocks): type tokens, typed args, dependencies."""
 
 import asyncio
+import dataclasses
 
 import pulumi
 import pytest
 
+from ember.provider import resources
+from ember.provider.domain import spec
 from ember.provider.resources import (Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs,
                                       RequestLoggingArgs, default_id)
 
@@ -130,3 +133,26 @@ def test_duplicate_model_ids_are_refused_in_the_program(mocks):
         Model("second", ModelArgs(account_id="acme", model_id="shared", source="models/other"))
     with pytest.raises(ValueError, match="declared twice"):
         LoRAAddon("shared", LoRAAddonArgs(account_id="acme", base_model="accounts/acme/models/x", source="a"))
+
+
+# The program's typed Args and the spec that validates them are two views of one resource: pinned here.
+ARGS_AND_SPECS = [(resources.ModelArgs, spec.ModelSpec), (resources.DeploymentArgs, spec.DeploymentSpec),
+                  (resources.LoRAAddonArgs, spec.LoRAAddonSpec), (resources.AutoscalingPolicyArgs, spec.AutoscalingPolicy),
+                  (resources.RequestLoggingArgs, spec.RequestLogging)]
+
+
+@pytest.mark.parametrize("args, spec_cls", ARGS_AND_SPECS, ids=lambda c: c.__name__)
+def test_args_have_the_fields_of_the_spec(args, spec_cls):
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    # `kind` is implied by the resource class (a Model is a base model, a LoRAAddon an addon)
+    assert set(fields) == set(spec_cls.model_fields) - {"kind"}
+    required = {name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    assert required == {name for name, f in spec_cls.model_fields.items() if f.is_required()}
+
+
+@pytest.mark.parametrize("resource, outputs", [(resources.Model, spec.ModelOutputs), (resources.Deployment, spec.DeploymentOutputs),
+                                               (resources.LoRAAddon, spec.LoRAAddonOutputs)], ids=lambda c: c.__name__)
+def test_resource_outputs_are_the_spec_outputs(resource, outputs):
+    typed = [name for name, kind in resource.__annotations__.items() if str(kind).startswith("pulumi.Output")]
+    assert sorted(typed) == sorted(outputs.model_fields) and resource._OUTPUTS == list(outputs.model_fields)

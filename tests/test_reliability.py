@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
 from ember.provider.providers.registry import PROVIDERS
 from ember.provider.tools.runner import OfflineRunner
-from ember.provider.domain.spec import DeploymentArgs, LoRAAddonArgs, ModelArgs, SpecError, parse
+from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec, SpecError, parse
 from ember.runtime import tinymodels
 
 from provider_helpers import alive, config, make_models, replica_pids, store_entries
@@ -250,7 +250,7 @@ def test_an_up_killed_midway_converges_when_run_again(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # bad input: every rejection is a clear error, never a crash
 
-FIELDS = sorted(set(ModelArgs.model_fields) | set(DeploymentArgs.model_fields) | set(LoRAAddonArgs.model_fields))
+FIELDS = sorted(set(ModelSpec.model_fields) | set(DeploymentSpec.model_fields) | set(LoRAAddonSpec.model_fields))
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=80)
     | st.sampled_from(["accounts/acme/models/m", "accounts/acme/deployments/d", "NVIDIA_H100_80GB", "serverless",
@@ -260,7 +260,7 @@ VALUES = st.recursive(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from([ModelArgs, DeploymentArgs, LoRAAddonArgs]),
+@given(kind=st.sampled_from([ModelSpec, DeploymentSpec, LoRAAddonSpec]),
        data=st.dictionaries(st.sampled_from(FIELDS + ["extra", "__provider"]), VALUES, max_size=10))
 def test_the_spec_rejects_anything_with_a_clear_error(kind, data):
     try:

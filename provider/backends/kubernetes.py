@@ -27,7 +27,7 @@ from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.backends.store import StoreLayout
 from ember.provider.domain.names import parse_model_name
 from ember.provider.resources import Deployment, DeploymentArgs, Model, _props, default_id
-from ember.provider.domain.spec import AcceleratorType, DeploymentArgs as DeploymentSpec, parse
+from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, parse
 
 RUNTIME_PORT = 8000
 

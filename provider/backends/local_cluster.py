@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.provider.backends.processes import alive
-from ember.provider.domain.spec import AcceleratorType, DeploymentArgs
+from ember.provider.domain.spec import AcceleratorType, DeploymentSpec
 
 
 class ClusterError(RuntimeError):
@@ -80,13 +80,13 @@ class LocalCluster:
         tmp.replace(path)
 
     @staticmethod
-    def check_supported(spec: DeploymentArgs) -> None:
+    def check_supported(spec: DeploymentSpec) -> None:
         if spec.accelerator_type is not AcceleratorType.CPU:
             raise ClusterError(f"accelerator_type: the local cluster runs CPU replicas only, not "
                                f"{spec.accelerator_type.value}; use the Kubernetes backend for GPUs")
 
     @staticmethod
-    def replica_count(spec: DeploymentArgs) -> int:
+    def replica_count(spec: DeploymentSpec) -> int:
         # No autoscaler runs locally: the floor of the range is served, and at least one replica.
         return max(spec.min_replicas, 1)
 
@@ -98,7 +98,7 @@ class LocalCluster:
         except (urllib.error.URLError, OSError, ValueError):
             return None
 
-    def scale(self, spec: DeploymentArgs, command: list[str], key: str) -> list[ReplicaProcess]:
+    def scale(self, spec: DeploymentSpec, command: list[str], key: str) -> list[ReplicaProcess]:
         """Start or stop replicas until `replica_count(spec)` healthy ones run; existing ones are kept."""
         account, deployment = spec.account_id, spec.deployment_id
         replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
@@ -126,7 +126,7 @@ class LocalCluster:
         # Kept when replicas stop: a restarted or replaced deployment keeps its endpoints.
         return self.state_dir / "ports" / account / f"{deployment}.json"
 
-    def _port(self, spec: DeploymentArgs, index: int) -> int:
+    def _port(self, spec: DeploymentSpec, index: int) -> int:
         path = self._ports(spec.account_id, spec.deployment_id)
         ports = json.loads(path.read_text()) if path.exists() else {}
         previous = ports.get(str(index))
@@ -138,7 +138,7 @@ class LocalCluster:
         path.write_text(json.dumps(ports | {str(index): port}))
         return port
 
-    def _start(self, spec: DeploymentArgs, command: list[str], index: int) -> ReplicaProcess:
+    def _start(self, spec: DeploymentSpec, command: list[str], index: int) -> ReplicaProcess:
         port = self._port(spec, index)
         log_dir = self.state_dir / "logs" / spec.account_id
         log_dir.mkdir(parents=True, exist_ok=True)

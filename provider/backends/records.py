@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentArgs, ModelKind, ModelState
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentSpec, ModelKind, ModelState
 
 
 class _Document(BaseModel):
@@ -53,7 +53,7 @@ class DeploymentRecord(_Document):
     base_model: str
     serverless: bool = False
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
-    cluster: Literal["local", "kubernetes"] = DeploymentArgs.model_fields["cluster"].default
+    cluster: Literal["local", "kubernetes"] = DeploymentSpec.model_fields["cluster"].default
     # False until a create has finished: a create cut short (a killed `up`) is resumed by the next one,
     # while a deployment another stack finished creating is never taken over.
     created: bool = True

@@ -4,10 +4,10 @@ local cluster starts processes with it, Kubernetes puts it in the pod template."
 from __future__ import annotations
 
 from ember.provider.backends.store import StoreLayout
-from ember.provider.domain.spec import DeploymentArgs, DeploymentType
+from ember.provider.domain.spec import DeploymentSpec, DeploymentType
 
 
-def serve_arguments(spec: DeploymentArgs, model_dir: str, base_model: str, store: StoreLayout, usage_url: str,
+def serve_arguments(spec: DeploymentSpec, model_dir: str, base_model: str, store: StoreLayout, usage_url: str,
                     request_log: str) -> list[str]:
     """`python -m ember.runtime` arguments (without the listening address): the model, whom it serves, and
     where in the store its keys, usage and desired addon set live."""

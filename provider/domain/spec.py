@@ -100,9 +100,9 @@ def parse(cls: type[S], data: Any) -> S:
 # on its own field, so only the rules on known values are judged (a catalog base passes the serverless
 # rules; they are judged again when the real name is known).
 PLACEHOLDERS: dict[str, dict[str, Any]] = {
-    "ModelArgs": {"account_id": "unknown", "source": "unknown"},
-    "DeploymentArgs": {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"},
-    "LoRAAddonArgs": {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct",
+    "ModelSpec": {"account_id": "unknown", "source": "unknown"},
+    "DeploymentSpec": {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"},
+    "LoRAAddonSpec": {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct",
                       "source": "unknown", "deployments": []},
 }
 
@@ -270,7 +270,7 @@ def _refuse_reserved_id(model_id: str | None, field: str = "model_id") -> None:
         raise FieldError(field, f"{model_id!r} is reserved for the catalog model of that name")
 
 
-class ModelArgs(Spec):
+class ModelSpec(Spec):
     """A base model: full weights from a Hugging Face directory, or a catalog model."""
 
     account_id: ResourceId
@@ -298,7 +298,7 @@ class ModelArgs(Spec):
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelArgs":
+    def _one_source(self) -> "ModelSpec":
         if (self.source is None) == (self.catalog_id is None):
             raise FieldError("source", "give exactly one of source (a path or URL) and catalog_id")
         if self.catalog_id:
@@ -329,7 +329,7 @@ class ModelArgs(Spec):
 # LoRA addon
 
 
-class LoRAAddonArgs(Spec):
+class LoRAAddonSpec(Spec):
     """A LoRA addon of one base model, deployed on that base model's deployments."""
 
     account_id: ResourceId
@@ -351,7 +351,7 @@ class LoRAAddonArgs(Spec):
         return tuple(sorted(set(value)))
 
     @model_validator(mode="after")
-    def _fits_domain(self) -> "LoRAAddonArgs":
+    def _fits_domain(self) -> "LoRAAddonSpec":
         _refuse_reserved_id(self.model_id)
         for i, name in enumerate(self.deployments):
             owner = parse_deployment_name(name).account_id
@@ -444,7 +444,7 @@ class RequestLogging(Spec):
         return self
 
 
-class DeploymentArgs(Spec):
+class DeploymentSpec(Spec):
     """A base model (plus its loaded addons) served on hardware."""
 
     account_id: ResourceId
@@ -474,7 +474,7 @@ class DeploymentArgs(Spec):
         return value
 
     @model_validator(mode="after")
-    def _fits_domain(self) -> "DeploymentArgs":
+    def _fits_domain(self) -> "DeploymentSpec":
         accelerator = self.accelerator_type
         if self.accelerator_count not in accelerator.allowed_counts:
             raise FieldError(
@@ -544,6 +544,7 @@ class ModelOutputs(Spec):
     digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$", description="content digest of the weights")
     architecture: str | None = None
     parameter_count: int | None = Field(None, ge=0)
+    source_digest: str | None = Field(None, description="content digest of a local source, derived at check")
 
 
 class LoRAAddonOutputs(Spec):
@@ -562,6 +563,7 @@ class DeploymentOutputs(Spec):
     message: str | None = None
     endpoints: tuple[str, ...] = ()
     ready_replicas: int = Field(0, ge=0)
+    serving_digest: str | None = Field(None, description="digest of the base weights the replicas serve")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -571,9 +573,9 @@ class DeploymentOutputs(Spec):
 class StackSpec(Spec):
     """Resources declared together; checks the rules no single resource can see."""
 
-    models: tuple[ModelArgs, ...] = ()
-    addons: tuple[LoRAAddonArgs, ...] = ()
-    deployments: tuple[DeploymentArgs, ...] = ()
+    models: tuple[ModelSpec, ...] = ()
+    addons: tuple[LoRAAddonSpec, ...] = ()
+    deployments: tuple[DeploymentSpec, ...] = ()
 
     @model_validator(mode="after")
     def _cross_references(self) -> "StackSpec":
@@ -607,7 +609,7 @@ class StackSpec(Spec):
 
 
 RESOURCES: dict[str, tuple[type[Spec], type[Spec]]] = {
-    "model": (ModelArgs, ModelOutputs),
-    "lora_addon": (LoRAAddonArgs, LoRAAddonOutputs),
-    "deployment": (DeploymentArgs, DeploymentOutputs),
+    "model": (ModelSpec, ModelOutputs),
+    "lora_addon": (LoRAAddonSpec, LoRAAddonOutputs),
+    "deployment": (DeploymentSpec, DeploymentOutputs),
 }

@@ -30,12 +30,12 @@ from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
 from ember.provider.domain import catalog
 from ember.provider.domain.names import deployment_name, model_name, parse_model_name
-from ember.provider.domain.spec import AcceleratorType, DeploymentArgs, LoRAAddonArgs, ModelArgs, parse_known
+from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, LoRAAddonSpec, ModelSpec, parse_known
 
 MODEL = "pulumi-python:dynamic/ember:Model"
 DEPLOYMENT = "pulumi-python:dynamic/ember:Deployment"
 ADDON = "pulumi-python:dynamic/ember:LoRAAddon"
-SPECS = {MODEL: ModelArgs, DEPLOYMENT: DeploymentArgs, ADDON: LoRAAddonArgs}
+SPECS = {MODEL: ModelSpec, DEPLOYMENT: DeploymentSpec, ADDON: LoRAAddonSpec}
 KIND = {MODEL: "Model", DEPLOYMENT: "Deployment", ADDON: "LoRAAddon"}
 
 # Spec errors on these fields are `ember-names`; on these (type, field) pairs, a stack-level rule that

@@ -25,7 +25,7 @@ from ember.provider.backends.store import Store
 from ember.provider.domain import catalog
 from ember.provider.domain.digests import file_digests, tree_digest
 from ember.provider.domain.names import parse_model_name
-from ember.provider.domain.spec import ModelArgs, ModelState, parse, parse_known
+from ember.provider.domain.spec import ModelSpec, ModelState, parse, parse_known
 from ember.provider.providers import diff_rules
 
 PROVIDER_KEY = "__provider"
@@ -78,7 +78,7 @@ def has_unknown(value: Any) -> bool:
 
 
 class EmberProvider(ResourceProvider):
-    spec_cls: type = ModelArgs
+    spec_cls: type = ModelSpec
     # inputs the provider derives or receives from other resources, not part of the user's spec
     derived: tuple[str, ...] = ()
 

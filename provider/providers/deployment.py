@@ -12,15 +12,15 @@ from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.names import parse_deployment_name
-from ember.provider.domain.spec import DeploymentArgs, DeploymentState, DeploymentType
+from ember.provider.domain.spec import DeploymentSpec, DeploymentState, DeploymentType
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress
 
 
 class DeploymentProvider(EmberProvider):
-    spec_cls = DeploymentArgs
+    spec_cls = DeploymentSpec
     derived = ("base_model_digest",)
 
-    def check_known(self, spec: DeploymentArgs, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
+    def check_known(self, spec: DeploymentSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
         if spec.cluster == "local" and not unknown & {"cluster", "accelerator_type"}:
             try:
@@ -37,7 +37,7 @@ class DeploymentProvider(EmberProvider):
         return ready is not None and not has_unknown(news.get("min_replicas")) and \
             ready < max(int(news.get("min_replicas") or 1), 1)
 
-    def _run(self, spec: DeploymentArgs, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
+    def _run(self, spec: DeploymentSpec, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
         store, cluster = self.store, self.cluster
         base = base_manifest(store, spec.base_model)
         key = store.ensure_key(spec.account_id, self.config.state_dir / "keys")
@@ -66,7 +66,7 @@ class DeploymentProvider(EmberProvider):
             store.write_deployment_record(record.model_copy(update={"created": True}))
         return self._status(spec, base.digest)
 
-    def _status(self, spec: DeploymentArgs, base_digest: str | None) -> dict[str, Any]:
+    def _status(self, spec: DeploymentSpec, base_digest: str | None) -> dict[str, Any]:
         endpoints, ready, _ = self.cluster.status(spec.account_id, spec.deployment_id)
         wanted = LocalCluster.replica_count(spec)
         state = DeploymentState.READY if ready >= wanted else DeploymentState.FAILED
@@ -75,7 +75,7 @@ class DeploymentProvider(EmberProvider):
                 "ready_replicas": ready, "serving_digest": base_digest}
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        spec: DeploymentArgs = self._spec(props)
+        spec: DeploymentSpec = self._spec(props)
         # Refusals come before anything is touched: a taken name belongs to someone else's live deployment.
         if spec.cluster == "local":
             try:
@@ -95,7 +95,7 @@ class DeploymentProvider(EmberProvider):
         return CreateResult(spec.name, props | outputs)
 
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        spec: DeploymentArgs = self._spec(news)
+        spec: DeploymentSpec = self._spec(news)
         try:
             outputs = self._run(spec, news)
         except (ClusterError, StoreError) as exc:
@@ -116,6 +116,6 @@ class DeploymentProvider(EmberProvider):
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         self._remove(self._spec(props))
 
-    def _remove(self, spec: DeploymentArgs) -> None:
+    def _remove(self, spec: DeploymentSpec) -> None:
         self.cluster.stop_all(spec.account_id, spec.deployment_id)
         self.store.delete_deployment(spec.account_id, spec.deployment_id)

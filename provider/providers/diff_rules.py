@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ember.provider.domain.spec import DeploymentArgs, LoRAAddonArgs, ModelArgs
+from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec
 
 REPLACE: dict[type, frozenset[str]] = {
-    ModelArgs: frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
-    LoRAAddonArgs: frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
-    DeploymentArgs: frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest", "deployment_type",
+    ModelSpec: frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
+    LoRAAddonSpec: frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
+    DeploymentSpec: frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest", "deployment_type",
                                "accelerator_type", "accelerator_count", "precision", "max_loras", "max_lora_rank",
                                "request_logging"}),
 }

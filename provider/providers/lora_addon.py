@@ -14,15 +14,15 @@ from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, read_config
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, LoRAAddonArgs
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, LoRAAddonSpec
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source
 
 
 class LoRAAddonProvider(EmberProvider):
-    spec_cls = LoRAAddonArgs
+    spec_cls = LoRAAddonSpec
     derived = ("base_model_digest", "source_digest")
 
-    def check_known(self, spec: LoRAAddonArgs, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
+    def check_known(self, spec: LoRAAddonSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
         if "source" in unknown or "://" in spec.source:
             return failures
@@ -53,7 +53,7 @@ class LoRAAddonProvider(EmberProvider):
         return isinstance(deployed, list) and isinstance(wanted, list) and not has_unknown(wanted) and \
             not set(wanted) <= set(deployed)
 
-    def _targets(self, spec: LoRAAddonArgs) -> list[tuple[str, str, DeploymentRecord]]:
+    def _targets(self, spec: LoRAAddonSpec) -> list[tuple[str, str, DeploymentRecord]]:
         """(account, deployment id, record) of every deployment this addon must be served on."""
         store = self.store
         targets = []
@@ -73,7 +73,7 @@ class LoRAAddonProvider(EmberProvider):
                     targets.append((parsed.account_id, parsed.resource_id, record))
         return targets
 
-    def _apply(self, spec: LoRAAddonArgs, manifest: AddonManifest, previous: list[tuple[str, str, DeploymentRecord]]
+    def _apply(self, spec: LoRAAddonSpec, manifest: AddonManifest, previous: list[tuple[str, str, DeploymentRecord]]
                ) -> list[str]:
         """Put the addon in the desired set of exactly its target deployments and wait until replicas agree."""
         store, cluster = self.store, self.cluster
@@ -107,7 +107,7 @@ class LoRAAddonProvider(EmberProvider):
             progress(f"could not unload {name} from {account}/{deployment}: {exc}")
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        spec: LoRAAddonArgs = self._spec(props)
+        spec: LoRAAddonSpec = self._spec(props)
         store = self.store
         base = base_manifest(store, spec.base_model)
         if store.read_manifest(spec.account_id, spec.model_id) is not None:
@@ -129,7 +129,7 @@ class LoRAAddonProvider(EmberProvider):
             raise EmberError(str(exc)) from None
         return CreateResult(spec.name, props | self._outputs(manifest, deployed))
 
-    def _undo(self, spec: LoRAAddonArgs, digest: str) -> None:
+    def _undo(self, spec: LoRAAddonSpec, digest: str) -> None:
         for account, deployment, desired in list(self.store.desired_addon_sets()):
             if spec.name in desired:
                 self._withdraw(spec.name, account, deployment)
@@ -174,13 +174,13 @@ class LoRAAddonProvider(EmberProvider):
                 deployed.append(record.name)
         return ReadResult(spec.name, props | self._outputs(manifest, sorted(deployed)), props if by_id else None)
 
-    def _safe_targets(self, spec: LoRAAddonArgs) -> list[tuple[str, str, DeploymentRecord]]:
+    def _safe_targets(self, spec: LoRAAddonSpec) -> list[tuple[str, str, DeploymentRecord]]:
         try:
             return self._targets(spec)
         except EmberError:
             return []
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        spec: LoRAAddonArgs = self._spec(props)
+        spec: LoRAAddonSpec = self._spec(props)
         manifest = self.store.read_manifest(spec.account_id, spec.model_id)
         self._undo(spec, manifest.digest if manifest else props.get("digest") or "")

@@ -12,15 +12,15 @@ from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
 from ember.provider.domain.names import parse_model_name
-from ember.provider.domain.spec import ModelArgs, ModelState
+from ember.provider.domain.spec import ModelSpec, ModelState
 from ember.provider.providers.base import EmberError, EmberProvider, progress, staged_source
 
 
 class ModelProvider(EmberProvider):
-    spec_cls = ModelArgs
+    spec_cls = ModelSpec
     derived = ("source_digest",)
 
-    def check_known(self, spec: ModelArgs, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
+    def check_known(self, spec: ModelSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         if "source" in unknown or spec.source is None or "://" in spec.source:
             return []
         if not Path(spec.source).exists():
@@ -31,7 +31,7 @@ class ModelProvider(EmberProvider):
             return [("source", str(exc))]
         return []
 
-    def _source(self, spec: ModelArgs) -> Path:
+    def _source(self, spec: ModelSpec) -> Path:
         if not spec.catalog_id:
             return staged_source(spec.source)
         source = self.store.local_path(self.store.urls.catalog(spec.catalog_id))
@@ -41,7 +41,7 @@ class ModelProvider(EmberProvider):
         return source
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        spec: ModelArgs = self._spec(props)
+        spec: ModelSpec = self._spec(props)
         store = self.store
         if store.read_manifest(spec.account_id, spec.model_id) is not None:
             raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
@@ -75,7 +75,7 @@ class ModelProvider(EmberProvider):
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         # Only descriptions and an unchanged-digest source path change in place; the weights stay, and are
         # uploaded again when a refresh found them damaged.
-        spec: ModelArgs = self._spec(news)
+        spec: ModelSpec = self._spec(news)
         store = self.store
         manifest = store.read_manifest(spec.account_id, spec.model_id)
         if manifest is None:
