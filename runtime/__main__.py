@@ -51,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ember.provider.domain.accounts import Deployment
+    from ember.provider.domain.accounts import DeploymentAccess
     from ember.runtime.engine.engine import EngineConfig
     from ember.runtime.serving.app import create_app
     from ember.runtime.serving.replica import ServerConfig
@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
         model_dir=args.model_dir,
-        deployment=Deployment(args.deployment, deployment.account_id, args.base_model, args.serverless),
+        deployment=DeploymentAccess(args.deployment, deployment.account_id, args.base_model, args.serverless),
         keys_url=args.keys,
         usage_url=args.usage,
         engine=EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,

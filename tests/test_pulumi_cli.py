@@ -20,4 +20,10 @@ def test_preview_through_the_pulumi_engine(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ember.provider.tools.cli", "preview", str(program)],
                          capture_output=True, text=True, env={**__import__("os").environ, "PULUMI_CONFIG_PASSPHRASE": ""})
     assert out.returncode == 0, out.stderr
-    assert "ember:Model" in out.stdout or "Model" in out.stdout
+    # The engine's step list: every resource of the program, with its type token, planned for creation.
+    planned = {(line.split()[-3], line.split()[-2]) for line in out.stdout.splitlines()
+               if line.strip().startswith("+") and line.split()[-1] == "create"}
+    assert planned >= {("pulumi-python:dynamic/ember:Model", "tiny-llama"),
+                       ("pulumi-python:dynamic/ember:Deployment", "tiny-llama-local"),
+                       ("pulumi-python:dynamic/ember:LoRAAddon", "tiny-llama-pirate"),
+                       ("pulumi-python:dynamic/ember:LoRAAddon", "tiny-llama-poet")}, out.stdout

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from ember.provider.domain.accounts import Deployment
+from ember.provider.domain.accounts import DeploymentAccess
 from ember.runtime.engine.engine import EngineConfig
 from ember.runtime.serving.app import create_app
 from ember.runtime.serving.replica import ServerConfig
@@ -89,7 +89,7 @@ def test_health_and_requests_say_503_until_the_model_loads(tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": []}')
     config = ServerConfig(model_dir=str(tmp_path / "missing"), keys_url=str(keys), usage_url=str(tmp_path / "usage"),
-                          deployment=Deployment("accounts/a/deployments/d", "a", "accounts/a/models/m"),
+                          deployment=DeploymentAccess("accounts/a/deployments/d", "a", "accounts/a/models/m"),
                           engine=EngineConfig())
     app = create_app(config)
     replica = app.state.replica

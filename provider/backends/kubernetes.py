@@ -74,6 +74,61 @@ def container_resources(spec: DeploymentSpec, cpu: str, memory: str) -> dict:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[list[str]], secret_name) -> dict:
+    probe = {"httpGet": {"path": "/health", "port": RUNTIME_PORT}, "periodSeconds": 10, "timeoutSeconds": 5}
+    return {
+        "name": "runtime",
+        "image": cluster.image,
+        "command": ["python", "-m", "ember.runtime"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
+        "envFrom": [{"secretRef": {"name": secret_name}}],
+        "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
+        "resources": container_resources(spec, cluster.cpu, cluster.memory),
+        # Loading weights takes a while: the startup probe allows it, then liveness takes over.
+        "startupProbe": {**probe, "failureThreshold": 120},
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/ember"},
+                         {"name": "logs", "mountPath": "/var/log/ember"}],
+    }
+
+
+def workload_spec(spec: DeploymentSpec, selector: dict, pod_labels: dict, runtime: dict) -> dict:
+    """The apps/v1 Deployment's spec: one pod template of the runtime, on nodes of the accelerator type."""
+    pod_spec = {
+        "containers": [runtime],
+        "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "logs", "emptyDir": {}}],
+        "nodeSelector": NODE_SELECTORS.get(spec.accelerator_type, {}),
+    }
+    vendor = spec.accelerator_type.vendor
+    if vendor:
+        pod_spec["tolerations"] = [{"key": f"{vendor}.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    workload = {
+        "selector": {"matchLabels": selector},
+        "template": {"metadata": {"labels": pod_labels, "annotations": {
+            "ember.dev/accelerator": f"{spec.accelerator_count}x{spec.accelerator_type.value}"}}, "spec": pod_spec},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+    }
+    if not spec.max_replicas > spec.min_replicas:
+        workload["replicas"] = spec.min_replicas  # with an HPA, the autoscaler owns the count
+    return workload
+
+
+def autoscaler_spec(spec: DeploymentSpec, workload_name: pulumi.Input[str]) -> dict:
+    policy = spec.autoscaling
+    return {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": workload_name},
+        "minReplicas": spec.min_replicas,
+        "maxReplicas": spec.max_replicas,
+        "metrics": [{"type": "Pods", "pods": {
+            "metric": {"name": "ember_running_requests"},
+            "target": {"type": "AverageValue", "averageValue": str(policy.target_concurrent_requests)}}}],
+        "behavior": {"scaleUp": {"stabilizationWindowSeconds": policy.scale_up_window_s},
+                     "scaleDown": {"stabilizationWindowSeconds": policy.scale_down_window_s}},
+    }
+
+
 class KubernetesDeployment(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]  # the Service's in-cluster URL
     deployment: Deployment
@@ -93,53 +148,22 @@ class KubernetesDeployment(pulumi.ComponentResource):
         else:
             base_name = args.base_model
             model_url = store.catalog(parse_model_name(args.base_model).resource_id)
+        runtime_args = pulumi.Output.all(model_url, base_name).apply(lambda values: serve_arguments(
+            spec, values[0], values[1], store, cluster.store_url, "/var/log/ember/requests.jsonl")
+            + ["--host", "0.0.0.0", "--port", str(RUNTIME_PORT)])
         self.deployment = Deployment(resource_name, args, pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
         pod_labels = labels(spec, base_name)
         name = f"ember-{spec.account_id}-{spec.deployment_id}"[:63].rstrip("-")
         metadata = {"name": name, "namespace": cluster.namespace, "labels": pod_labels}
+        selector = {"ember.dev/account": spec.account_id, "ember.dev/deployment": spec.deployment_id}
 
         secret = k8s.core.v1.Secret(f"{resource_name}-store", metadata={**metadata, "name": f"{name}-store"},
                                     string_data={k: pulumi.Output.secret(v) for k, v in cluster.store_credentials.items()},
                                     opts=child)
-        selector = {"ember.dev/account": spec.account_id, "ember.dev/deployment": spec.deployment_id}
-        probe = {"httpGet": {"path": "/health", "port": RUNTIME_PORT}, "periodSeconds": 10, "timeoutSeconds": 5}
-        container = {
-            "name": "runtime",
-            "image": cluster.image,
-            "command": ["python", "-m", "ember.runtime"],
-            "args": pulumi.Output.all(model_url, base_name).apply(lambda values: serve_arguments(
-                spec, values[0], values[1], store, cluster.store_url, "/var/log/ember/requests.jsonl")
-                + ["--host", "0.0.0.0", "--port", str(RUNTIME_PORT)]),
-            "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
-            "envFrom": [{"secretRef": {"name": secret.metadata["name"]}}],
-            "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
-            "resources": container_resources(spec, cluster.cpu, cluster.memory),
-            # Loading weights takes a while: the startup probe allows it, then liveness takes over.
-            "startupProbe": {**probe, "failureThreshold": 120},
-            "readinessProbe": probe,
-            "livenessProbe": {**probe, "failureThreshold": 6},
-            "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/ember"},
-                             {"name": "logs", "mountPath": "/var/log/ember"}],
-        }
-        pod_spec = {
-            "containers": [container],
-            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "logs", "emptyDir": {}}],
-            "nodeSelector": NODE_SELECTORS.get(spec.accelerator_type, {}),
-        }
-        vendor = spec.accelerator_type.vendor
-        if vendor:
-            pod_spec["tolerations"] = [{"key": f"{vendor}.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        autoscaled = spec.max_replicas > spec.min_replicas
-        deployment_spec = {
-            "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": pod_labels, "annotations": {
-                "ember.dev/accelerator": f"{spec.accelerator_count}x{spec.accelerator_type.value}"}}, "spec": pod_spec},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-        }
-        if not autoscaled:
-            deployment_spec["replicas"] = spec.min_replicas  # with an HPA, the autoscaler owns the count
-        workload = k8s.apps.v1.Deployment(resource_name, metadata=metadata, spec=deployment_spec,
+        runtime = container(spec, cluster, runtime_args, secret.metadata["name"])
+        workload = k8s.apps.v1.Deployment(resource_name, metadata=metadata,
+                                          spec=workload_spec(spec, selector, pod_labels, runtime),
                                           opts=pulumi.ResourceOptions(parent=self, provider=cluster.provider,
                                                                       depends_on=[self.deployment]))
         service = k8s.core.v1.Service(f"{resource_name}-service", metadata=metadata, spec={
@@ -148,18 +172,9 @@ class KubernetesDeployment(pulumi.ComponentResource):
             "selector": {"matchLabels": selector},
             "maxUnavailable": 1,  # voluntary disruptions take at most one replica at a time
         }, opts=child)
-        if autoscaled:
-            policy = spec.autoscaling
-            k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{resource_name}-hpa", metadata=metadata, spec={
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": workload.metadata["name"]},
-                "minReplicas": spec.min_replicas,
-                "maxReplicas": spec.max_replicas,
-                "metrics": [{"type": "Pods", "pods": {
-                    "metric": {"name": "ember_running_requests"},
-                    "target": {"type": "AverageValue", "averageValue": str(policy.target_concurrent_requests)}}}],
-                "behavior": {"scaleUp": {"stabilizationWindowSeconds": policy.scale_up_window_s},
-                             "scaleDown": {"stabilizationWindowSeconds": policy.scale_down_window_s}},
-            }, opts=child)
+        if spec.max_replicas > spec.min_replicas:
+            k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{resource_name}-hpa", metadata=metadata,
+                                                       spec=autoscaler_spec(spec, workload.metadata["name"]), opts=child)
         self.endpoint = pulumi.Output.concat("http://", service.metadata["name"], ".", cluster.namespace,
                                              ".svc.cluster.local")
         self.register_outputs({"endpoint": self.endpoint})

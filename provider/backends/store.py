@@ -163,16 +163,15 @@ class Store:
         self.fs.pipe_file(tmp, json.dumps(data, indent=2, sort_keys=True).encode())
         self.fs.mv(tmp, path)
 
-    def _read_json(self, path: str) -> Any:
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+    def _read_json(self, path: str, parse: Callable[[Any], Any] = lambda raw: raw) -> Any:
+        return parse(json.loads(self.fs.cat_file(path))) if self.fs.exists(path) else None
 
     def write_manifest(self, manifest: Manifest) -> None:
         name = parse_model_name(manifest.name)
         self._write_json(self.paths.manifest(name.account_id, name.resource_id), manifest.to_json())
 
     def read_manifest(self, account: str, model_id: str) -> Manifest | None:
-        raw = self._read_json(self.paths.manifest(account, model_id))
-        return None if raw is None else MANIFEST.validate_python(raw)
+        return self._read_json(self.paths.manifest(account, model_id), MANIFEST.validate_python)
 
     def delete_manifest(self, account: str, model_id: str) -> None:
         path = self.paths.manifest(account, model_id)
@@ -223,8 +222,7 @@ class Store:
         self._write_json(self.paths.deployment_record(name.account_id, name.resource_id), record.to_json())
 
     def read_deployment_record(self, account: str, deployment: str) -> DeploymentRecord | None:
-        raw = self._read_json(self.paths.deployment_record(account, deployment))
-        return None if raw is None else DeploymentRecord.model_validate(raw)
+        return self._read_json(self.paths.deployment_record(account, deployment), DeploymentRecord.model_validate)
 
     def deployment_records(self) -> Iterator[DeploymentRecord]:
         for path in self.fs.glob(self.paths.deployment_record("*", "*")):

@@ -79,7 +79,7 @@ class Accounts:
 
 
 @dataclass(frozen=True)
-class Deployment:
+class DeploymentAccess:
     """What a replica serves and for whom."""
 
     name: str  # accounts/<account>/deployments/<id>

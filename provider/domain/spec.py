@@ -135,15 +135,12 @@ class ModelKind(str, Enum):
 
 
 class ModelState(str, Enum):
-    UPLOADING = "UPLOADING"
     READY = "READY"
     FAILED = "FAILED"
 
 
 class DeploymentState(str, Enum):
-    CREATING = "CREATING"
     READY = "READY"
-    UPDATING = "UPDATING"
     FAILED = "FAILED"
 
 
@@ -265,6 +262,12 @@ class Spec(BaseModel):
 # Model
 
 
+def _full_name(make, account_id: str, resource_id: str | None, field: str) -> str:
+    if resource_id is None:
+        raise ValueError(f"{field} is not set yet (it is generated at check time)")
+    return make(account_id, resource_id)
+
+
 def _refuse_reserved_id(model_id: str | None, field: str = "model_id") -> None:
     if model_id and catalog.lookup(model_id):
         raise FieldError(field, f"{model_id!r} is reserved for the catalog model of that name")
@@ -313,16 +316,11 @@ class ModelSpec(Spec):
 
     @property
     def name(self) -> str:
-        return model_name(self.account_id, self._required_id())
+        return _full_name(model_name, self.account_id, self.model_id, "model_id")
 
     @property
     def is_catalog(self) -> bool:
         return self.catalog_id is not None
-
-    def _required_id(self) -> str:
-        if self.model_id is None:
-            raise ValueError("model_id is not set yet (it is generated at check time)")
-        return self.model_id
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,6 +342,10 @@ class LoRAAddonSpec(Spec):
     display_name: DisplayName | None = None
     description: Text | None = None
 
+    @property
+    def name(self) -> str:
+        return _full_name(model_name, self.account_id, self.model_id, "model_id")
+
     @field_validator("deployments")
     @classmethod
     def _sorted_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -356,26 +358,15 @@ class LoRAAddonSpec(Spec):
         for i, name in enumerate(self.deployments):
             owner = parse_deployment_name(name).account_id
             if owner != self.account_id:
-                raise FieldError(
-                    f"deployments.{i}",
-                    f"{name!r} belongs to account {owner!r}: dedicated deployments are private to their account "
-                    f"(to share a base model across accounts, set serverless=True)",
-                )
+                raise FieldError(f"deployments.{i}", f"{name!r} belongs to account {owner!r}: dedicated deployments are "
+                                 f"private to their account (to share a base model across accounts, set serverless=True)")
         if self.serverless:
             base = catalog.lookup(parse_model_name(self.base_model).resource_id)
             if base is None or not base.serverless_addons:
                 accepting = sorted(m.model_id for m in catalog.CATALOG.values() if m.serverless_addons)
-                raise FieldError(
-                    "serverless",
-                    f"base model {self.base_model!r} does not accept serverless addons; these do: {', '.join(accepting)}",
-                )
+                raise FieldError("serverless", f"base model {self.base_model!r} does not accept serverless addons; "
+                                               f"these do: {', '.join(accepting)}")
         return self
-
-    @property
-    def name(self) -> str:
-        if self.model_id is None:
-            raise ValueError("model_id is not set yet (it is generated at check time)")
-        return model_name(self.account_id, self.model_id)
 
 
 class LoRAConfig(BaseModel):
@@ -477,11 +468,8 @@ class DeploymentSpec(Spec):
     def _fits_domain(self) -> "DeploymentSpec":
         accelerator = self.accelerator_type
         if self.accelerator_count not in accelerator.allowed_counts:
-            raise FieldError(
-                "accelerator_count",
-                f"{self.accelerator_count!r} is not allowed for {accelerator.value}; "
-                f"use one of {', '.join(map(str, accelerator.allowed_counts))}",
-            )
+            raise FieldError("accelerator_count", f"{self.accelerator_count!r} is not allowed for {accelerator.value}; "
+                             f"use one of {', '.join(map(str, accelerator.allowed_counts))}")
         if self.precision is None:
             precision = Precision.FP32 if accelerator is AcceleratorType.CPU else Precision.BF16
             object.__setattr__(self, "precision", precision)
@@ -489,48 +477,35 @@ class DeploymentSpec(Spec):
             raise FieldError("min_replicas", f"{self.min_replicas} is more than max_replicas {self.max_replicas}")
         to_zero = self.autoscaling.scale_to_zero_window_s
         if self.cluster == "kubernetes" and to_zero is not None:
-            raise FieldError(
-                "autoscaling.scale_to_zero_window_s",
-                f"{to_zero} given, but a Kubernetes HorizontalPodAutoscaler cannot scale to zero: set min_replicas >= 1",
-            )
+            raise FieldError("autoscaling.scale_to_zero_window_s", f"{to_zero} given, but a Kubernetes "
+                             f"HorizontalPodAutoscaler cannot scale to zero: set min_replicas >= 1")
         if self.min_replicas == 0 and to_zero is None:
             raise FieldError("autoscaling.scale_to_zero_window_s", "is required when min_replicas is 0")
         if self.min_replicas > 0 and to_zero is not None:
-            raise FieldError(
-                "autoscaling.scale_to_zero_window_s",
-                f"{to_zero} given, but min_replicas is {self.min_replicas}: scale-to-zero needs min_replicas=0",
-            )
+            raise FieldError("autoscaling.scale_to_zero_window_s", f"{to_zero} given, but min_replicas is "
+                             f"{self.min_replicas}: scale-to-zero needs min_replicas=0")
         base_id = parse_model_name(self.base_model).resource_id
         base = catalog.lookup(base_id)
         if self.deployment_type is DeploymentType.SERVERLESS:
             if base is None:
-                raise FieldError(
-                    "deployment_type",
-                    f"'serverless' refuses custom base model {self.base_model!r}: only catalog models are served serverless",
-                )
+                raise FieldError("deployment_type", f"'serverless' refuses custom base model {self.base_model!r}: "
+                                                    f"only catalog models are served serverless")
             if not base.serverless:
                 raise FieldError("deployment_type", f"'serverless' is not offered for catalog model {base_id!r}")
             if self.request_logging.enabled:
-                raise FieldError(
-                    "request_logging.enabled",
-                    "True is not allowed on a serverless deployment: it is shared across accounts",
-                )
+                raise FieldError("request_logging.enabled",
+                                 "True is not allowed on a serverless deployment: it is shared across accounts")
         if base is not None and accelerator.memory_gb is not None:
             need = base.parameter_count * self.precision.bytes / 1e9
             have = accelerator.memory_gb * self.accelerator_count * WEIGHT_MEMORY_SHARE
             if need > have:
-                raise FieldError(
-                    "accelerator_count",
-                    f"{self.accelerator_count} x {accelerator.value} holds {have:.0f} GB of weights, but "
-                    f"{base_id} needs {need:.0f} GB in {self.precision.value}",
-                )
+                raise FieldError("accelerator_count", f"{self.accelerator_count} x {accelerator.value} holds {have:.0f} GB "
+                                 f"of weights, but {base_id} needs {need:.0f} GB in {self.precision.value}")
         return self
 
     @property
     def name(self) -> str:
-        if self.deployment_id is None:
-            raise ValueError("deployment_id is not set yet (it is generated at check time)")
-        return deployment_name(self.account_id, self.deployment_id)
+        return _full_name(deployment_name, self.account_id, self.deployment_id, "deployment_id")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -600,11 +575,8 @@ class StackSpec(Spec):
             for j, target in enumerate(addon.deployments):
                 deployment = deployments.get(target)
                 if deployment is not None and deployment.base_model != addon.base_model:
-                    raise FieldError(
-                        f"addons.{i}.deployments.{j}",
-                        f"{target!r} serves base model {deployment.base_model!r}, not this addon's base "
-                        f"{addon.base_model!r}",
-                    )
+                    raise FieldError(f"addons.{i}.deployments.{j}", f"{target!r} serves base model "
+                                     f"{deployment.base_model!r}, not this addon's base {addon.base_model!r}")
         return self
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fastapi import Request
 
-from ember.provider.domain.accounts import Accounts, Deployment
+from ember.provider.domain.accounts import Accounts, DeploymentAccess
 from ember.provider.domain.usage import Meter
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.fetch import local_copy
@@ -27,7 +27,7 @@ log = logging.getLogger("ember.server")
 @dataclass
 class ServerConfig:
     model_dir: str
-    deployment: Deployment
+    deployment: DeploymentAccess
     keys_url: str
     usage_url: str
     engine: EngineConfig = field(default_factory=EngineConfig)
