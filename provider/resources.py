@@ -21,10 +21,11 @@ import pulumi
 from pulumi.dynamic import Resource
 
 from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
+from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DeploymentOutputs, LoRAAddonOutputs, ModelOutputs,
+                                        normalise_source)
 from ember.provider.providers.deployment import DeploymentProvider
 from ember.provider.providers.lora_addon import LoRAAddonProvider
 from ember.provider.providers.model import ModelProvider
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentOutputs, LoRAAddonOutputs, ModelOutputs, normalise_source
 
 
 def default_id(resource_name: str) -> str:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from ember.provider.domain.model_files import module_shapes
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ember.provider.domain.model_files import module_shapes
 
 # ---------------------------------------------------------------------------------------------------
 # Sizes

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from ember.runtime import tinymodels
 from ember.provider.domain.accounts import Accounts
+from ember.runtime import tinymodels
 
 BASE = "accounts/acme/models/tiny-llama"
 PIRATE = "accounts/acme/models/pirate"

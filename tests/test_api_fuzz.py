@@ -4,7 +4,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-
 from server_helpers import start
 
 

@@ -7,11 +7,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from ember.provider.tools import billing
-
-from ember.provider.tools import cli
 from ember.provider.domain.spec import SpecError
 from ember.provider.domain.usage import Meter, read_usage
+from ember.provider.tools import billing, cli
 
 T0 = datetime(2026, 11, 24, 23, 30, tzinfo=timezone.utc).timestamp()  # 30 minutes before a day boundary
 SHARED_8B = "accounts/platform/deployments/shared-8b"

@@ -4,11 +4,10 @@ import random
 
 import pytest
 import torch
+from runtime_helpers import hf_greedy, hf_model, make
 
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.sampling import SamplingParams
-
-from runtime_helpers import hf_greedy, hf_model, make
 
 pytest.importorskip("transformers")
 GREEDY = dict(temperature=0, ignore_eos=True)

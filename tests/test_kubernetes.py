@@ -10,8 +10,8 @@ import pulumi
 import pytest
 from pulumi.runtime import rpc
 
-from ember.provider.policy.check import RecordingMonitor
 from ember.provider.domain.spec import SpecError
+from ember.provider.policy.check import RecordingMonitor
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-never-in-manifests"

@@ -6,16 +6,15 @@ import warnings
 
 import pytest
 import torch
-
-from ember.runtime import tinymodels
-from ember.runtime.lora.adapters import AdapterError, load_adapter
-from ember.runtime.engine.batch import ScheduledChunk, build
-from ember.runtime.model.config import ModelConfig
-from ember.runtime.engine.engine import Engine, EngineConfig
-from ember.runtime.model.sampling import SamplingParams
-
 from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make
+
+from ember.runtime import tinymodels
+from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.lora.adapters import AdapterError, load_adapter
+from ember.runtime.model.config import ModelConfig
+from ember.runtime.model.sampling import SamplingParams
 
 peft = pytest.importorskip("peft")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,9 +11,9 @@ from pulumi_policy import PolicyResource, ResourceValidationArgs, StackValidatio
 from pulumi_policy.deserialize import deserialize_properties
 from pulumi_policy.proxy import UNKNOWN_NUMBER_VALUE, UNKNOWN_STRING_VALUE, unknown_checking_proxy
 
-from ember.provider.tools import cli
-from ember.provider.policy.policies import ADDON, DEPLOYMENT, MODEL, POLICIES
 from ember.provider.policy.check import run_pack
+from ember.provider.policy.policies import ADDON, DEPLOYMENT, MODEL, POLICIES
+from ember.provider.tools import cli
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "provider" / "policy"

@@ -2,7 +2,6 @@
 
 import httpx
 import pytest
-
 from server_helpers import BASE, PIRATE, start
 
 openai = pytest.importorskip("openai")

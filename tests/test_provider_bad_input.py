@@ -6,14 +6,13 @@ import re
 import shutil
 
 import pytest
-
-from ember.provider.providers.base import EmberError
-from ember.provider.backends.records import DeploymentRecord
-from ember.provider.backends.store import Store
-from ember.runtime import tinymodels
-
 from file_edits import edit_json
 from provider_helpers import config, make_models, provider, store_entries
+
+from ember.provider.backends.records import DeploymentRecord
+from ember.provider.backends.store import Store
+from ember.provider.providers.base import EmberError
+from ember.runtime import tinymodels
 
 BASE = "accounts/acme/models/base"
 

@@ -12,15 +12,15 @@ import subprocess
 import sys
 
 import pytest
+from provider_helpers import alive, config, make_models, provider, store_entries
 from pulumi.dynamic import DiffResult
 
 from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.store import Store
 from ember.provider.providers.base import EmberError
 from ember.provider.providers.lora_addon import LoRAAddonProvider
-from ember.provider.tools.runner import OfflineRunner, RunError, run_with_pulumi
-
-from provider_helpers import alive, config, make_models, provider, store_entries
+from ember.provider.tools.automation import run_with_pulumi
+from ember.provider.tools.runner import OfflineRunner, RunError
 
 BASE = "accounts/acme/models/base"
 

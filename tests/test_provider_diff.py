@@ -1,9 +1,8 @@
 """check normalises and validates without touching the store; diff says replace, update or nothing."""
 
 import pytest
-from pulumi.runtime import rpc
-
 from provider_helpers import config, make_models, provider
+from pulumi.runtime import rpc
 
 BASE = "accounts/acme/models/base"
 

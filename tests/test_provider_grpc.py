@@ -7,6 +7,7 @@ import sys
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from provider_helpers import config, make_models, store_entries
 from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.runtime import rpc
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
@@ -15,8 +16,6 @@ from ember.provider.providers.base import has_unknown
 from ember.provider.providers.deployment import DeploymentProvider
 from ember.provider.providers.lora_addon import LoRAAddonProvider
 from ember.provider.providers.model import ModelProvider
-
-from provider_helpers import make_models, store_entries, config
 
 
 @pytest.fixture(scope="module")

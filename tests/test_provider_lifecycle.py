@@ -7,10 +7,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from provider_helpers import alive, config, make_models, replica_pids, store_entries
 
 from ember.provider.tools.runner import OfflineRunner, RunError
-
-from provider_helpers import alive, config, make_models, replica_pids, store_entries
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAM = '''

@@ -74,8 +74,9 @@ def test_default_ids():
 def test_a_program_that_raised_half_way_does_not_stall_the_next(tmp_path, mocks):
     import threading
 
-    from ember.provider.tools.runner import OfflineRunner
     from provider_helpers import config
+
+    from ember.provider.tools.runner import OfflineRunner
 
     # a program on its own loop that died before its outputs resolved (nothing awaits them, ever)
     Deployment("orphan", DeploymentArgs(account_id="acme", base_model="accounts/acme/models/base"))

@@ -17,15 +17,14 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
-from ember.provider.providers.registry import PROVIDERS
-from ember.provider.tools.runner import OfflineRunner
-from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec, SpecError, parse
-from ember.runtime import tinymodels
-
 from provider_helpers import alive, config, make_models, replica_pids, store_entries
 from server_helpers import BASE, start, usage_records
+
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
+from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec, SpecError, parse
+from ember.provider.providers.registry import PROVIDERS
+from ember.provider.tools.runner import OfflineRunner
+from ember.runtime import tinymodels
 
 CANARY = "canary-reliability-7f3a"
 

@@ -5,18 +5,17 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
-from ember.runtime.model import matmul as matmul_module
-from ember.runtime.engine.batch import ScheduledChunk, build
-from ember.provider.domain.model_files import ModelFilesError
-from ember.runtime.model.config import ModelConfig
-from ember.runtime.engine.kv_cache import KVCache
-from ember.runtime.model.loader import load_model
-from ember.runtime.model.llama import Llama
-
 from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make
+from safetensors.torch import load_file
+
+from ember.provider.domain.model_files import ModelFilesError
+from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.engine.kv_cache import KVCache
+from ember.runtime.model import matmul as matmul_module
+from ember.runtime.model.config import ModelConfig
+from ember.runtime.model.llama import Llama
+from ember.runtime.model.loader import load_model
 
 pytest.importorskip("transformers")
 CPU = torch.device("cpu")

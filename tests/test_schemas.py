@@ -6,11 +6,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from ember.provider.tools import schemas
-
 from ember.provider.domain import spec
-
-from ember.provider.tools import stackfile
+from ember.provider.tools import schemas, stackfile
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_DIR = REPO / "schema"

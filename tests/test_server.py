@@ -5,10 +5,9 @@ import json
 
 import httpx
 import pytest
+from server_helpers import BASE, PIRATE, POET, start, usage_records
 
 from ember.runtime.model.tokenizer import TextTokenizer
-
-from server_helpers import BASE, PIRATE, POET, start, usage_records
 
 openai = pytest.importorskip("openai")
 MODELS = [BASE, PIRATE, POET]

@@ -5,13 +5,12 @@ import json
 
 import httpx
 import pytest
+from server_helpers import BASE, PIRATE, POET, start, usage_records
 
 from ember.provider.domain.accounts import DeploymentAccess
 from ember.runtime.engine.engine import EngineConfig
 from ember.runtime.serving.app import create_app
 from ember.runtime.serving.replica import ServerConfig
-
-from server_helpers import BASE, PIRATE, POET, start, usage_records
 
 openai = pytest.importorskip("openai")
 

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from provider_helpers import alive, replica_pids
 
-from ember.provider.tools import billing
-
-from ember.provider.tools import cli
+from ember.provider.tools import billing, cli
 from ember.provider.tools.runner import OfflineRunner
 from ember.runtime import tinymodels
-
-from provider_helpers import alive, replica_pids
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "accounts/platform/models/llama-v3p1-8b-instruct"

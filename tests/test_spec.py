@@ -2,9 +2,7 @@
 
 import pytest
 
-from ember.provider.domain import catalog
-
-from ember.provider.domain import spec
+from ember.provider.domain import catalog, spec
 from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
 
 BASE = "accounts/acme/models/my-llama"

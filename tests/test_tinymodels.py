@@ -8,9 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ember.provider.domain import catalog
-
-from ember.provider.domain import spec
+from ember.provider.domain import catalog, spec
 from ember.runtime import tinymodels
 
 transformers = pytest.importorskip("transformers")

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from ember.provider.domain.model_files import ModelFilesError
-from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 from ember.runtime import tinymodels
+from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 transformers = pytest.importorskip("transformers")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, wörld! 42"},

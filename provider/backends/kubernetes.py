@@ -26,8 +26,8 @@ import pulumi_kubernetes as k8s
 from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.backends.store import StoreLayout
 from ember.provider.domain.names import parse_model_name
-from ember.provider.resources import Deployment, DeploymentArgs, Model, _props, default_id
 from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, parse
+from ember.provider.resources import Deployment, DeploymentArgs, Model, _props, default_id
 
 RUNTIME_PORT = 8000
 

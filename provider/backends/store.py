@@ -23,9 +23,9 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import fsspec
 

@@ -10,31 +10,15 @@ from __future__ import annotations
 
 import os
 from enum import Enum
-from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
-)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 from ember.provider.domain import catalog
-from ember.provider.domain.names import (
-    DEPLOYMENT_NAME_PATTERN,
-    ID_PATTERN,
-    MODEL_NAME_PATTERN,
-    check_id,
-    deployment_name,
-    model_name,
-    parse_deployment_name,
-    parse_model_name,
-)
+from ember.provider.domain.names import (DEPLOYMENT_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN, check_id,
+                                         deployment_name, model_name, parse_deployment_name, parse_model_name)
 
 # ---------------------------------------------------------------------------------------------------
 # Errors

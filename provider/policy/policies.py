@@ -17,20 +17,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pulumi_policy import (
-    PolicyConfigSchema,
-    PolicyResource,
-    ReportViolation,
-    ResourceValidationArgs,
-    ResourceValidationPolicy,
-    StackValidationArgs,
-    StackValidationPolicy,
-)
+from pulumi_policy import (PolicyConfigSchema, PolicyResource, ReportViolation, ResourceValidationArgs,
+                           ResourceValidationPolicy, StackValidationArgs, StackValidationPolicy)
 from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
 from ember.provider.domain import catalog
 from ember.provider.domain.names import deployment_name, model_name, parse_model_name
-from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, LoRAAddonSpec, ModelSpec, parse_known
+from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, AcceleratorType, DeploymentSpec, LoRAAddonSpec,
+                                        ModelSpec, parse_known)
 
 MODEL = "pulumi-python:dynamic/ember:Model"
 DEPLOYMENT = "pulumi-python:dynamic/ember:Deployment"
@@ -185,7 +179,7 @@ def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) ->
                 report(f"LoRAAddon {addon.name}: deployments: {_deployment_name(deployment) or deployment.name} serves "
                        f"base model {serving}, not this addon's base {base}; attach it to a deployment of {base}",
                        addon.urn)
-            max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"), 64)
+            max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"), DEFAULT_MAX_LORA_RANK)
             if rank is not None and max_rank is not None and rank > max_rank:
                 report(f"LoRAAddon {addon.name}: rank {rank} is above {_deployment_name(deployment) or deployment.name}'s "
                        f"max_lora_rank {max_rank:g}; raise it or train a smaller adapter", addon.urn)

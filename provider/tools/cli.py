@@ -12,11 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from ember.provider.tools import schemas
-
-from ember.provider.tools import stackfile
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.spec import LORA_TARGET_MODULES, SpecError
+from ember.provider.tools import schemas, stackfile
 
 QUICKSTART_STACK = Path("examples/quickstart/stack.json")
 
@@ -80,8 +78,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _stack_command(args: argparse.Namespace) -> int:
     """preview | up | refresh | destroy a Pulumi program: the Pulumi CLI when installed, else offline."""
-    from ember.provider.tools import runner
-    from ember.provider.providers.base import EmberError
+    from ember.provider.providers.base import EmberError, ProviderConfig
+    from ember.provider.tools import automation, runner
 
     program = args.program.resolve()
     if not (program / "Pulumi.yaml").exists():
@@ -90,10 +88,10 @@ def _stack_command(args: argparse.Namespace) -> int:
     try:
         packs = [_policy_pack(args.policy_pack)] if getattr(args, "policy_pack", None) else []
         pack_config = getattr(args, "policy_pack_config", None)
-        if runner.pulumi_cli_available() and not args.offline:
-            outputs = runner.run_with_pulumi(args.command, program, args.stack, policy_packs=packs,
-                                             policy_pack_config=pack_config, refresh=getattr(args, "refresh", False))
-            state_dir = runner.ProviderConfig.load(default_root=program).state_dir
+        if automation.pulumi_cli_available() and not args.offline:
+            outputs = automation.run_with_pulumi(args.command, program, args.stack, policy_packs=packs,
+                                                 policy_pack_config=pack_config, refresh=getattr(args, "refresh", False))
+            state_dir = ProviderConfig.load(default_root=program).state_dir
         else:
             offline = runner.OfflineRunner(program, args.stack)
             state_dir = offline.config.state_dir
@@ -171,7 +169,6 @@ def _usage(args: argparse.Namespace) -> int:
     import csv
 
     from ember.provider.domain.usage import read_replicas, read_usage  # fsspec only: no torch
-
     from ember.provider.tools import billing
     from ember.provider.tools.runner import OfflineRunner
 

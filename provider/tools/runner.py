@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import runpy
-import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -403,37 +402,3 @@ def _close(loop: asyncio.AbstractEventLoop) -> None:
 
 def _shown(value: Any) -> str:
     return "(unknown)" if has_unknown(value) else json.dumps(value, default=str)
-
-
-def pulumi_cli_available() -> bool:
-    return shutil.which("pulumi") is not None
-
-
-def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[str], None] = print,
-                    policy_packs: list[Path] = (), policy_pack_config: Path | None = None, refresh: bool = False) -> dict:
-    """The same commands through Pulumi's Automation API and the real engine (when the CLI is installed)."""
-    from pulumi import automation as auto
-
-    config = ProviderConfig.load(default_root=Path(program_dir).resolve())
-    os.environ.setdefault("PULUMI_BACKEND_URL", f"file://{config.state_dir / 'pulumi'}")
-    if os.environ["PULUMI_BACKEND_URL"].startswith("file://") and not (
-            os.environ.get("PULUMI_CONFIG_PASSPHRASE") is not None or os.environ.get("PULUMI_CONFIG_PASSPHRASE_FILE")):
-        # Never an empty passphrase behind the user's back: it would encrypt the stack's secrets with nothing.
-        raise RunError("the local Pulumi backend encrypts stack secrets with a passphrase: set "
-                       "PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE (or PULUMI_BACKEND_URL to a "
-                       "backend with its own secrets provider)")
-    (config.state_dir / "pulumi").mkdir(parents=True, exist_ok=True)
-    workspace_stack = auto.create_or_select_stack(stack_name=stack, work_dir=str(program_dir))
-    if command == "preview":
-        configs = [str(policy_pack_config)] if policy_pack_config else None
-        workspace_stack.preview(on_output=log, policy_packs=[str(p) for p in policy_packs] or None,
-                                policy_pack_configs=configs)
-        return {}
-    if command == "refresh":
-        workspace_stack.refresh(on_output=log)
-        return {}
-    if command == "destroy":
-        workspace_stack.destroy(on_output=log)
-        return {}
-    result = workspace_stack.up(on_output=log, refresh=refresh)
-    return {k: v.value for k, v in result.outputs.items()}

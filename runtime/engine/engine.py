@@ -17,12 +17,12 @@ from ember.provider.domain.model_files import ModelFilesError
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.engine.model_runner import ModelRunner
 from ember.runtime.engine.output import OutputProcessor
-from ember.runtime.lora.manager import LoRAManager
-from ember.runtime.model.loader import load_model
-from ember.runtime.model.llama import Llama
-from ember.runtime.model.sampling import SamplingParams, TokenLogprob
 from ember.runtime.engine.scheduler import Scheduler
 from ember.runtime.engine.sequence import Sequence
+from ember.runtime.lora.manager import LoRAManager
+from ember.runtime.model.llama import Llama
+from ember.runtime.model.loader import load_model
+from ember.runtime.model.sampling import SamplingParams, TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ember.runtime.model.attention import paged_attention
 from ember.runtime.engine.batch import StepBatch
-from ember.runtime.model.config import ModelConfig
 from ember.runtime.engine.kv_cache import KVCache
+from ember.runtime.model.attention import paged_attention
+from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.loader import ModelWeights
 from ember.runtime.model.matmul import Matmul
 from ember.runtime.model.projections import Projection
