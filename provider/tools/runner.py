@@ -313,7 +313,9 @@ class OfflineRunner:
     def _run_program(self, preview: bool) -> tuple[dict, set[str]]:
         mocks = _Mocks(self, preview)
         monitor = _Monitor(mocks)
-        asyncio.set_event_loop(asyncio.new_event_loop())  # the SDK runs the program on the current loop
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_report_unless_unretrieved)
+        asyncio.set_event_loop(loop)  # the SDK runs the program on the current loop
         ROOT.set(None)
         set_all_config(self.stack_config(), secret_keys=[])
         set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
@@ -387,6 +389,13 @@ class OfflineRunner:
         self._delete_all(list(self.state.order))
         self.state.outputs = {}
         self.state.save()
+
+
+def _report_unless_unretrieved(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    # A program that failed leaves the Outputs of its other resources holding that failure, which the run
+    # has already raised; each would print "Future exception was never retrieved" when it is collected.
+    if not context.get("message", "").endswith("exception was never retrieved"):
+        loop.default_exception_handler(context)
 
 
 def _close(loop: asyncio.AbstractEventLoop) -> None:
