@@ -128,7 +128,7 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
     shutil.copytree(REPO / "examples/quickstart", program, ignore=shutil.ignore_patterns(".ember", "models"))
     assert cli.main(["quickstart", "--stack", str(program / "stack.json")]) == 0
     try:
-        assert cli.main(["up", str(program)]) == 0
+        assert cli.main(["up", str(program), "--offline"]) == 0
         printed = capsys.readouterr().out
         assert printed.count("chat completion from accounts/quickstart/models/") == 3
         cfg = OfflineRunner(program, log=lambda _: None).config
@@ -137,24 +137,24 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         assert key not in state_text and key not in (cfg.state_dir / "store" / "keys.json").read_text()
         [pid] = replica_pids(cfg, "quickstart", "tiny-llama-local")
         __import__("os").kill(pid, 9)
-        assert cli.main(["refresh", str(program)]) == 0
+        assert cli.main(["refresh", str(program), "--offline"]) == 0
         assert "drift: " in capsys.readouterr().out
-        assert cli.main(["up", str(program), "--no-demo"]) == 0  # the next up restores it
+        assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0  # the next up restores it
         [again] = replica_pids(cfg, "quickstart", "tiny-llama-local")
         assert again != pid and alive(again)
         # a replacement of the deployment: both addons answer again after this one up, with no second run
         main = program / "__main__.py"
         main.write_text(main.read_text().replace("max_loras=4", "max_loras=2"))
         capsys.readouterr()
-        assert cli.main(["up", str(program)]) == 0
+        assert cli.main(["up", str(program), "--offline"]) == 0
         printed = capsys.readouterr().out
         assert "replace  Deployment  tiny-llama-local  (max_loras: 4 → 2)" in printed
         assert printed.count("chat completion from accounts/quickstart/models/") == 3
-        assert cli.main(["refresh", str(program)]) == 0
+        assert cli.main(["refresh", str(program), "--offline"]) == 0
         assert "drift" not in capsys.readouterr().out
-        assert cli.main(["up", str(program), "--no-demo"]) == 0
+        assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0
         assert {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")} - \
             {"same", "endpoint:", "models:", "account:"} == set()
     finally:
-        assert cli.main(["destroy", str(program)]) == 0
+        assert cli.main(["destroy", str(program), "--offline"]) == 0
     assert store_entries(OfflineRunner(program, log=lambda _: None).config) == []

@@ -1,0 +1,82 @@
+"""Driving the real Pulumi CLI (and engine) the way a user's CI does, beside Ember's offline runner.
+
+The CLI comes from PATH: tools/pulumi-cli/install.sh builds one where Go is installed (`.ci/run` does).
+Each stack gets its own file backend, PULUMI_HOME and a real (non-empty) passphrase; plugins are never
+downloaded; the program runs with this virtualenv's Python (PULUMI_PYTHON_CMD), as a CI job would set it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ember.provider.tools.runner import OfflineRunner
+
+PULUMI = shutil.which("pulumi")
+requires_pulumi = pytest.mark.skipif(
+    PULUMI is None, reason="no Pulumi CLI on PATH (tools/pulumi-cli/install.sh builds one where Go is installed)")
+REPLACE_OPS = {"replace", "create-replacement", "delete-replaced"}
+
+
+def engine_env(home: Path) -> dict[str, str]:
+    (home / "backend").mkdir(parents=True, exist_ok=True)
+    return os.environ | {
+        "PULUMI_HOME": str(home / "pulumi-home"),
+        "PULUMI_BACKEND_URL": f"file://{home / 'backend'}",
+        "PULUMI_CONFIG_PASSPHRASE": "ember engine tests",
+        "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+        "PULUMI_SKIP_UPDATE_CHECK": "true",
+        "PULUMI_PYTHON_CMD": sys.executable,
+        "EMBER_READY_TIMEOUT": "120",
+    }
+
+
+class EngineStack:
+    """One program and stack under the real engine."""
+
+    def __init__(self, program: Path, home: Path, stack: str = "dev"):
+        self.program, self.env, self.stack = program, engine_env(home), stack
+        self.pulumi("stack", "init", stack)
+
+    def pulumi(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run([PULUMI, *args, "--non-interactive", "--cwd", str(self.program)], env=self.env,
+                             capture_output=True, text=True, timeout=600)
+        if check and out.returncode != 0:
+            raise AssertionError(f"pulumi {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def preview(self) -> dict[tuple[str, str], str]:
+        """The engine's planned step per (resource type, name), from `pulumi preview --json`."""
+        out = self.pulumi("preview", "--json", "--show-sames")
+        return steps_of(json.loads(out.stdout)["steps"])
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.pulumi("up", "--yes", "--skip-preview")
+
+
+def steps_of(steps: list[dict]) -> dict[tuple[str, str], str]:
+    ops: dict[tuple[str, str], str] = {}
+    for step in steps:
+        _, _, types, name = step["urn"].split("::")
+        kind = types.rsplit("$", 1)[-1]  # a child's URN names its parents' types first
+        if kind == "pulumi:pulumi:Stack":
+            continue
+        key = (kind.rsplit(":", 1)[-1], name)
+        ops[key] = "replace" if step["op"] in REPLACE_OPS or ops.get(key) == "replace" else step["op"]
+    return ops
+
+
+def offline_preview(runner: OfflineRunner) -> dict[tuple[str, str], str]:
+    runner.up(preview=True)
+    return {(s.type, s.name): s.op for s in runner.steps}
+
+
+def copy_program(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".ember", "__pycache__"), symlinks=True)
+    return target
