@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools.runner import OfflineRunner
 
 PULUMI = shutil.which("pulumi")
@@ -80,3 +81,32 @@ def offline_preview(runner: OfflineRunner) -> dict[tuple[str, str], str]:
 def copy_program(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(".ember", "__pycache__"), symlinks=True)
     return target
+
+
+class Twin:
+    """One program run side by side: under the engine (in `<root>/engine`) and the offline runner (in a copy
+    with its own state), each edit written to both as settings.json."""
+
+    def __init__(self, program: Path, root: Path):
+        self.offline_program = copy_program(program, root / "offline" / "program")
+        self.stack = EngineStack(program, root / "engine")
+        self.programs = (program, self.offline_program)
+        self.config = ProviderConfig(root / "offline" / "state", f"file://{root / 'offline' / 'state' / 'store'}", 120)
+
+    def runner(self) -> OfflineRunner:
+        return OfflineRunner(self.offline_program, config=self.config, log=lambda _: None)
+
+    def write(self, settings: dict) -> None:
+        for program in self.programs:
+            (program / "settings.json").write_text(json.dumps(settings))
+
+    def previews(self) -> tuple[dict, dict]:
+        return self.stack.preview(), offline_preview(self.runner())
+
+    def up(self) -> None:
+        self.stack.up()
+        self.runner().up()
+
+    def destroy(self) -> None:
+        self.stack.pulumi("destroy", "--yes", check=False)
+        self.runner().destroy()

@@ -6,7 +6,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from engine_helpers import EngineStack, copy_program, offline_preview, requires_pulumi
+from engine_helpers import EngineStack, Twin, copy_program, requires_pulumi
 from provider_helpers import alive, config, make_models, replica_pids, store_entries
 
 from ember.provider.tools import cli
@@ -71,43 +71,30 @@ def by_name(steps: dict) -> dict[str, str]:
 
 
 def test_every_edit_gets_the_same_step_from_the_engine_and_the_offline_runner(tmp_path):
-    engine_program = make_program(tmp_path / "engine")
-    offline_program = copy_program(engine_program, tmp_path / "offline" / "program")
-    stack = EngineStack(engine_program, tmp_path / "engine")
-    cfg = config(tmp_path / "offline")
-    runner = lambda: OfflineRunner(offline_program, config=cfg, log=lambda _: None)  # noqa: E731
+    twin = Twin(make_program(tmp_path / "engine"), tmp_path)
     settings = dict(SETTINGS)
-
-    def write(settings):
-        for program in (engine_program, offline_program):
-            (program / "settings.json").write_text(json.dumps(settings))
-
     try:
-        write(settings)
-        first = stack.preview()
-        assert first == offline_preview(runner()) and set(first.values()) == {"create"}
-        stack.up()
-        runner().up()
+        twin.write(settings)
+        engine, offline = twin.previews()
+        assert engine == offline and set(engine.values()) == {"create"}
+        twin.up()
         for edit, expected in EDITS:
-            candidate = settings | edit
-            write(candidate)
+            twin.write(settings | edit)
             if isinstance(expected, str):  # refused at preview by both, and nothing changes
-                out = stack.pulumi("preview", check=False)
+                out = twin.stack.pulumi("preview", check=False)
                 assert out.returncode != 0 and expected in out.stdout + out.stderr, (edit, out.stdout)
                 with pytest.raises(RunError, match=expected):
-                    runner().up(preview=True)
-                write(settings)
+                    twin.runner().up(preview=True)
+                twin.write(settings)
                 continue
-            engine, offline = stack.preview(), offline_preview(runner())
+            engine, offline = twin.previews()
             assert engine == offline, f"{edit}: engine {engine} != offline {offline}"
             assert {k: v for k, v in by_name(engine).items() if k in expected} == expected, (edit, engine)
-            stack.up()
-            runner().up()
-            settings = candidate
-            assert set(stack.preview().values()) == {"same"}, edit  # converged
+            twin.up()
+            settings |= edit
+            assert set(twin.stack.preview().values()) == {"same"}, edit  # converged
     finally:
-        stack.pulumi("destroy", "--yes", check=False)
-        runner().destroy()
+        twin.destroy()
 
 
 def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
@@ -134,3 +121,99 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         assert store_entries(cfg.__class__(state, "")) == []
     finally:
         stack.pulumi("destroy", "--yes", check=False)
+
+
+def test_the_real_analyzer_blocks_what_the_offline_policy_check_blocks(tmp_path, capsys):
+    from test_policy import BAD_PROGRAM
+
+    program = tmp_path / "bad"
+    models = make_models(program / "models")
+    assert models["base"].exists()
+    (program / "Pulumi.yaml").write_text("name: bad\nruntime: python\n")
+    (program / "__main__.py").write_text(BAD_PROGRAM)
+    pack_config = tmp_path / "policy-config.json"
+    pack_config.write_text(json.dumps({"ember-allowed-accelerators": {"allowed": ["CPU", "NVIDIA_H100_80GB"]},
+                                       "ember-max-replicas": "advisory"}))
+    pack = ["--policy-pack", str(REPO / "provider/policy"), "--policy-pack-config", str(pack_config)]
+    out = EngineStack(program, tmp_path).pulumi("preview", *pack, check=False)
+    assert out.returncode != 0
+    # "- [mandatory]  ember-allowed-accelerators  (pulumi-python:dynamic/ember:Deployment: big)", then its message
+    lines = out.stdout.splitlines()
+    engine = {(line.split()[1].strip("[]"), line.split()[2], line.rsplit(":", 1)[1].strip(" )"), lines[i + 2].strip())
+              for i, line in enumerate(lines) if line.strip().startswith("- [")}
+    assert cli.main(["preview", str(program), "--offline", *pack]) == 1
+    # "[mandatory] ember-allowed-accelerators (big): <message>"
+    offline = {(line.split()[0].strip("[]"), line.split()[1], line.split()[2].strip("():"), line.split("): ", 1)[1])
+               for line in capsys.readouterr().out.splitlines() if line.startswith("[")}
+    assert engine == offline and len(engine) == 4, (engine, offline)
+
+
+OPTIONS_PROGRAM = '''
+import json
+import pulumi
+from ember.provider import LoRAAddon, LoRAAddonArgs, Model, ModelArgs
+
+s = json.load(open("settings.json"))
+opts = lambda name: pulumi.ResourceOptions(**s.get("options", {}).get(name, {}))
+if s.get("only_get"):
+    pulumi.export("adopted_digest", Model.get("adopted", "accounts/acme/models/base").digest)
+else:
+    base = Model("base", ModelArgs(account_id="acme", source="models/base", description=s.get("description")),
+                 opts("base"))
+    if s.get("fail"):
+        raise RuntimeError("the program failed half-way")
+    LoRAAddon("pirate", LoRAAddonArgs(account_id="acme", base_model=base, source="models/pirate"), opts("pirate"))
+'''
+IMPORTS = {"options": {"base": {"import_": "accounts/acme/models/base"},
+                       "pirate": {"import_": "accounts/acme/models/pirate"}}}
+
+
+def test_a_failing_program_protect_and_import_behave_as_under_the_engine(tmp_path):
+    program = tmp_path / "engine" / "program"
+    make_models(program / "models")
+    (program / "Pulumi.yaml").write_text("name: options\nruntime: python\n")
+    (program / "__main__.py").write_text(OPTIONS_PROGRAM)
+    twin = Twin(program, tmp_path)
+    try:
+        # A program that raises half-way fails the update; the stack stays consistent and the next up completes.
+        twin.write({"fail": True})
+        assert twin.stack.pulumi("up", "--yes", "--skip-preview", check=False).returncode != 0
+        with pytest.raises(RuntimeError, match="failed half-way"):
+            twin.runner().up()
+        twin.write({})
+        engine, offline = twin.previews()
+        assert engine == offline, (engine, offline)
+        twin.up()
+        assert set(twin.stack.preview().values()) == {"same"}
+
+        # protect: destroy refuses, and deletes nothing
+        twin.write({"options": {"base": {"protect": True}}})
+        twin.up()
+        out = twin.stack.pulumi("destroy", "--yes", check=False)
+        assert out.returncode != 0 and "protected" in out.stdout + out.stderr
+        with pytest.raises(RunError, match="refusing to delete protected resources base"):
+            twin.runner().destroy()
+        assert set(twin.stack.preview().values()) == {"same"}
+
+        # Entries that outlive their stack: a create is refused, import_ is refused by both, .get() reads them
+        twin.write({})
+        twin.up()
+        twin.stack.pulumi("stack", "rm", "--force", "--yes")
+        twin.stack.pulumi("stack", "init", "dev")
+        (twin.config.state_dir / "stacks" / "options-dev.json").unlink()
+        out = twin.stack.pulumi("up", "--yes", "--skip-preview", check=False)
+        assert out.returncode != 0 and "already exists" in out.stdout + out.stderr
+        with pytest.raises(Exception, match="already exists"):
+            twin.runner().up()
+        twin.write(IMPORTS)
+        out = twin.stack.pulumi("preview", check=False)
+        assert out.returncode != 0 and "KeyError: '__provider'" in out.stdout + out.stderr  # the engine cannot
+        with pytest.raises(RunError, match="import_ of accounts/acme/models/base is not possible"):
+            twin.runner().up(preview=True)
+        twin.write({"only_get": True})
+        twin.stack.up()
+        engine_digest = twin.stack.pulumi("stack", "output", "adopted_digest").stdout.strip()
+        assert twin.runner().up()["adopted_digest"].startswith("sha256:") and engine_digest.startswith("sha256:")
+    finally:
+        twin.write({})
+        twin.destroy()

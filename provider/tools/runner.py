@@ -1,14 +1,15 @@
-"""Running a Pulumi program: through the Pulumi CLI when it is installed, else the offline runner.
+"""The offline runner: a Pulumi program run without the Pulumi CLI (`automation.py` runs it with the CLI).
 
-The offline runner is for trying Ember and for CI on machines without the Pulumi CLI. It is not a
+It is for trying Ember and for CI on machines without the Pulumi CLI. It is not a
 replacement for the Pulumi engine: it runs the program under the SDK's mock monitor, and for every
 resource the program declares it calls the real providers — check, then diff against the previous run,
 then create, update, replace or nothing — and keeps the state in a JSON file. It follows the engine where
 the two could differ: a preview hands back the inputs as a dynamic resource's outputs, `up` does not
 refresh unless asked, two resources with one URN are refused, resources are deleted dependents first,
-and `protect`, `retain_on_delete`, `ignore_changes`, `delete_before_replace`, `depends_on`, `import_` and
-`Resource.get` mean what they mean to the engine. Each resource's state is saved the moment it changes,
-so an interrupted run converges when run again.
+`protect`, `retain_on_delete`, `ignore_changes`, `delete_before_replace`, `depends_on` and `Resource.get`
+mean what they mean to the engine, and `import_` fails as it does under the engine. Each resource's state is
+saved the moment it changes, so an interrupted run converges when run again. tests/test_pulumi_engine.py
+runs programs through both and requires the same steps.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class Step:
-    op: str  # create | update | replace | delete | same | import | read | refresh
+    op: str  # create | update | replace | delete | same | read | refresh
     type: str
     name: str
     detail: str = ""
@@ -178,9 +179,12 @@ class OfflineRunner:
         seen.add(key)
         provider = self._provider(kind)
         previous = self.state.resources.get(key)
-        importing = previous is None and bool(options.import_id)
-        if importing:
-            previous = self._imported(provider, kind, name, options.import_id, news)
+        if options.import_id and previous is None:
+            # As under the engine, which imports a resource by asking its provider to Read it without the
+            # serialized provider that the Python SDK's dynamic-provider server needs (it fails on '__provider').
+            raise RunError(f"{kind} {name}: import_ of {options.import_id} is not possible for Ember's resources: the "
+                           f"Pulumi engine imports a Python dynamic resource without its provider; read the entry "
+                           f"with {kind}.get() instead, or remove it from the store and let this stack create it")
         if previous is not None:  # as the engine does: ignored properties keep their old input values
             for prop in options.ignore_changes:
                 if prop in previous["inputs"]:
@@ -196,14 +200,6 @@ class OfflineRunner:
             return self._create(provider, kind, key, name, inputs, preview, options, "create")
         diff = provider.diff(previous["id"], previous["outputs"], inputs)
         changed, _ = diff_rules.compare(provider.spec_cls, previous["outputs"], inputs, has_unknown)
-        if importing:
-            if diff.changes:
-                raise RunError(f"{kind} {name}: import of {options.import_id}: the program's inputs differ from the "
-                               f"existing resource in {', '.join(changed) or 'its state'}")
-            if not preview:
-                self._remember(key, kind, name, previous["id"], inputs, previous["outputs"], options)
-            self._record(Step("import", kind, name))
-            return previous["id"], previous["outputs"]
         if diff.replaces:
             return self._replace(provider, kind, key, name, previous, inputs, preview, options, diff)
         if diff.changes:
@@ -218,13 +214,6 @@ class OfflineRunner:
         self._remember(key, kind, name, previous["id"], previous["inputs"], previous["outputs"], options)
         self._record(Step("same", kind, name))
         return previous["id"], previous["outputs"]
-
-    def _imported(self, provider: EmberProvider, kind: str, name: str, import_id: str, news: dict) -> dict:
-        result = provider.read(import_id, news | {PROVIDER_KEY: ""})
-        if not result.id:
-            raise RunError(f"{kind} {name}: import of {import_id}: it does not exist")
-        outputs = _clean(result.outs or {})
-        return {"id": result.id, "inputs": _clean(result.inputs or outputs), "outputs": outputs}
 
     def _replace(self, provider, kind, key, name, previous, inputs, preview, options, diff) -> tuple[str, dict]:
         if options.protect:
