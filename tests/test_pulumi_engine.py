@@ -2,6 +2,7 @@
 which must plan the same step for every resource (the engine is the judge)."""
 
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +56,10 @@ EDITS = [
     ({"model_id": "renamed"}, {"base": "replace", "local": "replace", "pirate": "replace"}),
 ]
 
+# settings → the property `pulumi preview --diff` must show changing
+DIFF_FIELDS = {"description": "description", "replicas": "min_replicas", "precision": "precision",
+               "max_lora_rank": "max_lora_rank"}
+
 
 def make_program(root: Path) -> Path:
     program = root / "program"
@@ -90,6 +95,10 @@ def test_every_edit_gets_the_same_step_from_the_engine_and_the_offline_runner(tm
             engine, offline = twin.previews()
             assert engine == offline, f"{edit}: engine {engine} != offline {offline}"
             assert {k: v for k, v in by_name(engine).items() if k in expected} == expected, (edit, engine)
+            for setting, field in DIFF_FIELDS.items():  # `preview --diff` names the changed property
+                if setting in edit:
+                    shown = twin.stack.pulumi("preview", "--diff").stdout
+                    assert re.search(rf"~ {field} *: ", shown), f"{edit}:\n{shown}"
             twin.up()
             settings |= edit
             assert set(twin.stack.preview().values()) == {"same"}, edit  # converged

@@ -86,3 +86,12 @@ def test_keys_are_created_once_and_stored_hashed(store, tmp_path):
     assert store.ensure_key("acme", tmp_path / "keys") == key
     assert (tmp_path / "keys" / "acme.key").stat().st_mode & 0o777 == 0o600
     assert key not in (tmp_path / "store" / "keys.json").read_text()
+
+
+def test_a_document_deleted_while_listing_is_skipped(store, monkeypatch):
+    """Resources are created and deleted in parallel: a manifest or record listed a moment ago may be gone."""
+    store.write_manifest(AddonManifest(name="accounts/acme/models/m", digest="sha256:1", object="objects/1",
+                                       base_model="accounts/acme/models/base", rank=8, target_modules=["q_proj"]))
+    listed = store.fs.glob(store.paths.manifest("*", "*")) + [store.paths.manifest("acme", "gone")]
+    monkeypatch.setattr(store.fs, "glob", lambda pattern: listed)
+    assert [m.name for m in store.manifests()] == ["accounts/acme/models/m"]

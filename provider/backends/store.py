@@ -164,7 +164,12 @@ class Store:
         self.fs.mv(tmp, path)
 
     def _read_json(self, path: str, parse: Callable[[Any], Any] = lambda raw: raw) -> Any:
-        return parse(json.loads(self.fs.cat_file(path))) if self.fs.exists(path) else None
+        # Resources are created and deleted in parallel (by the engine, and by the offline runner's SDK threads):
+        # a document listed a moment ago may be gone by the time it is read.
+        try:
+            return parse(json.loads(self.fs.cat_file(path)))
+        except FileNotFoundError:
+            return None
 
     def write_manifest(self, manifest: Manifest) -> None:
         name = parse_model_name(manifest.name)
@@ -180,7 +185,8 @@ class Store:
 
     def manifests(self) -> Iterator[Manifest]:
         for path in self.fs.glob(self.paths.manifest("*", "*")):
-            yield MANIFEST.validate_python(json.loads(self.fs.cat_file(path)))
+            if (manifest := self._read_json(path, MANIFEST.validate_python)) is not None:
+                yield manifest
 
     # -- desired addon sets --------------------------------------------------------------------------------
 
@@ -226,7 +232,8 @@ class Store:
 
     def deployment_records(self) -> Iterator[DeploymentRecord]:
         for path in self.fs.glob(self.paths.deployment_record("*", "*")):
-            yield DeploymentRecord.model_validate(json.loads(self.fs.cat_file(path)))
+            if (record := self._read_json(path, DeploymentRecord.model_validate)) is not None:
+                yield record
 
     def delete_deployment(self, account: str, deployment: str) -> None:
         """Remove a deployment's record. Its desired addon set belongs to the addons declared on it and
