@@ -171,6 +171,11 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def _read_all(self, pattern: str, parse: Callable[[Any], Any]) -> Iterator[Any]:
+        for path in self.fs.glob(pattern):
+            if (document := self._read_json(path, parse)) is not None:
+                yield document
+
     def write_manifest(self, manifest: Manifest) -> None:
         name = parse_model_name(manifest.name)
         self._write_json(self.paths.manifest(name.account_id, name.resource_id), manifest.to_json())
@@ -184,9 +189,7 @@ class Store:
             self.fs.rm(path)
 
     def manifests(self) -> Iterator[Manifest]:
-        for path in self.fs.glob(self.paths.manifest("*", "*")):
-            if (manifest := self._read_json(path, MANIFEST.validate_python)) is not None:
-                yield manifest
+        return self._read_all(self.paths.manifest("*", "*"), MANIFEST.validate_python)
 
     # -- desired addon sets --------------------------------------------------------------------------------
 
@@ -223,17 +226,15 @@ class Store:
 
     # -- deployment records: what each deployment serves, for the addons that target it -------------------
 
-    def write_deployment_record(self, record: DeploymentRecord) -> None:
-        name = parse_deployment_name(record.name)
-        self._write_json(self.paths.deployment_record(name.account_id, name.resource_id), record.to_json())
-
     def read_deployment_record(self, account: str, deployment: str) -> DeploymentRecord | None:
         return self._read_json(self.paths.deployment_record(account, deployment), DeploymentRecord.model_validate)
 
     def deployment_records(self) -> Iterator[DeploymentRecord]:
-        for path in self.fs.glob(self.paths.deployment_record("*", "*")):
-            if (record := self._read_json(path, DeploymentRecord.model_validate)) is not None:
-                yield record
+        return self._read_all(self.paths.deployment_record("*", "*"), DeploymentRecord.model_validate)
+
+    def write_deployment_record(self, record: DeploymentRecord) -> None:
+        name = parse_deployment_name(record.name)
+        self._write_json(self.paths.deployment_record(name.account_id, name.resource_id), record.to_json())
 
     def delete_deployment(self, account: str, deployment: str) -> None:
         """Remove a deployment's record. Its desired addon set belongs to the addons declared on it and
