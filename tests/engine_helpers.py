@@ -46,7 +46,8 @@ class EngineStack:
         self.pulumi("stack", "init", stack)
 
     def pulumi(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        out = subprocess.run([PULUMI, *args, "--non-interactive", "--cwd", str(self.program)], env=self.env,
+        stack = [] if args[0] == "stack" and args[1] in ("init", "rm") else ["--stack", self.stack]
+        out = subprocess.run([PULUMI, *args, *stack, "--non-interactive", "--cwd", str(self.program)], env=self.env,
                              capture_output=True, text=True, timeout=600)
         if check and out.returncode != 0:
             raise AssertionError(f"pulumi {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")

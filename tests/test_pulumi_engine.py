@@ -226,3 +226,59 @@ def test_a_failing_program_protect_and_import_behave_as_under_the_engine(tmp_pat
     finally:
         twin.write({})
         twin.destroy()
+
+
+def test_serverless_platform_and_tenants_as_real_stacks(tmp_path):
+    import httpx
+
+    root = copy_program(REPO / "examples/serverless", tmp_path / "serverless")
+    # the operator's one-off step: the catalog model's weights in the store (tiny ones here)
+    base = tinymodels.make_model(root / ".ember" / "store" / "catalog" / "llama-v3p1-8b-instruct", "tiny", seed=0)
+    tinymodels.make_lora(base, root / "tenant" / "models" / "support-bot", rank=4, seed=1)
+    tinymodels.make_lora(base, root / "tenant" / "models" / "legal-drafts", rank=8, seed=2)
+    home = tmp_path / "engine"
+    platform = EngineStack(root / "platform", home)
+    tenants = {"acme": EngineStack(root / "tenant", home, "acme"), "globex": EngineStack(root / "tenant", home, "globex")}
+    addons = {"acme": "accounts/acme/models/support-bot", "globex": "accounts/globex/models/legal-drafts"}
+    try:
+        platform.up()
+        endpoint = platform.pulumi("stack", "output", "endpoint").stdout.strip()
+        for account, stack in tenants.items():
+            stack.up()
+            outputs = json.loads(stack.pulumi("stack", "output", "--json").stdout)
+            assert outputs == {"model": addons[account], "deployed_on": ["accounts/platform/deployments/llama-8b-serverless"]}
+        for account, addon in addons.items():  # each tenant's addon answers its own account only
+            key = (root / ".ember" / "keys" / f"{account}.key").read_text().strip()
+            auth = {"Authorization": f"Bearer {key}"}
+            own = httpx.post(f"{endpoint}/v1/completions", headers=auth, timeout=60,
+                             json={"model": addon, "prompt": "hello", "max_tokens": 2})
+            assert own.status_code == 200, own.text
+            other = next(a for a in addons.values() if a != addon)
+            refused = httpx.post(f"{endpoint}/v1/completions", headers=auth, timeout=60,
+                                 json={"model": other, "prompt": "hello", "max_tokens": 2})
+            assert refused.status_code in (403, 404)
+        for stack in tenants.values():
+            stack.pulumi("destroy", "--yes")
+        platform.pulumi("destroy", "--yes")
+        assert not any(p for p in (root / ".ember" / "store" / "models").rglob("*.json"))
+    finally:
+        for stack in [*tenants.values(), platform]:
+            stack.pulumi("destroy", "--yes", check=False)
+
+
+def test_the_programs_virtualenv_named_in_pulumi_yaml_runs_it_and_its_providers(tmp_path):
+    """As a user's CI sets it up: no PULUMI_PYTHON_CMD, the virtualenv in Pulumi.yaml's runtime options."""
+    import sys
+
+    program = copy_program(REPO / "examples/quickstart", tmp_path / "quickstart")
+    assert cli.main(["quickstart", "--stack", str(program / "stack.json")]) == 0
+    (program / "Pulumi.yaml").write_text(f"name: venv\nruntime:\n  name: python\n  options:\n"
+                                         f"    virtualenv: {sys.prefix}\n")
+    stack = EngineStack(program, tmp_path)
+    del stack.env["PULUMI_PYTHON_CMD"]
+    stack.env["PATH"] = ":".join(p for p in stack.env["PATH"].split(":") if not p.startswith(sys.prefix))
+    assert set(stack.preview().values()) == {"create"}  # the program and the dynamic providers' checks ran
+    (program / "Pulumi.yaml").write_text("name: venv\nruntime:\n  name: python\n  options:\n"
+                                         "    virtualenv: no-such-venv\n")
+    out = stack.pulumi("preview", check=False)
+    assert out.returncode != 0 and "no-such-venv" in out.stdout + out.stderr
