@@ -16,6 +16,9 @@ from ember.runtime import tinymodels
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.engine, pytest.mark.slow, requires_pulumi]
+# The policy pack with the example guardrails, as a platform team runs it on every up
+GUARDRAILS = ["--policy-pack", str(REPO / "provider/policy"),
+              "--policy-pack-config", str(REPO / "examples/policy/policy-config.json")]
 
 PROGRAM = '''
 import json
@@ -119,9 +122,9 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         with urllib.request.urlopen(f"{endpoint}/health", timeout=10) as response:
             assert set(json.loads(response.read())["addons"]) == {
                 "accounts/quickstart/models/tiny-llama-pirate", "accounts/quickstart/models/tiny-llama-poet"}
-        stack.pulumi("preview", "--expect-no-changes")
+        stack.pulumi("up", "--yes", "--expect-no-changes")  # a second up changes nothing
         stack.pulumi("refresh", "--yes", "--expect-no-changes")
-        policy = stack.pulumi("preview", "--policy-pack", str(REPO / "provider/policy"))
+        policy = stack.pulumi("preview", *GUARDRAILS)
         assert "ember@v0.1.0" in policy.stdout
         pids = replica_pids(cfg.__class__(state, f"file://{state / 'store'}"), "quickstart", "tiny-llama-local")
         assert pids and all(alive(p) for p in pids)
@@ -241,10 +244,10 @@ def test_serverless_platform_and_tenants_as_real_stacks(tmp_path):
     tenants = {"acme": EngineStack(root / "tenant", home, "acme"), "globex": EngineStack(root / "tenant", home, "globex")}
     addons = {"acme": "accounts/acme/models/support-bot", "globex": "accounts/globex/models/legal-drafts"}
     try:
-        platform.up()
+        assert "ember@v0.1.0" in platform.pulumi("up", "--yes", "--skip-preview", *GUARDRAILS).stdout
         endpoint = platform.pulumi("stack", "output", "endpoint").stdout.strip()
         for account, stack in tenants.items():
-            stack.up()
+            assert "ember@v0.1.0" in stack.pulumi("up", "--yes", "--skip-preview", *GUARDRAILS).stdout
             outputs = json.loads(stack.pulumi("stack", "output", "--json").stdout)
             assert outputs == {"model": addons[account], "deployed_on": ["accounts/platform/deployments/llama-8b-serverless"]}
         for account, addon in addons.items():  # each tenant's addon answers its own account only
