@@ -104,9 +104,10 @@ class Twin:
     def previews(self) -> tuple[dict, dict]:
         return self.stack.preview(), offline_preview(self.runner())
 
-    def up(self) -> None:
+    def up(self) -> tuple[dict, dict]:
+        """Apply the program with both; their stack outputs."""
         self.stack.up()
-        self.runner().up()
+        return json.loads(self.stack.pulumi("stack", "output", "--json").stdout), self.runner().up()
 
     def destroy(self) -> None:
         self.stack.pulumi("destroy", "--yes", check=False)

@@ -38,6 +38,8 @@ if s["second_deployment"]:
 for name, source in s["addons"].items():
     LoRAAddon(name, LoRAAddonArgs(account_id="acme", base_model=base, source=source, deployments=targets))
 pulumi.export("endpoint", local.endpoints.apply(lambda e: e[0] if e else None))
+pulumi.export("names", pulumi.Output.all(base.name, *[t.name for t in targets]))
+pulumi.export("serving", local.serving_digest)
 '''
 SETTINGS = {"model_id": "base", "base_source": "models/base", "description": "first", "replicas": 1,
             "max_lora_rank": 64, "accelerator": "CPU", "precision": "fp32", "deployment_type": "dedicated",
@@ -102,7 +104,11 @@ def test_every_edit_gets_the_same_step_from_the_engine_and_the_offline_runner(tm
                 if setting in edit:
                     shown = twin.stack.pulumi("preview", "--diff").stdout
                     assert re.search(rf"~ {field} *: ", shown), f"{edit}:\n{shown}"
-            twin.up()
+            engine_outputs, offline_outputs = twin.up()
+            # the same outputs, but for the port each side's replica listens on
+            assert engine_outputs.pop("endpoint").startswith("http://127.0.0.1:")
+            assert offline_outputs.pop("endpoint").startswith("http://127.0.0.1:")
+            assert engine_outputs == offline_outputs and engine_outputs["serving"].startswith("sha256:"), edit
             settings |= edit
             assert set(twin.stack.preview().values()) == {"same"}, edit  # converged
     finally:
