@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from provider_helpers import config
 
-from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools.runner import OfflineRunner
 
 PULUMI = shutil.which("pulumi")
@@ -92,7 +92,7 @@ class Twin:
         self.offline_program = copy_program(program, root / "offline" / "program")
         self.stack = EngineStack(program, root / "engine")
         self.programs = (program, self.offline_program)
-        self.config = ProviderConfig(root / "offline" / "state", f"file://{root / 'offline' / 'state' / 'store'}", 120)
+        self.config = config(root / "offline")
 
     def runner(self) -> OfflineRunner:
         return OfflineRunner(self.offline_program, config=self.config, log=lambda _: None)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from engine_helpers import EngineStack, Twin, copy_program, requires_pulumi
-from provider_helpers import alive, config, make_models, replica_pids, store_entries
+from provider_helpers import alive, make_models, replica_pids, store_entries
 
+from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools import cli
 from ember.provider.tools.runner import OfflineRunner, RunError
 from ember.runtime import tinymodels
@@ -119,8 +120,7 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
     program = copy_program(REPO / "examples/quickstart", tmp_path / "quickstart")
     assert cli.main(["quickstart", "--stack", str(program / "stack.json")]) == 0
     stack = EngineStack(program, tmp_path)
-    cfg = config(tmp_path)
-    state = program / ".ember"
+    cfg = ProviderConfig.load(default_root=program)  # the state the dynamic providers keep beside the program
     try:
         assert set(stack.preview().values()) == {"create"}
         stack.up()
@@ -132,11 +132,11 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         stack.pulumi("refresh", "--yes", "--expect-no-changes")
         policy = stack.pulumi("preview", *GUARDRAILS)
         assert "ember@v0.1.0" in policy.stdout
-        pids = replica_pids(cfg.__class__(state, f"file://{state / 'store'}"), "quickstart", "tiny-llama-local")
+        pids = replica_pids(cfg, "quickstart", "tiny-llama-local")
         assert pids and all(alive(p) for p in pids)
         stack.pulumi("destroy", "--yes")
         assert not any(alive(p) for p in pids)
-        assert store_entries(cfg.__class__(state, "")) == []
+        assert store_entries(cfg) == []
     finally:
         stack.pulumi("destroy", "--yes", check=False)
 

@@ -24,6 +24,7 @@ class DeviceSlots:
     def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
         self.config, self.max_loras, self.max_rank, self.device, self.dtype = config, max_loras, max_rank, device, dtype
         self.parts = lora_parts(config)
+        self.shapes = module_shapes(base_config(config))  # module → (in, out) on this base
         self.a: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.bt: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.names: list[str | None] = [None] * max_loras
@@ -61,7 +62,7 @@ class DeviceSlots:
         if projection not in self.a[layer]:
             parts = self.parts[projection]
             height = self.max_loras * len(parts) * self.max_rank
-            fan_in = module_shapes(base_config(self.config))[parts[0].module][0]
+            fan_in = self.shapes[parts[0].module][0]
             fan_out = sum(part.width for part in parts)
             self.a[layer][projection] = torch.zeros(height, fan_in, device=self.device, dtype=self.dtype)
             self.bt[layer][projection] = torch.zeros(height, fan_out, device=self.device, dtype=self.dtype)

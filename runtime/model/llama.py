@@ -65,9 +65,9 @@ class Llama:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _linear(self, layer: int, projection: Projection, x: torch.Tensor, bias: torch.Tensor | None,
-                lora_step) -> torch.Tensor:
-        out = self.matmul(x, getattr(self.weights.layers[layer], projection.value), bias)
+    def _linear(self, layer: int, projection: Projection, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, lora_step) -> torch.Tensor:
+        out = self.matmul(x, weight, bias)
         if lora_step is not None:
             out = self.lora(layer, projection, x, out, lora_step)
         return out
@@ -83,14 +83,14 @@ class Llama:
         x = w.embed[batch.input_ids]
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.input_norm)
-            qkv = self._linear(i, Projection.QKV, h, layer.qkv_bias, lora_step)
+            qkv = self._linear(i, Projection.QKV, h, layer.qkv, layer.qkv_bias, lora_step)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = self._rope(q.view(tokens, heads, dim), cos, sin)
             k = self._rope(k.view(tokens, kv_heads, dim), cos, sin)
             attn = paged_attention(q, k, v.view(tokens, kv_heads, dim), cache.k[i], cache.v[i], batch)
-            x = x + self._linear(i, Projection.O, attn.view(tokens, c.q_size), layer.o_bias, lora_step)
+            x = x + self._linear(i, Projection.O, attn.view(tokens, c.q_size), layer.o, layer.o_bias, lora_step)
             h = self._norm(x, layer.post_norm)
-            gate, up = self._linear(i, Projection.GATE_UP, h, None, lora_step).chunk(2, dim=-1)
-            x = x + self._linear(i, Projection.DOWN, F.silu(gate) * up, None, lora_step)
+            gate, up = self._linear(i, Projection.GATE_UP, h, layer.gate_up, None, lora_step).chunk(2, dim=-1)
+            x = x + self._linear(i, Projection.DOWN, F.silu(gate) * up, layer.down, None, lora_step)
         last = self._norm(x[batch.sample_rows], w.norm)
         return self.matmul(last, w.lm_head).float()
