@@ -5,6 +5,7 @@ Layout under the store root:
     objects/<digest>/...                        a model or adapter directory, content-addressed
     models/<account>/<model_id>.json            its manifest: kind, digest, architecture, parameters …
     deployments/<account>/<deployment>/addons.json   {addon name: object URL}: what replicas must serve
+    deployments/<account>/<deployment>/deployment.json   its record: base model, max_lora_rank, cluster …
     catalog/<model_id>/...                      catalog weights an operator put there
     keys.json, usage/                           API key hashes; usage records the replicas write
 
@@ -66,10 +67,10 @@ class StoreLayout:
         return self._join("deployments", account, deployment)
 
     def desired_addons(self, account: str, deployment: str) -> str:
-        return self._join("deployments", account, deployment, "addons.json")
+        return f"{self.deployment(account, deployment)}/addons.json"
 
     def deployment_record(self, account: str, deployment: str) -> str:
-        return self._join("deployments", account, deployment, "deployment.json")
+        return f"{self.deployment(account, deployment)}/deployment.json"
 
     @property
     def keys(self) -> str:
