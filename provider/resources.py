@@ -38,7 +38,7 @@ def default_id(resource_name: str) -> str:
 class ModelArgs:
     account_id: pulumi.Input[str]
     model_id: pulumi.Input[str] | None = None
-    source: pulumi.Input[str] | None = None  # a local path or fsspec URL of a Hugging Face directory
+    source: pulumi.Input[str] | None = None  # a local path or fsspec URL: a Hugging Face directory or a .gguf file
     catalog_id: pulumi.Input[str] | None = None
     display_name: pulumi.Input[str] | None = None
     description: pulumi.Input[str] | None = None

@@ -265,7 +265,8 @@ class ModelSpec(Spec):
         None, description="user-chosen; generated when omitted; a catalog model's ID is its catalog ID"
     )
     kind: Literal["HF_BASE_MODEL"] = "HF_BASE_MODEL"
-    source: Source | None = Field(None, description="HF directory: config.json, *.safetensors, tokenizer.json")
+    source: Source | None = Field(None, description="HF directory (config.json, *.safetensors, tokenizer.json) or a "
+                                                  ".gguf file, converted on upload")
     catalog_id: str | None = Field(None, description="a built-in catalog model", json_schema_extra={"enum": sorted(catalog.CATALOG)})
     display_name: DisplayName | None = None
     description: Text | None = None

@@ -23,7 +23,7 @@ from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import Store
 from ember.provider.domain import catalog
-from ember.provider.domain.digests import file_digests, tree_digest
+from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.spec import ModelSpec, ModelState, parse, parse_known
 from ember.provider.providers import diff_rules
@@ -178,17 +178,20 @@ class EmberProvider(ResourceProvider):
 
 
 def local_digest(source: str, cache_dir: Path) -> str | None:
-    """Content digest of a local source directory, cached by file sizes and times (preview stays fast)."""
+    """Content digest of a local source (a directory, or one file such as a GGUF), cached by file sizes and
+    times (preview stays fast)."""
     path = Path(source)
-    if "://" in source or not path.is_dir():
+    if "://" in source or not path.exists():
         return None
-    stats = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in path.rglob("*") if p.is_file())
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    # a file is named by a constant, so that renaming it is no change of weights
+    stats = sorted((p.relative_to(path).as_posix() if p != path else "file", p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in files)
     key = tree_digest({name: f"{size}:{mtime}" for name, size, mtime in stats}).removeprefix("sha256:")
     cached = cache_dir / key
     if cached.exists():
         return cached.read_text()
-    digest = tree_digest(file_digests(path))
+    digest = tree_digest(file_digests(path) if path.is_dir() else {"file": file_sha256(path)})
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached.write_text(digest)
     return digest

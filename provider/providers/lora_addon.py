@@ -12,7 +12,8 @@ from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 from ember.provider.backends.local_cluster import ClusterError
 from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
-from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, read_config
+from ember.provider.domain.gguf_model import source_config
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, LoRAAddonSpec
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source
@@ -30,7 +31,7 @@ class LoRAAddonProvider(EmberProvider):
             return failures + [("source", f"{spec.source!r} does not exist")]
         try:  # headers only; against the base model's config.json when its files are here too
             base = (references.get("base_model") or {}).get("source") if "base_model" not in unknown else None
-            base_config = read_config(base) if isinstance(base, str) and (Path(base) / "config.json").is_file() else None
+            base_config = source_config(base) if isinstance(base, str) else None
             rank = inspect_adapter(spec.source, base_config).rank
         except (ModelFilesError, ValueError, KeyError, OSError) as exc:
             return failures + [("source", str(exc))]

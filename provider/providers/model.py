@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import StoreError
+from ember.provider.domain.gguf_model import convert_gguf, is_gguf, read_gguf
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.spec import ModelSpec, ModelState
@@ -26,32 +32,44 @@ class ModelProvider(EmberProvider):
         if not Path(spec.source).exists():
             return [("source", f"{spec.source!r} does not exist")]
         try:  # headers and config.json only: what a replica would otherwise die on after `up` started it
-            inspect_base_model(spec.source)
+            read_gguf(spec.source) if is_gguf(spec.source) else inspect_base_model(spec.source)
         except ModelFilesError as exc:
             return [("source", str(exc))]
         return []
 
-    def _source(self, spec: ModelSpec) -> Path:
-        if not spec.catalog_id:
-            return staged_source(spec.source)
-        source = self.store.local_path(self.store.urls.catalog(spec.catalog_id))
-        if not source.is_dir():
-            raise EmberError(f"catalog_id: the weights of {spec.catalog_id} are not in the store at {source}; an "
-                             f"operator puts them there once for every stack")
-        return source
+    @contextmanager
+    def _source(self, spec: ModelSpec) -> Iterator[Path]:
+        """The Hugging Face directory an upload reads: the source itself, the catalog's copy, or a GGUF converted
+        into a scratch directory that is gone afterwards."""
+        if spec.catalog_id:
+            source = self.store.local_path(self.store.urls.catalog(spec.catalog_id))
+            if not source.is_dir():
+                raise EmberError(f"catalog_id: the weights of {spec.catalog_id} are not in the store at {source}; an "
+                                 f"operator puts them there once for every stack")
+            yield source
+        elif is_gguf(spec.source):
+            scratch = self.config.state_dir / "scratch"
+            scratch.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                try:
+                    yield convert_gguf(_local_file(spec.source, Path(tmp)), Path(tmp) / "converted", progress)
+                except ModelFilesError as exc:
+                    raise EmberError(f"source: {exc}") from None
+        else:
+            yield staged_source(spec.source)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         spec: ModelSpec = self._spec(props)
         store = self.store
         if store.read_manifest(spec.account_id, spec.model_id) is not None:
             raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
-        source = self._source(spec)
-        try:
-            info = inspect_base_model(source)
-        except ModelFilesError as exc:
-            raise EmberError(f"source: {exc}") from None
-        progress(f"uploading {spec.name} from {source}")
-        digest, _ = store.put_directory(source, progress)
+        with self._source(spec) as source:
+            try:
+                info = inspect_base_model(source)
+            except ModelFilesError as exc:
+                raise EmberError(f"source: {exc}") from None
+            progress(f"uploading {spec.name} from {spec.source or source}")
+            digest, _ = store.put_directory(source, progress)
         manifest = BaseModelManifest(name=spec.name, digest=digest, object=store.urls.object(digest),
                                      architecture=info.architecture, parameter_count=info.parameter_count,
                                      config=info.config, catalog_id=spec.catalog_id, created=time.time(),
@@ -85,7 +103,8 @@ class ModelProvider(EmberProvider):
         except StoreError as exc:
             progress(f"{spec.name}: {exc}; uploading it again")
             store.discard_object(manifest.digest)
-            digest, _ = store.put_directory(self._source(spec), progress)
+            with self._source(spec) as source:
+                digest, _ = store.put_directory(source, progress)
             if digest != manifest.digest:
                 raise EmberError(f"source: {spec.source} now holds other weights ({digest}) than {spec.name} "
                                  f"({manifest.digest}); a change of weights is a replacement") from None
@@ -113,3 +132,17 @@ class ModelProvider(EmberProvider):
         self.store.delete_manifest(spec.account_id, spec.model_id)
         if manifest:
             self.store.delete_object(manifest.digest)
+
+
+def _local_file(source: str, scratch: Path) -> Path:
+    """A local path for a file source: itself, or a download of a remote (fsspec) URL into `scratch`."""
+    if "://" not in source or source.startswith("file://"):
+        return Path(source.removeprefix("file://"))
+    target = scratch / Path(source.split("://", 1)[1]).name
+    with fsspec.open(source, "rb") as remote, target.open("wb") as local:
+        done = 0
+        while chunk := remote.read(64 * 1024 * 1024):
+            local.write(chunk)
+            done += len(chunk)
+            progress(f"downloading {source}: {done / 1e6:,.0f} MB")
+    return target
