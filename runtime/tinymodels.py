@@ -276,7 +276,7 @@ class TinyLoRA:
 
 
 def make_lora(
-    base_dir: str | Path,
+    base: str | Path | dict,
     directory: str | Path,
     lora: TinyLoRA | None = None,
     *,
@@ -284,12 +284,13 @@ def make_lora(
     dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> Path:
-    """Write a PEFT-format LoRA adapter for the model in `base_dir`; returns its path.
+    """Write a PEFT-format LoRA adapter for a base model (its directory, or its config.json as a dict); returns
+    its path.
 
     Both A and B are random (PEFT starts B at zero), so the adapter visibly changes the model's output.
     """
     lora = replace(lora or TinyLoRA(), **overrides)
-    hf = json.loads((Path(base_dir) / "config.json").read_text())
+    hf = base if isinstance(base, dict) else json.loads((Path(base) / "config.json").read_text())
     shapes = projection_shapes(hf)
     unknown = [m for m in lora.target_modules if m not in shapes]
     if unknown:
@@ -308,7 +309,7 @@ def make_lora(
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base_dir),
+        "base_model_name_or_path": None if isinstance(base, dict) else str(base),
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": 0.0,

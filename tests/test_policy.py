@@ -224,7 +224,7 @@ def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
     serverless = tmp_path / "serverless"
     shutil.copytree(REPO / "examples/serverless", serverless, ignore=shutil.ignore_patterns(".ember", "models"))
     for name in ("support-bot", "legal-drafts"):
-        shutil.copytree(quickstart / "models" / "tiny-llama-pirate", serverless / "tenant" / "models" / name)
+        shutil.copytree(quickstart / "models" / "smollm2-pirate", serverless / "tenant" / "models" / name)
     assert cli.main(["preview", str(serverless / "platform"), "--offline", *guardrails]) == 0
     assert cli.main(["preview", str(serverless / "tenant"), "--stack", "acme", "--offline", *guardrails]) == 0
     out = capsys.readouterr().out
@@ -239,11 +239,13 @@ def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_bad_stack_fails_with_messages_a_user_can_act_on(quickstart, tmp_path, capsys):
+def test_a_bad_stack_fails_with_messages_a_user_can_act_on(tmp_path, capsys):
     program = tmp_path / "bad"
     program.mkdir()
-    shutil.copytree(quickstart / "models" / "tiny-llama", program / "models" / "base")
-    shutil.copytree(quickstart / "models" / "tiny-llama-pirate", program / "models" / "pirate")
+    from ember.runtime import tinymodels
+
+    base = tinymodels.make_model(program / "models" / "base", "tiny")
+    tinymodels.make_lora(base, program / "models" / "pirate")
     (program / "Pulumi.yaml").write_text("name: bad\nruntime: python\n")
     (program / "__main__.py").write_text(BAD_PROGRAM)
     config = tmp_path / "policy-config.json"

@@ -130,17 +130,17 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
     try:
         assert cli.main(["up", str(program), "--offline"]) == 0
         printed = capsys.readouterr().out
-        assert printed.count("chat completion from accounts/quickstart/models/") == 3
+        assert printed.count("answer from accounts/quickstart/models/") == 3
         cfg = OfflineRunner(program, log=lambda _: None).config
         key = (cfg.state_dir / "keys" / "quickstart.key").read_text()
         state_text = "".join(p.read_text() for p in (cfg.state_dir / "stacks").glob("*.json"))
         assert key not in state_text and key not in (cfg.state_dir / "store" / "keys.json").read_text()
-        [pid] = replica_pids(cfg, "quickstart", "tiny-llama-local")
+        [pid] = replica_pids(cfg, "quickstart", "smollm2-local")
         __import__("os").kill(pid, 9)
         assert cli.main(["refresh", str(program), "--offline"]) == 0
         assert "drift: " in capsys.readouterr().out
         assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0  # the next up restores it
-        [again] = replica_pids(cfg, "quickstart", "tiny-llama-local")
+        [again] = replica_pids(cfg, "quickstart", "smollm2-local")
         assert again != pid and alive(again)
         # a replacement of the deployment: both addons answer again after this one up, with no second run
         main = program / "__main__.py"
@@ -148,8 +148,8 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         capsys.readouterr()
         assert cli.main(["up", str(program), "--offline"]) == 0
         printed = capsys.readouterr().out
-        assert "replace  Deployment  tiny-llama-local  (max_loras: 4 → 2)" in printed
-        assert printed.count("chat completion from accounts/quickstart/models/") == 3
+        assert "replace  Deployment  smollm2-local  (max_loras: 4 → 2)" in printed
+        assert printed.count("answer from accounts/quickstart/models/") == 3
         assert cli.main(["refresh", str(program), "--offline"]) == 0
         assert "drift" not in capsys.readouterr().out
         assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0

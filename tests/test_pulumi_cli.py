@@ -28,13 +28,13 @@ def test_ember_commands_run_the_pulumi_engine(tmp_path):
         # The engine's step list: every resource of the program, with its type token, planned for creation.
         planned = {(line.split()[-3], line.split()[-2]) for line in out.stdout.splitlines()
                    if line.strip().startswith("+") and line.split()[-1] == "create"}
-        assert planned >= {("pulumi-python:dynamic/ember:Model", "tiny-llama"),
-                           ("pulumi-python:dynamic/ember:Deployment", "tiny-llama-local"),
-                           ("pulumi-python:dynamic/ember:LoRAAddon", "tiny-llama-pirate"),
-                           ("pulumi-python:dynamic/ember:LoRAAddon", "tiny-llama-poet")}, out.stdout
+        assert planned >= {("pulumi-python:dynamic/ember:Model", "smollm2-135m-instruct"),
+                           ("pulumi-python:dynamic/ember:Deployment", "smollm2-local"),
+                           ("pulumi-python:dynamic/ember:LoRAAddon", "smollm2-pirate"),
+                           ("pulumi-python:dynamic/ember:LoRAAddon", "smollm2-poet")}, out.stdout
         up = ember("up", str(program), env=env)
         assert up.returncode == 0, up.stderr
-        assert "accounts/quickstart/models/tiny-llama-pirate" in up.stdout  # the demo answered through the endpoint
+        assert "accounts/quickstart/models/smollm2-pirate" in up.stdout  # the demo answered through the endpoint
     finally:
         destroyed = ember("destroy", str(program), env=env)
     assert destroyed.returncode == 0, destroyed.stderr

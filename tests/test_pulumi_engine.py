@@ -127,12 +127,12 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         endpoint = stack.pulumi("stack", "output", "endpoint").stdout.strip()
         with urllib.request.urlopen(f"{endpoint}/health", timeout=10) as response:
             assert set(json.loads(response.read())["addons"]) == {
-                "accounts/quickstart/models/tiny-llama-pirate", "accounts/quickstart/models/tiny-llama-poet"}
+                "accounts/quickstart/models/smollm2-pirate", "accounts/quickstart/models/smollm2-poet"}
         stack.pulumi("up", "--yes", "--expect-no-changes")  # a second up changes nothing
         stack.pulumi("refresh", "--yes", "--expect-no-changes")
         policy = stack.pulumi("preview", *GUARDRAILS)
         assert "ember@v0.1.0" in policy.stdout
-        pids = replica_pids(cfg, "quickstart", "tiny-llama-local")
+        pids = replica_pids(cfg, "quickstart", "smollm2-local")
         assert pids and all(alive(p) for p in pids)
         stack.pulumi("destroy", "--yes")
         assert not any(alive(p) for p in pids)

@@ -13,10 +13,11 @@ import traceback
 from pathlib import Path
 
 from ember.provider.domain.names import parse_model_name
-from ember.provider.domain.spec import LORA_TARGET_MODULES, SpecError
+from ember.provider.domain.spec import SpecError
 from ember.provider.tools import schemas, stackfile
 
 QUICKSTART_STACK = Path("examples/quickstart/stack.json")
+DEMO_QUESTION = "What is the capital of France?"
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -58,21 +59,29 @@ def _tiny_lora(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    """Generate the quickstart's tiny model and two addons, then validate and print its stack."""
-    from ember.runtime import tinymodels
+    """Bring the quickstart's model and addons into place, then validate and print its stack."""
+    from ember.provider.tools import quickstart
 
-    models = args.stack.parent / "models"
-    base = tinymodels.make_model(models / "tiny-llama", "tiny", seed=0)
-    print(f"generated base model   {base}", file=sys.stderr)
-    for seed, (name, lora) in enumerate(
-        {
-            "tiny-llama-pirate": tinymodels.TinyLoRA(rank=8, target_modules=("q_proj", "v_proj")),
-            "tiny-llama-poet": tinymodels.TinyLoRA(rank=16, target_modules=LORA_TARGET_MODULES),
-        }.items(),
-        start=1,
-    ):
-        print(f"generated LoRA addon   {tinymodels.make_lora(base, models / name, lora, seed=seed)}", file=sys.stderr)
+    try:
+        quickstart.prepare(args.stack.parent / "models", log=lambda line: print(line, file=sys.stderr))
+    except quickstart.QuickstartError as exc:
+        print(f"ember quickstart: {exc}", file=sys.stderr)
+        return 1
     print(stackfile.dump(stackfile.load(args.stack)))
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    """Convert a GGUF file into a Hugging Face model directory, as an upload does."""
+    from ember.provider.domain.gguf_model import convert_gguf
+    from ember.provider.domain.model_files import ModelFilesError
+
+    try:
+        directory = convert_gguf(args.file, args.directory, lambda line: print(line, file=sys.stderr))
+    except ModelFilesError as exc:
+        print(f"ember import-gguf: {exc}", file=sys.stderr)
+        return 1
+    print(directory)
     return 0
 
 
@@ -151,17 +160,19 @@ def _demo(outputs: dict, state_dir: Path) -> None:
     """A chat completion from each model the stack exports, through its endpoint."""
     import urllib.request
 
+    print(f"asking each model, through {outputs['endpoint']}: {DEMO_QUESTION}")
     for model in outputs["models"]:
         # the deployment's account calls it: a model name says which (accounts/<account>/models/<id>)
         key = (state_dir / "keys" / f"{parse_model_name(model).account_id}.key").read_text().strip()
-        body = json.dumps({"model": model, "max_tokens": 12, "temperature": 0,
-                           "messages": [{"role": "user", "content": "Say hello to Ember."}]}).encode()
+        body = json.dumps({"model": model, "max_tokens": 32, "temperature": 0,
+                           "messages": [{"role": "user", "content": DEMO_QUESTION}]}).encode()
         request = urllib.request.Request(f"{outputs['endpoint']}/v1/chat/completions", data=body,
                                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         text = answer["choices"][0]["message"]["content"]
-        print(f"chat completion from {model} ({answer['usage']['completion_tokens']} tokens): {text!r}")
+        one_line = text.replace("\n", "\\n")
+        print(f"answer from {model} ({answer['usage']['completion_tokens']} tokens): {one_line}")
 
 
 def _usage(args: argparse.Namespace) -> int:
@@ -220,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stack", type=Path)
     p.set_defaults(run=_validate)
 
-    p = sub.add_parser("quickstart", help="generate the quickstart's tiny models and print its validated stack")
+    p = sub.add_parser("quickstart", help="bring the quickstart's model (SmolLM2-135M-Instruct) and addons into place "
+                                          "and print its validated stack")
     p.add_argument("--stack", type=Path, default=QUICKSTART_STACK)
     p.set_defaults(run=_quickstart)
 
@@ -258,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(p)
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face model directory (as an upload does)")
+    p.add_argument("file", type=Path, help="a .gguf file (llama, qwen2)")
+    p.add_argument("directory", type=Path, help="where to write the model; must not exist yet")
+    p.set_defaults(run=_import_gguf)
 
     p = sub.add_parser("tiny-model", help="generate a random Hugging Face-format model directory")
     p.add_argument("directory", type=Path)
