@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,7 +275,9 @@ def convert_gguf(source: str | Path, directory: str | Path, progress: Callable[[
     if directory.exists():
         raise ModelFilesError(f"{directory} already exists; give a new directory for the converted model")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"  # renamed into place when complete
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         _write_json(staging / "config.json", model.config)
         _write_json(staging / "generation_config.json", model.vocabulary.generation_config())
@@ -295,6 +296,8 @@ def convert_gguf(source: str | Path, directory: str | Path, progress: Callable[[
                 if done % 50 == 0 or done == len(model.tensors):
                     progress(f"converting {model.path.name}: {done}/{len(model.tensors)} tensors")
             save_file(tensors, str(staging / name), metadata={"format": "pt"})
+            # safetensors writes its files private; give them the mode (umask) the other files got
+            os.chmod(staging / name, (staging / "config.json").stat().st_mode & 0o777)
         if len(shards) > 1:
             total = sum(t.converted_bytes for t in model.tensors)
             _write_json(staging / "model.safetensors.index.json",

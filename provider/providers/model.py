@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.records import BaseModelManifest
