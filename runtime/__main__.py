@@ -1,10 +1,11 @@
-"""`python -m ember.runtime serve …` (also `ember serve`): run one deployment's replica."""
+"""`python -m ember.runtime serve …` (also `ember serve`): run one deployment's replica; `finetune`: train a LoRA."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
 
@@ -17,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add-key", help="create an API key for an account; stores only its hash")
     p.add_argument("--keys", required=True, help="keys file (path or fsspec URL)")
     p.add_argument("--account", required=True)
+    p = sub.add_parser("finetune", help="train a LoRA adapter: a fine-tuning job's JSON in, a PEFT adapter out")
+    p.add_argument("--job", required=True, type=Path, help="the job (JSON): base model, datasets, hyperparameters")
+    p.add_argument("--result", required=True, type=Path, help="where the losses and token counts go (JSON)")
     return parser
 
 
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(Accounts.add_key(args.keys, args.account))
         return 0
+    if args.command == "finetune":
+        from ember.runtime.training.trainer import run
+
+        return run(args.job, args.result)
     return serve(args)
 
 
