@@ -1,5 +1,5 @@
 """Ember's Pulumi resources: `from ember.provider import Model, ModelArgs, LoRAAddon, LoRAAddonArgs, Deployment,
-DeploymentArgs` (and `KubernetesDeployment, KubernetesArgs`).
+DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs` (and `KubernetesDeployment, KubernetesArgs`).
 
 The names load on first use, so importing `ember.provider.domain` (as a runtime replica does) never
 imports pulumi.
@@ -19,6 +19,10 @@ _PUBLIC = {
     "DeploymentArgs": "ember.provider.resources",
     "AutoscalingPolicyArgs": "ember.provider.resources",
     "RequestLoggingArgs": "ember.provider.resources",
+    "Dataset": "ember.provider.resources",
+    "DatasetArgs": "ember.provider.resources",
+    "FineTuningJob": "ember.provider.resources",
+    "FineTuningJobArgs": "ember.provider.resources",
     "KubernetesDeployment": "ember.provider.backends.kubernetes",
     "KubernetesArgs": "ember.provider.backends.kubernetes",
 }
@@ -26,8 +30,9 @@ __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
     from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
-    from ember.provider.resources import (AutoscalingPolicyArgs, Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs,
-                                          Model, ModelArgs, RequestLoggingArgs)
+    from ember.provider.resources import (AutoscalingPolicyArgs, Dataset, DatasetArgs, Deployment, DeploymentArgs,
+                                          FineTuningJob, FineTuningJobArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs,
+                                          RequestLoggingArgs)
 
 
 def __getattr__(name: str):

@@ -1,8 +1,11 @@
-"""Model, LoRAAddon and Deployment as Pulumi resources, with typed Args as in pulumi-kubernetes' SDK.
+"""Model, LoRAAddon, Deployment, Dataset and FineTuningJob as Pulumi resources, with typed Args as in pulumi-kubernetes' SDK.
 
     base = Model("tiny-llama", ModelArgs(account_id="acme", source="models/tiny-llama"))
     prod = Deployment("prod", DeploymentArgs(account_id="acme", base_model=base))
     LoRAAddon("pirate", LoRAAddonArgs(account_id="acme", base_model=base, source="models/pirate", deployments=[prod]))
+    data = Dataset("chats", DatasetArgs(account_id="acme", source="chats.jsonl"))
+    job = FineTuningJob("tune", FineTuningJobArgs(account_id="acme", base_model=base, dataset=data, output_model="v1"))
+    LoRAAddon("tuned", LoRAAddonArgs(account_id="acme", base_model=base, source=job, deployments=[prod]))
 
 Passing a resource where a name is expected (base_model=base, deployments=[prod]) also makes the
 dependency explicit and carries the base model's digest, so new base weights replace what runs on them.
@@ -20,10 +23,13 @@ from typing import Any
 import pulumi
 from pulumi.dynamic import Resource
 
-from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
-from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DeploymentOutputs, LoRAAddonOutputs, ModelOutputs,
-                                        normalise_source)
+from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
+                                         parse_deployment_name, parse_model_name)
+from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DatasetOutputs, DeploymentOutputs, FineTuningJobOutputs,
+                                        FineTuningJobSpec, LoRAAddonOutputs, ModelOutputs, normalise_source)
+from ember.provider.providers.dataset import DatasetProvider
 from ember.provider.providers.deployment import DeploymentProvider
+from ember.provider.providers.fine_tuning_job import FineTuningJobProvider
 from ember.provider.providers.lora_addon import LoRAAddonProvider
 from ember.provider.providers.model import ModelProvider
 
@@ -82,10 +88,40 @@ class DeploymentArgs:
 class LoRAAddonArgs:
     account_id: pulumi.Input[str]
     base_model: "pulumi.Input[str] | Model"
-    source: pulumi.Input[str]  # a PEFT directory: adapter_config.json + adapter_model.safetensors
+    source: "pulumi.Input[str] | FineTuningJob"  # a PEFT directory, or the job that trains it
     model_id: pulumi.Input[str] | None = None
     deployments: Sequence["pulumi.Input[str] | Deployment"] = field(default_factory=list)
     serverless: pulumi.Input[bool] = False
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class DatasetArgs:
+    account_id: pulumi.Input[str]
+    source: pulumi.Input[str]  # a JSONL file of chat examples (a local path or an fsspec URL)
+    dataset_id: pulumi.Input[str] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class FineTuningJobArgs:
+    account_id: pulumi.Input[str]
+    base_model: "pulumi.Input[str] | Model"
+    dataset: "pulumi.Input[str] | Dataset"
+    output_model: pulumi.Input[str]  # the trained addon's model ID
+    job_id: pulumi.Input[str] | None = None
+    evaluation_dataset: "pulumi.Input[str] | Dataset | None" = None
+    epochs: pulumi.Input[int] | None = None
+    learning_rate: pulumi.Input[float] | None = None
+    lora_rank: pulumi.Input[int] | None = None
+    lora_alpha: pulumi.Input[float] | None = None
+    target_modules: pulumi.Input[Sequence[str]] | None = None
+    batch_size: pulumi.Input[int] | None = None
+    max_context_length: pulumi.Input[int] | None = None
+    early_stop: pulumi.Input[bool] | None = None
+    seed: pulumi.Input[int] | None = None
     display_name: pulumi.Input[str] | None = None
     description: pulumi.Input[str] | None = None
 
@@ -277,6 +313,10 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
             else:
                 props["deployments"].append(d)
         refs["deployments"] = targets
+        if isinstance(args.source, FineTuningJob):  # the adapter the job trains, from the store
+            props["source"] = args.source.adapter_url
+            refs["source"] = args.source._facts
+            depends_on.append(args.source)
         if args.model_id is None:
             props["model_id"] = default_id(resource_name)
         self.model_name = _name(model_name, args.account_id, props["model_id"])
@@ -291,3 +331,62 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
                            LoRAAddon._OUTPUTS)
         addon.model_name = name
         return addon
+
+
+def _dataset(props: dict[str, Any], field: str, dataset: Any, refs: dict[str, Any], depends_on: list) -> None:
+    if isinstance(dataset, Dataset):
+        props[field] = dataset.dataset_name
+        props[f"{field}_digest"] = dataset.source_digest if _local(dataset._source) else dataset.digest
+        refs[field] = {"declared": True}
+        depends_on.append(dataset)
+
+
+class Dataset(Resource, module="ember", name="Dataset"):
+    name: pulumi.Output[str]  # accounts/<account>/datasets/<dataset_id>
+    state: pulumi.Output[str]
+    message: pulumi.Output[str | None]
+    digest: pulumi.Output[str]
+    example_count: pulumi.Output[int]
+    message_count: pulumi.Output[int]
+    character_count: pulumi.Output[int]
+    source_digest: pulumi.Output[str | None]
+
+    _OUTPUTS = list(DatasetOutputs.model_fields)
+
+    def __init__(self, resource_name: str, args: DatasetArgs, opts: pulumi.ResourceOptions | None = None):
+        props = _props(args)
+        if args.dataset_id is None:
+            props["dataset_id"] = default_id(resource_name)
+        self._source = args.source
+        self.dataset_name = _name(dataset_name, args.account_id, props["dataset_id"])
+        super().__init__(DatasetProvider(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
+
+
+class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
+    name: pulumi.Output[str]  # accounts/<account>/fineTuningJobs/<job_id>
+    state: pulumi.Output[str]
+    message: pulumi.Output[str | None]
+    output_model_name: pulumi.Output[str]  # accounts/<account>/models/<output_model>
+    digest: pulumi.Output[str]
+    adapter_url: pulumi.Output[str]
+    train_loss: pulumi.Output[list[float]]
+    evaluation_loss: pulumi.Output[list[float]]
+    epochs_run: pulumi.Output[int]
+    trained_tokens: pulumi.Output[int]
+    duration_s: pulumi.Output[float]
+
+    _OUTPUTS = list(FineTuningJobOutputs.model_fields)
+
+    def __init__(self, resource_name: str, args: FineTuningJobArgs, opts: pulumi.ResourceOptions | None = None):
+        props, refs, depends_on = _props(args), {}, []
+        _base(props, args.base_model, refs, depends_on)
+        _dataset(props, "dataset", args.dataset, refs, depends_on)
+        _dataset(props, "evaluation_dataset", args.evaluation_dataset, refs, depends_on)
+        if args.job_id is None:
+            props["job_id"] = default_id(resource_name)
+        self.job_name = _name(fine_tuning_job_name, args.account_id, props["job_id"])
+        # what an addon deployed from this job needs to know at its own check
+        rank = args.lora_rank if args.lora_rank is not None else FineTuningJobSpec.model_fields["lora_rank"].default
+        self._facts = {"rank": rank, "base_model": props["base_model"]}
+        super().__init__(FineTuningJobProvider(), resource_name,
+                         props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fsspec
 
-from ember.provider.domain.digests import file_sha256
+from ember.provider.domain.digests import OBJECT_MARKER, file_sha256
 from ember.provider.domain.model_files import ModelFilesError
 
 
@@ -25,13 +25,13 @@ def local_copy(url: str, cache_dir: str | Path | None = None) -> Path:
         return Path(url.removeprefix("file://"))
     cache = Path(cache_dir or os.environ.get("EMBER_CACHE_DIR", "/tmp/ember-cache"))
     target = cache / hashlib.sha256(url.encode()).hexdigest()[:32]
-    if (target / ".complete").exists():
+    if (target / OBJECT_MARKER).exists():
         return target
     staging = cache / f".download-{uuid.uuid4().hex}"
     try:
         fs, path = fsspec.core.url_to_fs(url)
         fs.get(path.rstrip("/") + "/", str(staging) + "/", recursive=True)
-        listing = staging / ".complete"
+        listing = staging / OBJECT_MARKER
         if listing.exists():
             for name, digest in json.loads(listing.read_text()).items():
                 if not (staging / name).exists() or file_sha256(staging / name) != digest:

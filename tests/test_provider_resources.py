@@ -139,7 +139,8 @@ def test_duplicate_model_ids_are_refused_in_the_program(mocks):
 # The program's typed Args and the spec that validates them are two views of one resource: pinned here.
 ARGS_AND_SPECS = [(resources.ModelArgs, spec.ModelSpec), (resources.DeploymentArgs, spec.DeploymentSpec),
                   (resources.LoRAAddonArgs, spec.LoRAAddonSpec), (resources.AutoscalingPolicyArgs, spec.AutoscalingPolicy),
-                  (resources.RequestLoggingArgs, spec.RequestLogging)]
+                  (resources.RequestLoggingArgs, spec.RequestLogging), (resources.DatasetArgs, spec.DatasetSpec),
+                  (resources.FineTuningJobArgs, spec.FineTuningJobSpec)]
 
 
 @pytest.mark.parametrize("args, spec_cls", ARGS_AND_SPECS, ids=lambda c: c.__name__)
@@ -153,7 +154,10 @@ def test_args_have_the_fields_of_the_spec(args, spec_cls):
 
 
 @pytest.mark.parametrize("resource, outputs", [(resources.Model, spec.ModelOutputs), (resources.Deployment, spec.DeploymentOutputs),
-                                               (resources.LoRAAddon, spec.LoRAAddonOutputs)], ids=lambda c: c.__name__)
+                                               (resources.LoRAAddon, spec.LoRAAddonOutputs),
+                                               (resources.Dataset, spec.DatasetOutputs),
+                                               (resources.FineTuningJob, spec.FineTuningJobOutputs)],
+                         ids=lambda c: c.__name__)
 def test_resource_outputs_are_the_spec_outputs(resource, outputs):
     typed = [name for name, kind in resource.__annotations__.items() if str(kind).startswith("pulumi.Output")]
     assert sorted(typed) == sorted(outputs.model_fields) and resource._OUTPUTS == list(outputs.model_fields)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentSpec, ModelKind, ModelState
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentSpec, JobState, ModelKind, ModelState
 
 
 class _Document(BaseModel):
@@ -57,4 +57,31 @@ class DeploymentRecord(_Document):
     # False until a create has finished: a create cut short (a killed `up`) is resumed by the next one,
     # while a deployment another stack finished creating is never taken over.
     created: bool = True
+    inputs: dict[str, Any] = {}
+
+
+class DatasetRecord(_Document):
+    """An uploaded dataset: its object (one file, dataset.jsonl) and what it holds."""
+
+    name: str  # accounts/<account>/datasets/<id>
+    state: ModelState = ModelState.READY
+    message: str | None = None
+    digest: str
+    object: str
+    example_count: int
+    message_count: int
+    character_count: int
+    created: float = 0.0
+    inputs: dict[str, Any] = {}
+
+
+class FineTuningJobRecord(_Document):
+    """A finished job: what it trained, and its metrics (the outputs it reports)."""
+
+    name: str  # accounts/<account>/fineTuningJobs/<id>
+    state: JobState
+    output_model_name: str
+    digest: str
+    outputs: dict[str, Any] = {}
+    created: float = 0.0
     inputs: dict[str, Any] = {}

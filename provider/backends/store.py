@@ -6,6 +6,8 @@ Layout under the store root:
     models/<account>/<model_id>.json            its manifest: kind, digest, architecture, parameters …
     deployments/<account>/<deployment>/addons.json   {addon name: object URL}: what replicas must serve
     deployments/<account>/<deployment>/deployment.json   its record: base model, max_lora_rank, cluster …
+    datasets/<account>/<dataset_id>.json        a dataset's record: digest of its object, example counts
+    fine-tuning-jobs/<account>/<job_id>.json    a finished job's record: the addon it trained, its metrics
     catalog/<model_id>/...                      catalog weights an operator put there
     keys.json, usage/                           API key hashes; usage records the replicas write
 
@@ -31,10 +33,11 @@ from typing import Any
 import fsspec
 
 from ember.provider.backends.processes import alive
-from ember.provider.backends.records import MANIFEST, DeploymentRecord, Manifest
+from ember.provider.backends.records import MANIFEST, DatasetRecord, DeploymentRecord, FineTuningJobRecord, Manifest
 from ember.provider.domain.accounts import Accounts
-from ember.provider.domain.digests import file_digests, tree_digest
-from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.digests import OBJECT_MARKER, file_digests, tree_digest
+from ember.provider.domain.names import (parse_dataset_name, parse_deployment_name, parse_fine_tuning_job_name,
+                                         parse_model_name)
 
 
 class StoreError(RuntimeError):
@@ -72,6 +75,12 @@ class StoreLayout:
     def deployment_record(self, account: str, deployment: str) -> str:
         return f"{self.deployment(account, deployment)}/deployment.json"
 
+    def dataset(self, account: str, dataset_id: str) -> str:
+        return self._join("datasets", account, f"{dataset_id}.json")
+
+    def fine_tuning_job(self, account: str, job_id: str) -> str:
+        return self._join("fine-tuning-jobs", account, f"{job_id}.json")
+
     @property
     def keys(self) -> str:
         return self._join("keys.json")
@@ -100,7 +109,7 @@ class Store:
         digests = file_digests(source)
         digest = tree_digest(digests)
         final = self.paths.object(digest)
-        if self.fs.exists(f"{final}/.complete"):
+        if self.fs.exists(f"{final}/{OBJECT_MARKER}"):
             return digest, digests
         self._sweep_abandoned_uploads()
         staging = self.paths.uploads(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
@@ -109,11 +118,11 @@ class Store:
             self.fs.makedirs(os.path.dirname(f"{staging}/{name}"), exist_ok=True)
             self.fs.put_file(str(source / name), f"{staging}/{name}")
             progress(f"uploaded {i}/{total} files ({name})")
-        self.fs.pipe_file(f"{staging}/.complete", json.dumps(digests).encode())
+        self.fs.pipe_file(f"{staging}/{OBJECT_MARKER}", json.dumps(digests).encode())
         try:
             self.fs.mv(staging, final, recursive=True)
         except (FileExistsError, OSError):
-            if not self.fs.exists(f"{final}/.complete"):  # someone else's upload of the same digest won
+            if not self.fs.exists(f"{final}/{OBJECT_MARKER}"):  # someone else's upload of the same digest won
                 raise
             self.fs.rm(staging, recursive=True)
         return digest, digests
@@ -128,14 +137,13 @@ class Store:
     def verify_object(self, digest: str) -> None:
         """Raise unless every file of an object is present with its recorded digest."""
         path = self.paths.object(digest)
-        if not self.fs.exists(f"{path}/.complete"):
+        if not self.fs.exists(f"{path}/{OBJECT_MARKER}"):
             raise StoreError(f"object {digest} is not in the store (or its upload never finished)")
-        recorded = json.loads(self.fs.cat_file(f"{path}/.complete"))
+        recorded = json.loads(self.fs.cat_file(f"{path}/{OBJECT_MARKER}"))
         if tree_digest(recorded) != digest:
             raise StoreError(f"object {digest}: its file list does not match its digest")
         actual = file_digests(self.local_path(self.urls.object(digest))) if self.is_local else None
         if actual is not None:
-            actual.pop(".complete", None)
             if actual != recorded:
                 bad = sorted(n for n in recorded if actual.get(n) != recorded[n])
                 raise StoreError(f"object {digest}: files {bad[:5]} do not match their digests (corrupt store?)")
@@ -144,7 +152,7 @@ class Store:
         """Remove an object nobody's manifest refers to any more."""
         if not digest.startswith("sha256:"):
             return
-        if any(m.digest == digest for m in self.manifests()):
+        if any(m.digest == digest for m in self.manifests()) or any(d.digest == digest for d in self.dataset_records()):
             return
         self.discard_object(digest)
 
@@ -185,9 +193,7 @@ class Store:
         return self._read_json(self.paths.manifest(account, model_id), MANIFEST.validate_python)
 
     def delete_manifest(self, account: str, model_id: str) -> None:
-        path = self.paths.manifest(account, model_id)
-        if self.fs.exists(path):
-            self.fs.rm(path)
+        self.delete_document(self.paths.manifest(account, model_id))
 
     def manifests(self) -> Iterator[Manifest]:
         return self._read_all(self.paths.manifest("*", "*"), MANIFEST.validate_python)
@@ -249,6 +255,30 @@ class Store:
                     self.fs.rm(record)
             elif self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
+
+    # -- datasets and fine-tuning jobs ---------------------------------------------------------------------
+
+    def read_dataset_record(self, account: str, dataset_id: str) -> DatasetRecord | None:
+        return self._read_json(self.paths.dataset(account, dataset_id), DatasetRecord.model_validate)
+
+    def dataset_records(self) -> Iterator[DatasetRecord]:
+        return self._read_all(self.paths.dataset("*", "*"), DatasetRecord.model_validate)
+
+    def write_dataset_record(self, record: DatasetRecord) -> None:
+        name = parse_dataset_name(record.name)
+        self._write_json(self.paths.dataset(name.account_id, name.resource_id), record.to_json())
+
+    def read_job_record(self, account: str, job_id: str) -> FineTuningJobRecord | None:
+        return self._read_json(self.paths.fine_tuning_job(account, job_id), FineTuningJobRecord.model_validate)
+
+    def write_job_record(self, record: FineTuningJobRecord) -> None:
+        name = parse_fine_tuning_job_name(record.name)
+        self._write_json(self.paths.fine_tuning_job(name.account_id, name.resource_id), record.to_json())
+
+    def delete_document(self, path: str) -> None:
+        """Remove a record (a dataset's, a job's) if it is there."""
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     # -- API keys ------------------------------------------------------------------------------------------
 

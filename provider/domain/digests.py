@@ -15,10 +15,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The file a store object keeps its file list in (written when its upload completes): not part of its content,
+# so a store object used as a source (a fine-tuning job's adapter deployed as an addon) keeps its digest.
+OBJECT_MARKER = ".complete"
+
+
 def file_digests(directory: Path) -> dict[str, str]:
-    """Relative path → sha256 of every file under a directory."""
+    """Relative path → sha256 of every file under a directory (a store object's marker left out)."""
     return {path.relative_to(directory).as_posix(): file_sha256(path)
-            for path in sorted(p for p in directory.rglob("*") if p.is_file())}
+            for path in sorted(p for p in directory.rglob("*") if p.is_file()) if path.name != OBJECT_MARKER
+            or path.parent != directory}
 
 
 def tree_digest(digests: dict[str, str]) -> str:

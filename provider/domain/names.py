@@ -17,6 +17,7 @@ MODEL_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/models/[a-z0
 DEPLOYMENT_NAME_PATTERN = (
     r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/deployments/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
+DATASET_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/datasets/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
 def check_id(value: str, what: str = "ID") -> str:
@@ -31,7 +32,7 @@ class ResourceName:
     """A parsed `accounts/<account_id>/<collection>/<resource_id>` name."""
 
     account_id: str
-    collection: str  # "models" or "deployments"
+    collection: str  # "models", "deployments", "datasets" or "fineTuningJobs"
     resource_id: str
 
     def __str__(self) -> str:
@@ -39,7 +40,7 @@ class ResourceName:
 
     @classmethod
     def parse(cls, value: str, collection: str) -> "ResourceName":
-        example = f"accounts/my-account/{collection}/my-{collection[:-1]}"
+        example = f"accounts/my-account/{collection}/my-{collection[:-1].lower()}"
         if not isinstance(value, str):
             raise ValueError(f"{value!r} is not a {collection[:-1]} name like {example!r}")
         parts = value.split("/")
@@ -66,3 +67,19 @@ def parse_model_name(value: str) -> ResourceName:
 
 def parse_deployment_name(value: str) -> ResourceName:
     return ResourceName.parse(value, "deployments")
+
+
+def dataset_name(account_id: str, dataset_id: str) -> str:
+    return str(ResourceName(check_id(account_id, "account ID"), "datasets", check_id(dataset_id, "dataset ID")))
+
+
+def parse_dataset_name(value: str) -> ResourceName:
+    return ResourceName.parse(value, "datasets")
+
+
+def fine_tuning_job_name(account_id: str, job_id: str) -> str:
+    return str(ResourceName(check_id(account_id, "account ID"), "fineTuningJobs", check_id(job_id, "job ID")))
+
+
+def parse_fine_tuning_job_name(value: str) -> ResourceName:
+    return ResourceName.parse(value, "fineTuningJobs")

@@ -17,8 +17,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from ember.provider.domain import catalog
-from ember.provider.domain.names import (DEPLOYMENT_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN, check_id,
-                                         deployment_name, model_name, parse_deployment_name, parse_model_name)
+from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN,
+                                         check_id, dataset_name, deployment_name, fine_tuning_job_name, model_name,
+                                         parse_dataset_name, parse_deployment_name, parse_model_name)
 
 # ---------------------------------------------------------------------------------------------------
 # Errors
@@ -63,7 +64,10 @@ def _describe(error: dict) -> tuple[str, str]:
     if error["type"] == "extra_forbidden":
         return _path(loc), f"is not a known property (got {error['input']!r})"
     if not isinstance(cause, ValueError) and "input" in error:
-        message = f"{message} (got {error['input']!r})"
+        got = error["input"]
+        if isinstance(got, float) and got.is_integer():
+            got = int(got)  # the engine sends every number as a float: say "got 0", as the user wrote it
+        message = f"{message} (got {got!r})"
     return _path(loc), message
 
 
@@ -88,6 +92,10 @@ PLACEHOLDERS: dict[str, dict[str, Any]] = {
     "DeploymentSpec": {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"},
     "LoRAAddonSpec": {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct",
                       "source": "unknown", "deployments": []},
+    "DatasetSpec": {"account_id": "unknown", "source": "unknown"},
+    "FineTuningJobSpec": {"account_id": "unknown", "base_model": "accounts/unknown/models/unknown",
+                          "dataset": "accounts/unknown/datasets/unknown", "evaluation_dataset": None,
+                          "output_model": "unknown"},
 }
 
 
@@ -169,6 +177,7 @@ LORA_RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_LORA_RANK = 64
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_REPLICAS = 64
+MAX_EPOCHS = 100
 MAX_RETENTION_DAYS = 365
 # Weights may fill at most this share of accelerator memory; the rest holds the KV cache and activations.
 WEIGHT_MEMORY_SHARE = 0.9
@@ -200,6 +209,11 @@ ModelName = Annotated[
     str,
     AfterValidator(_check_name(parse_model_name)),
     _json_string(MODEL_NAME_PATTERN, "accounts/<ACCOUNT_ID>/models/<MODEL_ID>"),
+]
+DatasetName = Annotated[
+    str,
+    AfterValidator(_check_name(parse_dataset_name)),
+    _json_string(DATASET_NAME_PATTERN, "accounts/<ACCOUNT_ID>/datasets/<DATASET_ID>"),
 ]
 DeploymentName = Annotated[
     str,
@@ -494,6 +508,85 @@ class DeploymentSpec(Spec):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Fine-tuning: datasets and the jobs that train LoRA addons on them
+
+
+class JobState(str, Enum):
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class DatasetSpec(Spec):
+    """A JSONL file of chat examples, uploaded content-addressed; private to its account."""
+
+    account_id: ResourceId
+    dataset_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")
+    source: Source = Field(description='JSONL, one {"messages": [{"role", "content"}, ...]} per line, ending with '
+                                       "the assistant's answer")
+    display_name: DisplayName | None = None
+    description: Text | None = None
+
+    @property
+    def name(self) -> str:
+        return _full_name(dataset_name, self.account_id, self.dataset_id, "dataset_id")
+
+
+class FineTuningJobSpec(Spec):
+    """Supervised fine-tuning of a LoRA on a base model; its output is an addon model of that base."""
+
+    account_id: ResourceId
+    job_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")
+    base_model: ModelName
+    dataset: DatasetName
+    evaluation_dataset: DatasetName | None = Field(None, description="its loss is reported after every epoch")
+    output_model: ResourceId = Field(description="the trained addon's model ID in this account")
+    epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    learning_rate: float = Field(1e-4, gt=0, le=0.1)
+    lora_rank: int = Field(8, ge=1, le=MAX_LORA_RANK)
+    lora_alpha: float | None = Field(None, gt=0, le=4096, description="default: twice the rank")
+    target_modules: tuple[str, ...] = Field(LORA_TARGET_MODULES, min_length=1)
+    batch_size: int = Field(8, ge=1, le=512, description="examples per optimizer step")
+    max_context_length: int = Field(2048, ge=16, le=131072, description="longest example, in tokens")
+    early_stop: bool = Field(False, description="stop when the evaluation loss stops improving (needs "
+                                                "evaluation_dataset); the best epoch's adapter is kept")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    display_name: DisplayName | None = None
+    description: Text | None = None
+
+    @property
+    def name(self) -> str:
+        return _full_name(fine_tuning_job_name, self.account_id, self.job_id, "job_id")
+
+    @property
+    def output_model_name(self) -> str:
+        return model_name(self.account_id, self.output_model)
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in value if m not in LORA_TARGET_MODULES]
+        if unknown:
+            raise ValueError(f"{unknown!r} are not LoRA-targetable; use any of {', '.join(LORA_TARGET_MODULES)}")
+        return tuple(sorted(set(value), key=LORA_TARGET_MODULES.index))
+
+    @model_validator(mode="after")
+    def _fits_domain(self) -> "FineTuningJobSpec":
+        _refuse_reserved_id(self.output_model, "output_model")
+        for field in ("dataset", "evaluation_dataset"):
+            value = getattr(self, field)
+            if value is not None and parse_dataset_name(value).account_id != self.account_id:
+                raise FieldError(field, f"{value!r} belongs to account {parse_dataset_name(value).account_id!r}: "
+                                        f"datasets are private to their account")
+        if self.early_stop and self.evaluation_dataset is None:
+            raise FieldError("early_stop", "True needs an evaluation_dataset to judge the epochs by")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
 # Outputs: what the provider reports back after create/update/read.
 
 
@@ -524,6 +617,31 @@ class DeploymentOutputs(Spec):
     endpoints: tuple[str, ...] = ()
     ready_replicas: int = Field(0, ge=0)
     serving_digest: str | None = Field(None, description="digest of the base weights the replicas serve")
+
+
+class DatasetOutputs(Spec):
+    name: DatasetName
+    state: ModelState
+    message: str | None = None
+    digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+    example_count: int | None = Field(None, ge=0)
+    message_count: int | None = Field(None, ge=0)
+    character_count: int | None = Field(None, ge=0)
+    source_digest: str | None = Field(None, description="content digest of a local source, derived at check")
+
+
+class FineTuningJobOutputs(Spec):
+    name: str = Field(description="accounts/<ACCOUNT_ID>/fineTuningJobs/<JOB_ID>")
+    state: JobState
+    message: str | None = None
+    output_model_name: ModelName | None = None
+    digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$", description="the trained adapter's")
+    adapter_url: str | None = Field(None, description="the adapter in the store: a LoRAAddon's source")
+    train_loss: tuple[float, ...] = Field((), description="mean training loss of each epoch")
+    evaluation_loss: tuple[float, ...] = Field((), description="evaluation loss after each epoch")
+    epochs_run: int = Field(0, ge=0)
+    trained_tokens: int = Field(0, ge=0, description="tokens trained on, all epochs (billed)")
+    duration_s: float = Field(0.0, ge=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -569,4 +687,6 @@ RESOURCES: dict[str, tuple[type[Spec], type[Spec]]] = {
     "model": (ModelSpec, ModelOutputs),
     "lora_addon": (LoRAAddonSpec, LoRAAddonOutputs),
     "deployment": (DeploymentSpec, DeploymentOutputs),
+    "dataset": (DatasetSpec, DatasetOutputs),
+    "fine_tuning_job": (FineTuningJobSpec, FineTuningJobOutputs),
 }

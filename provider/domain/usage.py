@@ -4,7 +4,8 @@ Each finished request appends one JSON line — time, account, model, deployment
 status — to a file of this replica under the usage URL (an fsspec URL: a local directory by default, the
 model store in a cluster). A replica also writes its own record: when it started, what accelerators it
 holds, whether it is serverless (billed per token) or dedicated (billed per GPU-second), its base model
-(serverless prices go by its size), and when it was last seen. Never any prompt or output text.
+(serverless prices go by its size), and when it was last seen. A fine-tuning run writes one record of the
+tokens it trained on (billed per training token). Never any prompt, output or dataset text.
 """
 
 from __future__ import annotations
@@ -90,3 +91,21 @@ def read_replicas(url: str) -> list[dict]:
     """Every replica record under a usage URL: what ran, on what, from when to when."""
     fs, root = fsspec.core.url_to_fs(url)
     return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/usage/*/replica-*.json"))]
+
+
+def record_training(url: str, account_id: str, job: str, base_model: str, parameter_count: int, trained_tokens: int,
+                    duration_s: float) -> dict:
+    """One record per finished fine-tuning run (a replaced job that trains again is billed again)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    record = {"time": time.time(), "account_id": account_id, "job": job, "base_model": base_model,
+              "parameter_count": parameter_count, "trained_tokens": trained_tokens, "duration_s": duration_s}
+    directory = f"{root}/usage/fine-tuning"
+    fs.makedirs(directory, exist_ok=True)
+    fs.pipe_file(f"{directory}/{job.replace('/', '_')}-{uuid.uuid4().hex[:8]}.json", json.dumps(record).encode())
+    return record
+
+
+def read_training(url: str) -> list[dict]:
+    """Every fine-tuning record under a usage URL."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/usage/fine-tuning/*.json"))]

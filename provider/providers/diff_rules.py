@@ -1,8 +1,8 @@
 """What a change to each resource means: replacement, in-place update, or nothing.
 
 A change that needs new weights or a new base (a model's source digest, an addon's base model, a
-deployment's accelerators or engine shape) replaces the resource; replica counts, autoscaling, attached
-addons and descriptions update in place. Inputs are compared after check normalised them, so a
+deployment's accelerators or engine shape, a dataset's content, any setting of a fine-tuning job) replaces
+the resource; replica counts, autoscaling, attached addons and descriptions update in place. Inputs are compared after check normalised them, so a
 reformatted program or a reinstalled package gives no diff.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec
+from ember.provider.domain.spec import DatasetSpec, DeploymentSpec, FineTuningJobSpec, LoRAAddonSpec, ModelSpec
 
 REPLACE: dict[type, frozenset[str]] = {
     ModelSpec: frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
@@ -19,8 +19,12 @@ REPLACE: dict[type, frozenset[str]] = {
     DeploymentSpec: frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest", "deployment_type",
                                "accelerator_type", "accelerator_count", "precision", "max_loras", "max_lora_rank",
                                "request_logging"}),
+    DatasetSpec: frozenset({"account_id", "dataset_id", "source_digest"}),
+    # every input decides the adapter: any change trains a new one
+    FineTuningJobSpec: frozenset(set(FineTuningJobSpec.model_fields) - {"display_name", "description"}
+                                 | {"base_model_digest", "dataset_digest", "evaluation_dataset_digest"}),
 }
-DERIVED = ("source_digest", "base_model_digest")
+DERIVED = ("source_digest", "base_model_digest", "dataset_digest", "evaluation_dataset_digest")
 
 
 def compare(spec_cls: type, olds: dict[str, Any], news: dict[str, Any],

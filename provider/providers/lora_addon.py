@@ -25,16 +25,24 @@ class LoRAAddonProvider(EmberProvider):
 
     def check_known(self, spec: LoRAAddonSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
-        if "source" in unknown or "://" in spec.source:
+        job = references.get("source")  # a fine-tuning job's facts, when the source is the adapter it trains
+        if isinstance(job, dict) and type(job.get("rank")) in (int, float):  # numbers may arrive as floats
+            rank = int(job["rank"])
+            trained_on = job.get("base_model")
+            if "base_model" not in unknown and isinstance(trained_on, str) and trained_on != spec.base_model:
+                failures.append(("source", f"the fine-tuning job trains on {trained_on}, not this addon's base "
+                                           f"{spec.base_model}"))
+        elif "source" in unknown or "://" in spec.source:
             return failures
-        if not Path(spec.source).exists():
+        elif not Path(spec.source).exists():
             return failures + [("source", f"{spec.source!r} does not exist")]
-        try:  # headers only; against the base model's config.json when its files are here too
-            base = (references.get("base_model") or {}).get("source") if "base_model" not in unknown else None
-            base_config = source_config(base) if isinstance(base, str) else None
-            rank = inspect_adapter(spec.source, base_config).rank
-        except (ModelFilesError, ValueError, KeyError, OSError) as exc:
-            return failures + [("source", str(exc))]
+        else:
+            try:  # headers only; against the base model's config.json when its files are here too
+                base = (references.get("base_model") or {}).get("source") if "base_model" not in unknown else None
+                base_config = source_config(base) if isinstance(base, str) else None
+                rank = inspect_adapter(spec.source, base_config).rank
+            except (ModelFilesError, ValueError, KeyError, OSError) as exc:
+                return failures + [("source", str(exc))]
         targets = references.get("deployments") if "deployments" not in unknown else None
         for i, name in enumerate(spec.deployments):
             facts = (targets or {}).get(name)

@@ -1,10 +1,12 @@
-"""Bills from usage records: per-token charges for serverless traffic, GPU-second charges for dedicated deployments.
+"""Bills from usage records: per-token charges for serverless traffic, GPU-second charges for dedicated deployments,
+per-training-token charges for fine-tuning.
 
 Serverless requests are billed to the account that sent them, per token (prompt + completion), at the
 price tier of their base model's size (serverless serves catalog models only, so the size is the
 catalog's). Dedicated deployments are billed to the account that owns them, per accelerator-second their
 replicas held (a replica record says from when to when, on what), whatever their traffic. Periods are
-UTC months, days or hours; a replica's time is split across the periods it spans.
+UTC months, days or hours; a replica's time is split across the periods it spans. A fine-tuning run is
+billed to its account per token trained on (every epoch), at the tier of its base model's size.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.spec import AcceleratorType, FieldError, parse
 
 PERIODS = ("month", "day", "hour")
-TOKENS, ACCELERATOR_SECONDS = "serverless-tokens", "dedicated-accelerator-seconds"
+TOKENS, ACCELERATOR_SECONDS, TRAINING = "serverless-tokens", "dedicated-accelerator-seconds", "fine-tuning-tokens"
 
 
 class BillingError(ValueError):
@@ -45,18 +47,24 @@ class PriceTable(BaseModel):
     currency: str = "USD"
     serverless_tiers: tuple[PriceTier, ...] = Field(min_length=1)
     usd_per_accelerator_hour: dict[AcceleratorType, float]
+    fine_tuning_tiers: tuple[PriceTier, ...] = Field(
+        (PriceTier(up_to_billion_params=16, usd_per_million_tokens=0.50),
+         PriceTier(up_to_billion_params=80, usd_per_million_tokens=3.00),
+         PriceTier(up_to_billion_params=None, usd_per_million_tokens=6.00)), min_length=1,
+        description="per million tokens trained on, by base model size")
 
     @model_validator(mode="after")
     def _tiers_cover_every_size(self) -> "PriceTable":
-        bounds = [t.up_to_billion_params for t in self.serverless_tiers]
-        for i, bound in enumerate(bounds[:-1]):
-            following = bounds[i + 1]
-            if bound is None or (following is not None and bound >= following):
-                raise FieldError(f"serverless_tiers.{i}.up_to_billion_params",
-                                 f"{bound!r}: tiers must grow in size, with only the last one null")
-        if bounds[-1] is not None:
-            raise FieldError(f"serverless_tiers.{len(bounds) - 1}.up_to_billion_params",
-                             f"{bounds[-1]!r}: the last tier must be null, so that every model size has a price")
+        for field in ("serverless_tiers", "fine_tuning_tiers"):
+            bounds = [t.up_to_billion_params for t in getattr(self, field)]
+            for i, bound in enumerate(bounds[:-1]):
+                following = bounds[i + 1]
+                if bound is None or (following is not None and bound >= following):
+                    raise FieldError(f"{field}.{i}.up_to_billion_params",
+                                     f"{bound!r}: tiers must grow in size, with only the last one null")
+            if bounds[-1] is not None:
+                raise FieldError(f"{field}.{len(bounds) - 1}.up_to_billion_params",
+                                 f"{bounds[-1]!r}: the last tier must be null, so that every model size has a price")
         missing = [a.value for a in AcceleratorType if a not in self.usd_per_accelerator_hour]
         if missing:
             raise FieldError("usd_per_accelerator_hour", f"has no price for {', '.join(missing)}")
@@ -65,9 +73,9 @@ class PriceTable(BaseModel):
                 raise FieldError(f"usd_per_accelerator_hour.{accelerator.value}", f"{price!r} is negative")
         return self
 
-    def per_million_tokens(self, parameter_count: int) -> float:
+    def per_million_tokens(self, parameter_count: int, tiers: str = "serverless_tiers") -> float:
         billions = parameter_count / 1e9
-        return next(t.usd_per_million_tokens for t in self.serverless_tiers
+        return next(t.usd_per_million_tokens for t in getattr(self, tiers)
                     if t.up_to_billion_params is None or billions <= t.up_to_billion_params)
 
 
@@ -96,10 +104,10 @@ def load_prices(path: Path | None) -> PriceTable:
 class Charge:
     account_id: str
     period: str  # "2026-11", "2026-11-25" or "2026-11-25T10" (UTC)
-    kind: str  # serverless-tokens | dedicated-accelerator-seconds
-    item: str  # the model (serverless) or the deployment (dedicated)
+    kind: str  # serverless-tokens | dedicated-accelerator-seconds | fine-tuning-tokens
+    item: str  # the model (serverless), the deployment (dedicated) or the job (fine-tuning)
     detail: str  # the price tier's base model, or the accelerator type
-    quantity: float  # tokens, or accelerator-seconds
+    quantity: float  # tokens (served or trained on), or accelerator-seconds
     unit_price: float  # per million tokens, or per accelerator-hour
     amount: float
 
@@ -140,8 +148,8 @@ def _serverless_size(base_model: str) -> int:
 
 
 def bill(records: list[dict], replicas: list[dict], prices: PriceTable = DEFAULT_PRICES,
-         period: str = "month") -> list[Charge]:
-    """Charges per account, period and item, from request records and replica records."""
+         period: str = "month", training: list[dict] = ()) -> list[Charge]:
+    """Charges per account, period and item, from request, replica and fine-tuning records."""
     if period not in PERIODS:
         raise BillingError(f"period: {period!r} is not one of {', '.join(PERIODS)}")
     by_replica = {r["replica"]: r for r in replicas}
@@ -163,9 +171,13 @@ def bill(records: list[dict], replicas: list[dict], prices: PriceTable = DEFAULT
         for when, seconds in split_interval(replica["started"], replica["last_seen"], period):
             key = (owner, when, ACCELERATOR_SECONDS, replica["deployment"], accelerator, price)
             quantities[key] += seconds * replica["accelerator_count"]
+    for run in training:
+        price = prices.per_million_tokens(run["parameter_count"], "fine_tuning_tiers")
+        key = (run["account_id"], period_of(run["time"], period), TRAINING, run["job"], run["base_model"], price)
+        quantities[key] += run["trained_tokens"]
     charges = []
     for (account, when, kind, item, detail, price), quantity in sorted(quantities.items()):
-        amount = quantity / 1e6 * price if kind == TOKENS else quantity / 3600 * price
+        amount = quantity / 3600 * price if kind == ACCELERATOR_SECONDS else quantity / 1e6 * price
         charges.append(Charge(account, when, kind, item, detail, round(quantity, 3), price, round(amount, 10)))
     return charges
 

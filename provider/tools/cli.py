@@ -179,14 +179,15 @@ def _usage(args: argparse.Namespace) -> int:
     """Charges per account and period from the usage records in a store."""
     import csv
 
-    from ember.provider.domain.usage import read_replicas, read_usage  # fsspec only: no torch
+    from ember.provider.domain.usage import read_replicas, read_training, read_usage  # fsspec only: no torch
     from ember.provider.tools import billing
     from ember.provider.tools.runner import OfflineRunner
 
     store_url = args.store or OfflineRunner(args.program, args.stack, log=lambda _: None).config.store_url
     try:
         prices = billing.load_prices(args.prices)
-        charges = billing.bill(read_usage(store_url), read_replicas(store_url), prices, args.period)
+        charges = billing.bill(read_usage(store_url), read_replicas(store_url), prices, args.period,
+                               read_training(store_url))
     except (billing.BillingError, SpecError) as exc:
         print(f"ember usage: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,115 @@
+"""The Dataset provider: a JSONL file of chat examples, checked line by line and uploaded content-addressed."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
+
+from ember.provider.backends.records import DatasetRecord
+from ember.provider.backends.store import StoreError
+from ember.provider.domain.datasets import DatasetError, read_dataset
+from ember.provider.domain.names import parse_dataset_name
+from ember.provider.domain.spec import DatasetSpec, ModelState
+from ember.provider.providers.base import EmberError, EmberProvider, progress
+
+DATASET_FILE = "dataset.jsonl"  # the one file of a dataset's object
+
+
+class DatasetProvider(EmberProvider):
+    spec_cls = DatasetSpec
+    derived = ("source_digest",)
+
+    def check_known(self, spec: DatasetSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
+        if "source" in unknown or "://" in spec.source:
+            return []
+        try:
+            read_dataset(spec.source)
+        except DatasetError as exc:
+            return [("source", str(exc))]
+        return []
+
+    def _upload(self, spec: DatasetSpec):
+        """(digest, dataset): the checked file uploaded as it is, so its digest is its content's."""
+        import fsspec
+
+        try:
+            dataset = read_dataset(spec.source)
+        except DatasetError as exc:
+            raise EmberError(f"source: {exc}") from None
+        progress(f"uploading {spec.name}: {len(dataset.examples)} examples from {spec.source}")
+        with tempfile.TemporaryDirectory() as tmp:
+            with fsspec.open(spec.source, "rb") as f:
+                (Path(tmp) / DATASET_FILE).write_bytes(f.read())
+            digest, _ = self.store.put_directory(Path(tmp), progress)
+        return digest, dataset
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        spec: DatasetSpec = self._spec(props)
+        store = self.store
+        name = parse_dataset_name(spec.name)
+        if store.read_dataset_record(name.account_id, name.resource_id) is not None:
+            raise EmberError(f"dataset_id: {spec.name} already exists in the store")
+        digest, dataset = self._upload(spec)
+        record = DatasetRecord(name=spec.name, digest=digest, object=store.urls.object(digest),
+                               example_count=len(dataset.examples), message_count=dataset.message_count,
+                               character_count=dataset.character_count, created=time.time(), inputs=self._inputs(props))
+        try:
+            store.write_dataset_record(record)
+        except Exception:
+            store.delete_object(digest)
+            raise
+        return CreateResult(spec.name, props | self._outputs(record))
+
+    @staticmethod
+    def _outputs(record: DatasetRecord) -> dict[str, Any]:
+        return {"name": record.name, "state": record.state.value, "message": record.message, "digest": record.digest,
+                "example_count": record.example_count, "message_count": record.message_count,
+                "character_count": record.character_count}
+
+    def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
+        return olds.get("state") == ModelState.FAILED.value
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        # Descriptions change in place; content a refresh found damaged is uploaded again from the source.
+        spec: DatasetSpec = self._spec(news)
+        name = parse_dataset_name(spec.name)
+        record = self.store.read_dataset_record(name.account_id, name.resource_id)
+        if record is None:
+            raise EmberError(f"{spec.name} is missing from the store; run `refresh` and `up` to recreate it")
+        try:
+            self.store.verify_object(record.digest)
+        except StoreError as exc:
+            progress(f"{spec.name}: {exc}; uploading it again")
+            self.store.discard_object(record.digest)
+            if self._upload(spec)[0] != record.digest:
+                raise EmberError(f"source: {spec.source} now holds other content than {spec.name}; a change of "
+                                 f"content is a replacement") from None
+        record = record.model_copy(update={"inputs": self._inputs(news), "state": ModelState.READY, "message": None})
+        self.store.write_dataset_record(record)
+        return UpdateResult(news | self._outputs(record))
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        spec, by_id = self._read_spec(id_, props)
+        name = parse_dataset_name(id_) if by_id else parse_dataset_name(spec.name)
+        record = self.store.read_dataset_record(name.account_id, name.resource_id)
+        if record is None:
+            return ReadResult("", {})
+        try:
+            self.store.verify_object(record.digest)
+        except StoreError as exc:
+            record = record.model_copy(update={"state": ModelState.FAILED, "message": str(exc)})
+        if by_id:
+            return ReadResult(str(name), record.inputs | self._outputs(record), record.inputs)
+        return ReadResult(id_, props | self._outputs(record))
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        spec = self._spec(props)
+        name = parse_dataset_name(spec.name)
+        record = self.store.read_dataset_record(name.account_id, name.resource_id)
+        self.store.delete_document(self.store.paths.dataset(name.account_id, name.resource_id))
+        if record:
+            self.store.delete_object(record.digest)
