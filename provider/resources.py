@@ -370,6 +370,7 @@ class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
     digest: pulumi.Output[str]
     adapter_url: pulumi.Output[str]
     train_loss: pulumi.Output[list[float]]
+    step_loss: pulumi.Output[list[float]]
     evaluation_loss: pulumi.Output[list[float]]
     epochs_run: pulumi.Output[int]
     trained_tokens: pulumi.Output[int]

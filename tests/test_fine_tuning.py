@@ -217,3 +217,32 @@ def test_bad_jobs_are_refused_at_preview_by_field(tmp_path, capsys):
     assert "LoRAAddon tuned: source: rank 16 is above accounts/acme/deployments/local's max_lora_rank 8" in preview_error()
     (program / "__main__.py").write_text((program / "__main__.py").read_text().replace("epochs=2", "epochs=0"))
     assert "FineTuningJob tune: epochs: Input should be greater than or equal to 1 (got 0)" in preview_error()
+
+
+@pytest.mark.slow
+def test_the_pirate_example_learns_its_voice(tmp_path, capsys):
+    """examples/fine-tuning end to end on SmolLM2-135M-Instruct: the addon begins ≥90% of its held-out answers
+    with "Arr!", the base ≤10% (evaluate.py exits 1 otherwise)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ember.provider.tools import cli, quickstart
+
+    try:
+        quickstart.smollm2_gguf()
+    except quickstart.QuickstartError as exc:
+        pytest.skip(str(exc))
+    repo = Path(__file__).resolve().parents[1]
+    program = tmp_path / "fine-tuning"
+    shutil.copytree(repo / "examples/fine-tuning", program, ignore=shutil.ignore_patterns(".ember", "data", "*.png"))
+    subprocess.run([sys.executable, str(program / "make_dataset.py")], check=True, capture_output=True)
+    try:
+        assert cli.main(["up", str(program), "--offline"]) == 0
+        assert "answer from accounts/pirates/models/smollm2-pirate" in capsys.readouterr().out
+        evaluate = subprocess.run([sys.executable, str(program / "evaluate.py")], capture_output=True, text=True)
+        assert evaluate.returncode == 0, evaluate.stdout + evaluate.stderr  # the rates above, or exit 1
+        print(evaluate.stdout)
+        assert (program / "loss.png").stat().st_size > 10_000
+    finally:
+        assert cli.main(["destroy", str(program), "--offline"]) == 0

@@ -638,6 +638,7 @@ class FineTuningJobOutputs(Spec):
     digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$", description="the trained adapter's")
     adapter_url: str | None = Field(None, description="the adapter in the store: a LoRAAddon's source")
     train_loss: tuple[float, ...] = Field((), description="mean training loss of each epoch")
+    step_loss: tuple[float, ...] = Field((), description="training loss of each optimizer step (the loss curve)")
     evaluation_loss: tuple[float, ...] = Field((), description="evaluation loss after each epoch")
     epochs_run: int = Field(0, ge=0)
     trained_tokens: int = Field(0, ge=0, description="tokens trained on, all epochs (billed)")

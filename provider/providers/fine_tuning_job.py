@@ -87,7 +87,8 @@ class FineTuningJobProvider(EmberProvider):
                                  inputs={"fine_tuning_job": spec.name})
         outputs = {"name": spec.name, "state": JobState.COMPLETED.value, "message": None,
                    "output_model_name": spec.output_model_name, "digest": digest, "adapter_url": manifest.object,
-                   "train_loss": result["train_loss"], "evaluation_loss": result["evaluation_loss"],
+                   "train_loss": result["train_loss"], "step_loss": result["step_loss"],
+                   "evaluation_loss": result["evaluation_loss"],
                    "epochs_run": result["epochs_run"], "trained_tokens": result["trained_tokens"],
                    "duration_s": result["duration_s"]}
         record = FineTuningJobRecord(name=spec.name, state=JobState.COMPLETED, output_model_name=manifest.name,

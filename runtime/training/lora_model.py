@@ -74,8 +74,15 @@ class LoRATrainingModel(torch.nn.Module):
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, length, vocab] (float32) of right-padded sequences: the causal mask keeps every real
-        token from seeing the padding after it."""
+        """Logits [batch, length, vocab] (float32)."""
+        return self.logits(self.hidden(input_ids))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weights.lm_head).float()
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states [batch, length, hidden] of right-padded sequences: the causal mask
+        keeps every real token from seeing the padding after it."""
         c, w = self.config, self.weights
         batch, length = input_ids.shape
         cos, sin = self.cos[:length][None, None], self.sin[:length][None, None]
@@ -95,7 +102,7 @@ class LoRATrainingModel(torch.nn.Module):
             gate, up = self._project(i, h, layer.gate_up, None, ("gate_proj", "up_proj"))
             [down] = self._project(i, F.silu(gate) * up, layer.down, None, ("down_proj",))
             x = x + down
-        return F.linear(self._norm(x, w.norm), w.lm_head).float()
+        return self._norm(x, w.norm)
 
     def save_peft(self, directory: Path, base_model: str) -> Path:
         """The adapter in PEFT's format: adapter_config.json and adapter_model.safetensors (float32)."""

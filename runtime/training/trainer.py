@@ -51,6 +51,7 @@ class TrainingJob:
 @dataclass
 class TrainingResult:
     train_loss: list[float] = field(default_factory=list)  # per epoch
+    step_loss: list[float] = field(default_factory=list)  # per optimizer step: the loss curve
     evaluation_loss: list[float] = field(default_factory=list)
     trained_tokens: int = 0  # every token of every example, every epoch (what is billed)
     dataset_tokens: int = 0  # one epoch's
@@ -73,10 +74,11 @@ def _batches(examples: list[TokenizedExample], size: int, order: list[int], pad_
 
 
 def _loss(model: LoRATrainingModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting each assistant token from the tokens before it."""
-    logits = model(ids[:, :-1])
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    """Mean cross-entropy of predicting each assistant token from the tokens before it. Logits are computed
+    for those positions only: the vocabulary projection is a large share of a small model's work."""
+    learned = mask[:, 1:]
+    hidden = model.hidden(ids[:, :-1])[learned]
+    return F.cross_entropy(model.logits(hidden), ids[:, 1:][learned])
 
 
 @torch.no_grad()
@@ -125,6 +127,7 @@ def train(job: TrainingJob, progress: Callable[[str], None] = print) -> Training
             optimizer.step()
             step += 1
             losses.append(float(loss.detach()))
+            result.step_loss.append(round(losses[-1], 6))
             tokens += count
             result.trained_tokens += count
             elapsed = time.monotonic() - started
