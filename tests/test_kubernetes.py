@@ -97,7 +97,7 @@ def test_every_object_is_valid_kubernetes(cluster):
 
 
 def test_gpus_nodes_probes_and_labels(cluster):
-    deployment = cluster.objects["Deployment/tiny-llama-gpu"]
+    deployment = cluster.objects["Deployment/smollm2-gpu"]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" == container["resources"]["requests"]["nvidia.com/gpu"]
@@ -106,49 +106,49 @@ def test_gpus_nodes_probes_and_labels(cluster):
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": 8000}
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert labels["ember.dev/account"] == "quickstart" and labels["ember.dev/deployment"] == "tiny-llama-gpu"
-    assert labels["ember.dev/model"] == "tiny-llama"
+    assert labels["ember.dev/account"] == "quickstart" and labels["ember.dev/deployment"] == "smollm2-gpu"
+    assert labels["ember.dev/model"] == "smollm2-135m-instruct"
     args = container["args"]
     assert args[args.index("--model-dir") + 1] == "s3://ember-models/store/objects/" + "ab" * 32
-    assert args[args.index("--desired-addons") + 1].endswith("/deployments/quickstart/tiny-llama-gpu/addons.json")
-    hpa = cluster.objects["HorizontalPodAutoscaler/tiny-llama-gpu-hpa"]["spec"]
+    assert args[args.index("--desired-addons") + 1].endswith("/deployments/quickstart/smollm2-gpu/addons.json")
+    hpa = cluster.objects["HorizontalPodAutoscaler/smollm2-gpu-hpa"]["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3) and "replicas" not in deployment["spec"]
-    assert cluster.ember["tiny-llama-gpu"]["cluster"] == "kubernetes"
+    assert cluster.ember["smollm2-gpu"]["cluster"] == "kubernetes"
 
 
 def test_no_secret_value_in_plain_manifests(cluster):
     for name, manifest in cluster.raw.items():
         if manifest["kind"] != "Secret":
             assert SECRET not in json.dumps(manifest), name
-    assert is_secret(cluster.raw["Secret/tiny-llama-gpu-store"]["stringData"])  # encrypted in Pulumi's state
-    assert cluster.objects["Secret/tiny-llama-gpu-store"]["stringData"]["AWS_SECRET_ACCESS_KEY"] == SECRET
-    container = cluster.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["envFrom"] == [{"secretRef": {"name": "ember-quickstart-tiny-llama-gpu-store"}}]
+    assert is_secret(cluster.raw["Secret/smollm2-gpu-store"]["stringData"])  # encrypted in Pulumi's state
+    assert cluster.objects["Secret/smollm2-gpu-store"]["stringData"]["AWS_SECRET_ACCESS_KEY"] == SECRET
+    container = cluster.objects["Deployment/smollm2-gpu"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "ember-quickstart-smollm2-gpu-store"}}]
     assert SECRET not in json.dumps(cluster.ember)
 
 
 def test_changes_touch_only_the_objects_that_should(cluster):
     replicas = run_example({"minReplicas": 2, "maxReplicas": 5})
     changed = {k for k in cluster.objects if cluster.objects[k] != replicas.objects[k]}
-    assert changed == {"HorizontalPodAutoscaler/tiny-llama-gpu-hpa"}
+    assert changed == {"HorizontalPodAutoscaler/smollm2-gpu-hpa"}
     fixed = run_example({"minReplicas": 2, "maxReplicas": 2})
-    assert "HorizontalPodAutoscaler/tiny-llama-gpu-hpa" not in fixed.objects
-    assert fixed.objects["Deployment/tiny-llama-gpu"]["spec"]["replicas"] == 2
+    assert "HorizontalPodAutoscaler/smollm2-gpu-hpa" not in fixed.objects
+    assert fixed.objects["Deployment/smollm2-gpu"]["spec"]["replicas"] == 2
     gpus = run_example({"acceleratorType": "NVIDIA_A100_80GB"})
     changed = {k for k in cluster.objects if cluster.objects[k] != gpus.objects[k]}
-    assert changed == {"Deployment/tiny-llama-gpu"}  # new pods; the Service, PDB and HPA stay
-    template = gpus.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]
+    assert changed == {"Deployment/smollm2-gpu"}  # new pods; the Service, PDB and HPA stay
+    template = gpus.objects["Deployment/smollm2-gpu"]["spec"]["template"]
     assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert cluster.objects["Service/tiny-llama-gpu-service"] == gpus.objects["Service/tiny-llama-gpu-service"]
+    assert cluster.objects["Service/smollm2-gpu-service"] == gpus.objects["Service/smollm2-gpu-service"]
 
 
 def test_amd_and_cpu_pods():
     amd = run_example({"acceleratorType": "AMD_MI300X_192GB"})
-    pod = amd.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]["spec"]
+    pod = amd.objects["Deployment/smollm2-gpu"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"amd.com/gpu.product-name": "AMD_Instinct_MI300X"}
     cpu = run_example({"acceleratorType": "CPU"})
-    pod = cpu.objects["Deployment/tiny-llama-gpu"]["spec"]["template"]["spec"]
+    pod = cpu.objects["Deployment/smollm2-gpu"]["spec"]["template"]["spec"]
     assert not any("gpu" in k for k in pod["containers"][0]["resources"]["limits"]) and "tolerations" not in pod
 
 

@@ -5,7 +5,8 @@
     pulumi config set kubeconfig ~/.kube/config                       # optional: the ambient one otherwise
     pulumi up
 
-The base model and addons upload to the store; the runtime pods (image: runtime/Dockerfile) load them
+`ember quickstart` puts the model and addons under ../quickstart/models first. The base model and addons upload to
+the store; the runtime pods (image: runtime/Dockerfile) load them
 from there and pick up addons without a restart.
 """
 
@@ -19,9 +20,10 @@ ACCOUNT = "quickstart"
 kubeconfig = config.get("kubeconfig")
 provider = k8s.Provider("cluster", kubeconfig=kubeconfig, namespace=config.get("namespace")) if kubeconfig else None
 
-base = Model("tiny-llama", ModelArgs(account_id=ACCOUNT, source="../quickstart/models/tiny-llama"))
+base = Model("smollm2-135m-instruct", ModelArgs(account_id=ACCOUNT,
+                                                source="../quickstart/models/smollm2-135m-instruct.gguf"))
 gpu = KubernetesDeployment(
-    "tiny-llama-gpu",
+    "smollm2-gpu",
     DeploymentArgs(account_id=ACCOUNT, base_model=base, accelerator_type=config.get("acceleratorType"),
                    accelerator_count=1, min_replicas=config.get_int("minReplicas"),
                    max_replicas=config.get_int("maxReplicas"), max_loras=8),
@@ -32,7 +34,7 @@ gpu = KubernetesDeployment(
 )
 addons = [LoRAAddon(name, LoRAAddonArgs(account_id=ACCOUNT, base_model=base, source=f"../quickstart/models/{name}",
                                         deployments=[gpu.deployment]))
-          for name in ("tiny-llama-pirate", "tiny-llama-poet")]
+          for name in ("smollm2-pirate", "smollm2-poet")]
 
 pulumi.export("endpoint", gpu.endpoint)
 pulumi.export("models", pulumi.Output.all(base.name, *[a.name for a in addons]))
