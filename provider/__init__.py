@@ -1,5 +1,6 @@
 """Ember's Pulumi resources: `from ember.provider import Model, ModelArgs, LoRAAddon, LoRAAddonArgs, Deployment,
-DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs` (and `KubernetesDeployment, KubernetesArgs`).
+DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs` (and `KubernetesDeployment,
+KubernetesFineTuningJob, KubernetesArgs`).
 
 The names load on first use, so importing `ember.provider.domain` (as a runtime replica does) never
 imports pulumi.
@@ -25,11 +26,12 @@ _PUBLIC = {
     "FineTuningJobArgs": "ember.provider.resources",
     "KubernetesDeployment": "ember.provider.backends.kubernetes",
     "KubernetesArgs": "ember.provider.backends.kubernetes",
+    "KubernetesFineTuningJob": "ember.provider.backends.kubernetes",
 }
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
-    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
+    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment, KubernetesFineTuningJob
     from ember.provider.resources import (AutoscalingPolicyArgs, Dataset, DatasetArgs, Deployment, DeploymentArgs,
                                           FineTuningJob, FineTuningJobArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs,
                                           RequestLoggingArgs)

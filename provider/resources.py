@@ -122,6 +122,8 @@ class FineTuningJobArgs:
     max_context_length: pulumi.Input[int] | None = None
     early_stop: pulumi.Input[bool] | None = None
     seed: pulumi.Input[int] | None = None
+    cluster: str | None = None  # local (default) | kubernetes (set by KubernetesFineTuningJob)
+    training_url: pulumi.Input[str] | None = None  # set by KubernetesFineTuningJob
     display_name: pulumi.Input[str] | None = None
     description: pulumi.Input[str] | None = None
 

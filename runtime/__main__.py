@@ -19,8 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", required=True, help="keys file (path or fsspec URL)")
     p.add_argument("--account", required=True)
     p = sub.add_parser("finetune", help="train a LoRA adapter: a fine-tuning job's JSON in, a PEFT adapter out")
-    p.add_argument("--job", required=True, type=Path, help="the job (JSON): base model, datasets, hyperparameters")
-    p.add_argument("--result", required=True, type=Path, help="where the losses and token counts go (JSON)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--job", type=Path, help="the job (a JSON file): base model, datasets, hyperparameters")
+    group.add_argument("--job-json", help="the job as a JSON string (how a Kubernetes Job passes it)")
+    p.add_argument("--result", type=Path, help="where the losses and token counts go (JSON)")
+    p.add_argument("--upload", help="a store URL: the adapter goes to URL/adapter/, the metrics to URL/result.json")
     return parser
 
 
@@ -104,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(Accounts.add_key(args.keys, args.account))
         return 0
     if args.command == "finetune":
+        import json
+
         from ember.runtime.training.trainer import run
 
-        return run(args.job, args.result)
+        return run(json.loads(args.job_json) if args.job_json else json.loads(args.job.read_text()), args.result,
+                   args.upload)
     return serve(args)
 
 

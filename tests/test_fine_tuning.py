@@ -246,3 +246,42 @@ def test_the_pirate_example_learns_its_voice(tmp_path, capsys):
         assert (program / "loss.png").stat().st_size > 10_000
     finally:
         assert cli.main(["destroy", str(program), "--offline"]) == 0
+
+
+def test_a_kubernetes_jobs_pod_output_is_stored_as_the_local_cluster_would(trained, tmp_path):
+    """What a KubernetesFineTuningJob's pod runs (`finetune --job-json … --upload URL`), then the Ember resource
+    storing what it wrote: the same adapter digest as the same job trained by the local cluster."""
+    import subprocess
+    import sys
+
+    from provider_helpers import config, provider
+
+    from ember.provider.backends.records import BaseModelManifest
+
+    job, _ = trained
+    settings = {k: v for k, v in dataclasses.asdict(job).items() if k != "device"}
+    settings |= {"output_dir": str(tmp_path / "pod-adapter"), "target_modules": list(job.target_modules)}
+    run_url = f"file://{tmp_path}/store/fine-tuning-runs/acme/tune/abc"
+    pod = subprocess.run([sys.executable, "-m", "ember.runtime", "finetune", "--job-json", json.dumps(settings),
+                          "--upload", run_url], capture_output=True, text=True)
+    assert pod.returncode == 0, pod.stderr
+    assert f"uploaded the adapter and its metrics to {run_url}" in pod.stdout
+
+    cfg = config(tmp_path)
+    jobs = provider("FineTuningJob", cfg)
+    store = jobs.store
+    digest, _ = store.put_directory(Path(job.base_dir))
+    store.write_manifest(BaseModelManifest(name="accounts/acme/models/base", digest=digest,
+                                           object=store.urls.object(digest), architecture="LlamaForCausalLM",
+                                           parameter_count=1, config={}))
+    props = jobs.check({}, {"account_id": "acme", "job_id": "tune", "base_model": "accounts/acme/models/base",
+                            "dataset": "accounts/acme/datasets/train", "output_model": "tuned-v1",
+                            "lora_rank": 4, "cluster": "kubernetes", "training_url": run_url}).inputs
+    created = jobs.create(props)
+    assert created.outs["digest"] == tree_digest(file_digests(Path(job.output_dir)))
+    written = json.loads((tmp_path / "store/fine-tuning-runs/acme/tune/abc/result.json").read_text())
+    assert created.outs["trained_tokens"] == written["trained_tokens"] > 0
+    props["training_url"] = f"file://{tmp_path}/nowhere"
+    jobs.delete(created.id, created.outs)
+    with pytest.raises(Exception, match="the Kubernetes Job wrote no result"):
+        jobs.create(jobs.check({}, props).inputs)

@@ -56,6 +56,12 @@ class Cluster(pulumi.runtime.Mocks):
             outputs |= {"name": f"accounts/{inputs['account_id']}/deployments/{inputs['deployment_id']}"}
         elif args.typ.endswith("ember:LoRAAddon"):
             outputs |= {"name": f"accounts/{inputs['account_id']}/models/{inputs['model_id']}"}
+        elif args.typ.endswith("ember:Dataset"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/datasets/{inputs['dataset_id']}",
+                        "digest": "sha256:" + "cd" * 32}
+        elif args.typ.endswith("ember:FineTuningJob"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/fineTuningJobs/{inputs['job_id']}",
+                        "adapter_url": "s3://ember-models/store/objects/" + "ef" * 32}
         return args.name, outputs
 
     def call(self, args):
@@ -91,7 +97,7 @@ def cluster():
 
 def test_every_object_is_valid_kubernetes(cluster):
     kinds = sorted(o["kind"] for o in cluster.objects.values())
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret", "Service"]
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Job", "PodDisruptionBudget", "Secret", "Secret", "Service"]
     for name, manifest in cluster.objects.items():
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
@@ -136,7 +142,8 @@ def test_changes_touch_only_the_objects_that_should(cluster):
     assert fixed.objects["Deployment/smollm2-gpu"]["spec"]["replicas"] == 2
     gpus = run_example({"acceleratorType": "NVIDIA_A100_80GB"})
     changed = {k for k in cluster.objects if cluster.objects[k] != gpus.objects[k]}
-    assert changed == {"Deployment/smollm2-gpu"}  # new pods; the Service, PDB and HPA stay
+    # new pods, and the training Job on the new type too; the Service, PDB and HPA stay
+    assert changed == {"Deployment/smollm2-gpu", "Job/smollm2-pirate-sft"}
     template = gpus.objects["Deployment/smollm2-gpu"]["spec"]["template"]
     assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert cluster.objects["Service/smollm2-gpu-service"] == gpus.objects["Service/smollm2-gpu-service"]
@@ -162,3 +169,23 @@ def test_scale_to_zero_is_refused_on_kubernetes():
         KubernetesDeployment("z", DeploymentArgs(account_id="a", base_model="accounts/a/models/m", min_replicas=0,
                                                  max_replicas=2, autoscaling=AutoscalingPolicyArgs(scale_to_zero_window_s=600)),
                              KubernetesArgs(image="img", store_url="s3://b/s"))
+
+
+def test_a_fine_tuning_job_trains_as_a_kubernetes_job_on_a_gpu(cluster):
+    job = cluster.objects["Job/smollm2-pirate-sft"]
+    pod = job["spec"]["template"]["spec"]
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    [trainer] = pod["containers"]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert trainer["envFrom"] == [{"secretRef": {"name": "ember-ft-quickstart-smollm2-pirate-sft-store"}}]
+    args = trainer["args"]
+    settings, upload = json.loads(args[args.index("--job-json") + 1]), args[args.index("--upload") + 1]
+    assert settings["base_dir"] == "s3://ember-models/store/objects/" + "ab" * 32  # the Model's object
+    assert settings["dataset"] == "s3://ember-models/store/objects/" + "cd" * 32 + "/dataset.jsonl"
+    assert (settings["lora_rank"], settings["epochs"], settings["learning_rate"]) == (8, 1, 1e-3)
+    ember_job = cluster.ember["smollm2-pirate-sft"]
+    assert ember_job["cluster"] == "kubernetes" and ember_job["training_url"] == upload
+    assert upload.startswith("s3://ember-models/store/fine-tuning-runs/quickstart/smollm2-pirate-sft/")
+    assert cluster.ember["smollm2-pirate"]["source"] == "s3://ember-models/store/objects/" + "ef" * 32
+    assert SECRET not in json.dumps(job)

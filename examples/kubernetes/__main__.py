@@ -5,15 +5,17 @@
     pulumi config set kubeconfig ~/.kube/config                       # optional: the ambient one otherwise
     pulumi up
 
-`ember quickstart` puts the model and addons under ../quickstart/models first. The base model and addons upload to
-the store; the runtime pods (image: runtime/Dockerfile) load them
-from there and pick up addons without a restart.
+`ember quickstart` puts the model and the poet addon under ../quickstart/models first, and
+`python ../fine-tuning/make_dataset.py` writes the pirate dataset, which a Job in the cluster trains on. The base
+model and addons upload to the store; the runtime pods (image: runtime/Dockerfile) load them from there and pick
+up addons without a restart.
 """
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from ember.provider import DeploymentArgs, KubernetesArgs, KubernetesDeployment, LoRAAddon, LoRAAddonArgs, Model, ModelArgs
+from ember.provider import (Dataset, DatasetArgs, DeploymentArgs, FineTuningJobArgs, KubernetesArgs,
+                            KubernetesDeployment, KubernetesFineTuningJob, LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
 
 config = pulumi.Config()
 ACCOUNT = "quickstart"
@@ -22,19 +24,30 @@ provider = k8s.Provider("cluster", kubeconfig=kubeconfig, namespace=config.get("
 
 base = Model("smollm2-135m-instruct", ModelArgs(account_id=ACCOUNT,
                                                 source="../quickstart/models/smollm2-135m-instruct.gguf"))
+cluster = KubernetesArgs(image=config.get("image"), namespace=config.get("namespace"), store_url=config.get("storeUrl"),
+                         store_credentials={"AWS_ACCESS_KEY_ID": config.get_secret("storeAccessKey") or "",
+                                            "AWS_SECRET_ACCESS_KEY": config.get_secret("storeSecretKey") or ""},
+                         provider=provider)
 gpu = KubernetesDeployment(
     "smollm2-gpu",
     DeploymentArgs(account_id=ACCOUNT, base_model=base, accelerator_type=config.get("acceleratorType"),
                    accelerator_count=1, min_replicas=config.get_int("minReplicas"),
                    max_replicas=config.get_int("maxReplicas"), max_loras=8),
-    KubernetesArgs(image=config.get("image"), namespace=config.get("namespace"), store_url=config.get("storeUrl"),
-                   store_credentials={"AWS_ACCESS_KEY_ID": config.get_secret("storeAccessKey") or "",
-                                      "AWS_SECRET_ACCESS_KEY": config.get_secret("storeSecretKey") or ""},
-                   provider=provider),
+    cluster,
 )
-addons = [LoRAAddon(name, LoRAAddonArgs(account_id=ACCOUNT, base_model=base, source=f"../quickstart/models/{name}",
-                                        deployments=[gpu.deployment]))
-          for name in ("smollm2-pirate", "smollm2-poet")]
+# The pirate addon is trained in the cluster, as a batch/v1 Job on one GPU of the same type, from the fine-tuning
+# example's dataset (python ../fine-tuning/make_dataset.py writes it), then deployed like any addon.
+pirate_chats = Dataset("pirate-chats", DatasetArgs(account_id=ACCOUNT, source="../fine-tuning/data/train.jsonl"))
+tuning = KubernetesFineTuningJob(
+    "smollm2-pirate-sft",
+    FineTuningJobArgs(account_id=ACCOUNT, base_model=base, dataset=pirate_chats, output_model="smollm2-pirate-v1",
+                      epochs=1, learning_rate=1e-3, lora_rank=8),
+    cluster, accelerator_type=config.get("acceleratorType") or "NVIDIA_H100_80GB",
+)
+addons = [LoRAAddon("smollm2-pirate", LoRAAddonArgs(account_id=ACCOUNT, base_model=base, source=tuning.job,
+                                                    deployments=[gpu.deployment])),
+          LoRAAddon("smollm2-poet", LoRAAddonArgs(account_id=ACCOUNT, base_model=base, deployments=[gpu.deployment],
+                                                  source="../quickstart/models/smollm2-poet"))]
 
 pulumi.export("endpoint", gpu.endpoint)
 pulumi.export("models", pulumi.Output.all(base.name, *[a.name for a in addons]))

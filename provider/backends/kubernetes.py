@@ -7,6 +7,11 @@ limits from the accelerator count, node selection by accelerator type, probes on
 a `PodDisruptionBudget`, and a `HorizontalPodAutoscaler` when the replica range can move. pulumi-kubernetes
 applies them and waits for the rollout; nothing here talks to the cluster itself.
 
+`KubernetesFineTuningJob` trains a FineTuningJob as a batch/v1 `Job` (GPU requests, node selection by
+accelerator type, no retries) whose pod reads the base model and datasets from the store and writes the adapter
+and its metrics back; the Ember `FineTuningJob` (cluster="kubernetes") depends on it and, once
+pulumi-kubernetes has seen the Job complete, stores the adapter as the addon model.
+
 Replicas load the base model from the store at start and reconcile addons from it on a timer, with the
 same runtime code as the local cluster, so attaching an addon needs no pod restart.
 
@@ -17,6 +22,8 @@ Prometheus with prometheus-adapter). It cannot scale to zero; the spec refuses s
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -26,8 +33,10 @@ import pulumi_kubernetes as k8s
 from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.backends.store import StoreLayout
 from ember.provider.domain.names import parse_model_name
-from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, parse
-from ember.provider.resources import Deployment, DeploymentArgs, Model, _props, default_id
+from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, FineTuningJobSpec, parse
+from ember.provider.providers.dataset import DATASET_FILE
+from ember.provider.resources import (Dataset, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Model,
+                                      _props, default_id)
 
 RUNTIME_PORT = 8000
 
@@ -65,13 +74,20 @@ def labels(spec: DeploymentSpec, base_name: pulumi.Input[str]) -> dict[str, pulu
             "ember.dev/model-account": base.apply(lambda b: b.account_id)}
 
 
-def container_resources(spec: DeploymentSpec, cpu: str, memory: str) -> dict:
+def container_resources(accelerator: AcceleratorType, count: int, cpu: str, memory: str) -> dict:
     amounts = {"cpu": cpu, "memory": memory}
-    vendor = spec.accelerator_type.vendor
-    if vendor:
-        amounts[f"{vendor}.com/gpu"] = str(spec.accelerator_count)
-    # Requests equal limits: a replica's accelerators and memory are reserved, never overcommitted.
+    if accelerator.vendor:
+        amounts[f"{accelerator.vendor}.com/gpu"] = str(count)
+    # Requests equal limits: a pod's accelerators and memory are reserved, never overcommitted.
     return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def placement(accelerator: AcceleratorType) -> dict:
+    """A pod spec's node selection: nodes of the accelerator type, whose GPU taint it tolerates."""
+    pod = {"nodeSelector": NODE_SELECTORS.get(accelerator, {})}
+    if accelerator.vendor:
+        pod["tolerations"] = [{"key": f"{accelerator.vendor}.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return pod
 
 
 def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[list[str]], secret_name) -> dict:
@@ -84,7 +100,7 @@ def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
         "envFrom": [{"secretRef": {"name": secret_name}}],
         "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
-        "resources": container_resources(spec, cluster.cpu, cluster.memory),
+        "resources": container_resources(spec.accelerator_type, spec.accelerator_count, cluster.cpu, cluster.memory),
         # Loading weights takes a while: the startup probe allows it, then liveness takes over.
         "startupProbe": {**probe, "failureThreshold": 120},
         "readinessProbe": probe,
@@ -99,11 +115,7 @@ def workload_spec(spec: DeploymentSpec, selector: dict, pod_labels: dict, runtim
     pod_spec = {
         "containers": [runtime],
         "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "logs", "emptyDir": {}}],
-        "nodeSelector": NODE_SELECTORS.get(spec.accelerator_type, {}),
-    }
-    vendor = spec.accelerator_type.vendor
-    if vendor:
-        pod_spec["tolerations"] = [{"key": f"{vendor}.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    } | placement(spec.accelerator_type)
     workload = {
         "selector": {"matchLabels": selector},
         "template": {"metadata": {"labels": pod_labels, "annotations": {
@@ -127,6 +139,13 @@ def autoscaler_spec(spec: DeploymentSpec, workload_name: pulumi.Input[str]) -> d
         "behavior": {"scaleUp": {"stabilizationWindowSeconds": policy.scale_up_window_s},
                      "scaleDown": {"stabilizationWindowSeconds": policy.scale_down_window_s}},
     }
+
+
+def store_secret(resource_name: str, metadata: dict, cluster: KubernetesArgs, opts: pulumi.ResourceOptions):
+    """The store credentials as a Secret the pods take their environment from (never in a manifest)."""
+    return k8s.core.v1.Secret(f"{resource_name}-store", metadata={**metadata, "name": f"{metadata['name']}-store"},
+                              string_data={k: pulumi.Output.secret(v) for k, v in cluster.store_credentials.items()},
+                              opts=opts)
 
 
 class KubernetesDeployment(pulumi.ComponentResource):
@@ -158,9 +177,7 @@ class KubernetesDeployment(pulumi.ComponentResource):
         metadata = {"name": name, "namespace": cluster.namespace, "labels": pod_labels}
         selector = {"ember.dev/account": spec.account_id, "ember.dev/deployment": spec.deployment_id}
 
-        secret = k8s.core.v1.Secret(f"{resource_name}-store", metadata={**metadata, "name": f"{name}-store"},
-                                    string_data={k: pulumi.Output.secret(v) for k, v in cluster.store_credentials.items()},
-                                    opts=child)
+        secret = store_secret(resource_name, metadata, cluster, child)
         runtime = container(spec, cluster, runtime_args, secret.metadata["name"])
         workload = k8s.apps.v1.Deployment(resource_name, metadata=metadata,
                                           spec=workload_spec(spec, selector, pod_labels, runtime),
@@ -178,3 +195,62 @@ class KubernetesDeployment(pulumi.ComponentResource):
         self.endpoint = pulumi.Output.concat("http://", service.metadata["name"], ".", cluster.namespace,
                                              ".svc.cluster.local")
         self.register_outputs({"endpoint": self.endpoint})
+
+
+class KubernetesFineTuningJob(pulumi.ComponentResource):
+    job: FineTuningJob
+
+    def __init__(self, resource_name: str, args: FineTuningJobArgs, cluster: KubernetesArgs,
+                 accelerator_type: str = AcceleratorType.NVIDIA_H100_80GB.value, accelerator_count: int = 1,
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ember:kubernetes:FineTuningJob", resource_name, None, opts)
+        if not isinstance(args.dataset, Dataset) or not isinstance(args.evaluation_dataset, (Dataset, type(None))):
+            raise ValueError("dataset: a KubernetesFineTuningJob's datasets are Dataset resources of this program "
+                             "(its pod reads them from the store by their digest)")
+        accelerator = AcceleratorType(accelerator_type)
+        job_id = args.job_id or default_id(resource_name)
+        plain = _props(replace(args, job_id=job_id, cluster="kubernetes", training_url="placeholder")) | {
+            "base_model": PLACEHOLDER_BASE if isinstance(args.base_model, Model) else args.base_model,
+            "dataset": f"accounts/{args.account_id}/datasets/placeholder"}
+        plain.pop("evaluation_dataset", None)
+        spec = parse(FineTuningJobSpec, {k: v for k, v in plain.items() if k in FineTuningJobSpec.model_fields})
+        store = StoreLayout(cluster.store_url)
+        if isinstance(args.base_model, Model):
+            base_name, base_url = args.base_model.name, args.base_model.digest.apply(store.object)
+        else:
+            base_name, base_url = args.base_model, store.catalog(parse_model_name(args.base_model).resource_id)
+        dataset_url = args.dataset.digest.apply(lambda d: f"{store.object(d)}/{DATASET_FILE}")
+        eval_url = (args.evaluation_dataset.digest.apply(lambda d: f"{store.object(d)}/{DATASET_FILE}")
+                    if args.evaluation_dataset else None)
+        settings = {"output_dir": "/tmp/adapter", "epochs": spec.epochs, "learning_rate": spec.learning_rate,
+                    "lora_rank": spec.lora_rank, "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
+                    "batch_size": spec.batch_size, "max_context_length": spec.max_context_length,
+                    "early_stop": spec.early_stop, "seed": spec.seed}
+        job_json = pulumi.Output.all(base_name, base_url, dataset_url, eval_url).apply(lambda v: json.dumps(
+            settings | {"base_model": v[0], "base_dir": v[1], "dataset": v[2], "evaluation_dataset": v[3]},
+            sort_keys=True))
+        # A new job (other settings, data or base) writes to a new place, so a stale result is never read.
+        training_url = job_json.apply(lambda text: store.fine_tuning_run(
+            spec.account_id, job_id, hashlib.sha256(text.encode()).hexdigest()[:16]))
+        name = f"ember-ft-{spec.account_id}-{job_id}"[:63].rstrip("-")
+        metadata = {"name": name, "namespace": cluster.namespace, "labels": {
+            "app.kubernetes.io/name": "ember-fine-tuning", "app.kubernetes.io/managed-by": "ember",
+            "ember.dev/account": spec.account_id, "ember.dev/fine-tuning-job": job_id}}
+        child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
+        secret = store_secret(resource_name, metadata, cluster, child)
+        trainer = {"name": "finetune", "image": cluster.image, "command": ["python", "-m", "ember.runtime"],
+                   "args": pulumi.Output.all(job_json, training_url).apply(
+                       lambda v: ["finetune", "--job-json", v[0], "--upload", v[1]]),
+                   "envFrom": [{"secretRef": {"name": secret.metadata["name"]}}],
+                   "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
+                   "resources": container_resources(accelerator, accelerator_count, cluster.cpu, cluster.memory),
+                   "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/ember"}]}
+        workload = k8s.batch.v1.Job(resource_name, metadata=metadata, spec={
+            "backoffLimit": 0,  # a failed training is reported, not retried: the same inputs fail the same way
+            "template": {"metadata": {"labels": metadata["labels"]}, "spec": {
+                "restartPolicy": "Never", "containers": [trainer], "volumes": [{"name": "cache", "emptyDir": {}}],
+            } | placement(accelerator)}}, opts=child)
+        self.job = FineTuningJob(resource_name, replace(args, job_id=job_id, cluster="kubernetes",
+                                                        training_url=training_url),
+                                 pulumi.ResourceOptions(parent=self, depends_on=[workload]))
+        self.register_outputs({"job": self.job.name})

@@ -8,6 +8,7 @@ Layout under the store root:
     deployments/<account>/<deployment>/deployment.json   its record: base model, max_lora_rank, cluster …
     datasets/<account>/<dataset_id>.json        a dataset's record: digest of its object, example counts
     fine-tuning-jobs/<account>/<job_id>.json    a finished job's record: the addon it trained, its metrics
+    fine-tuning-runs/<account>/<job_id>/<key>/  what a Kubernetes training pod wrote: adapter/, result.json
     catalog/<model_id>/...                      catalog weights an operator put there
     keys.json, usage/                           API key hashes; usage records the replicas write
 
@@ -80,6 +81,10 @@ class StoreLayout:
 
     def fine_tuning_job(self, account: str, job_id: str) -> str:
         return self._join("fine-tuning-jobs", account, f"{job_id}.json")
+
+    def fine_tuning_run(self, account: str, job_id: str, key: str) -> str:
+        """Where a Kubernetes training pod writes the adapter (adapter/) and its metrics (result.json)."""
+        return self._join("fine-tuning-runs", account, job_id, key)
 
     @property
     def keys(self) -> str:

@@ -95,7 +95,7 @@ PLACEHOLDERS: dict[str, dict[str, Any]] = {
     "DatasetSpec": {"account_id": "unknown", "source": "unknown"},
     "FineTuningJobSpec": {"account_id": "unknown", "base_model": "accounts/unknown/models/unknown",
                           "dataset": "accounts/unknown/datasets/unknown", "evaluation_dataset": None,
-                          "output_model": "unknown"},
+                          "output_model": "unknown", "training_url": "unknown"},
 }
 
 
@@ -550,6 +550,10 @@ class FineTuningJobSpec(Spec):
     early_stop: bool = Field(False, description="stop when the evaluation loss stops improving (needs "
                                                 "evaluation_dataset); the best epoch's adapter is kept")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    cluster: Literal["local", "kubernetes"] = Field("local", description="where it trains: a child process on this "
+                                                    "machine, or a batch/v1 Job (set by KubernetesFineTuningJob)")
+    training_url: str | None = Field(None, description="where the Kubernetes Job writes the adapter and its metrics "
+                                                       "(set by KubernetesFineTuningJob)")
     display_name: DisplayName | None = None
     description: Text | None = None
 
@@ -583,6 +587,8 @@ class FineTuningJobSpec(Spec):
                                         f"datasets are private to their account")
         if self.early_stop and self.evaluation_dataset is None:
             raise FieldError("early_stop", "True needs an evaluation_dataset to judge the epochs by")
+        if (self.cluster == "kubernetes") != (self.training_url is not None):
+            raise FieldError("training_url", "is set with cluster='kubernetes' (by KubernetesFineTuningJob), and only then")
         return self
 
 

@@ -8,11 +8,13 @@ same inputs and seed give the same digest. A failed run leaves nothing in the st
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.local_training import TrainingError, run_training
@@ -69,13 +71,28 @@ class FineTuningJobProvider(EmberProvider):
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             adapter = Path(tmp) / "adapter"
-            progress(f"{spec.name}: fine-tuning {spec.base_model} on {spec.dataset}")
-            try:
-                result = run_training(self._job(spec, base, store, adapter), Path(tmp), progress)
-            except TrainingError as exc:
-                raise EmberError(f"{spec.name}: training failed: {exc}") from None
+            if spec.cluster == "kubernetes":
+                result = self._trained_in_cluster(spec, adapter)
+            else:
+                progress(f"{spec.name}: fine-tuning {spec.base_model} on {spec.dataset}")
+                try:
+                    result = run_training(self._job(spec, base, store, adapter), Path(tmp), progress)
+                except TrainingError as exc:
+                    raise EmberError(f"{spec.name}: training failed: {exc}") from None
             digest, _ = store.put_directory(adapter, progress)
         return CreateResult(spec.name, props | self._record(spec, base, digest, result, props))
+
+    @staticmethod
+    def _trained_in_cluster(spec: FineTuningJobSpec, adapter: Path) -> dict:
+        """The metrics and adapter a KubernetesFineTuningJob's pod wrote (pulumi-kubernetes waited for the Job)."""
+        fs, root = fsspec.core.url_to_fs(spec.training_url)
+        if not fs.exists(f"{root}/result.json"):
+            raise EmberError(f"training_url: the Kubernetes Job wrote no result to {spec.training_url} (it failed or "
+                             f"was cut short: see its pod's log)")
+        adapter.mkdir(parents=True)
+        for path in fs.ls(f"{root}/adapter", detail=False):
+            fs.get_file(path, str(adapter / Path(path).name))
+        return json.loads(fs.cat_file(f"{root}/result.json"))
 
     def _record(self, spec: FineTuningJobSpec, base: BaseModelManifest, digest: str, result: dict,
                 props: dict[str, Any]) -> dict[str, Any]:

@@ -157,10 +157,25 @@ def train(job: TrainingJob, progress: Callable[[str], None] = print) -> Training
     return result
 
 
-def run(job_file: Path, result_file: Path) -> int:
-    """The training process: a job's JSON in, the adapter in its output_dir and the metrics as JSON out."""
-    raw = json.loads(job_file.read_text())
-    job = TrainingJob(**(raw | {"target_modules": tuple(raw.get("target_modules") or TrainingJob.target_modules)}))
-    result = train(job, lambda line: print(line, flush=True))
-    result_file.write_text(json.dumps(asdict(result), indent=2))
+def run(job: dict, result_file: Path | None = None, upload: str | None = None) -> int:
+    """The training process: a job's settings in, the adapter in its output_dir and the metrics as JSON out.
+
+    In a cluster the base model is a store URL (fetched to the local cache, digests checked), the datasets are
+    URLs fsspec reads, and `upload` names where the adapter (`adapter/`) and the metrics (`result.json`) go."""
+    from ember.runtime.fetch import local_copy
+
+    job = dict(job, base_dir=str(local_copy(job["base_dir"])),
+               target_modules=tuple(job.get("target_modules") or TrainingJob.target_modules))
+    result = json.dumps(asdict(train(TrainingJob(**job), lambda line: print(line, flush=True))), indent=2)
+    if result_file is not None:
+        result_file.write_text(result)
+    if upload is not None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(upload)
+        fs.makedirs(f"{root}/adapter", exist_ok=True)
+        for path in sorted(Path(job["output_dir"]).iterdir()):
+            fs.put_file(str(path), f"{root}/adapter/{path.name}")
+        fs.pipe_file(f"{root}/result.json", result.encode())  # last: its presence says the upload is whole
+        print(f"uploaded the adapter and its metrics to {upload}", flush=True)
     return 0
