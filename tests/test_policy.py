@@ -219,12 +219,12 @@ def quickstart(tmp_path_factory):
 def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
     guardrails = ["--policy-pack", "ember", "--policy-pack-config", str(REPO / "examples/policy/policy-config.json")]
     assert cli.main(["preview", str(quickstart), "--offline", *guardrails]) == 0
-    assert "4 resources, 0 mandatory and 0 advisory violations" in capsys.readouterr().out
+    assert "6 resources, 0 mandatory and 0 advisory violations" in capsys.readouterr().out
 
     serverless = tmp_path / "serverless"
     shutil.copytree(REPO / "examples/serverless", serverless, ignore=shutil.ignore_patterns(".ember", "models"))
     for name in ("support-bot", "legal-drafts"):
-        shutil.copytree(quickstart / "models" / "smollm2-pirate", serverless / "tenant" / "models" / name)
+        shutil.copytree(quickstart / "models" / "smollm2-poet", serverless / "tenant" / "models" / name)
     assert cli.main(["preview", str(serverless / "platform"), "--offline", *guardrails]) == 0
     assert cli.main(["preview", str(serverless / "tenant"), "--stack", "acme", "--offline", *guardrails]) == 0
     out = capsys.readouterr().out

