@@ -183,6 +183,11 @@ def test_a_job_trains_stores_and_deploys_its_addon_and_replaces_on_change(tmp_pa
         assert record["trained_tokens"] == outputs["trained_tokens"] and record["job"] == "accounts/acme/fineTuningJobs/tune"
         [charge] = [c for c in billing.bill([], [], training=[record]) if c.kind == billing.TRAINING]
         assert charge.quantity == outputs["trained_tokens"] and charge.account_id == "acme"
+        assert charge.amount == pytest.approx(outputs["trained_tokens"] / 1e6 * 0.50)  # the ≤16B tier
+        capsys.readouterr()
+        assert cli.main(["usage", str(program), "--format", "json"]) == 0
+        [billed] = [c for c in json.loads(capsys.readouterr().out)["charges"] if c["kind"] == "fine-tuning-tokens"]
+        assert billed["item"] == "accounts/acme/fineTuningJobs/tune" and billed["quantity"] == charge.quantity
 
         assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0  # nothing changed: nothing trains
         assert "FineTuningJob  tune" in capsys.readouterr().out.replace("same     ", "") and len(read_training(config.store_url)) == 1

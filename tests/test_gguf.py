@@ -2,7 +2,6 @@
 rebuilt tokenizer, the refusals at check, and a GGUF Model through the provider."""
 
 import json
-import shutil
 import subprocess
 import sys
 

@@ -12,7 +12,7 @@ from provider_helpers import alive, make_models, replica_pids, store_entries
 
 from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools import cli
-from ember.provider.tools.runner import OfflineRunner, RunError
+from ember.provider.tools.runner import RunError
 from ember.runtime import tinymodels
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pulumi.dynamic import CheckFailure, CheckResult, ConfigureRequest, DiffResult, ResourceProvider
+from pulumi.dynamic import CheckFailure, CheckResult, ConfigureRequest, DiffResult, ReadResult, ResourceProvider
 from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
 from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.records import BaseModelManifest
-from ember.provider.backends.store import Store
+from ember.provider.backends.store import Store, StoreError
 from ember.provider.domain import catalog
 from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
 from ember.provider.domain.names import parse_model_name
@@ -168,6 +169,23 @@ class EmberProvider(ResourceProvider):
     def _inputs(props: dict[str, Any]) -> dict[str, Any]:
         """The checked inputs as stored beside a resource, so that `get` and `import` can give them back."""
         return {k: v for k, v in props.items() if k not in (PROVIDER_KEY, REFERENCES) and v is not None}
+
+    def _read_stored(self, id_: str, props: dict[str, Any], parse_name: Callable, load: Callable,
+                     outputs: Callable) -> ReadResult:
+        """refresh, get and import of a resource kept as a store record over a content-addressed object (a model,
+        a dataset): its record's outputs, FAILED with the reason when the object is damaged; gone with the record."""
+        spec, by_id = self._read_spec(id_, props)
+        name = parse_name(id_) if by_id else parse_name(spec.name)
+        record = load(name)
+        if record is None:
+            return ReadResult("", {})  # gone: the engine drops it from the state
+        try:
+            self.store.verify_object(record.digest)
+        except StoreError as exc:
+            record = record.model_copy(update={"state": ModelState.FAILED, "message": str(exc)})
+        if by_id:
+            return ReadResult(str(name), record.inputs | outputs(record), record.inputs)
+        return ReadResult(id_, props | outputs(record))
 
     def _read_spec(self, id_: str, props: dict[str, Any]):
         """(spec, by ID): on refresh the spec of the resource's state (its outputs); on get and import, whose

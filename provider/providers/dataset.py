@@ -93,18 +93,9 @@ class DatasetProvider(EmberProvider):
         return UpdateResult(news | self._outputs(record))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        spec, by_id = self._read_spec(id_, props)
-        name = parse_dataset_name(id_) if by_id else parse_dataset_name(spec.name)
-        record = self.store.read_dataset_record(name.account_id, name.resource_id)
-        if record is None:
-            return ReadResult("", {})
-        try:
-            self.store.verify_object(record.digest)
-        except StoreError as exc:
-            record = record.model_copy(update={"state": ModelState.FAILED, "message": str(exc)})
-        if by_id:
-            return ReadResult(str(name), record.inputs | self._outputs(record), record.inputs)
-        return ReadResult(id_, props | self._outputs(record))
+        return self._read_stored(id_, props, parse_dataset_name,
+                                 lambda name: self.store.read_dataset_record(name.account_id, name.resource_id),
+                                 self._outputs)
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         spec = self._spec(props)

@@ -112,18 +112,11 @@ class ModelProvider(EmberProvider):
         return UpdateResult(news | self._outputs(manifest))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        spec, by_id = self._read_spec(id_, props)
-        name = parse_model_name(id_) if by_id else parse_model_name(spec.name)
-        manifest = self.store.read_manifest(name.account_id, name.resource_id)
-        if not isinstance(manifest, BaseModelManifest):
-            return ReadResult("", {})  # gone: the engine drops it from the state
-        try:
-            self.store.verify_object(manifest.digest)
-        except StoreError as exc:
-            manifest = manifest.model_copy(update={"state": ModelState.FAILED, "message": str(exc)})
-        if by_id:
-            return ReadResult(str(name), manifest.inputs | self._outputs(manifest), manifest.inputs)
-        return ReadResult(id_, props | self._outputs(manifest))
+        def load(name):
+            manifest = self.store.read_manifest(name.account_id, name.resource_id)
+            return manifest if isinstance(manifest, BaseModelManifest) else None
+
+        return self._read_stored(id_, props, parse_model_name, load, self._outputs)
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         spec = self._spec(props)
