@@ -38,6 +38,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--addon", action="append", default=[], metavar="NAME=SOURCE", help="serve this addon from the start")
     p.add_argument("--desired-addons", help="JSON {name: source} in the store, reconciled on a timer and on demand")
+    p.add_argument("--store", help="the model store's root (path or fsspec URL): the admin API loads addons by their "
+                                   "model name from its manifests")
     p.add_argument("--reconcile-interval", type=float, default=30.0)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
     p.add_argument("--max-loras", type=int, default=8)
@@ -88,6 +90,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         addons=addons,
         desired_addons_url=args.desired_addons,
+        store_url=args.store,
         reconcile_interval_s=args.reconcile_interval,
         request_log_url=args.request_log,
         retention_days=args.retention_days,

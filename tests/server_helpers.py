@@ -54,18 +54,32 @@ def make_models(root: Path) -> tuple[Path, dict[str, Path]]:
     return base, adapters
 
 
+def write_addon_manifest(store: Path, name: str, directory: Path, base_model: str = BASE) -> Path:
+    """An addon's manifest in a store (the fields a replica reads), its object the adapter directory itself."""
+    _, account, _, model_id = name.split("/")
+    path = store / "models" / account / f"{model_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "HF_PEFT_ADDON", "name": name, "base_model": base_model,
+                                "object": str(directory), "digest": "sha256:" + "0" * 64}))
+    return path
+
+
 def start(root: Path, *, deployment: str = "accounts/acme/deployments/tiny", serverless: bool = False,
           max_queue: int = 64, extra: list[str] = (), accounts=("acme", "other")) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     base, adapters = make_models(root)
     keys_file = root / "keys.json"
     keys = {account: Accounts.add_key(keys_file, account) for account in accounts}
+    store = root / "store"  # where the admin API finds addons by name: a manifest per addon, as the provider writes
+    for name, directory in adapters.items():
+        write_addon_manifest(store, name, directory)
     port = free_port()
     log = root / "server.log"
     args = [sys.executable, "-m", "ember.runtime", "serve", "--model-dir", str(base), "--deployment", deployment,
             "--base-model", BASE, "--keys", str(keys_file), "--usage", str(root / "usage"), "--port", str(port),
             "--max-queue", str(max_queue), "--max-loras", "4", "--max-lora-rank", "8", "--threads", "1",
-            "--max-model-len", "512", *[f"--addon={n}={p}" for n, p in adapters.items()], *extra]
+            "--max-model-len", "512", "--store", str(store), *[f"--addon={n}={p}" for n, p in adapters.items()],
+            *extra]
     if serverless:
         args.append("--serverless")
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=root,

@@ -1,6 +1,6 @@
 import pytest
 
-from ember.provider.backends.store import StoreLayout
+from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain import catalog
 
 # Published parameter counts (the models' safetensors index totals / model cards).

@@ -1,11 +1,12 @@
 """A real server on a loopback port, driven with the official openai client (sync, async, streaming)."""
 
 import asyncio
+import time
 import json
 
 import httpx
 import pytest
-from server_helpers import BASE, PIRATE, POET, start, usage_records
+from server_helpers import BASE, PIRATE, POET, start, usage_records, write_addon_manifest
 
 from ember.runtime.model.tokenizer import TextTokenizer
 
@@ -172,19 +173,19 @@ def test_usage_records_every_request_with_metadata_only(server):
     assert info["accelerator_type"] == "CPU" and info["accelerator_count"] == 1 and info["last_seen"] >= info["started"]
 
 
-def test_admin_hot_loads_and_unloads_addons(server, tmp_path):
+def test_admin_hot_loads_and_unloads_addons_by_name(server, tmp_path):
     headers = {"Authorization": f"Bearer {server.keys['acme']}"}
     extra = "accounts/acme/models/extra"
-    loaded = httpx.post(f"{server.url}/admin/adapters", json={"name": extra, "source": str(server.adapters[PIRATE])},
-                        headers=headers)
+    write_addon_manifest(server.root / "store", extra, server.adapters[PIRATE])
+    loaded = httpx.post(f"{server.url}/admin/adapters", json={"name": extra}, headers=headers)
     assert loaded.status_code == 200 and extra in loaded.json()["served"]
     assert client(server).completions.create(model=extra, prompt="x", max_tokens=3).usage.completion_tokens >= 1
     bad = tmp_path / "bad"
     bad.mkdir()
-    refused = httpx.post(f"{server.url}/admin/adapters", json={"name": "accounts/acme/models/bad", "source": str(bad)},
-                         headers=headers)
+    write_addon_manifest(server.root / "store", "accounts/acme/models/bad", bad)
+    refused = httpx.post(f"{server.url}/admin/adapters", json={"name": "accounts/acme/models/bad"}, headers=headers)
     assert refused.status_code == 400 and "adapter_config.json is missing" in refused.json()["error"]["message"]
-    other = httpx.post(f"{server.url}/admin/adapters", json={"name": extra, "source": "x"},
+    other = httpx.post(f"{server.url}/admin/adapters", json={"name": extra},
                        headers={"Authorization": f"Bearer {server.keys['other']}"})
     assert other.status_code == 403
     gone = httpx.delete(f"{server.url}/admin/adapters/{extra}", headers=headers)
@@ -192,6 +193,54 @@ def test_admin_hot_loads_and_unloads_addons(server, tmp_path):
     status, body = error_of(lambda: client(server).completions.create(model=extra, prompt="x", max_tokens=3))
     assert status == 400 and body["code"] == "model_not_found"
     assert client(server).completions.create(model=PIRATE, prompt="x", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_the_admin_api_opens_no_path_or_url_from_a_request(server, tmp_path):
+    """Only model names of the deployment's own account, resolved through the store: a path outside it, a
+    probe of /etc, a URL (server-side request forgery) and another tenant's addon are all refused with a 4xx,
+    and nothing is fetched."""
+    import socket
+    import threading
+
+    headers = {"Authorization": f"Bearer {server.keys['acme']}"}
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.1)
+    reached, done = [], threading.Event()
+    watcher = threading.Thread(target=_watch, args=(listener, reached, done), daemon=True)
+    watcher.start()
+    trap = f"http://127.0.0.1:{listener.getsockname()[1]}/metrics"
+    write_addon_manifest(server.root / "store", "accounts/other/models/theirs", server.adapters[POET])
+    cases = {
+        "a path": ({"name": "accounts/acme/models/stolen", "source": str(server.adapters[POET])}, 400, "source"),
+        "/etc": ({"name": "accounts/acme/models/etc", "source": "/etc"}, 400, "source"),
+        "a URL": ({"name": "accounts/acme/models/ssrf", "source": trap}, 400, "source"),
+        "a name that is a path": ({"name": "/etc/passwd"}, 400, "name"),
+        "a name that climbs": ({"name": "accounts/acme/models/../../etc"}, 400, "name"),
+        "another account's addon": ({"name": "accounts/other/models/theirs"}, 403, "name"),
+        "an unknown addon": ({"name": "accounts/acme/models/nothing"}, 404, "name"),
+        "a base model": ({"name": BASE}, 404, "name"),
+    }
+    for case, (body, status, param) in cases.items():
+        answer = httpx.post(f"{server.url}/admin/adapters", json=body, headers=headers)
+        assert (answer.status_code, answer.json()["error"]["param"]) == (status, param), (case, answer.text)
+    time.sleep(0.3)
+    done.set()
+    watcher.join(5)
+    listener.close()
+    assert reached == []  # the listener saw no connection, all along
+    served = httpx.get(f"{server.url}/admin/adapters", headers=headers).json()["served"]
+    assert not {"accounts/acme/models/stolen", "accounts/acme/models/etc", "accounts/other/models/theirs"} & set(served)
+
+
+def _watch(listener, reached: list, done) -> None:
+    """Record every connection the listener gets until `done`."""
+    while not done.is_set():
+        try:
+            reached.append(listener.accept())
+        except OSError:  # the 0.1 s timeout: nobody came
+            pass
 
 
 def test_benchmark_drives_the_server_over_http(server, tmp_path, capsys):

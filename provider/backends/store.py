@@ -1,16 +1,6 @@
 """The model store: weights, manifests and each deployment's desired addon set, on any fsspec URL.
 
-Layout under the store root:
-
-    objects/<digest>/...                        a model or adapter directory, content-addressed
-    models/<account>/<model_id>.json            its manifest: kind, digest, architecture, parameters …
-    deployments/<account>/<deployment>/addons.json   {addon name: object URL}: what replicas must serve
-    deployments/<account>/<deployment>/deployment.json   its record: base model, max_lora_rank, cluster …
-    datasets/<account>/<dataset_id>.json        a dataset's record: digest of its object, example counts
-    fine-tuning-jobs/<account>/<job_id>.json    a finished job's record: the addon it trained, its metrics
-    fine-tuning-runs/<account>/<job_id>/<key>/  what a Kubernetes training pod wrote: adapter/, result.json
-    catalog/<model_id>/...                      catalog weights an operator put there
-    keys.json, usage/                           API key hashes; usage records the replicas write
+Where each thing lives is `StoreLayout`'s (in the domain, which replicas share).
 
 Writes are atomic: an object is uploaded under a temporary name and renamed into place only once every
 file is there and its digest checks out; a manifest is written last, so a half-written model is never
@@ -39,56 +29,11 @@ from ember.provider.domain.accounts import Accounts
 from ember.provider.domain.digests import OBJECT_MARKER, file_digests, tree_digest
 from ember.provider.domain.names import (parse_dataset_name, parse_deployment_name, parse_fine_tuning_job_name,
                                          parse_model_name)
+from ember.provider.domain.store_layout import StoreLayout
 
 
 class StoreError(RuntimeError):
     pass
-
-
-class StoreLayout:
-    """Where each thing lives under a store root (a URL or an fsspec path). String arithmetic only, so a
-    Kubernetes program can name the URLs its pods will read without reaching the store."""
-
-    def __init__(self, root: str):
-        self.root = root.rstrip("/")
-
-    def _join(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def object(self, digest: str) -> str:
-        return self._join("objects", digest.removeprefix("sha256:"))
-
-    def uploads(self, name: str = "*") -> str:
-        return self._join("objects", f".upload-{name}")
-
-    def catalog(self, catalog_id: str) -> str:
-        return self._join("catalog", catalog_id)
-
-    def manifest(self, account: str, model_id: str) -> str:
-        return self._join("models", account, f"{model_id}.json")
-
-    def deployment(self, account: str, deployment: str) -> str:
-        return self._join("deployments", account, deployment)
-
-    def desired_addons(self, account: str, deployment: str) -> str:
-        return f"{self.deployment(account, deployment)}/addons.json"
-
-    def deployment_record(self, account: str, deployment: str) -> str:
-        return f"{self.deployment(account, deployment)}/deployment.json"
-
-    def dataset(self, account: str, dataset_id: str) -> str:
-        return self._join("datasets", account, f"{dataset_id}.json")
-
-    def fine_tuning_job(self, account: str, job_id: str) -> str:
-        return self._join("fine-tuning-jobs", account, f"{job_id}.json")
-
-    def fine_tuning_run(self, account: str, job_id: str, key: str) -> str:
-        """Where a Kubernetes training pod writes the adapter (adapter/) and its metrics (result.json)."""
-        return self._join("fine-tuning-runs", account, job_id, key)
-
-    @property
-    def keys(self) -> str:
-        return self._join("keys.json")
 
 
 class Store:

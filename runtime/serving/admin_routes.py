@@ -26,13 +26,15 @@ async def load_adapter(request: Request, replica: Replica = Depends(replica_of))
     replica.owner(request)
     body = await parse_body(request, AdapterLoadRequest)
 
+    source = replica.addon_source(body.name)
+
     def add(engine: Engine) -> list[str]:
         if engine.lora is None:
             raise APIError(400, "this deployment serves no addons (max_loras=0)")
         try:
-            engine.lora.add(body.name, body.source)
+            engine.lora.add(body.name, source)
         except AdapterError as exc:
-            raise APIError(400, str(exc), param="source", code="bad_adapter") from None
+            raise APIError(400, str(exc), param="name", code="bad_adapter") from None
         replica.count_adapters(engine)
         return engine.served_addons
 

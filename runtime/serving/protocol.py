@@ -99,9 +99,9 @@ class ChatRequest(_Common):
 
 
 class AdapterLoadRequest(BaseModel):
-    """POST /admin/adapters: load an addon (by its model name) from a PEFT directory or URL."""
+    """POST /admin/adapters: load an addon of the deployment's account by its model name; the replica finds its
+    adapter in the store. A path or URL is never taken from a request (`source` is refused by name)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    source: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="accounts/<the deployment's account>/models/<addon id>")

@@ -12,6 +12,9 @@ import fsspec
 from fastapi import Request
 
 from ember.provider.domain.accounts import Accounts, DeploymentAccess
+from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.spec import ModelKind
+from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain.usage import Meter
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.fetch import local_copy
@@ -34,6 +37,7 @@ class ServerConfig:
     max_queue: int = 64
     addons: dict[str, str] = field(default_factory=dict)  # served from the start: name → source
     desired_addons_url: str | None = None  # a JSON {name: source} in the store; reconciled on a timer and on demand
+    store_url: str | None = None  # the store's root: the admin API finds addons there by model name
     reconcile_interval_s: float = 30.0
     heartbeat_interval_s: float = 30.0
     request_log_url: str | None = None  # opt-in request logging
@@ -103,6 +107,30 @@ class Replica:
 
     def count_adapters(self, engine: Engine) -> None:
         self.metrics.adapters.set(len(engine.served_addons))
+
+    def addon_source(self, name: str) -> str:
+        """The store object of an addon model of this deployment's account and base, from its manifest: the
+        only way a request names an adapter, so no path or URL a request carries is ever opened."""
+        try:
+            model = parse_model_name(name)
+        except ValueError as exc:
+            raise APIError(400, f"name: {exc}", param="name") from None
+        access = self.config.deployment
+        if model.account_id != parse_deployment_name(access.name).account_id:
+            raise APIError(403, f"name: {name} belongs to account {model.account_id!r}; this deployment loads its own "
+                                f"account's addons", type="permission_error", param="name", code="forbidden")
+        if not self.config.store_url:
+            raise APIError(400, "this replica was started without --store, so it cannot find addons by name")
+        url = StoreLayout(self.config.store_url).manifest(model.account_id, model.resource_id)
+        try:
+            with fsspec.open(url, "r") as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise APIError(404, f"name: {name} is not in the store", param="name", code="model_not_found") from None
+        if manifest.get("kind") != ModelKind.HF_PEFT_ADDON.value or manifest.get("base_model") != access.base_model:
+            raise APIError(400, f"name: {name} is not an addon of {access.base_model}", param="name",
+                           code="bad_adapter")
+        return manifest["object"]
 
     async def reconcile(self) -> dict:
         if not self.config.desired_addons_url:
