@@ -122,7 +122,7 @@ def error_of(call):
 def test_errors_have_the_right_status_and_body(server):
     c = client(server)
     status, body = error_of(lambda: c.completions.create(model="accounts/acme/models/nope", prompt="x", max_tokens=2))
-    assert status == 400 and body["code"] == "model_not_found" and body["param"] == "model"
+    assert status == 404 and body["code"] == "model_not_found" and body["param"] == "model"
     status, body = error_of(lambda: c.completions.create(model=BASE, prompt="x", temperature=3))
     assert status == 400 and body["param"] == "temperature" and body["type"] == "invalid_request_error"
     status, body = error_of(lambda: c.completions.create(model=BASE, prompt="word " * 600, max_tokens=2))
@@ -191,7 +191,7 @@ def test_admin_hot_loads_and_unloads_addons_by_name(server, tmp_path):
     gone = httpx.delete(f"{server.url}/admin/adapters/{extra}", headers=headers)
     assert gone.status_code == 200 and extra not in gone.json()["served"]
     status, body = error_of(lambda: client(server).completions.create(model=extra, prompt="x", max_tokens=3))
-    assert status == 400 and body["code"] == "model_not_found"
+    assert status == 404 and body["code"] == "model_not_found"
     assert client(server).completions.create(model=PIRATE, prompt="x", max_tokens=3).usage.completion_tokens >= 1
 
 

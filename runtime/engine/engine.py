@@ -92,8 +92,8 @@ class Engine:
         if config.max_loras:
             self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                                     max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
-        self.runner = ModelRunner(model, self.cache, self.lora)
         stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
+        self.runner = ModelRunner(model, self.cache, self.lora, stop_token_ids)
         self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()

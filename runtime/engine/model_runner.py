@@ -9,12 +9,12 @@ from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.batched import BatchedLoRA
 from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.llama import Llama
-from ember.runtime.model.sampling import TokenLogprob, sample
+from ember.runtime.model.sampling import TokenLogprob, process_logits, sample
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None):
-        self.model, self.cache, self.lora = model, cache, lora
+    def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None, stop_token_ids: set[int] = frozenset()):
+        self.model, self.cache, self.lora, self.stop_token_ids = model, cache, lora, stop_token_ids
         self.lora_hook = BatchedLoRA(lora.device_slots) if lora else None
         model.lora = self.lora_hook
 
@@ -31,5 +31,7 @@ class ModelRunner:
         sampled = [scheduled[i][0] for i in batch.sampled_chunks]
         if not sampled:
             return []
-        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        params = [s.params for s in sampled]
+        logits = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in sampled], self.stop_token_ids)
+        tokens, logprobs = sample(logits, params, [s.generator for s in sampled])
         return list(zip(sampled, tokens, logprobs))

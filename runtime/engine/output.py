@@ -34,7 +34,7 @@ class OutputProcessor:
         state.text += state.detokenizer.add(token)
         params = seq.params
         reason = None
-        stops = params.stop
+        stops = params.stop if len(seq.output_ids) >= params.min_tokens else ()  # no stop before min_tokens
         if stops:
             # Only a stop string that ends in this token's text is new.
             tail_start = max(0, searched_to - max(map(len, stops)) + 1)

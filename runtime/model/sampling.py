@@ -1,7 +1,10 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Sampling parameters and the sampler: logit bias, min_tokens, repetition/frequency/presence penalties, then
+greedy, temperature, top-k, top-p, per-request seeds, logprobs.
 
 Each request owns a torch.Generator and draws exactly one uniform number per token, so a seeded
-request produces the same tokens whatever else shares its batch.
+request produces the same tokens whatever else shares its batch. The logits processors run per row, only on
+the rows of requests that ask for them, in vLLM's order: logit bias, min_tokens, penalties; logprobs are of
+the processed logits, before temperature.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks: produce exactly max_tokens
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token the output already has
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM/transformers': divides positive (multiplies negative) logits of every
+    # token seen in the prompt or the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
 
     def __post_init__(self):
         def bad(name: str, rule: str):
@@ -39,14 +48,27 @@ class SamplingParams:
             bad("top_k", "must be an integer of at least 0 (0 means no limit)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be between -2 and 2")
+        if not 0 < self.repetition_penalty <= 2:
+            bad("repetition_penalty", "must be in (0, 2]")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", "must be an integer between 0 and max_tokens")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop: every stop string must be a non-empty string")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,34 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
+                   stop_token_ids: set[int]) -> torch.Tensor:
+    """Each row's logits with its request's processors applied: `histories` are the (prompt, output) tokens of each
+    row's request, `stop_token_ids` the model's end tokens."""
+    if not any(p.processes_logits for p in params):
+        return logits
+    logits = logits.clone()  # the forward pass's output is an inference-mode tensor: not changed in place
+    for i, p in enumerate(params):
+        if not p.processes_logits:
+            continue
+        row, (prompt, output) = logits[i], histories[i]
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device)
+            row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=row.device, dtype=row.dtype))
+        if len(output) < p.min_tokens:
+            ends = (set() if p.ignore_eos else set(stop_token_ids)) | set(p.stop_token_ids)
+            if ends:
+                row[torch.tensor(sorted(ends), device=row.device)] = float("-inf")
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and output:
+            counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.shape[0]).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return logits
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]

@@ -57,6 +57,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.replica = replica
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(404, _not_found)
+    app.add_exception_handler(405, _method_not_allowed)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.include_router(openai_routes.router)
@@ -70,6 +71,11 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _not_found(request: Request, exc) -> JSONResponse:
     return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
+
+
+async def _method_not_allowed(request: Request, exc) -> JSONResponse:
+    error = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    return JSONResponse(error.body(), status_code=405, headers=getattr(exc, "headers", None) or {})
 
 
 async def _health(request: Request) -> JSONResponse:

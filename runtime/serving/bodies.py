@@ -15,7 +15,12 @@ def _validation_error(exc: ValidationError) -> APIError:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
     # pydantic's message, without its echo of the input (which could be prompt text)
-    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_parameter")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "is not a parameter this server supports"
+    elif param is None and ": " in message:  # a rule across fields names its parameter first
+        param, message = message.split(": ", 1)
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_parameter")
 
 
 def documented_body(cls: type[BaseModel]) -> dict:
@@ -35,11 +40,12 @@ def documented_body(cls: type[BaseModel]) -> dict:
 
 
 async def parse_body(request: Request, cls: type[BaseModel]):
+    raw = await request.body()
     try:
-        raw = await request.json()
+        json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not JSON", code="invalid_json") from None
     try:
-        return cls.model_validate(raw)
+        return cls.model_validate_json(raw)  # JSON mode: strict types as JSON has them
     except ValidationError as exc:
         raise _validation_error(exc) from None

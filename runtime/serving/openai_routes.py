@@ -40,6 +40,15 @@ async def models(request: Request, replica: Replica = Depends(replica_of)) -> di
     return {"object": "list", "data": data}
 
 
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request, replica: Replica = Depends(replica_of)) -> dict:
+    listed = {entry["id"]: entry for entry in (await models(request, replica))["data"]}
+    if model not in listed:
+        raise APIError(404, f"model {model!r} is not served by this deployment", type="not_found_error",
+                       param="model", code="model_not_found")
+    return listed[model]
+
+
 @router.get("/v1/usage")
 async def usage(request: Request, account: str | None = None, replica: Replica = Depends(replica_of)) -> dict:
     """The caller's own usage on this deployment: metadata records and their totals, never text."""
@@ -60,7 +69,20 @@ def _prompt(body: ChatRequest | CompletionRequest, engine: Engine) -> list[int]:
             return engine.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-    return engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+    if isinstance(body.prompt, str):
+        return engine.tokenizer.encode(body.prompt)
+    _check_token_ids("prompt", body.prompt, engine)
+    return list(body.prompt)
+
+
+def _check_token_ids(param: str, ids, engine: Engine) -> None:
+    """Token ids a request names (in its prompt, logit_bias, stop_token_ids) exist in the model's vocabulary:
+    refused before anything runs or streams."""
+    vocab = engine.model.config.vocab_size
+    bad = next((int(t) for t in ids if not 0 <= int(t) < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"{param}: token id {bad} is outside this model's vocabulary of {vocab}", param=param,
+                       code="invalid_parameter")
 
 
 def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], context: int) -> list[SamplingParams]:
@@ -88,6 +110,11 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     engine = runner.engine
     body = await parse_body(request, ChatRequest if chat else CompletionRequest)
     adapter = replica.resolve_model(body.model, account, engine)
+    _check_token_ids("logit_bias", body.logit_bias, engine)
+    _check_token_ids("stop_token_ids", body.stop_token_ids, engine)
+    if body.n > replica.config.max_queue:
+        raise APIError(400, f"n: {body.n} choices can never be served by this deployment, which queues at most "
+                            f"{replica.config.max_queue} requests", param="n", code="invalid_parameter")
     prompt_ids = _prompt(body, engine)
     params = _sampling(body, prompt_ids, engine.max_model_len)
     logged_prompt = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ember.runtime.model.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -26,25 +26,59 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    # Every field is applied or refused: an unknown one is a 400 naming it, and JSON types are taken as they are
+    # ("0.5" is not a number, "yes" not a boolean, 2.0 not an integer). An explicit null means the default.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or (k in cls.model_fields
+                                                                       and cls.model_fields[k].is_required())}
+        return data
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    # Unknown OpenAI parameters (user, presence_penalty, …) are accepted and ignored, as servers commonly do.
-    model_config = ConfigDict(extra="ignore")
-
+class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1, description="0 or -1: no limit")
     n: int = Field(1, ge=1, le=16)
     seed: int | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    logit_bias: dict[str, float] = Field(default_factory=dict, description="token id → bias in [-100, 100]")
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    user: str | None = Field(None, max_length=256, description="accepted; never stored with the request's text")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float]) -> dict[str, float]:
+        for token, bias in value.items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids; {token!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} must be between -100 and 100")
+        return value
+
+    @model_validator(mode="after")
+    def _options_need_their_switch(self) -> "_Common":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only with stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -59,8 +93,12 @@ class _Common(BaseModel):
     def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
         # With n > 1, each choice gets its own seed so the choices differ but stay reproducible.
         seed = None if self.seed is None else self.seed + index
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              seed=seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos, logprobs=logprobs)
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=max(self.top_k, 0), seed=seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+                              logprobs=logprobs, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              logit_bias=tuple((int(t), b) for t, b in self.logit_bias.items()),
+                              min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids))
 
 
 class CompletionRequest(_Common):
@@ -76,15 +114,24 @@ class CompletionRequest(_Common):
         return value
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Strict):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
 
+    name: str | None = Field(None, max_length=256)
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        for i, part in enumerate(value if isinstance(value, list) else ()):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is of type {part.get('type')!r}: this model reads text parts only")
+        return value
+
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts are served
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 
@@ -94,11 +141,17 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only with logprobs: true")
+        return self
+
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class AdapterLoadRequest(BaseModel):
+class AdapterLoadRequest(_Strict):
     """POST /admin/adapters: load an addon of the deployment's account by its model name; the replica finds its
     adapter in the store. A path or URL is never taken from a request (`source` is refused by name)."""
 

@@ -193,7 +193,8 @@ class Replica:
                 raise APIError(403, f"account {account!r} may not use addon {model!r}", type="permission_error",
                                param="model", code="forbidden")
             return model
-        raise APIError(400, f"model {model!r} is not served by this deployment", param="model", code="model_not_found")
+        raise APIError(404, f"model {model!r} is not served by this deployment", type="not_found_error", param="model",
+                       code="model_not_found")
 
 
 def replica_of(request: Request) -> Replica:

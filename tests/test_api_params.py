@@ -1,0 +1,142 @@
+"""Every request field is applied or refused: the logits processors against a reference computation, and the
+server's strict parsing through the official openai client."""
+
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+from server_helpers import BASE, PIRATE, start
+
+from ember.runtime.model.sampling import SamplingParams, process_logits
+
+
+def reference(logits: list[float], p: SamplingParams, prompt: list[int], output: list[int], ends: set[int]) -> list[float]:
+    """The processors written out one token at a time, as their documentation states them."""
+    out = list(logits)
+    for token, bias in p.logit_bias:
+        out[token] += bias
+    if len(output) < p.min_tokens:
+        for token in (set() if p.ignore_eos else ends) | set(p.stop_token_ids):
+            out[token] = -math.inf
+    for token in set(prompt) | set(output):
+        out[token] = out[token] / p.repetition_penalty if out[token] > 0 else out[token] * p.repetition_penalty
+    for token in set(output):
+        out[token] -= p.frequency_penalty * output.count(token) + p.presence_penalty
+    return out
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(presence_penalty=1.5), SamplingParams(frequency_penalty=0.7), SamplingParams(frequency_penalty=-1.0),
+    SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.8),
+    SamplingParams(logit_bias=((3, 100.0), (7, -50.5))), SamplingParams(min_tokens=5, stop_token_ids=(9,)),
+    SamplingParams(min_tokens=5, ignore_eos=True), SamplingParams(presence_penalty=0.5, frequency_penalty=0.5,
+                                                                  repetition_penalty=1.2, logit_bias=((1, 2.0),)),
+], ids=lambda p: ",".join(f"{k}={v}" for k, v in vars(p).items() if v != getattr(SamplingParams(), k)))
+def test_each_processor_matches_its_reference(params):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 16, generator=g)
+    histories = [([1, 2, 2], [2, 5, 5, 5]), ([4], []), ([0, 3], [3, 3, 9, 1])]
+    plain = SamplingParams()
+    mixed = [params, plain, params]  # a free request between two that process: its row is untouched
+    expected = [reference(row.tolist(), p, *h, ends={0}) for row, p, h in zip(logits, mixed, histories)]
+    got = process_logits(logits.clone(), mixed, histories, stop_token_ids={0})
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
+    assert torch.equal(got[1], logits[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start(tmp_path_factory.mktemp("params"))
+    yield server
+    server.stop()
+
+
+def api(server, account="acme") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.keys[account], max_retries=0)
+
+
+def refused(server, body: dict, path: str = "completions") -> dict:
+    answer = httpx.post(f"{server.url}/v1/{path}", json={"model": BASE, **body},
+                        headers={"Authorization": f"Bearer {server.keys['acme']}"})
+    assert answer.status_code == 400, answer.text
+    return answer.json()["error"]
+
+
+GREEDY = {"temperature": 0, "max_tokens": 8}
+
+
+def test_penalties_bias_and_token_limits_change_the_output(server):
+    from ember.runtime.model.tokenizer import TextTokenizer
+
+    client, prompt = api(server), "the sea the sea"
+    seven = TextTokenizer.from_dir(server.model_dir).token_text(7)
+    base = client.completions.create(model=PIRATE, prompt=prompt, **GREEDY)
+    forced = client.completions.create(model=PIRATE, prompt=prompt, logit_bias={"7": 100}, **GREEDY)
+    assert forced.choices[0].text == seven * 8 != base.choices[0].text
+    penalised = client.completions.create(model=PIRATE, prompt=prompt, frequency_penalty=2.0, presence_penalty=2.0,
+                                          extra_body={"repetition_penalty": 2.0}, **GREEDY)
+    assert penalised.choices[0].text != base.choices[0].text
+    # token 7 forced, and a stop token: the request ends at once, or after min_tokens, which keeps it out till then
+    stopped = client.completions.create(model=PIRATE, prompt=prompt, logit_bias={"7": 100}, **GREEDY,
+                                        extra_body={"stop_token_ids": [7]})
+    assert (stopped.usage.completion_tokens, stopped.choices[0].finish_reason) == (1, "stop")
+    held = client.completions.create(model=PIRATE, prompt=prompt, logit_bias={"7": 100}, **GREEDY,
+                                     extra_body={"stop_token_ids": [7], "min_tokens": 3})
+    assert (held.usage.completion_tokens, held.choices[0].finish_reason) == (4, "stop")
+    assert seven not in held.choices[0].text[:1]
+
+
+def test_null_means_the_default_and_disabled_top_k_is_accepted(server):
+    answer = httpx.post(f"{server.url}/v1/completions", json={
+        "model": BASE, "prompt": "hello", "max_tokens": 4, "temperature": None, "top_p": None, "n": None,
+        "stream": None, "logprobs": None, "top_k": -1, "echo": None, "seed": None, "stop": None},
+        headers={"Authorization": f"Bearer {server.keys['acme']}"})
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "frequency_penalty": "abc"}, "frequency_penalty"),
+    ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "max_tokens": 2.0}, "max_tokens"),
+    ({"prompt": "x", "logit_bias": {"seven": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"7": 101}}, "logit_bias"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+])
+def test_what_is_not_applied_is_refused_by_name(server, body, param):
+    error = refused(server, body)
+    assert error["param"] == param and error["message"].startswith(f"{param}: "), error
+
+
+def test_chat_refuses_images_and_top_logprobs_alone(server):
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}
+    assert refused(server, image, "chat/completions")["param"] == "messages.0.content"
+    alone = {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
+    assert refused(server, alone, "chat/completions")["param"] == "top_logprobs"
+    text_parts = api(server).chat.completions.create(model=BASE, max_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hello"}]}], user="user-123")
+    assert text_parts.usage.completion_tokens >= 1
+
+
+def test_conformance_of_errors_and_model_lookup(server):
+    client = api(server)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="accounts/acme/models/nope", prompt="x", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found"
+    assert client.models.retrieve(BASE).id == BASE
+    pirate = httpx.get(f"{server.url}/v1/models/{PIRATE}", headers={"Authorization": f"Bearer {server.keys['acme']}"})
+    assert pirate.json()["parent"] == BASE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("accounts/acme/models/nope")
+    wrong_method = httpx.put(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {server.keys['acme']}"})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    for body, param in (({"prompt": [1, 10**9], "stream": True}, "prompt"), ({"prompt": "x", "logit_bias": {"999999": 1}},
+                        "logit_bias"), ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids")):
+        error = refused(server, body)
+        assert error["param"] == param and "outside this model's vocabulary" in error["message"]
