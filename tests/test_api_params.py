@@ -140,3 +140,43 @@ def test_conformance_of_errors_and_model_lookup(server):
                         "logit_bias"), ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids")):
         error = refused(server, body)
         assert error["param"] == param and "outside this model's vocabulary" in error["message"]
+
+
+def test_a_client_that_leaves_a_non_streaming_request_aborts_it(server):
+    from server_helpers import usage_records
+
+    before = len(usage_records(server))
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", timeout=0.2, headers={"Authorization": f"Bearer {server.keys['acme']}"},
+                   json={"model": BASE, "prompt": "x", "max_tokens": 480, "ignore_eos": True, "n": 16})
+    import time
+
+    deadline = time.time() + 20
+    while len(usage_records(server)) == before and time.time() < deadline:
+        time.sleep(0.2)
+    last = usage_records(server)[-1]
+    assert last["status"] == "aborted" and last["completion_tokens"] < 16 * 480, last
+
+
+def test_the_text_is_what_the_tokens_decode_to(server):
+    """A character cut by max_tokens keeps its bytes (as U+FFFD) in the final text, streamed or not."""
+    from ember.runtime.model.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.from_dir(server.model_dir)
+    rocket = tokenizer.encode("🚀", add_special_tokens=False)
+    assert len(rocket) > 1  # a byte-level vocabulary spells it in several tokens
+    client = api(server)
+    bias = {str(rocket[0]): 100}
+    whole = client.completions.create(model=BASE, prompt="x", max_tokens=1, temperature=0, logit_bias=bias)
+    assert whole.choices[0].text == tokenizer.decode(rocket[:1]) == "\ufffd"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=BASE, prompt="x", max_tokens=1, temperature=0, logit_bias=bias, stream=True) if c.choices)
+    assert streamed == "\ufffd"
+
+
+def test_completion_logprobs_carry_offsets_and_the_sampled_token(server):
+    out = api(server).completions.create(model=BASE, prompt="the sea", max_tokens=5, temperature=0, logprobs=0)
+    logprobs = out.choices[0].logprobs
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    assert all(list(top) == [token] for top, token in zip(logprobs.top_logprobs, logprobs.tokens))
+    assert "".join(logprobs.tokens) == out.choices[0].text

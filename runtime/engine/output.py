@@ -33,7 +33,7 @@ class OutputProcessor:
         searched_to = len(state.text)
         state.text += state.detokenizer.add(token)
         params = seq.params
-        reason = None
+        reason, cut = None, False
         stops = params.stop if len(seq.output_ids) >= params.min_tokens else ()  # no stop before min_tokens
         if stops:
             # Only a stop string that ends in this token's text is new.
@@ -41,11 +41,13 @@ class OutputProcessor:
             hits = [i for s in stops if (i := state.text.find(s, tail_start)) >= 0]
             if hits:
                 state.text = state.text[: min(hits)]
-                reason = "stop"
+                reason, cut = "stop", True
         if reason is None and ((token in self.stop_token_ids and not params.ignore_eos) or token in params.stop_token_ids):
             reason = "stop"
         if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
             reason = "length"
+        if reason and not cut:  # the text ends as decoding the ids ends, an unfinished character's bytes included
+            state.text += state.detokenizer.flush()
         # Hold back text that could still turn out to be the start of a stop string.
         hold = 0 if reason else max(map(len, stops), default=1) - 1
         end = max(state.emitted, len(state.text) - hold)

@@ -115,3 +115,11 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return after[len(before):]
         return ""
+
+    def flush(self) -> str:
+        """What is still held back (the bytes of an unfinished character, as U+FFFD): at the end, the text must
+        be what decoding the generated ids gives."""
+        decode = self.tokenizer.decode
+        held = decode(self.ids[self.prefix_offset:])[len(decode(self.ids[self.prefix_offset : self.read_offset])):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return held

@@ -130,7 +130,19 @@ async def _serve(request: Request, replica: Replica, chat: bool):
                           bool(body.stream_options and body.stream_options.include_usage))
     if body.stream:
         return StreamingResponse(responses.stream(call), media_type="text/event-stream")
-    return JSONResponse(await responses.complete(call))
+    return JSONResponse(await _unless_disconnected(request, responses.complete(call)))
+
+
+async def _unless_disconnected(request: Request, work):
+    """A non-streaming request's work, cancelled when its client leaves: its choices are aborted (and recorded as
+    aborted), as a stream's are when its reader goes, instead of running on for nobody."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
 
 
 @router.post("/v1/completions", openapi_extra=documented_body(CompletionRequest))

@@ -19,6 +19,7 @@ class Responses:
         self.logprobs_wanted, self.include_usage = logprobs, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self._offsets: dict[int, int] = {}  # per choice: characters its completion logprobs have covered
 
     @staticmethod
     def usage(call: Call) -> dict:
@@ -26,17 +27,23 @@ class Responses:
         return {"prompt_tokens": prompt, "completion_tokens": call.completion_tokens,
                 "total_tokens": prompt + call.completion_tokens}
 
-    def _logprobs(self, items: list[TokenLogprob]) -> dict:
+    def _logprobs(self, index: int, items: list[TokenLogprob]) -> dict:
         text = self.tokenizer.token_text
         if self.chat:
             return {"content": [{
                 "token": text(lp.token_id), "logprob": lp.logprob, "bytes": list(text(lp.token_id).encode()),
                 "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())} for t, v in lp.top],
             } for lp in items]}
-        return {"tokens": [text(lp.token_id) for lp in items],
-                "token_logprobs": [lp.logprob for lp in items],
-                "top_logprobs": [{text(t): v for t, v in lp.top} for lp in items],
-                "text_offset": []}
+        tokens = [text(lp.token_id) for lp in items]
+        offsets, at = [], self._offsets.get(index, 0)
+        for token in tokens:  # where each token starts in the choice's text (continuing across stream chunks)
+            offsets.append(at)
+            at += len(token)
+        self._offsets[index] = at
+        # the sampled token is always among the top ones (as vLLM does), so logprobs: 0 still says something
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
+                "top_logprobs": [{text(t): v for t, v in lp.top} | {text(lp.token_id): lp.logprob} for lp in items],
+                "text_offset": offsets}
 
     def _choice(self, index: int, text: str, finish: str | None, logprobs: list[TokenLogprob], delta: bool) -> dict:
         choice: dict = {"index": index, "finish_reason": finish}
@@ -44,7 +51,7 @@ class Responses:
             choice["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        choice["logprobs"] = self._logprobs(logprobs) if self.logprobs_wanted else None
+        choice["logprobs"] = self._logprobs(index, logprobs) if self.logprobs_wanted else None
         return choice
 
     async def complete(self, call: Call) -> dict:
