@@ -65,9 +65,11 @@ def write_addon_manifest(store: Path, name: str, directory: Path, base_model: st
 
 
 def start(root: Path, *, deployment: str = "accounts/acme/deployments/tiny", serverless: bool = False,
-          max_queue: int = 64, extra: list[str] = (), accounts=("acme", "other")) -> Server:
+          max_queue: int = 64, extra: list[str] = (), accounts=("acme", "other"),
+          models: tuple[Path, dict[str, Path]] | None = None) -> Server:
+    """A replica of `models` (a base directory and its addons; the tiny ones by default)."""
     root.mkdir(parents=True, exist_ok=True)
-    base, adapters = make_models(root)
+    base, adapters = models or make_models(root)
     keys_file = root / "keys.json"
     keys = {account: Accounts.add_key(keys_file, account) for account in accounts}
     store = root / "store"  # where the admin API finds addons by name: a manifest per addon, as the provider writes

@@ -98,7 +98,7 @@ def test_null_means_the_default_and_disabled_top_k_is_accepted(server):
 
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
     ({"prompt": "x", "best_of": 2}, "best_of"),
     ({"prompt": "x", "frequency_penalty": "abc"}, "frequency_penalty"),
     ({"prompt": "x", "temperature": "0.5"}, "temperature"),
@@ -180,3 +180,47 @@ def test_completion_logprobs_carry_offsets_and_the_sampled_token(server):
     assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
     assert all(list(top) == [token] for top, token in zip(logprobs.top_logprobs, logprobs.tokens))
     assert "".join(logprobs.tokens) == out.choices[0].text
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "boolean"}, "mood": {"enum": ["calm", "stormy"]}},
+          "required": ["answer", "mood"], "additionalProperties": False}
+# A random model would write a free-form object's strings forever: the tiny model's schemas leave it no free text.
+COUNT = {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}, "ok": {"type": "boolean"}},
+         "required": ["n", "ok"], "additionalProperties": False}
+
+
+def test_structured_outputs_parse_and_validate_beside_free_requests(server):
+    """Even a tiny random model writes valid JSON under the grammar, with an addon or not; free requests in the
+    same batch are untouched."""
+    import concurrent.futures
+    import json
+
+    import jsonschema
+
+    client = api(server)
+    free_alone = client.completions.create(model=BASE, prompt="free", **GREEDY).choices[0].text
+
+    def constrained(i: int) -> str:
+        schema = SCHEMA if i % 2 else COUNT
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        return client.chat.completions.create(model=PIRATE if i % 3 else BASE, max_tokens=120, seed=i,
+                                              messages=[{"role": "user", "content": f"weather {i}"}],
+                                              response_format=fmt).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(constrained, i) for i in range(12)]
+        free = [pool.submit(lambda: client.completions.create(model=BASE, prompt="free", **GREEDY).choices[0].text)
+                for _ in range(4)]
+        outputs = [f.result() for f in futures]
+    for i, text in enumerate(outputs):
+        jsonschema.validate(json.loads(text), SCHEMA if i % 2 else COUNT)
+    assert [f.result() for f in free] == [free_alone] * 4
+
+
+def test_an_invalid_schema_is_refused_naming_where(server):
+    bad = {"type": "object", "properties": {"x": {"type": "not-a-type"}}}
+    error = refused(server, {"prompt": "x", "response_format": {"type": "json_schema",
+                                                                 "json_schema": {"name": "n", "schema": bad}}})
+    assert error["param"].startswith("response_format.json_schema") and "/properties/x/type" in error["message"]
+    error = refused(server, {"prompt": "x", "response_format": {"type": "json_schema"}})
+    assert error["param"] == "response_format" and "json_schema" in error["message"]

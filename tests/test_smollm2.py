@@ -109,3 +109,54 @@ def test_greedy_chat_answers_equal_transformers(converted, reference):
 
 def _without_eos(ids: list[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] == 2 else ids  # <|im_end|>: one side may count it, the other not
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                            "temperature_c": {"type": "integer", "minimum": -60, "maximum": 60},
+                                            "sunny": {"type": "boolean"}},
+           "required": ["city", "temperature_c", "sunny"], "additionalProperties": False}
+CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Rome", "Madrid", "Berlin", "Dublin", "Vienna"]
+
+
+def test_structured_outputs_on_the_real_model_parse_and_validate(converted, tmp_path):
+    """20 constrained chat requests through the openai client, json_object and json_schema, sharing the batch with
+    free requests: every constrained answer parses (and validates against its schema)."""
+    import concurrent.futures
+    import json
+
+    import jsonschema
+    import openai
+    from server_helpers import start
+
+    server = start(tmp_path, models=(converted, {}), extra=["--threads", "2", "--max-model-len", "2048",
+                                                            "--max-loras", "0"])
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.keys["acme"], max_retries=0)
+        base = "accounts/acme/models/tiny-llama"  # the name the helper serves its base model under
+
+        def ask(i: int):
+            city = CITIES[i % len(CITIES)]
+            if i % 2:
+                fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+                question = f"Describe today's weather in {city} as JSON."
+            else:
+                fmt = {"type": "json_object"}
+                question = f"Give a JSON object with the name and country of the capital city {city}."
+            return client.chat.completions.create(model=base, max_tokens=200, temperature=0, response_format=fmt,
+                                                  messages=[{"role": "user", "content": question}])
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, range(20)))
+            free = client.chat.completions.create(model=base, max_tokens=12, temperature=0, messages=[
+                {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+        for i, answer in enumerate(answers):
+            text = answer.choices[0].message.content
+            assert answer.choices[0].finish_reason == "stop", text
+            document = json.loads(text)
+            if i % 2:
+                jsonschema.validate(document, WEATHER)
+            else:
+                assert isinstance(document, dict) and document
+        assert "Paris" in free
+    finally:
+        server.stop()

@@ -20,6 +20,7 @@ from ember.runtime.engine.output import OutputProcessor
 from ember.runtime.engine.scheduler import Scheduler
 from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.manager import LoRAManager
+from ember.runtime.model.grammar import Grammars
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.sampling import SamplingParams, TokenLogprob
@@ -93,7 +94,8 @@ class Engine:
             self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                                     max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
         stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
-        self.runner = ModelRunner(model, self.cache, self.lora, stop_token_ids)
+        self.grammars = Grammars(tokenizer, c.vocab_size, stop_token_ids)
+        self.runner = ModelRunner(model, self.cache, self.lora, stop_token_ids, self.grammars)
         self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -138,9 +140,10 @@ class Engine:
                 f"max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceed "
                 f"the model's context of {self.max_model_len} tokens"
             )
+        matcher = self.grammars.matcher(params.grammar) if params.grammar else None
         if adapter is not None:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
-        seq = Sequence(request_id, list(prompt_ids), params, adapter)
+        seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher)
         self.requests[request_id] = seq
         self.output.add(seq)
         self.scheduler.add(seq)

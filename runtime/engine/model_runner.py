@@ -9,12 +9,15 @@ from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.batched import BatchedLoRA
 from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.llama import Llama
+from ember.runtime.model.grammar import Grammars, constrain
 from ember.runtime.model.sampling import TokenLogprob, process_logits, sample
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None, stop_token_ids: set[int] = frozenset()):
+    def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None, stop_token_ids: set[int],
+                 grammars: Grammars):
         self.model, self.cache, self.lora, self.stop_token_ids = model, cache, lora, stop_token_ids
+        self.grammars = grammars
         self.lora_hook = BatchedLoRA(lora.device_slots) if lora else None
         model.lora = self.lora_hook
 
@@ -33,5 +36,9 @@ class ModelRunner:
             return []
         params = [s.params for s in sampled]
         logits = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in sampled], self.stop_token_ids)
+        logits = constrain(logits, [(i, self.grammars.allowed(s.matcher)) for i, s in enumerate(sampled) if s.matcher])
         tokens, logprobs = sample(logits, params, [s.generator for s in sampled])
+        for seq, token in zip(sampled, tokens):
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
         return list(zip(sampled, tokens, logprobs))

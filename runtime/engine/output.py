@@ -44,6 +44,8 @@ class OutputProcessor:
                 reason, cut = "stop", True
         if reason is None and ((token in self.stop_token_ids and not params.ignore_eos) or token in params.stop_token_ids):
             reason = "stop"
+        if reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+            reason = "stop"  # the grammar is complete and allows nothing more
         if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
             reason = "length"
         if reason and not cut:  # the text ends as decoding the ids ends, an unfinished character's bytes included

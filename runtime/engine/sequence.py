@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -34,6 +35,7 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    matcher: Any = None  # llguidance's matcher of a constrained request: its next allowed tokens
 
     def __post_init__(self):
         self.tokens = list(self.prompt_ids)

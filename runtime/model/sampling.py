@@ -33,6 +33,7 @@ class SamplingParams:
     # token seen in the prompt or the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
+    grammar: str | None = None  # an llguidance grammar the output must follow (structured outputs)
 
     def __post_init__(self):
         def bad(name: str, rule: str):

@@ -117,6 +117,11 @@ async def _serve(request: Request, replica: Replica, chat: bool):
                             f"{replica.config.max_queue} requests", param="n", code="invalid_parameter")
     prompt_ids = _prompt(body, engine)
     params = _sampling(body, prompt_ids, engine.max_model_len)
+    if params[0].grammar:  # a schema llguidance cannot enforce is refused before anything streams
+        try:
+            engine.grammars.matcher(params[0].grammar)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="response_format", code="invalid_parameter") from None
     logged_prompt = None
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt

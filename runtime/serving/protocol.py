@@ -44,6 +44,48 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _a_valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_schema(value)
+        return value
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """A user's JSON Schema against its metaschema: a ValueError naming the JSON pointer of the fault."""
+    from jsonschema import exceptions, validators
+
+    try:
+        validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
+    except exceptions.SchemaError as exc:
+        pointer = "/" + "/".join(str(p) for p in exc.path)
+        raise ValueError(f"the schema is invalid at {pointer}: {exc.message}") from None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: give it with type json_schema, and only then")
+        return self
+
+    def grammar(self) -> str | None:
+        from ember.runtime.model.grammar import json_grammar
+
+        if self.type == "text":
+            return None
+        return json_grammar(self.json_schema.schema_ if self.json_schema else None)
+
+
 class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -63,6 +105,7 @@ class _Common(_Strict):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     user: str | None = Field(None, max_length=256, description="accepted; never stored with the request's text")
+    response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -98,7 +141,8 @@ class _Common(_Strict):
                               logprobs=logprobs, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                               logit_bias=tuple((int(t), b) for t, b in self.logit_bias.items()),
-                              min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids))
+                              min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids),
+                              grammar=self.response_format.grammar() if self.response_format else None)
 
 
 class CompletionRequest(_Common):
