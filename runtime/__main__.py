@@ -33,7 +33,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, help="accounts/<account>/models/<id>: the name clients use")
     p.add_argument("--serverless", action="store_true", help="serve every account (addons only to their owners)")
     p.add_argument("--keys", required=True, help="API keys file (hashes), path or fsspec URL")
-    p.add_argument("--usage", required=True, help="where usage records go (path or fsspec URL)")
+    p.add_argument("--usage", required=True, help="the usage folder (path or fsspec URL; the store's usage/): this "
+                                                  "deployment's records go in <usage>/<deployment>/")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--addon", action="append", default=[], metavar="NAME=SOURCE", help="serve this addon from the start")

@@ -224,3 +224,25 @@ def test_an_invalid_schema_is_refused_naming_where(server):
     assert error["param"].startswith("response_format.json_schema") and "/properties/x/type" in error["message"]
     error = refused(server, {"prompt": "x", "response_format": {"type": "json_schema"}})
     assert error["param"] == "response_format" and "json_schema" in error["message"]
+
+
+def test_metrics_a_vllm_user_looks_for(server):
+    client = api(server)
+    client.completions.create(model=BASE, prompt="metrics", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    refused(server, {"prompt": "x", "temperature": "hot"})
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'ember_request_finished_total{model="accounts/acme/models/tiny-llama",reason="length"}' in text
+    assert 'ember_requests_total{model="",status="400"}' in text
+    assert "ember_time_per_output_token_seconds_count" in text
+    usage = [line for line in text.splitlines() if line.startswith("ember_kv_cache_usage_ratio ")]
+    assert usage and 0 <= float(usage[0].split()[1]) <= 1
+    assert any(line.startswith("ember_preemptions ") for line in text.splitlines())
+
+
+def test_usage_records_carry_the_response_id_in_the_deployments_folder(server):
+    from server_helpers import usage_records
+
+    out = api(server).completions.create(model=BASE, prompt="bill me", max_tokens=2, temperature=0)
+    assert usage_records(server)[-1]["response_id"] == out.id
+    folders = {p.parent.relative_to(server.root).as_posix() for p in server.root.rglob("requests-*.jsonl")}
+    assert folders == {"usage/accounts_acme_deployments_tiny"}  # usage/<deployment>/, not usage/usage/…

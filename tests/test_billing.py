@@ -103,11 +103,11 @@ def test_a_bad_period_is_named():
 
 def test_ember_usage_reads_what_replicas_write(tmp_path, capsys):
     store = tmp_path / "store"
-    shared = Meter(f"file://{store}", SHARED_8B, "NVIDIA_H100_80GB", 1,
+    shared = Meter(f"file://{store}/usage", SHARED_8B, "NVIDIA_H100_80GB", 1,
                    "accounts/platform/models/llama-v3p1-8b-instruct", serverless=True)
     shared.record("acme", "accounts/acme/models/pirate", 300_000, 200_000, 0.5, "ok")
     shared.record("globex", "accounts/platform/models/llama-v3p1-8b-instruct", 1_000_000, 0, 0.5, "ok")
-    Meter(f"file://{store}", PRIVATE, "NVIDIA_A100_80GB", 4, "accounts/acme/models/custom")
+    Meter(f"file://{store}/usage", PRIVATE, "NVIDIA_A100_80GB", 4, "accounts/acme/models/custom")
 
     assert cli.main(["usage", "--store", f"file://{store}", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -125,7 +125,7 @@ def test_ember_usage_reads_what_replicas_write(tmp_path, capsys):
 
 def test_a_record_being_appended_is_not_read_half_written(tmp_path):
     store = tmp_path / "store"
-    meter = Meter(f"file://{store}", SHARED_8B, serverless=True)
+    meter = Meter(f"file://{store}/usage", SHARED_8B, serverless=True)
     meter.record("acme", "accounts/acme/models/pirate", 10, 5, 0.1, "ok")
     meter.record("globex", "accounts/globex/models/legal", 7, 3, 0.1, "ok")
     with open(store / "usage" / SHARED_8B.replace("/", "_") / f"requests-{meter.replica}.jsonl", "a") as f:

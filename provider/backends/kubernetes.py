@@ -168,7 +168,7 @@ class KubernetesDeployment(pulumi.ComponentResource):
             base_name = args.base_model
             model_url = store.catalog(parse_model_name(args.base_model).resource_id)
         runtime_args = pulumi.Output.all(model_url, base_name).apply(lambda values: serve_arguments(
-            spec, values[0], values[1], store, cluster.store_url, "/var/log/ember/requests.jsonl")
+            spec, values[0], values[1], store, "/var/log/ember/requests.jsonl")
             + ["--host", "0.0.0.0", "--port", str(RUNTIME_PORT)])
         self.deployment = Deployment(resource_name, args, pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)

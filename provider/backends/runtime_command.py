@@ -7,13 +7,13 @@ from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain.spec import DeploymentSpec, DeploymentType
 
 
-def serve_arguments(spec: DeploymentSpec, model_dir: str, base_model: str, store: StoreLayout, usage_url: str,
+def serve_arguments(spec: DeploymentSpec, model_dir: str, base_model: str, store: StoreLayout,
                     request_log: str) -> list[str]:
     """`python -m ember.runtime` arguments (without the listening address): the model, whom it serves, and
     the store (where the admin API finds addons by name), and where in it its keys, usage and desired addon
     set live."""
     arguments = ["serve", "--model-dir", model_dir, "--deployment", spec.name, "--base-model", base_model,
-                 "--keys", store.keys, "--usage", usage_url,
+                 "--keys", store.keys, "--usage", store.usage,
                  "--store", store.root, "--desired-addons", store.desired_addons(spec.account_id, spec.deployment_id),
                  "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank),
                  "--dtype", spec.precision.value, "--accelerator-type", spec.accelerator_type.value,

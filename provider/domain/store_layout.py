@@ -58,5 +58,10 @@ class StoreLayout:
         return self._join("fine-tuning-runs", account, job_id, key)
 
     @property
+    def usage(self) -> str:
+        """The usage folder: each deployment's replicas write `<deployment>/` in it; fine-tuning runs `fine-tuning/`."""
+        return self._join("usage")
+
+    @property
     def keys(self) -> str:
         return self._join("keys.json")

@@ -31,16 +31,18 @@ class UsageRecord:
     latency_s: float
     status: str  # "ok" | "aborted" | "error"
     replica: str
+    response_id: str = ""  # the response's id (cmpl-…, chatcmpl-…): a bill line matched to a response
 
 
 class Meter:
     def __init__(self, url: str, deployment: str, accelerator_type: str = "CPU", accelerator_count: int = 1,
                  base_model: str = "", serverless: bool = False):
+        """`url` is the usage folder (the store's `usage/`): this deployment's records go in `<url>/<deployment>/`."""
         self.fs, root = fsspec.core.url_to_fs(url)
         self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.deployment = deployment
         safe = deployment.replace("/", "_")
-        self.dir = f"{root}/usage/{safe}"
+        self.dir = f"{root.rstrip('/')}/{safe}"
         self.fs.makedirs(self.dir, exist_ok=True)
         self.requests_path = f"{self.dir}/requests-{self.replica}.jsonl"
         self.replica_path = f"{self.dir}/replica-{self.replica}.json"
@@ -51,9 +53,9 @@ class Meter:
         self.heartbeat()
 
     def record(self, account_id: str, model: str, prompt_tokens: int, completion_tokens: int, latency_s: float,
-               status: str) -> UsageRecord:
+               status: str, response_id: str = "") -> UsageRecord:
         record = UsageRecord(time.time(), account_id, model, self.deployment, prompt_tokens, completion_tokens,
-                             round(latency_s, 6), status, self.replica)
+                             round(latency_s, 6), status, self.replica, response_id)
         line = json.dumps(asdict(record)) + "\n"
         with self._lock, self.fs.open(self.requests_path, "a") as f:
             f.write(line)

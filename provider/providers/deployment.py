@@ -53,7 +53,7 @@ class DeploymentProvider(EmberProvider):
                     "ready_replicas": 0, "serving_digest": base.digest}
         request_log = self.config.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
         request_log.parent.mkdir(parents=True, exist_ok=True)
-        command = serve_arguments(spec, str(store.local_path(base.object)), spec.base_model, store.urls, store.url,
+        command = serve_arguments(spec, str(store.local_path(base.object)), spec.base_model, store.urls,
                                   str(request_log))
         cluster.scale(spec, command, key)
         # The desired addon set outlives a replacement of the deployment (the addons own it): the new replicas

@@ -16,6 +16,7 @@ class Accounting:
     account: str
     model: str
     started: float  # time.perf_counter() when the request arrived
+    response_id: str = ""
     logged_prompt: object = None  # the prompt, kept only when the deployment has a request log
 
     def __call__(self, call: Call, status: str) -> None:
@@ -28,7 +29,13 @@ class Accounting:
         metrics.latency.labels(self.model).observe(latency)
         if call.first_token is not None:
             metrics.ttft.labels(self.model).observe(call.first_token - self.started)
-        self.replica.meter.record(self.account, self.model, prompt_tokens, call.completion_tokens, latency, status)
+            if call.completion_tokens > 1:
+                decode = time.perf_counter() - call.first_token
+                metrics.time_per_output_token.labels(self.model).observe(decode / (call.completion_tokens - 1))
+        for reason in call.finish_reasons:
+            metrics.finished.labels(self.model, reason).inc()
+        self.replica.meter.record(self.account, self.model, prompt_tokens, call.completion_tokens, latency, status,
+                                  self.response_id)
         if self.replica.request_log and status == "ok":
             for text in call.texts:
                 self.replica.request_log.write(self.account, self.model, self.logged_prompt, text)

@@ -66,6 +66,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    # refused requests count too (by status; a refused request may name no model it is allowed to see)
+    request.app.state.replica.metrics.requests.labels("", str(exc.status)).inc()
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
@@ -100,4 +102,8 @@ async def _metrics(request: Request) -> Response:
     if replica.engine:
         replica.metrics.queue_depth.set(replica.engine.queue_depth)
         replica.metrics.running.set(replica.engine.running)
+        engine = replica.engine.engine
+        allocator = engine.cache.allocator
+        replica.metrics.kv_cache_usage.set(1 - allocator.num_free / allocator.num_blocks)
+        replica.metrics.preemptions.set(engine.scheduler.num_preemptions)
     return Response(generate_latest(replica.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -24,6 +24,7 @@ class Call:
         self.completion_tokens = 0
         self.first_token: float | None = None  # time.perf_counter() of the first output
         self.texts = [""] * len(params)
+        self.finish_reasons: list[str] = []  # one per choice that finished (stop, length, abort)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.outcomes: list[str] = []
         self.streams = []
@@ -44,9 +45,12 @@ class Call:
                     self.first_token = time.perf_counter()
                 self.completion_tokens += len(out.token_ids)
                 self.texts[index] += out.text
+                if out.finished:
+                    self.finish_reasons.append(out.finish_reason)
                 self.queue.put_nowait((index, out))
         except asyncio.CancelledError:
             outcome = "aborted"
+            self.finish_reasons.append("abort")
             stream.close()
         except Exception as exc:  # handed to the consumer
             outcome = "error"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -19,3 +20,12 @@ class Metrics:
         self.ttft = Histogram("ember_time_to_first_token_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.adapters = Gauge("ember_loaded_adapters", "LoRA addons served by this replica", registry=self.registry)
+        self.time_per_output_token = Histogram(
+            "ember_time_per_output_token_seconds", "Mean time between a request's output tokens (inter-token latency)",
+            ["model"], buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.finished = Counter("ember_request_finished", "Choices finished, by reason (stop, length, abort)",
+                                ["model", "reason"], registry=self.registry)
+        self.kv_cache_usage = Gauge("ember_kv_cache_usage_ratio", "Share of the KV cache's blocks in use",
+                                    registry=self.registry)
+        self.preemptions = Gauge("ember_preemptions", "Sequences preempted (KV cache full) since the replica started",
+                                 registry=self.registry)

@@ -125,14 +125,14 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     logged_prompt = None
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
-    try:
-        call = Call(runner, prompt_ids, params, adapter, Accounting(replica, account, body.model, started, logged_prompt))
-    except Overloaded:
-        replica.metrics.requests.labels(body.model, "429").inc()
-        raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
-                       code="overloaded", headers={"Retry-After": "1"}) from None
     responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
                           bool(body.stream_options and body.stream_options.include_usage))
+    accounting = Accounting(replica, account, body.model, started, responses.id, logged_prompt)
+    try:
+        call = Call(runner, prompt_ids, params, adapter, accounting)
+    except Overloaded:
+        raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
+                       code="overloaded", headers={"Retry-After": "1"}) from None
     if body.stream:
         return StreamingResponse(responses.stream(call), media_type="text/event-stream")
     return JSONResponse(await _unless_disconnected(request, responses.complete(call)))
