@@ -246,3 +246,21 @@ def test_usage_records_carry_the_response_id_in_the_deployments_folder(server):
     assert usage_records(server)[-1]["response_id"] == out.id
     folders = {p.parent.relative_to(server.root).as_posix() for p in server.root.rglob("requests-*.jsonl")}
     assert folders == {"usage/accounts_acme_deployments_tiny"}  # usage/<deployment>/, not usage/usage/…
+
+
+def test_a_batch_of_prompts_and_echo(server):
+    client = api(server)
+    single = [client.completions.create(model=BASE, prompt=p, max_tokens=4, temperature=0).choices[0].text
+              for p in ("the sea", "a ship")]
+    batch = client.completions.create(model=BASE, prompt=["the sea", "a ship"], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [single[0], single[0], single[1], single[1]]
+    ids = client.completions.create(model=BASE, prompt=[[1, 40, 41], [1, 50]], max_tokens=2, temperature=0)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
+    echoed = client.completions.create(model=BASE, prompt="the sea", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "the sea" + single[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=BASE, prompt="the sea", max_tokens=4, temperature=0, echo=True, stream=True) if c.choices)
+    assert streamed == "the sea" + single[0]
+    assert refused(server, {"prompt": "x", "echo": True, "logprobs": 1})["param"] == "echo"
+    assert refused(server, {"prompt": ["x", ""]})["param"] == "prompt"

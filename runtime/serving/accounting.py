@@ -21,7 +21,7 @@ class Accounting:
 
     def __call__(self, call: Call, status: str) -> None:
         latency = time.perf_counter() - self.started
-        prompt_tokens = len(call.prompt_ids)
+        prompt_tokens = call.prompt_tokens
         metrics = self.replica.metrics
         metrics.requests.labels(self.model, status).inc()
         metrics.tokens.labels(self.model, "prompt").inc(prompt_tokens)

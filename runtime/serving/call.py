@@ -18,9 +18,13 @@ from ember.runtime.serving.protocol import APIError
 
 
 class Call:
-    def __init__(self, runner: AsyncEngine, prompt_ids: list[int], params: list[SamplingParams], adapter: str | None,
+    def __init__(self, runner: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None,
                  on_finish: Callable[["Call", str], None]):
-        self.prompt_ids, self.params, self.on_finish = prompt_ids, params, on_finish
+        """`prompts`: the distinct prompts (a batch of completions has several); choice i answers prompt
+        i // (len(params) // len(prompts))."""
+        self.prompts, self.params, self.on_finish = prompts, params, on_finish
+        self.prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, whatever n is
+        per_prompt = len(params) // len(prompts)
         self.completion_tokens = 0
         self.first_token: float | None = None  # time.perf_counter() of the first output
         self.texts = [""] * len(params)
@@ -29,8 +33,8 @@ class Call:
         self.outcomes: list[str] = []
         self.streams = []
         try:
-            for p in params:
-                self.streams.append(runner.submit(prompt_ids, p, adapter))
+            for i, p in enumerate(params):
+                self.streams.append(runner.submit(prompts[i // per_prompt], p, adapter))
         except Overloaded:
             for stream in self.streams:
                 stream.close()

@@ -63,16 +63,21 @@ async def usage(request: Request, account: str | None = None, replica: Replica =
             "totals": totals}
 
 
-def _prompt(body: ChatRequest | CompletionRequest, engine: Engine) -> list[int]:
+def _prompts(body: ChatRequest | CompletionRequest, engine: Engine) -> list[list[int]]:
+    """The request's prompts as token ids: a chat's one, or each of a completions batch."""
     if isinstance(body, ChatRequest):
         try:
-            return engine.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            return [engine.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-    if isinstance(body.prompt, str):
-        return engine.tokenizer.encode(body.prompt)
-    _check_token_ids("prompt", body.prompt, engine)
-    return list(body.prompt)
+    prompts = []
+    for prompt in body.prompts():
+        if isinstance(prompt, str):
+            prompts.append(engine.tokenizer.encode(prompt))
+        else:
+            _check_token_ids("prompt", prompt, engine)
+            prompts.append(list(prompt))
+    return prompts
 
 
 def _check_token_ids(param: str, ids, engine: Engine) -> None:
@@ -86,7 +91,7 @@ def _check_token_ids(param: str, ids, engine: Engine) -> None:
 
 
 def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], context: int) -> list[SamplingParams]:
-    """Each choice's sampling parameters, once the prompt and max_tokens are known to fit the context."""
+    """Each choice's sampling parameters, once the (longest) prompt and max_tokens are known to fit the context."""
     chat = isinstance(body, ChatRequest)
     requested = (body.max_completion_tokens or body.max_tokens) if chat else (body.max_tokens or 16)
     if len(prompt_ids) >= context:
@@ -112,11 +117,12 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     adapter = replica.resolve_model(body.model, account, engine)
     _check_token_ids("logit_bias", body.logit_bias, engine)
     _check_token_ids("stop_token_ids", body.stop_token_ids, engine)
-    if body.n > replica.config.max_queue:
-        raise APIError(400, f"n: {body.n} choices can never be served by this deployment, which queues at most "
+    choices = body.n * (len(body.prompts()) if not chat else 1)
+    if choices > replica.config.max_queue:
+        raise APIError(400, f"n: {choices} choices can never be served by this deployment, which queues at most "
                             f"{replica.config.max_queue} requests", param="n", code="invalid_parameter")
-    prompt_ids = _prompt(body, engine)
-    params = _sampling(body, prompt_ids, engine.max_model_len)
+    prompts = _prompts(body, engine)
+    params = _sampling(body, max(prompts, key=len), engine.max_model_len) * len(prompts)
     if params[0].grammar:  # a schema llguidance cannot enforce is refused before anything streams
         try:
             engine.grammars.matcher(params[0].grammar)
@@ -125,11 +131,12 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     logged_prompt = None
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
+    echoes = [engine.tokenizer.decode(p) for p in prompts for _ in range(body.n)] if not chat and body.echo else None
     responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
-                          bool(body.stream_options and body.stream_options.include_usage))
+                          bool(body.stream_options and body.stream_options.include_usage), echoes)
     accounting = Accounting(replica, account, body.model, started, responses.id, logged_prompt)
     try:
-        call = Call(runner, prompt_ids, params, adapter, accounting)
+        call = Call(runner, prompts, params, adapter, accounting)
     except Overloaded:
         raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
                        code="overloaded", headers={"Retry-After": "1"}) from None

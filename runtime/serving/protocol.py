@@ -146,16 +146,30 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(description="a prompt, or a batch of them")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="each choice's text begins with its prompt")
 
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, value: Any) -> Any:
-        if not value:
-            raise ValueError("the prompt is empty")
+        prompts = value if isinstance(value, list) and value and isinstance(value[0], (str, list)) else [value]
+        if len(prompts) > 64:
+            raise ValueError(f"a batch of {len(prompts)} prompts; at most 64")
+        if any(not p for p in prompts):
+            raise ValueError("a prompt is empty")
         return value
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> "CompletionRequest":
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: prompt logprobs are not served, so echo cannot be combined with logprobs")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one entry per prompt."""
+        batch = isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list))
+        return list(self.prompt) if batch else [self.prompt]
 
 
 class ChatMessage(_Strict):

@@ -14,18 +14,19 @@ from ember.runtime.serving.protocol import APIError
 
 
 class Responses:
-    def __init__(self, chat: bool, model: str, tokenizer: TextTokenizer, logprobs: bool, include_usage: bool):
+    def __init__(self, chat: bool, model: str, tokenizer: TextTokenizer, logprobs: bool, include_usage: bool,
+                 echoes: list[str] | None = None):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.logprobs_wanted, self.include_usage = logprobs, include_usage
+        self.echoes = echoes  # completions with echo: each choice's prompt text, which its text begins with
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self._offsets: dict[int, int] = {}  # per choice: characters its completion logprobs have covered
 
     @staticmethod
     def usage(call: Call) -> dict:
-        prompt = len(call.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": call.completion_tokens,
-                "total_tokens": prompt + call.completion_tokens}
+        return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                "total_tokens": call.prompt_tokens + call.completion_tokens}
 
     def _logprobs(self, index: int, items: list[TokenLogprob]) -> dict:
         text = self.tokenizer.token_text
@@ -62,7 +63,9 @@ class Responses:
             logprobs[index] += out.logprobs
             if out.finished:
                 finishes[index] = out.finish_reason
-        choices = [self._choice(i, call.texts[i], finishes.get(i), logprobs[i], delta=False) for i in range(n)]
+        echoes = self.echoes or [""] * n
+        choices = [self._choice(i, echoes[i] + call.texts[i], finishes.get(i), logprobs[i], delta=False)
+                   for i in range(n)]
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage(call)}
 
@@ -78,6 +81,8 @@ class Responses:
             if self.chat:
                 yield self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                     "logprobs": None} for i in range(len(call.params))])
+            for i, echo in enumerate(self.echoes or ()):
+                yield self._event([self._choice(i, echo, None, [], delta=True)])
             async for index, out in call.merged():
                 if out.text or out.finished or (self.logprobs_wanted and out.logprobs):
                     yield self._event([self._choice(index, out.text, out.finish_reason, out.logprobs, delta=True)])
