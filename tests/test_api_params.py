@@ -264,3 +264,94 @@ def test_a_batch_of_prompts_and_echo(server):
     assert streamed == "the sea" + single[0]
     assert refused(server, {"prompt": "x", "echo": True, "logprobs": 1})["param"] == "echo"
     assert refused(server, {"prompt": ["x", ""]})["param"] == "prompt"
+
+
+WEATHER_TOOL = {"type": "function", "function": {  # short: the tiny model's context is 512 tokens
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "celsius": {"type": "boolean"}},
+                   "required": ["city", "celsius"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_a_required_tool_call_round_trip_streamed_and_not(server):
+    import json
+
+    import jsonschema
+
+    client = api(server)
+    for stream in (False, True):
+        kwargs = {"model": PIRATE, "messages": ASK, "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required",
+                  "max_tokens": 60, "seed": 3}
+        if stream:
+            calls, finish = {}, None
+            for chunk in client.chat.completions.create(stream=True, **kwargs):
+                for choice in chunk.choices:
+                    finish = choice.finish_reason or finish
+                    for delta in choice.delta.tool_calls or ():
+                        entry = calls.setdefault(delta.index, {"id": delta.id, "name": "", "arguments": ""})
+                        entry["name"] += delta.function.name or ""
+                        entry["arguments"] += delta.function.arguments or ""
+            calls = [calls[k] for k in sorted(calls)]
+        else:
+            answer = client.chat.completions.create(**kwargs)
+            finish = answer.choices[0].finish_reason
+            calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                     for c in answer.choices[0].message.tool_calls]
+        assert finish == "tool_calls" and calls, (stream, calls)
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
+        for c in calls:
+            jsonschema.validate(json.loads(c["arguments"]), schemas[c["name"]])
+        # the round trip: the calls and their results go back, and the model answers
+        history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls]}] + [{"role": "tool", "tool_call_id": c["id"], "content": '{"sky": "clear"}'}
+                                 for c in calls]
+        final = client.chat.completions.create(model=PIRATE, messages=history, tools=[WEATHER_TOOL], max_tokens=8)
+        assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_the_clients_pydantic_tool_helpers(server):
+    from typing import Literal
+
+    import openai
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: Literal["Paris", "Oslo"]
+        celsius: bool
+
+    tool = openai.pydantic_function_tool(GetWeather)
+    parsed = api(server).chat.completions.parse(model=BASE, messages=ASK, tools=[tool], max_tokens=80,
+                                                tool_choice={"type": "function", "function": {"name": "GetWeather"}})
+    [call] = parsed.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+
+
+def test_tool_choice_none_answers_in_text_and_bad_tools_are_refused(server):
+    plain = api(server).chat.completions.create(model=BASE, messages=ASK, tools=[WEATHER_TOOL], tool_choice="none",
+                                                max_tokens=4)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
+    chat = "chat/completions"
+    named = {"type": "function", "function": {"name": "nope"}}
+    assert refused(server, {"messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": named}, chat)["param"] == \
+        "tool_choice"
+    assert refused(server, {"messages": ASK, "tool_choice": "required"}, chat)["param"] == "tool_choice"
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                           "required": "city"}}}
+    error = refused(server, {"messages": ASK, "tools": [broken]}, chat)
+    assert error["param"].startswith("tools.0.function.parameters") and "/required" in error["message"]
+
+
+def test_auto_tool_calls_are_parsed_out_of_the_text():
+    from ember.runtime.serving.protocol import ToolDef
+    from ember.runtime.serving.tools import ToolUse
+
+    uses = ToolUse([ToolDef.model_validate(WEATHER_TOOL)])
+    content, calls = uses.parse('Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", '
+                                '"celsius": true}}</tool_call> <tool_call>{"name": "other", "arguments": {}}</tool_call>')
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert content == 'Let me look.  <tool_call>{"name": "other", "arguments": {}}</tool_call>'
+    assert uses.parse("no calls here") == ("no calls here", [])

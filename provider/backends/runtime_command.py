@@ -3,8 +3,8 @@ local cluster starts processes with it, Kubernetes puts it in the pod template."
 
 from __future__ import annotations
 
-from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain.spec import DeploymentSpec, DeploymentType
+from ember.provider.domain.store_layout import StoreLayout
 
 
 def serve_arguments(spec: DeploymentSpec, model_dir: str, base_model: str, store: StoreLayout,

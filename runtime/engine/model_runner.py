@@ -8,8 +8,8 @@ from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.batched import BatchedLoRA
 from ember.runtime.lora.manager import LoRAManager
-from ember.runtime.model.llama import Llama
 from ember.runtime.model.grammar import Grammars, constrain
+from ember.runtime.model.llama import Llama
 from ember.runtime.model.sampling import TokenLogprob, process_logits, sample
 
 

@@ -21,9 +21,15 @@ from ember.runtime.model.tokenizer import TextTokenizer
 JSON_OBJECT = {"type": "object"}  # response_format json_object: any JSON object
 
 
+# JSON written as json.dumps writes it: no room for a model to wander off into whitespace (a schema's own
+# "x-guidance" options override these).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def json_grammar(schema: dict | None) -> str:
     """The llguidance grammar of JSON documents that satisfy `schema` (any object when None)."""
-    return LLMatcher.grammar_from_json_schema(json.dumps(schema if schema is not None else JSON_OBJECT))
+    return LLMatcher.grammar_from_json_schema(json.dumps(schema if schema is not None else JSON_OBJECT),
+                                              defaults=JSON_STYLE)
 
 
 class Grammars:

@@ -73,7 +73,12 @@ class TextTokenizer:
         """One token's own text, special tokens included (what logprobs report)."""
         return self.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders `tools` (and tool calls) itself."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         if self._template is None:
             raise ValueError("messages: this model has no chat template; use the completions API")
         try:
@@ -82,14 +87,16 @@ class TextTokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **({"tools": tools} if tools else {}),
             )
         except TemplateError as exc:
             # The template's own message (e.g. "roles must alternate"), never the conversation's text.
             raise ValueError(f"messages: the chat template refused them: {exc.message}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         # The template already writes BOS, so encoding must not add another (as transformers does).
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 def _raise(message: str):

@@ -21,6 +21,7 @@ from ember.runtime.serving.call import Call
 from ember.runtime.serving.protocol import APIError, ChatRequest, CompletionRequest
 from ember.runtime.serving.replica import Replica, replica_of
 from ember.runtime.serving.responses import Responses
+from ember.runtime.serving.tools import template_messages
 
 router = APIRouter()
 
@@ -66,8 +67,12 @@ async def usage(request: Request, account: str | None = None, replica: Replica =
 def _prompts(body: ChatRequest | CompletionRequest, engine: Engine) -> list[list[int]]:
     """The request's prompts as token ids: a chat's one, or each of a completions batch."""
     if isinstance(body, ChatRequest):
+        tokenizer, uses = engine.tokenizer, body.tool_use()
+        takes_tools = tokenizer.template_takes_tools
+        messages = template_messages(body.messages, uses, takes_tools)
+        tools = uses.template_tools() if uses is not None and uses.parsed and takes_tools else None
         try:
-            return [engine.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])]
+            return [tokenizer.encode_chat(messages, tools=tools)]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
     prompts = []
@@ -132,8 +137,10 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
     echoes = [engine.tokenizer.decode(p) for p in prompts for _ in range(body.n)] if not chat and body.echo else None
+    uses = body.tool_use() if chat else None
     responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
-                          bool(body.stream_options and body.stream_options.include_usage), echoes)
+                          bool(body.stream_options and body.stream_options.include_usage), echoes,
+                          uses if uses is not None and uses.parsed else None)
     accounting = Accounting(replica, account, body.model, started, responses.id, logged_prompt)
     try:
         call = Call(runner, prompts, params, adapter, accounting)

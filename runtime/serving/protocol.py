@@ -142,7 +142,10 @@ class _Common(_Strict):
                               frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                               logit_bias=tuple((int(t), b) for t, b in self.logit_bias.items()),
                               min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids),
-                              grammar=self.response_format.grammar() if self.response_format else None)
+                              grammar=self._grammar())
+
+    def _grammar(self) -> str | None:
+        return self.response_format.grammar() if self.response_format else None
 
 
 class CompletionRequest(_Common):
@@ -172,12 +175,52 @@ class CompletionRequest(_Common):
         return list(self.prompt) if batch else [self.prompt]
 
 
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_schema(value)
+        return value
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
 
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, earlier in the conversation
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -199,11 +242,34 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    tools: list[ToolDef] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
     @model_validator(mode="after")
     def _top_logprobs_with_logprobs(self) -> "ChatRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: only with logprobs: true")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice: only with tools")
+        names = [t.function.name for t in self.tools or ()]
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: function {self.tool_choice.function.name!r} is not among the tools")
+        if self.tools and self.response_format and self.response_format.type != "text":
+            raise ValueError("response_format: not with tools (a tool call has its own format)")
         return self
+
+    def _grammar(self) -> str | None:
+        uses = self.tool_use()
+        return uses.grammar() if uses is not None and uses.constrained else super()._grammar()
+
+    def tool_use(self):
+        """The tools and their use (None without tools)."""
+        from ember.runtime.serving.tools import ToolUse
+
+        if not self.tools:
+            return None
+        return ToolUse(self.tools, self.tool_choice or "auto", self.parallel_tool_calls)
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

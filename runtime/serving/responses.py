@@ -11,14 +11,16 @@ from ember.runtime.model.sampling import TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 from ember.runtime.serving.call import Call
 from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.tools import ToolUse
 
 
 class Responses:
     def __init__(self, chat: bool, model: str, tokenizer: TextTokenizer, logprobs: bool, include_usage: bool,
-                 echoes: list[str] | None = None):
+                 echoes: list[str] | None = None, tools: ToolUse | None = None):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.logprobs_wanted, self.include_usage = logprobs, include_usage
         self.echoes = echoes  # completions with echo: each choice's prompt text, which its text begins with
+        self.tools = tools  # a chat whose output may hold tool calls: parsed when each choice ends
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self._offsets: dict[int, int] = {}  # per choice: characters its completion logprobs have covered
@@ -66,6 +68,11 @@ class Responses:
         echoes = self.echoes or [""] * n
         choices = [self._choice(i, echoes[i] + call.texts[i], finishes.get(i), logprobs[i], delta=False)
                    for i in range(n)]
+        for choice in choices if self.tools else ():
+            content, calls = self._calls(choice["message"]["content"], choice["finish_reason"])
+            if calls:
+                choice["message"] |= {"content": content, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls"
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage(call)}
 
@@ -76,16 +83,41 @@ class Responses:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
 
+    def _calls(self, text: str, finish: str | None) -> tuple[str | None, list[dict]]:
+        """(content, tool calls) of a finished choice; an output cut short holds no call."""
+        try:
+            return self.tools.parse(text)
+        except (ValueError, KeyError, TypeError):  # a required call that max_tokens cut: the text as it is
+            return text, []
+
+    async def _tool_stream(self, call: Call) -> AsyncIterator[str]:
+        """With tools, a choice is sent when it ends: whether it is a call is only known then."""
+        texts: dict[int, str] = {}
+        async for index, out in call.merged():
+            texts[index] = texts.get(index, "") + out.text
+            if not out.finished:
+                continue
+            content, calls = self._calls(texts[index], out.finish_reason)
+            delta: dict = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
+            yield self._event([{"index": index, "delta": delta, "logprobs": None,
+                                "finish_reason": "tool_calls" if calls else out.finish_reason}])
+
+    async def _text_stream(self, call: Call) -> AsyncIterator[str]:
+        for i, echo in enumerate(self.echoes or ()):
+            yield self._event([self._choice(i, echo, None, [], delta=True)])
+        async for index, out in call.merged():
+            if out.text or out.finished or (self.logprobs_wanted and out.logprobs):
+                yield self._event([self._choice(index, out.text, out.finish_reason, out.logprobs, delta=True)])
+
     async def stream(self, call: Call) -> AsyncIterator[str]:
         try:
             if self.chat:
                 yield self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                     "logprobs": None} for i in range(len(call.params))])
-            for i, echo in enumerate(self.echoes or ()):
-                yield self._event([self._choice(i, echo, None, [], delta=True)])
-            async for index, out in call.merged():
-                if out.text or out.finished or (self.logprobs_wanted and out.logprobs):
-                    yield self._event([self._choice(index, out.text, out.finish_reason, out.logprobs, delta=True)])
+            async for event in (self._tool_stream(call) if self.tools else self._text_stream(call)):
+                yield event
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         if self.include_usage:
