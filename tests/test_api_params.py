@@ -242,8 +242,8 @@ def test_metrics_a_vllm_user_looks_for(server):
 def test_usage_records_carry_the_response_id_in_the_deployments_folder(server):
     from server_helpers import usage_records
 
-    out = api(server).completions.create(model=BASE, prompt="bill me", max_tokens=2, temperature=0)
-    assert usage_records(server)[-1]["response_id"] == out.id
+    out = api(server).completions.create(model=BASE, prompt="bill me", max_tokens=2, temperature=0, user="end-user-7")
+    assert (usage_records(server)[-1]["response_id"], usage_records(server)[-1]["user"]) == (out.id, "end-user-7")
     folders = {p.parent.relative_to(server.root).as_posix() for p in server.root.rglob("requests-*.jsonl")}
     assert folders == {"usage/accounts_acme_deployments_tiny"}  # usage/<deployment>/, not usage/usage/…
 
@@ -355,3 +355,13 @@ def test_auto_tool_calls_are_parsed_out_of_the_text():
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
     assert content == 'Let me look.  <tool_call>{"name": "other", "arguments": {}}</tool_call>'
     assert uses.parse("no calls here") == ("no calls here", [])
+
+
+def test_logprobs_carry_the_real_bytes_of_a_partial_character(server):
+    from ember.runtime.model.tokenizer import TextTokenizer
+
+    rocket = TextTokenizer.from_dir(server.model_dir).encode("🚀", add_special_tokens=False)
+    out = api(server).chat.completions.create(model=BASE, messages=ASK, max_tokens=1, temperature=0, logprobs=True,
+                                              logit_bias={str(rocket[0]): 100})
+    [token] = out.choices[0].logprobs.content
+    assert token.token == "\ufffd" and bytes(token.bytes) and "🚀".encode().startswith(bytes(token.bytes))

@@ -32,6 +32,7 @@ class UsageRecord:
     status: str  # "ok" | "aborted" | "error"
     replica: str
     response_id: str = ""  # the response's id (cmpl-…, chatcmpl-…): a bill line matched to a response
+    user: str = ""  # the request's `user` field: the caller's own label for its end user, kept as metadata
 
 
 class Meter:
@@ -53,9 +54,9 @@ class Meter:
         self.heartbeat()
 
     def record(self, account_id: str, model: str, prompt_tokens: int, completion_tokens: int, latency_s: float,
-               status: str, response_id: str = "") -> UsageRecord:
+               status: str, response_id: str = "", user: str = "") -> UsageRecord:
         record = UsageRecord(time.time(), account_id, model, self.deployment, prompt_tokens, completion_tokens,
-                             round(latency_s, 6), status, self.replica, response_id)
+                             round(latency_s, 6), status, self.replica, response_id, user)
         line = json.dumps(asdict(record)) + "\n"
         with self._lock, self.fs.open(self.requests_path, "a") as f:
             f.write(line)

@@ -8,13 +8,16 @@ sandboxed jinja2 environment as transformers renders them.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from ember.provider.domain.gguf_tokenizer import byte_alphabet
 from ember.provider.domain.model_files import ModelFilesError
 
 
@@ -72,6 +75,31 @@ class TextTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token's own text, special tokens included (what logprobs report)."""
         return self.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's real bytes: a token holding part of a character decodes to U+FFFD, but its bytes are exact
+        (byte-level vocabularies spell bytes in GPT-2's alphabet; SentencePiece's byte fallback as <0xNN>)."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id not in self._added_ids:
+            if self._byte_level and set(piece) <= self._alphabet.keys():
+                return bytes(self._alphabet[c] for c in piece)
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                return bytes([int(piece[3:5], 16)])
+        return self.token_text(token_id).encode()
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in self.tokenizer.to_str()
+
+    @cached_property
+    def _alphabet(self) -> dict[str, int]:
+        return {char: byte for byte, char in byte_alphabet().items()}
+
+    @cached_property
+    def _added_ids(self) -> set[int]:
+        return set(self.tokenizer.get_added_tokens_decoder())
 
     @property
     def template_takes_tools(self) -> bool:

@@ -17,6 +17,7 @@ class Accounting:
     model: str
     started: float  # time.perf_counter() when the request arrived
     response_id: str = ""
+    user: str = ""
     logged_prompt: object = None  # the prompt, kept only when the deployment has a request log
 
     def __call__(self, call: Call, status: str) -> None:
@@ -35,7 +36,7 @@ class Accounting:
         for reason in call.finish_reasons:
             metrics.finished.labels(self.model, reason).inc()
         self.replica.meter.record(self.account, self.model, prompt_tokens, call.completion_tokens, latency, status,
-                                  self.response_id)
+                                  self.response_id, self.user)
         if self.replica.request_log and status == "ok":
             for text in call.texts:
                 self.replica.request_log.write(self.account, self.model, self.logged_prompt, text)

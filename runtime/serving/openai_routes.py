@@ -141,7 +141,7 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
                           bool(body.stream_options and body.stream_options.include_usage), echoes,
                           uses if uses is not None and uses.parsed else None)
-    accounting = Accounting(replica, account, body.model, started, responses.id, logged_prompt)
+    accounting = Accounting(replica, account, body.model, started, responses.id, body.user or "", logged_prompt)
     try:
         call = Call(runner, prompts, params, adapter, accounting)
     except Overloaded:

@@ -104,7 +104,8 @@ class _Common(_Strict):
     logit_bias: dict[str, float] = Field(default_factory=dict, description="token id → bias in [-100, 100]")
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
-    user: str | None = Field(None, max_length=256, description="accepted; never stored with the request's text")
+    user: str | None = Field(None, max_length=256, description="the caller's label for its end user: kept in the usage "
+                                                                "record, as metadata")
     response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")

@@ -31,11 +31,11 @@ class Responses:
                 "total_tokens": call.prompt_tokens + call.completion_tokens}
 
     def _logprobs(self, index: int, items: list[TokenLogprob]) -> dict:
-        text = self.tokenizer.token_text
+        text, raw = self.tokenizer.token_text, self.tokenizer.token_bytes
         if self.chat:
             return {"content": [{
-                "token": text(lp.token_id), "logprob": lp.logprob, "bytes": list(text(lp.token_id).encode()),
-                "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())} for t, v in lp.top],
+                "token": text(lp.token_id), "logprob": lp.logprob, "bytes": list(raw(lp.token_id)),
+                "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(raw(t))} for t, v in lp.top],
             } for lp in items]}
         tokens = [text(lp.token_id) for lp in items]
         offsets, at = [], self._offsets.get(index, 0)
