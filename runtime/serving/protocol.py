@@ -6,9 +6,9 @@ log line cannot leak request text.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ember.runtime.model.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -44,20 +44,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(_Strict):
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-    @field_validator("schema_")
-    @classmethod
-    def _a_valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_schema(value)
-        return value
-
-
-def check_schema(schema: dict[str, Any]) -> None:
+def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A user's JSON Schema against its metaschema: a ValueError naming the JSON pointer of the fault."""
     from jsonschema import exceptions, validators
 
@@ -66,6 +53,17 @@ def check_schema(schema: dict[str, Any]) -> None:
     except exceptions.SchemaError as exc:
         pointer = "/" + "/".join(str(p) for p in exc.path)
         raise ValueError(f"the schema is invalid at {pointer}: {exc.message}") from None
+    return schema
+
+
+JSONSchema = Annotated[dict[str, Any], AfterValidator(check_schema)]  # a user's schema (response format, tool)
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: JSONSchema = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Strict):
@@ -179,14 +177,8 @@ class CompletionRequest(_Common):
 class FunctionDef(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: JSONSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _a_valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_schema(value)
-        return value
 
 
 class ToolDef(_Strict):
