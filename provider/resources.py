@@ -375,6 +375,7 @@ class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
     step_loss: pulumi.Output[list[float]]
     evaluation_loss: pulumi.Output[list[float]]
     epochs_run: pulumi.Output[int]
+    dataset_tokens: pulumi.Output[int]
     trained_tokens: pulumi.Output[int]
     duration_s: pulumi.Output[float]
 

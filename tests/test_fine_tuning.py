@@ -176,6 +176,9 @@ def test_a_job_trains_stores_and_deploys_its_addon_and_replaces_on_change(tmp_pa
         assert "create   FineTuningJob  tune" in out.out and "epoch 2/2 step" in out.err
         outputs = json.loads(next((config.state_dir / "stacks").glob("*.json")).read_text())["outputs"]
         assert len(outputs["train_loss"]) == 2 and outputs["trained_tokens"] > 0
+        state = json.loads(next((config.state_dir / "stacks").glob("*.json")).read_text())
+        [job] = [r for r in state["resources"].values() if r["type"].endswith("FineTuningJob")]
+        assert job["outputs"]["trained_tokens"] == 2 * job["outputs"]["dataset_tokens"]  # two epochs
         manifests = {p.stem: json.loads(p.read_text()) for p in (config.state_dir / "store" / "models" / "acme").glob("*.json")}
         assert manifests["tuned-v1"]["base_model"] == "accounts/acme/models/base"
         assert manifests["tuned"]["digest"] == manifests["tuned-v1"]["digest"] == outputs["digest"]  # one object

@@ -647,6 +647,8 @@ class FineTuningJobOutputs(Spec):
     step_loss: tuple[float, ...] = Field((), description="training loss of each optimizer step (the loss curve)")
     evaluation_loss: tuple[float, ...] = Field((), description="evaluation loss after each epoch")
     epochs_run: int = Field(0, ge=0)
+    dataset_tokens: int = Field(0, ge=0, description="the training dataset's tokens after the base model's chat "
+                                                     "template (one epoch)")
     trained_tokens: int = Field(0, ge=0, description="tokens trained on, all epochs (billed)")
     duration_s: float = Field(0.0, ge=0)
 

@@ -106,7 +106,8 @@ class FineTuningJobProvider(EmberProvider):
                    "output_model_name": spec.output_model_name, "digest": digest, "adapter_url": manifest.object,
                    "train_loss": result["train_loss"], "step_loss": result["step_loss"],
                    "evaluation_loss": result["evaluation_loss"],
-                   "epochs_run": result["epochs_run"], "trained_tokens": result["trained_tokens"],
+                   "epochs_run": result["epochs_run"], "dataset_tokens": result["dataset_tokens"],
+                   "trained_tokens": result["trained_tokens"],
                    "duration_s": result["duration_s"]}
         record = FineTuningJobRecord(name=spec.name, state=JobState.COMPLETED, output_model_name=manifest.name,
                                      digest=digest, outputs=outputs, created=time.time(), inputs=self._inputs(props))
