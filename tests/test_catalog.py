@@ -1,7 +1,7 @@
 import pytest
 
-from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain import catalog
+from ember.provider.domain.store_layout import StoreLayout
 
 # Published parameter counts (the models' safetensors index totals / model cards).
 PUBLISHED = {

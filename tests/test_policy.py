@@ -260,7 +260,8 @@ def test_a_bad_stack_fails_with_messages_a_user_can_act_on(tmp_path, capsys):
     assert "[mandatory] ember-request-logging-retention (big): request_logging.retention_days 90" in out
     assert "[mandatory] ember-addons-on-their-base-deployments (pirate): LoRAAddon pirate: deployments: " \
            "accounts/acme/deployments/big serves base model accounts/acme/models/other" in out
-    assert "5 resources" not in out and "4 resources, 4 mandatory and 0 advisory violations" in out
+    assert "[mandatory] ember-monthly-budget: the stack's deployments are estimated at $116,800.00/month" in out
+    assert "5 resources" not in out and "4 resources, 5 mandatory and 0 advisory violations" in out
 
 
 def test_a_bad_policy_config_is_refused_by_name(tmp_path):

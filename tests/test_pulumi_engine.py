@@ -151,7 +151,8 @@ def test_the_real_analyzer_blocks_what_the_offline_policy_check_blocks(tmp_path,
     (program / "__main__.py").write_text(BAD_PROGRAM)
     pack_config = tmp_path / "policy-config.json"
     pack_config.write_text(json.dumps({"ember-allowed-accelerators": {"allowed": ["CPU", "NVIDIA_H100_80GB"]},
-                                       "ember-max-replicas": "advisory"}))
+                                       "ember-max-replicas": "advisory",
+                                       "ember-monthly-budget": {"maximum": 10**6}}))  # resource-level rules here
     pack = ["--policy-pack", str(REPO / "provider/policy"), "--policy-pack-config", str(pack_config)]
     out = EngineStack(program, tmp_path).pulumi("preview", *pack, check=False)
     assert out.returncode != 0

@@ -1,8 +1,8 @@
 """A real server on a loopback port, driven with the official openai client (sync, async, streaming)."""
 
 import asyncio
-import time
 import json
+import time
 
 import httpx
 import pytest

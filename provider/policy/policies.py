@@ -284,6 +284,22 @@ def _serverless_addons(args: StackValidationArgs, report: ReportViolation) -> No
                    f"under this policy; these do: {', '.join(bases)}", addon.urn)
 
 
+def _monthly_budget(args: StackValidationArgs, report: ReportViolation) -> None:
+    from ember.provider.tools.cost import Resource, estimate
+
+    config = args.get_config()
+    maximum, judged_at = config.get("maximum", 50000), config.get("judgeAt", "max_replicas")
+    deployments = [Resource("Deployment", d.name, inputs(DEPLOYMENT, d.props)) for d in _of_type(args, DEPLOYMENT)]
+    result = estimate(deployments)  # unknown values leave a deployment out until they are known
+    column = "monthly_usd_max" if judged_at == "max_replicas" else "monthly_usd_min"
+    total = sum(d[column] for d in result.deployments)
+    if total > maximum:
+        costliest = max(result.deployments, key=lambda d: d[column])
+        report(f"the stack's deployments are estimated at ${total:,.2f}/month at {judged_at}, above this policy's "
+               f"budget of ${maximum:,.2f}/month; the most expensive is {costliest['name']} "
+               f"(${costliest[column]:,.2f}/month, {costliest['accelerator_count']} x {costliest['accelerator_type']})")
+
+
 def _integer(description: str, default: int) -> dict[str, Any]:
     return {"type": "integer", "minimum": 0, "default": default, "description": description}
 
@@ -324,6 +340,13 @@ POLICIES = [
                           description="A stack's deployments hold at most N accelerators at max_replicas",
                           validate=_max_gpus_per_stack,
                           config_schema=PolicyConfigSchema({"maximum": _integer("accelerators", 64)})),
+    StackValidationPolicy(name="ember-monthly-budget",
+                          description="A stack's dedicated deployments cost at most a monthly budget (USD, Ember's "
+                                      "list prices), judged at max_replicas or min_replicas",
+                          validate=_monthly_budget,
+                          config_schema=PolicyConfigSchema({
+                              "maximum": {"type": "number", "minimum": 0, "default": 50000, "description": "USD"},
+                              "judgeAt": {"enum": ["max_replicas", "min_replicas"], "default": "max_replicas"}})),
     StackValidationPolicy(name="ember-serverless-addons",
                           description="Serverless addons only on the base models that take them",
                           validate=_serverless_addons,

@@ -113,7 +113,14 @@ def _stack_command(args: argparse.Namespace) -> int:
                       f"billing, and so do the accounts' API keys ({state_dir / 'keys'}) and replica logs "
                       f"({state_dir / 'logs'}): remove {state_dir} to drop them too")
                 return 0
-            outputs = offline.up(preview=args.command == "preview", refresh=getattr(args, "refresh", False))
+            if args.command == "preview":
+                from ember.provider.tools import cost
+
+                before, after = cost.preview_costs(offline)
+                print("cost:\n" + "\n".join(f"  {name}: {change}" for name, change in cost.diff(before, after)))
+                outputs = {}
+            else:
+                outputs = offline.up(refresh=getattr(args, "refresh", False))
             if packs:
                 return _report_policies(packs[0], offline.registrations, pack_config)
     except (runner.RunError, EmberError, SpecError, FileNotFoundError) as exc:  # the message names the resource, property and value
@@ -173,6 +180,27 @@ def _demo(outputs: dict, state_dir: Path) -> None:
         text = answer["choices"][0]["message"]["content"]
         one_line = text.replace("\n", "\\n")
         print(f"answer from {model} ({answer['usage']['completion_tokens']} tokens): {one_line}")
+
+
+def _cost(args: argparse.Namespace) -> int:
+    """The stack's monthly estimate from a preview (offline runner), and its change from the current state."""
+    from ember.provider.tools import billing, cost
+    from ember.provider.tools.runner import OfflineRunner, RunError
+
+    try:
+        prices = billing.load_prices(args.prices)
+        before, after = cost.preview_costs(OfflineRunner(args.program, args.stack, log=lambda _: None), prices)
+    except (billing.BillingError, SpecError, RunError) as exc:
+        print(f"ember cost: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        report = after.as_dict() | ({"diff": dict(cost.diff(before, after))} if args.diff else {})
+        print(json.dumps(report, indent=2))
+        return 0
+    print(cost.table(after))
+    if args.diff:
+        print("\n".join(f"  {name}: {change}" for name, change in cost.diff(before, after)))
+    return 0
 
 
 def _usage(args: argparse.Namespace) -> int:
@@ -265,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also plot usage and charges over time to this PNG")
     p.set_defaults(run=_usage)
+
+    p = sub.add_parser("cost", help="the stack's monthly cost estimate from a preview (and --diff: its change)")
+    p.add_argument("program", type=Path, nargs="?", default=Path("."), help="a Pulumi program directory")
+    p.add_argument("--stack", default="dev")
+    p.add_argument("--prices", type=Path, metavar="FILE", help="a JSON price table (default: Ember's list prices)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--diff", action="store_true", help="also the change against the stack's current state")
+    p.set_defaults(run=_cost)
 
     p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")
     from ember.runtime.__main__ import add_serve_arguments  # argparse only: no torch until it runs
