@@ -2,7 +2,6 @@
 equals the bill for the same accelerator-seconds."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
