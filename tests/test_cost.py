@@ -94,3 +94,30 @@ def test_ember_cost_and_the_budget_policy_on_a_program(tmp_path, capsys):
     config.write_text(json.dumps({"ember-monthly-budget": {"maximum": 10000, "judgeAt": "min_replicas"}}))
     assert cli.main(["preview", str(program), "--offline", "--policy-pack", "ember",
                      "--policy-pack-config", str(config)]) == 0
+
+
+@pytest.mark.slow
+def test_ember_cost_prices_the_kubernetes_example(tmp_path, capsys):
+    """Its pulumi-kubernetes objects are recorded as declared (a plain offline preview refuses them, by type)."""
+    import shutil
+
+    from ember.provider.tools import cli, pirate, quickstart
+
+    try:
+        quickstart.prepare(tmp_path / "quickstart" / "models", log=lambda _: None)
+    except quickstart.QuickstartError as exc:
+        pytest.skip(str(exc))
+    pirate.write(tmp_path / "fine-tuning" / "data")
+    program = tmp_path / "kubernetes"
+    shutil.copytree(REPO / "examples/kubernetes", program, ignore=shutil.ignore_patterns(".ember"))
+    (program / "Pulumi.gpu.yaml").write_text("config:\n" + "".join(f"  ember-kubernetes:{k}: {v}\n" for k, v in {
+        "image": "registry.example.com/ember-runtime:0.1.0", "storeUrl": "s3://ember-models/store",
+        "acceleratorType": H100, "minReplicas": '"1"', "maxReplicas": '"3"'}.items()))
+    assert cli.main(["cost", str(program), "--stack", "gpu", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["deployments"] == [{"name": "smollm2-gpu", "accelerator_type": H100, "accelerator_count": 1,
+                                      "monthly_usd_min": 2920.0, "monthly_usd_max": 8760.0}]
+    [job] = report["fine_tuning"]
+    assert job["name"] == "smollm2-pirate-sft" and job["training_tokens"] > 0
+    assert cli.main(["preview", str(program), "--stack", "gpu", "--offline"]) == 1
+    assert "ember:kubernetes:Deployment: the offline runner knows only Ember's resources" in capsys.readouterr().err

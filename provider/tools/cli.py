@@ -189,7 +189,8 @@ def _cost(args: argparse.Namespace) -> int:
 
     try:
         prices = billing.load_prices(args.prices)
-        before, after = cost.preview_costs(OfflineRunner(args.program, args.stack, log=lambda _: None), prices)
+        before, after = cost.preview_costs(OfflineRunner(args.program, args.stack, log=lambda _: None), prices,
+                                           record_foreign=True)
     except (billing.BillingError, SpecError, RunError) as exc:
         print(f"ember cost: {exc}", file=sys.stderr)
         return 2

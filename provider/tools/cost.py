@@ -22,7 +22,7 @@ from ember.provider.tools.billing import DEFAULT_PRICES, PriceTable
 
 HOURS_PER_MONTH = 730
 CHARACTERS_PER_TOKEN = 4  # a dataset's tokens before its job has counted them
-TYPE_PREFIX = "pulumi-python:dynamic/ember:"
+TYPE_PREFIX = "pulumi-python:dynamic/ember:"  # as the offline runner's EMBER_TYPE_PREFIX
 
 
 @dataclass(frozen=True)
@@ -187,13 +187,16 @@ def _local_facts(program, resources: list[Resource], outputs: dict[str, dict]) -
     return tokens, sizes
 
 
-def preview_costs(runner, prices: PriceTable = DEFAULT_PRICES) -> tuple[CostEstimate, CostEstimate]:
-    """(the stack's current estimate, the planned one) through the offline runner: its state, then a preview."""
+def preview_costs(runner, prices: PriceTable = DEFAULT_PRICES, record_foreign: bool = False
+                  ) -> tuple[CostEstimate, CostEstimate]:
+    """(the stack's current estimate, the planned one) through the offline runner: its state, then a preview.
+    `record_foreign` (`ember cost`) records other packages' resources as declared; `ember preview` refuses them."""
     from google.protobuf.json_format import MessageToDict
 
     state = runner.state.resources.values()
     current = _resources((r["type"], r["name"], r["inputs"]) for r in state)
     outputs = {r["name"]: r.get("outputs") or {} for r in state}
+    runner.foreign_in_preview = record_foreign
     runner.up(preview=True)
     planned = _resources((reg.type, reg.name, MessageToDict(reg.properties)) for reg in runner.registrations)
     tokens, sizes = _local_facts(runner.program_dir, planned + current, outputs)

@@ -73,8 +73,12 @@ class StackState:
         tmp.replace(self.path)
 
 
+EMBER_TYPE_PREFIX = "pulumi-python:dynamic/ember:"
+
+
 def _kind(type_token: str) -> str:
-    return type_token.rsplit(":", 1)[-1]
+    """An Ember resource's kind (Model, Deployment, …); another package's type token as it is."""
+    return type_token.removeprefix(EMBER_TYPE_PREFIX)
 
 
 def _clean(props: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +122,8 @@ class _Mocks(Mocks):
     def new_resource(self, args) -> tuple[str | None, dict]:
         kind = _kind(args.typ)
         if kind not in PROVIDERS:
+            if self.preview and self.runner.foreign_in_preview:
+                return f"{args.name}-preview", dict(args.inputs)  # recorded as declared, for the cost estimate
             raise RunError(f"{args.typ}: the offline runner knows only Ember's resources")
         if (args.typ, args.name) in self.reads:
             return self.runner.read_external(kind, args.name, args.resource_id, _clean(dict(args.inputs)))
@@ -157,6 +163,9 @@ class OfflineRunner:
         self.log = log
         self.steps: list[Step] = []
         self.registrations: list[Registration] = []  # the last run's resources, as a policy pack sees them
+        # A preview may record other packages' resources (pulumi-kubernetes objects) as declared instead of
+        # refusing them: `ember cost` prices what a program declares, whatever else it holds.
+        self.foreign_in_preview = False
         self._lock = threading.Lock()
 
     def _provider(self, kind: str) -> EmberProvider:
