@@ -78,7 +78,7 @@ def test_ember_cost_and_the_budget_policy_on_a_program(tmp_path, capsys):
     program.mkdir()
     (program / "Pulumi.yaml").write_text("name: gpus\nruntime: python\n")
     (program / "__main__.py").write_text(BUDGET_PROGRAM)
-    assert cli.main(["cost", str(program), "--format", "json", "--diff"]) == 0
+    assert cli.main(["cost", str(program), "--offline", "--format", "json", "--diff"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["total_monthly_usd_max"] == 4 * 730 * 5 == 14600  # 2,920 + 11,680
     assert report["diff"]["total"].startswith("+$14,600/month")  # nothing exists yet
@@ -113,7 +113,7 @@ def test_ember_cost_prices_the_kubernetes_example(tmp_path, capsys):
     (program / "Pulumi.gpu.yaml").write_text("config:\n" + "".join(f"  ember-kubernetes:{k}: {v}\n" for k, v in {
         "image": "registry.example.com/ember-runtime:0.1.0", "storeUrl": "s3://ember-models/store",
         "acceleratorType": H100, "minReplicas": '"1"', "maxReplicas": '"3"'}.items()))
-    assert cli.main(["cost", str(program), "--stack", "gpu", "--format", "json"]) == 0
+    assert cli.main(["cost", str(program), "--stack", "gpu", "--offline", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["deployments"] == [{"name": "smollm2-gpu", "accelerator_type": H100, "accelerator_count": 1,
                                       "monthly_usd_min": 2920.0, "monthly_usd_max": 8760.0}]

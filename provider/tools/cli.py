@@ -101,6 +101,9 @@ def _stack_command(args: argparse.Namespace) -> int:
             outputs = automation.run_with_pulumi(args.command, program, args.stack, policy_packs=packs,
                                                  policy_pack_config=pack_config, refresh=getattr(args, "refresh", False))
             state_dir = ProviderConfig.load(default_root=program).state_dir
+            if args.command == "preview":  # the cost change under the engine's steps, against the backend's state
+                _print_cost_diff(runner.OfflineRunner(program, args.stack, log=lambda _: None),
+                                 automation.stack_resources(program, args.stack))
         else:
             offline = runner.OfflineRunner(program, args.stack)
             state_dir = offline.config.state_dir
@@ -114,10 +117,7 @@ def _stack_command(args: argparse.Namespace) -> int:
                       f"({state_dir / 'logs'}): remove {state_dir} to drop them too")
                 return 0
             if args.command == "preview":
-                from ember.provider.tools import cost
-
-                before, after = cost.preview_costs(offline)
-                print("cost:\n" + "\n".join(f"  {name}: {change}" for name, change in cost.diff(before, after)))
+                _print_cost_diff(offline)
                 outputs = {}
             else:
                 outputs = offline.up(refresh=getattr(args, "refresh", False))
@@ -136,6 +136,13 @@ def _stack_command(args: argparse.Namespace) -> int:
         if not args.no_demo and outputs.get("endpoint") and outputs.get("models"):
             _demo(outputs, state_dir)
     return 0
+
+
+def _print_cost_diff(offline, state=None) -> None:
+    from ember.provider.tools import cost
+
+    before, after = cost.preview_costs(offline, state=state, record_foreign=state is not None)
+    print("cost:\n" + "\n".join(f"  {name}: {change}" for name, change in cost.diff(before, after)))
 
 
 def _policy_pack(path: Path) -> Path:
@@ -184,13 +191,16 @@ def _demo(outputs: dict, state_dir: Path) -> None:
 
 def _cost(args: argparse.Namespace) -> int:
     """The stack's monthly estimate from a preview (offline runner), and its change from the current state."""
-    from ember.provider.tools import billing, cost
+    from ember.provider.tools import automation, billing, cost
     from ember.provider.tools.runner import OfflineRunner, RunError
 
     try:
         prices = billing.load_prices(args.prices)
+        # the current state is the Pulumi backend's when the CLI runs this stack, else the offline runner's
+        state = automation.stack_resources(args.program, args.stack) if automation.pulumi_cli_available() and \
+            not args.offline else None
         before, after = cost.preview_costs(OfflineRunner(args.program, args.stack, log=lambda _: None), prices,
-                                           record_foreign=True)
+                                           record_foreign=True, state=state)
     except (billing.BillingError, SpecError, RunError) as exc:
         print(f"ember cost: {exc}", file=sys.stderr)
         return 2
@@ -301,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", type=Path, metavar="FILE", help="a JSON price table (default: Ember's list prices)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--diff", action="store_true", help="also the change against the stack's current state")
+    p.add_argument("--offline", action="store_true", help="the offline runner's state, even with the Pulumi CLI")
     p.set_defaults(run=_cost)
 
     p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")

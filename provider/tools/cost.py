@@ -187,15 +187,17 @@ def _local_facts(program, resources: list[Resource], outputs: dict[str, dict]) -
     return tokens, sizes
 
 
-def preview_costs(runner, prices: PriceTable = DEFAULT_PRICES, record_foreign: bool = False
-                  ) -> tuple[CostEstimate, CostEstimate]:
-    """(the stack's current estimate, the planned one) through the offline runner: its state, then a preview.
+def preview_costs(runner, prices: PriceTable = DEFAULT_PRICES, record_foreign: bool = False,
+                  state: list[tuple[str, str, dict, dict]] | None = None) -> tuple[CostEstimate, CostEstimate]:
+    """(the stack's current estimate, the planned one): the current state — `state`, the Pulumi backend's
+    (type, name, inputs, outputs), or else the offline runner's — then a preview through the offline runner.
     `record_foreign` (`ember cost`) records other packages' resources as declared; `ember preview` refuses them."""
     from google.protobuf.json_format import MessageToDict
 
-    state = runner.state.resources.values()
-    current = _resources((r["type"], r["name"], r["inputs"]) for r in state)
-    outputs = {r["name"]: r.get("outputs") or {} for r in state}
+    if state is None:
+        state = [(r["type"], r["name"], r["inputs"], r.get("outputs") or {}) for r in runner.state.resources.values()]
+    current = _resources((kind, name, inputs) for kind, name, inputs, _ in state)
+    outputs = {name: outs for _, name, _, outs in state}
     runner.foreign_in_preview = record_foreign
     runner.up(preview=True)
     planned = _resources((reg.type, reg.name, MessageToDict(reg.properties)) for reg in runner.registrations)
