@@ -91,13 +91,23 @@ def parse_dataset(text: str, source: str = "dataset") -> Dataset:
 
 def read_dataset(path: str, source: str | None = None) -> Dataset:
     """A dataset file (a local path or an fsspec URL), parsed and checked."""
+    return parse_dataset_bytes(read_dataset_bytes(path, source), source or path)
+
+
+def read_dataset_bytes(path: str, source: str | None = None) -> bytes:
+    """A dataset file's bytes (what an upload stores, once checked)."""
     import fsspec
 
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        with fsspec.open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
         raise DatasetError(source or path, [(None, "does not exist")]) from None
+
+
+def parse_dataset_bytes(raw: bytes, source: str) -> Dataset:
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DatasetError(source or path, [(None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
-    return parse_dataset(text, source or path)
+        raise DatasetError(source, [(None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    return parse_dataset(text, source)

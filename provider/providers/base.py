@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,14 @@ class EmberProvider(ResourceProvider):
     @property
     def store(self) -> Store:
         return Store(self.config.store_url, self.config.state_dir / "locks")
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A private directory under the state directory, gone afterwards (conversions, downloads, training)."""
+        root = self.config.state_dir / "scratch"
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            yield Path(tmp)
 
     @property
     def cluster(self) -> LocalCluster:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.records import DatasetRecord
 from ember.provider.backends.store import StoreError
-from ember.provider.domain.datasets import DatasetError, read_dataset
+from ember.provider.domain.datasets import DatasetError, parse_dataset_bytes, read_dataset, read_dataset_bytes
 from ember.provider.domain.names import parse_dataset_name
 from ember.provider.domain.spec import DatasetSpec, ModelState
 from ember.provider.providers.base import EmberError, EmberProvider, progress
@@ -33,18 +31,16 @@ class DatasetProvider(EmberProvider):
         return []
 
     def _upload(self, spec: DatasetSpec):
-        """(digest, dataset): the checked file uploaded as it is, so its digest is its content's."""
-        import fsspec
-
+        """(digest, dataset): the file read once, checked, and uploaded as it is, so its digest is its content's."""
         try:
-            dataset = read_dataset(spec.source)
+            raw = read_dataset_bytes(spec.source)
+            dataset = parse_dataset_bytes(raw, spec.source)
         except DatasetError as exc:
             raise EmberError(f"source: {exc}") from None
         progress(f"uploading {spec.name}: {len(dataset.examples)} examples from {spec.source}")
-        with tempfile.TemporaryDirectory() as tmp:
-            with fsspec.open(spec.source, "rb") as f:
-                (Path(tmp) / DATASET_FILE).write_bytes(f.read())
-            digest, _ = self.store.put_directory(Path(tmp), progress)
+        with self.scratch() as tmp:
+            (tmp / DATASET_FILE).write_bytes(raw)
+            digest, _ = self.store.put_directory(tmp, progress)
         return digest, dataset
 
     def create(self, props: dict[str, Any]) -> CreateResult:

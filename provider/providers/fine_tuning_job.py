@@ -9,7 +9,6 @@ same inputs and seed give the same digest. A failed run leaves nothing in the st
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,16 +66,14 @@ class FineTuningJobProvider(EmberProvider):
             raise EmberError(f"output_model: {spec.output_model_name} already exists (model IDs are globally unique); "
                              f"name the trained model anew")
         base = base_manifest(store, spec.base_model)
-        scratch = self.config.state_dir / "scratch"
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-            adapter = Path(tmp) / "adapter"
+        with self.scratch() as tmp:
+            adapter = tmp / "adapter"
             if spec.cluster == "kubernetes":
                 result = self._trained_in_cluster(spec, adapter)
             else:
                 progress(f"{spec.name}: fine-tuning {spec.base_model} on {spec.dataset}")
                 try:
-                    result = run_training(self._job(spec, base, store, adapter), Path(tmp), progress)
+                    result = run_training(self._job(spec, base, store, adapter), tmp, progress)
                 except TrainingError as exc:
                     raise EmberError(f"{spec.name}: training failed: {exc}") from None
             digest, _ = store.put_directory(adapter, progress)

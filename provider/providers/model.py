@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,11 +46,9 @@ class ModelProvider(EmberProvider):
                                  f"operator puts them there once for every stack")
             yield source
         elif is_gguf(spec.source):
-            scratch = self.config.state_dir / "scratch"
-            scratch.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            with self.scratch() as tmp:
                 try:
-                    yield convert_gguf(_local_file(spec.source, Path(tmp)), Path(tmp) / "converted", progress)
+                    yield convert_gguf(_local_file(spec.source, tmp), tmp / "converted", progress)
                 except ModelFilesError as exc:
                     raise EmberError(f"source: {exc}") from None
         else:
