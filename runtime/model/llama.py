@@ -38,15 +38,32 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def rope_tables(weights: ModelWeights, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's RoPE angles, [positions, head_dim], in the weights' dtype and device."""
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), rope_inv_freq(weights.config))
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(weights.device, weights.dtype), angles.sin().to(weights.device, weights.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+    # As transformers does for half precision: normalise in fp32, scale in the model's dtype.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 class Llama:
     def __init__(self, weights: ModelWeights, max_positions: int | None = None):
         self.weights = weights
         self.config = c = weights.config
-        positions = torch.arange(max_positions or c.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, rope_inv_freq(c))
-        angles = torch.cat([freqs, freqs], dim=-1)
-        self.cos = angles.cos().to(device=weights.device, dtype=weights.dtype)
-        self.sin = angles.sin().to(device=weights.device, dtype=weights.dtype)
+        self.cos, self.sin = rope_tables(weights, max_positions or c.max_position_embeddings)
         self.matmul = Matmul([t for layer in weights.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]
                              + [weights.lm_head])
         # The LoRA hook, (layer, projection, input, output, step metadata) → output with the deltas added,
@@ -54,16 +71,7 @@ class Llama:
         self.lora: Callable | None = None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
-        # As transformers does for half precision: normalise in fp32, scale in the model's dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps)
-        return weight * normed.to(x.dtype)
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return rms_norm(x, weight, self.config.rms_norm_eps)
 
     def _linear(self, layer: int, projection: Projection, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, lora_step) -> torch.Tensor:
@@ -85,8 +93,8 @@ class Llama:
             h = self._norm(x, layer.input_norm)
             qkv = self._linear(i, Projection.QKV, h, layer.qkv, layer.qkv_bias, lora_step)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-            q = self._rope(q.view(tokens, heads, dim), cos, sin)
-            k = self._rope(k.view(tokens, kv_heads, dim), cos, sin)
+            q = rope(q.view(tokens, heads, dim), cos, sin)
+            k = rope(k.view(tokens, kv_heads, dim), cos, sin)
             attn = paged_attention(q, k, v.view(tokens, kv_heads, dim), cache.k[i], cache.v[i], batch)
             x = x + self._linear(i, Projection.O, attn.view(tokens, c.q_size), layer.o, layer.o_bias, lora_step)
             h = self._norm(x, layer.post_norm)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ember.provider.domain.model_files import module_shapes
-from ember.runtime.model.llama import rope_inv_freq
+from ember.runtime.model.llama import rms_norm, rope, rope_tables
 from ember.runtime.model.loader import ModelWeights
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -42,10 +42,7 @@ class LoRATrainingModel(torch.nn.Module):
                 self.lora_a[f"{layer}_{module}"] = torch.nn.Parameter(a.to(weights.device))
                 self.lora_b[f"{layer}_{module}"] = torch.nn.Parameter(
                     torch.zeros(fan_out, rank, dtype=torch.float32, device=weights.device))
-        freqs = torch.outer(torch.arange(self.config.max_position_embeddings, dtype=torch.float32),
-                            rope_inv_freq(self.config))
-        angles = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = angles.cos().to(weights.device, weights.dtype), angles.sin().to(weights.device, weights.dtype)
+        self.cos, self.sin = rope_tables(weights, self.config.max_position_embeddings)
 
     def _delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
         key = f"{layer}_{module}"
@@ -65,13 +62,7 @@ class LoRATrainingModel(torch.nn.Module):
         return parts
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps)
-        return weight * normed.to(x.dtype)
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        return rms_norm(x, weight, self.config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, length, vocab] (float32)."""
@@ -90,8 +81,8 @@ class LoRATrainingModel(torch.nn.Module):
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.input_norm)
             q, k, v = self._project(i, h, layer.qkv, layer.qkv_bias, ("q_proj", "k_proj", "v_proj"))
-            q = self._rope(q.view(batch, length, c.num_attention_heads, c.head_dim).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(batch, length, c.num_key_value_heads, c.head_dim).transpose(1, 2), cos, sin)
+            q = rope(q.view(batch, length, c.num_attention_heads, c.head_dim).transpose(1, 2), cos, sin)
+            k = rope(k.view(batch, length, c.num_key_value_heads, c.head_dim).transpose(1, 2), cos, sin)
             v = v.view(batch, length, c.num_key_value_heads, c.head_dim).transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                   enable_gqa=c.num_key_value_heads != c.num_attention_heads)
