@@ -45,6 +45,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full (prefix caching reuses the K/V of shared prompt prefixes)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -87,7 +89,8 @@ def serve(args: argparse.Namespace) -> int:
         usage_url=args.usage,
         engine=EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                             kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
-                            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+                            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                            prefix_caching=args.prefix_caching),
         max_queue=args.max_queue,
         addons=addons,
         desired_addons_url=args.desired_addons,

@@ -255,3 +255,15 @@ def test_benchmark_drives_the_server_over_http(server, tmp_path, capsys):
     assert figures["output_tokens"] == work.output_tokens and figures["output_tokens_per_s"] > 0
     assert 0 < figures["ttft_p50_ms"] <= figures["latency_p50_ms"] and figures["itl_p50_ms"] > 0
     assert "itl" in capsys.readouterr().out
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(server):
+    system = {"role": "system", "content": "You are a ship's cook who answers in rhyme. " * 12}
+    answers = [client(server).chat.completions.create(
+        model=BASE, messages=[system, {"role": "user", "content": question}], max_tokens=4, **GREEDY)
+        for question in ["What is for supper?", "Is there any rum left?"]]
+    first, second = (a.usage.prompt_tokens_details.cached_tokens for a in answers)
+    assert first < second and second >= 100  # the second finds the first's system prompt in the cache
+    metrics = httpx.get(f"{server.url}/metrics").text
+    hits = next(line for line in metrics.splitlines() if line.startswith("ember_prefix_cache_hit_tokens "))
+    assert float(hits.split()[1]) >= second

@@ -41,6 +41,7 @@ class EngineConfig:
     max_loras: int = 0  # LoRA slots on the device; 0 serves the base model only
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 x max_loras, at least 32)
+    prefix_caching: bool = True  # requests reuse the K/V of prompt prefixes already computed
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -60,6 +61,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Engine:
                 f"kv_cache_tokens: {tokens} cannot hold one request of max_model_len {self.max_model_len}"
             )
         self.cache = KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
-                             model.weights.dtype, self.device)
+                             model.weights.dtype, self.device, config.prefix_caching)
         self.scheduler = Scheduler(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras)
         self.lora: LoRAManager | None = None
@@ -143,11 +145,18 @@ class Engine:
         matcher = self.grammars.matcher(params.grammar) if params.grammar else None
         if adapter is not None:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
-        seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher)
+        seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher,
+                       cache_namespace=self._cache_namespace(adapter))
         self.requests[request_id] = seq
         self.output.add(seq)
         self.scheduler.add(seq)
         return request_id
+
+    def _cache_namespace(self, adapter: str | None) -> bytes:
+        """Cached K/V are shared only between requests of the same weights: the base model's, or one addon
+        version's. An addon changes K/V even when it leaves k_proj and v_proj alone: any LoRA module of a
+        layer changes the hidden states every later layer's K and V are computed from."""
+        return b"" if adapter is None else f"{adapter}#{self.lora.version(adapter)}".encode()
 
     def abort(self, request_id: str) -> bool:
         """Drop a request (its client went away); frees its cache at once. False if it was not in flight."""
@@ -177,7 +186,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        return [self._append(seq, token, logprob) for seq, token, logprob in self.runner.run(scheduled)]
+        sampled = self.runner.run(scheduled)
+        self.scheduler.computed(scheduled)
+        return [self._append(seq, token, logprob) for seq, token, logprob in sampled]
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.tokens.append(token)
@@ -196,6 +207,7 @@ class Engine:
             finish_reason=reason,
             prompt_tokens=seq.num_prompt,
             completion_tokens=len(seq.output_ids),
+            cached_tokens=seq.num_cached,
         )
 
     # -- convenience -----------------------------------------------------------------------------------

@@ -5,13 +5,16 @@ order, then waiting ones join while the token budget, the sequence limit and the
 prompt longer than the remaining budget is prefilled in chunks across steps. When the cache runs out,
 the latest-arrived running sequence is preempted: its blocks are freed and it waits at the front of the
 queue to be recomputed (its generated tokens are kept), so earlier requests always make progress.
+
+A sequence joining takes the cached blocks of its longest cached prefix first (prefix caching; a preempted
+one usually finds its own), and after each step its newly filled blocks are made findable.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from ember.runtime.engine.kv_cache import BlockAllocator
+from ember.runtime.engine.kv_cache import BlockAllocator, block_hashes
 from ember.runtime.engine.sequence import Sequence, Status
 
 
@@ -27,6 +30,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # tokens whose K/V joining sequences took from the prefix cache
 
     @property
     def has_work(self) -> bool:
@@ -73,10 +77,18 @@ class Scheduler:
         # Admitting new work right after preempting would only thrash the cache.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._adapter_fits(seq, adapters):
+                break
+            self._take_cached_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            if not self._adapter_fits(seq, adapters) or not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                self.allocator.release(seq.block_table)
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
+            if seq.num_computed and not seq.num_cached:
+                seq.num_cached = min(seq.num_computed, seq.num_prompt)
+            self.prefix_hit_tokens += seq.num_computed
             self.allocator.grow(seq.block_table, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -84,6 +96,21 @@ class Scheduler:
             adapters.add(seq.adapter)
             budget -= n
         return scheduled
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        block_size = self.allocator.block_size
+        hashes = block_hashes(seq.tokens, len(seq.tokens), block_size, seq.cache_namespace, seq.block_hashes)
+        usable = (len(seq.tokens) - 1) // block_size  # the last token is always computed: its logits are sampled
+        seq.num_computed = self.allocator.match(hashes[:usable], seq.block_table) * block_size
+
+    def computed(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """After a step: the blocks it filled are now findable by the next sequence with the same prefix."""
+        block_size = self.allocator.block_size
+        for seq, n in scheduled:
+            before, full = (seq.num_computed - n) // block_size, seq.num_computed // block_size
+            if full > before:
+                hashes = block_hashes(seq.tokens, seq.num_computed, block_size, seq.cache_namespace, seq.block_hashes)
+                self.allocator.register(seq.block_table[before:full], hashes[before:full])
 
     def _adapter_fits(self, seq: Sequence, adapters: set[str | None]) -> bool:
         if seq.adapter is None or seq.adapter in adapters:

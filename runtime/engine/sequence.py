@@ -36,6 +36,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     matcher: Any = None  # llguidance's matcher of a constrained request: its next allowed tokens
+    cache_namespace: bytes = b""  # whose K/V its blocks hold: the base model's, or one addon's
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, for prefix caching
+    num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     def __post_init__(self):
         self.tokens = list(self.prompt_ids)

@@ -7,6 +7,7 @@ LRU, the device slots (`slots.py`) and the batched application (`batched.py`).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -29,15 +30,21 @@ class LoRAManager:
         self.in_flight: Counter[str] = Counter()
         self.unloading: set[str] = set()
         self.loads = 0  # adapters read from disk (host cache misses)
+        self.versions: dict[str, int] = {}  # a new number each time a name gets weights
+        self._next_version = itertools.count()
 
     def add(self, name: str, source: str | Path) -> LoRAAdapter:
         """Serve an adapter from now on; validates it fully first, so a bad one changes nothing."""
         adapter = load_adapter(name, local_copy(str(source)), self.config, self.max_rank)
         self.sources[name] = Path(source)
+        self.versions[name] = next(self._next_version)
         self.unloading.discard(name)
         self.device_slots.evict(name)  # new weights under an old name: the slot is refilled when next used
         self._cache(adapter)
         return adapter
+
+    def version(self, name: str) -> int:
+        return self.versions[name]
 
     def remove(self, name: str) -> None:
         """Stop serving an adapter: new requests are refused at once; running ones finish first."""
@@ -88,6 +95,7 @@ class LoRAManager:
 
     def _drop(self, name: str) -> None:
         self.sources.pop(name, None)
+        self.versions.pop(name, None)
         self.host.pop(name, None)
         self.unloading.discard(name)
         self.device_slots.evict(name)

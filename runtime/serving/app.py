@@ -106,4 +106,5 @@ async def _metrics(request: Request) -> Response:
         allocator = engine.cache.allocator
         replica.metrics.kv_cache_usage.set(1 - allocator.num_free / allocator.num_blocks)
         replica.metrics.preemptions.set(engine.scheduler.num_preemptions)
+        replica.metrics.prefix_cache_hits.set(engine.scheduler.prefix_hit_tokens)
     return Response(generate_latest(replica.metrics.registry), media_type=CONTENT_TYPE_LATEST)

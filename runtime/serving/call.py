@@ -25,6 +25,8 @@ class Call:
         self.prompts, self.params, self.on_finish = prompts, params, on_finish
         self.prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, whatever n is
         per_prompt = len(params) // len(prompts)
+        self.firsts = range(0, len(params), per_prompt)  # each prompt's first choice, which counts its cache hits
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
         self.completion_tokens = 0
         self.first_token: float | None = None  # time.perf_counter() of the first output
         self.texts = [""] * len(params)
@@ -47,6 +49,8 @@ class Call:
             async for out in stream:
                 if self.first_token is None:
                     self.first_token = time.perf_counter()
+                if index in self.firsts and out.completion_tokens == len(out.token_ids):
+                    self.cached_tokens += out.cached_tokens
                 self.completion_tokens += len(out.token_ids)
                 self.texts[index] += out.text
                 if out.finished:

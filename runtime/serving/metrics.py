@@ -27,5 +27,8 @@ class Metrics:
                                 ["model", "reason"], registry=self.registry)
         self.kv_cache_usage = Gauge("ember_kv_cache_usage_ratio", "Share of the KV cache's blocks in use",
                                     registry=self.registry)
+        self.prefix_cache_hits = Gauge("ember_prefix_cache_hit_tokens",
+                                       "Tokens whose K/V came from the prefix cache since the replica started",
+                                       registry=self.registry)
         self.preemptions = Gauge("ember_preemptions", "Sequences preempted (KV cache full) since the replica started",
                                  registry=self.registry)

@@ -28,7 +28,8 @@ class Responses:
     @staticmethod
     def usage(call: Call) -> dict:
         return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-                "total_tokens": call.prompt_tokens + call.completion_tokens}
+                "total_tokens": call.prompt_tokens + call.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": call.cached_tokens}}
 
     def _logprobs(self, index: int, items: list[TokenLogprob]) -> dict:
         text, raw = self.tokenizer.token_text, self.tokenizer.token_bytes
