@@ -2,6 +2,7 @@
 
     python -m ember.runtime.bench                    # ~100M-parameter model, 16 requests, both engines
     python -m ember.runtime.bench --requests 4 --preset tiny --no-baseline
+    python -m ember.runtime.bench --shared-prefix 512 # prefix caching on against off, one system prompt
 
 Requests get prompt and output lengths drawn with a fixed seed; both engines decode greedily and ignore
 EOS so they do exactly the same work. transformers pads the batch and runs every row to the longest
@@ -19,7 +20,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -246,6 +247,65 @@ def lora_report(engine: Engine, model_dir: Path, work: Workload, args: argparse.
     return report | {"_results": results}
 
 
+def with_shared_prefix(work: Workload, length: int, vocab: int, seed: int) -> Workload:
+    rng = random.Random(seed + 1000)
+    system = [rng.randrange(16, vocab) for _ in range(length)]
+    return Workload([system + p for p in work.prompts], work.output_lens)
+
+
+def lone_ttfts(engine: Engine, work: Workload) -> list[float]:
+    """Each request alone, one after the other, for its first token only: time to first token without
+    queueing behind other requests."""
+    firsts = []
+    for prompt in work.prompts:
+        firsts += run_ember(engine, Workload([prompt], [1]), name="lone").ttfts
+    return firsts
+
+
+def prefix_report(engine: Engine, work: Workload, args: argparse.Namespace) -> dict:
+    """The same shared-prefix workload with prefix caching off and on, alternating: all requests at once,
+    then each alone. Every run starts with a cold cache (a fresh engine on the same weights), so the first
+    request computes the prefix."""
+    runs, lone = [], []
+    for attempt in range(args.repeat):
+        progress(f"run {attempt + 1}/{args.repeat}")
+        engines = [Engine(engine.model, engine.tokenizer, replace(engine.config, prefix_caching=cached))
+                   for cached in (False, True)]
+        runs.append([run_ember(e, work, name=f"ember, prefix cache {'on' if e.config.prefix_caching else 'off'}")
+                     for e in engines])
+        engines = [Engine(engine.model, engine.tokenizer, e.config) for e in engines]
+        lone.append([statistics.median(lone_ttfts(e, work)) for e in engines])
+    ttft = [off.summary()["ttft_p50_s"] / max(on.summary()["ttft_p50_s"], 1e-9) for off, on in runs]
+    lone_ratios = [off / on for off, on in lone]
+    throughput = [on.tokens_per_s / off.tokens_per_s for off, on in runs]
+    off, on = runs[-1]
+    return {"runs": [[r.summary() for r in results] for results in runs],
+            "ttft_p50_ratio": round(statistics.median(ttft), 3), "ttft_p50_ratios": [round(r, 3) for r in ttft],
+            "lone_ttft_p50_s": [[round(s, 4) for s in pair] for pair in lone],
+            "lone_ttft_p50_ratio": round(statistics.median(lone_ratios), 3),
+            "throughput_ratio": round(statistics.median(throughput), 3),
+            "throughput_ratios": [round(r, 3) for r in throughput],
+            "identical_greedy_outputs": sum(a == b for a, b in zip(off.outputs, on.outputs))}
+
+
+def _print_prefix(report: dict, args: argparse.Namespace) -> int:
+    print(f"{'run':<5}{'engine':<26}{'tok/s':>10}{'seconds':>10}{'p50 ttft':>10}{'p90 ttft':>10}")
+    for attempt, summaries in enumerate(report["runs"], start=1):
+        for r in summaries:
+            print(f"{attempt:<5}{r['engine']:<26}{r['output_tokens_per_s']:>10.1f}{r['seconds']:>10.2f}"
+                  f"{r['ttft_p50_s']:>10.3f}{r['ttft_p90_s']:>10.3f}")
+    print(f"p50 time to first token, all at once, off / on: {report['ttft_p50_ratio']:.2f}x "
+          f"(runs {', '.join(f'{r:.2f}' for r in report['ttft_p50_ratios'])})")
+    print(f"p50 time to first token, one at a time, off / on: {report['lone_ttft_p50_ratio']:.2f}x "
+          f"(runs, s: {', '.join(f'{off:.3f} / {on:.3f}' for off, on in report['lone_ttft_p50_s'])})")
+    print(f"throughput, on / off: {report['throughput_ratio']:.2f}x "
+          f"(runs {', '.join(f'{r:.2f}' for r in report['throughput_ratios'])})")
+    print(f"greedy outputs identical with and without the cache: {report['identical_greedy_outputs']}/{args.requests}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def ensure_model(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model)
@@ -272,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="multi-LoRA mode: base-only, 1, 4 and 16 distinct adapters, and transformers+PEFT")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="prefix-cache mode: every prompt starts with the same TOKENS-token system prompt; "
+                             "prefix caching off against on")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the engines this many times; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--url", help="HTTP mode: drive the server at this URL instead of an in-process engine")
@@ -291,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"loading {model_dir}")
     engine = Engine.from_dir(model_dir, config)
     weights = engine.model.weights
-    work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), engine.model.config.vocab_size, args.seed)
+    vocab = engine.model.config.vocab_size
+    work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), vocab, args.seed)
+    if args.shared_prefix:
+        work = with_shared_prefix(work, args.shared_prefix, vocab, args.seed)
     print(f"model: {model_dir} ({weights.parameter_count / 1e6:.1f}M parameters, {weights.dtype}, {weights.device}); "
           f"threads: {torch.get_num_threads()}")
     print(f"work: {args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens "
@@ -301,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     run_ember(engine, make_workload(2, (8, 16), (4, 4), engine.model.config.vocab_size, args.seed + 1))  # warm-up
     if args.lora:
         return _print_lora(lora_report(engine, model_dir, work, args), args)
+    if args.shared_prefix:
+        return _print_prefix(prefix_report(engine, work, args), args)
     runs: list[list[Result]] = []
     for attempt in range(args.repeat):
         if args.repeat > 1:

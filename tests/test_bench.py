@@ -45,3 +45,15 @@ def test_multi_lora_benchmark_reports_every_mix(tmp_path, capsys):
     assert engines == ["ember base-only", "ember 1 adapters", "ember 4 adapters", "ember 16 adapters", "transformers+peft"]
     assert report["identical_greedy_outputs_vs_peft"] == 16  # PEFT's mixed batch gives the same tokens
     assert len(list((tmp_path / "bench-model-loras-r4-q-k-v-o").iterdir())) == 16
+
+
+def test_prefix_cache_benchmark_compares_off_and_on(tmp_path, tiny_model, capsys):
+    report_path = tmp_path / "prefix.json"
+    assert bench.main(["--model", str(tiny_model), "--shared-prefix", "64", "--requests", "6", "--prompt-len", "4", "20",
+                       "--output-len", "2", "8", "--repeat", "2", "--json", str(report_path)]) == 0
+    assert "p50 time to first token, one at a time, off / on" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert len(report["runs"]) == 2 and report["identical_greedy_outputs"] == 6
+    off, on = report["runs"][-1]
+    assert off["output_tokens"] == on["output_tokens"] > 0
+    assert report["ttft_p50_ratio"] > 0 and report["throughput_ratio"] > 0

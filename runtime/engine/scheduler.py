@@ -7,7 +7,9 @@ the latest-arrived running sequence is preempted: its blocks are freed and it wa
 queue to be recomputed (its generated tokens are kept), so earlier requests always make progress.
 
 A sequence joining takes the cached blocks of its longest cached prefix first (prefix caching; a preempted
-one usually finds its own), and after each step its newly filled blocks are made findable.
+one usually finds its own), and after each step its newly filled blocks are made findable. One whose next
+block is being computed this step by another sequence waits a step and takes it from the cache then, so a
+burst of requests with one system prompt computes it once, not once per request.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         adapters: set[str] = set()
         preempted = False
+        pending: set[bytes] = set()  # hashes of the blocks this step fills
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0 or not self._adapter_fits(seq, adapters):
                 continue
@@ -71,6 +74,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 self.allocator.grow(seq.block_table, seq.num_computed + n)
+                pending.update(self._blocks_filled(seq, n))
                 scheduled.append((seq, n))
                 adapters.add(seq.adapter)
                 budget -= n
@@ -81,10 +85,12 @@ class Scheduler:
                 break
             self._take_cached_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            filled = self._blocks_filled(seq, n)
+            if (filled and filled[0] in pending) or not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 self.allocator.release(seq.block_table)
                 seq.num_computed = 0
                 break
+            pending.update(filled)
             self.waiting.popleft()
             if seq.num_computed and not seq.num_cached:
                 seq.num_cached = min(seq.num_computed, seq.num_prompt)
@@ -102,6 +108,15 @@ class Scheduler:
         hashes = block_hashes(seq.tokens, len(seq.tokens), block_size, seq.cache_namespace, seq.block_hashes)
         usable = (len(seq.tokens) - 1) // block_size  # the last token is always computed: its logits are sampled
         seq.num_computed = self.allocator.match(hashes[:usable], seq.block_table) * block_size
+
+    def _blocks_filled(self, seq: Sequence, n: int) -> list[bytes]:
+        """The hashes of the blocks that computing `n` more of the sequence's tokens fills."""
+        if not self.allocator.prefix_caching:
+            return []
+        block_size = self.allocator.block_size
+        end = seq.num_computed + n
+        hashes = block_hashes(seq.tokens, end, block_size, seq.cache_namespace, seq.block_hashes)
+        return hashes[seq.num_computed // block_size: end // block_size]
 
     def computed(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """After a step: the blocks it filled are now findable by the next sequence with the same prefix."""
