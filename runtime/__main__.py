@@ -51,7 +51,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "int4"])
     p.add_argument("--accelerator-type", default="CPU")
     p.add_argument("--accelerator-count", type=int, default=1)
     p.add_argument("--request-log", help="opt-in: log prompts and outputs to this file")

@@ -239,6 +239,10 @@ def test_big_models_fit_on_enough_accelerators():
                                                    accelerator_type=accelerator, accelerator_count=count))
     spec.parse(spec.DeploymentSpec, deployment(base_model="accounts/p/models/llama-v3p1-70b-instruct",
                                                accelerator_type="NVIDIA_H100_80GB", accelerator_count=2))
+    # Weight-only int4 fits 70B on one H100 (35 GB of weights), where bf16 (140 GB) does not.
+    one = dict(base_model="accounts/p/models/llama-v3p1-70b-instruct", accelerator_type="NVIDIA_H100_80GB")
+    assert spec.parse(spec.DeploymentSpec, deployment(precision="int4", **one)).precision is spec.Precision.INT4
+    assert "needs 141 GB in bf16" in str(errors(spec.DeploymentSpec, deployment(precision="bf16", **one)))
 
 
 # --- stacks -------------------------------------------------------------------------------------------

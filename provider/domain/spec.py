@@ -145,10 +145,13 @@ class Precision(str, Enum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"  # weight-only: projection weights in int8 (per output channel), computed in bf16
+    INT4 = "int4"  # weight-only: projection weights in int4 (groups of 32), computed in bf16
 
     @property
-    def bytes(self) -> int:
-        return 4 if self is Precision.FP32 else 2
+    def bytes(self) -> float:
+        """Bytes per weight, roughly (quantized: the projections' share, the rest is bf16)."""
+        return {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}[self.value]
 
 
 class AcceleratorType(str, Enum):
@@ -446,7 +449,9 @@ class DeploymentSpec(Spec):
     )
     accelerator_type: AcceleratorType = AcceleratorType.CPU
     accelerator_count: int = Field(1, description="accelerators per replica")
-    precision: Precision | None = Field(None, description="defaults to fp32 on CPU and bf16 on accelerators")
+    precision: Precision | None = Field(
+        None, description="defaults to fp32 on CPU and bf16 on accelerators; int8 and int4 quantize the projection "
+                          "weights (weight-only; activations, KV cache and LoRA addons stay bf16)")
     min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
     max_replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     autoscaling: AutoscalingPolicy = AutoscalingPolicy()

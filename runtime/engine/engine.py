@@ -23,16 +23,20 @@ from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.grammar import Grammars
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
+from ember.runtime.model.quantized import quantize_projections
 from ember.runtime.model.sampling import SamplingParams, TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Weight-only quantized precisions: projection weights in int8 or int4, everything else (activations, KV
+# cache, embeddings, LoRA addons) in bf16.
+QUANTIZED_PRECISIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # "auto" picks CUDA when present
-    dtype: str | None = None  # fp32 | bf16 | fp16; default fp32 on CPU, bf16 on CUDA
+    dtype: str | None = None  # fp32 | bf16 | fp16 | int8 | int4; default fp32 on CPU, bf16 on CUDA
     max_model_len: int | None = None  # prompt + output tokens; default the model's, at most 8192
     block_size: int = 16
     kv_cache_tokens: int | None = None  # default: 1 GiB of cache on CPU, half the free memory on CUDA
@@ -106,9 +110,11 @@ class Engine:
     def from_dir(cls, directory: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
         device = config.resolved_device()
         dtype_name = config.dtype or ("fp32" if device.type == "cpu" else "bf16")
-        if dtype_name not in DTYPES:
-            raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
-        weights = load_model(directory, DTYPES[dtype_name], device)
+        if dtype_name not in (*DTYPES, *QUANTIZED_PRECISIONS):
+            raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED_PRECISIONS])}")
+        weights = load_model(directory, DTYPES.get(dtype_name, torch.bfloat16), device)
+        if dtype_name in QUANTIZED_PRECISIONS:
+            quantize_projections(weights, dtype_name)
         max_len = min(config.max_model_len or weights.config.max_position_embeddings, weights.config.max_position_embeddings)
         return cls(Llama(weights, max_positions=max_len), TextTokenizer.from_dir(directory), config)
 

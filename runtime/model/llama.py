@@ -65,7 +65,7 @@ class Llama:
         self.config = c = weights.config
         self.cos, self.sin = rope_tables(weights, max_positions or c.max_position_embeddings)
         self.matmul = Matmul([t for layer in weights.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-                             + [weights.lm_head])
+                             + [weights.lm_head], weights.dtype)
         # The LoRA hook, (layer, projection, input, output, step metadata) → output with the deltas added,
         # and what it needs per step; set by the engine when the deployment serves addons.
         self.lora: Callable | None = None
