@@ -3,6 +3,7 @@
     python -m ember.runtime.bench                    # ~100M-parameter model, 16 requests, both engines
     python -m ember.runtime.bench --requests 4 --preset tiny --no-baseline
     python -m ember.runtime.bench --shared-prefix 512 # prefix caching on against off, one system prompt
+    python -m ember.runtime.bench --model DIR --precisions fp32,bf16,int8,int4   # accuracy, speed, bytes
 
 Requests get prompt and output lengths drawn with a fixed seed; both engines decode greedily and ignore
 EOS so they do exactly the same work. transformers pads the batch and runs every row to the longest
@@ -149,6 +150,7 @@ async def _http_run(url: str, api_key: str, model: str, work: Workload, concurre
     gate = asyncio.Semaphore(concurrency)
     gaps: list[float] = []
     latencies, ttfts, counts = [0.0] * len(work.prompts), [0.0] * len(work.prompts), [0] * len(work.prompts)
+    streamed = [0] * len(work.prompts)  # token chunks, for servers that send no usage (one token a chunk)
     start = time.perf_counter()
 
     async def one(i: int, http) -> None:
@@ -167,8 +169,10 @@ async def _http_run(url: str, api_key: str, model: str, work: Workload, concurre
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         counts[i] = chunk["usage"]["completion_tokens"]
-                    if not chunk.get("choices"):
+                    # llama-server ends with an empty chunk carrying only the finish reason: not a token.
+                    if not chunk.get("choices") or all(c.get("finish_reason") and not c.get("text") for c in chunk["choices"]):
                         continue
+                    streamed[i] += 1
                     now = time.perf_counter()
                     if last is None:
                         ttfts[i] = now - sent
@@ -177,10 +181,12 @@ async def _http_run(url: str, api_key: str, model: str, work: Workload, concurre
                     last = now
             latencies[i] = time.perf_counter() - sent
 
-    async with httpx.AsyncClient(timeout=None) as http:
+    # A new connection per request: llama-server closes streamed connections that a pool would reuse.
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         await asyncio.gather(*[one(i, http) for i in range(len(work.prompts))])
     seconds = time.perf_counter() - start
-    return Result("ember over HTTP", seconds, sum(counts), latencies, ttfts, []), gaps
+    produced = sum(c or s for c, s in zip(counts, streamed))
+    return Result("ember over HTTP", seconds, produced, latencies, ttfts, []), gaps
 
 
 def http_main(args: argparse.Namespace) -> int:
@@ -306,6 +312,18 @@ def _print_prefix(report: dict, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_and_save_precisions(model_dir: Path, args: argparse.Namespace) -> int:
+    from ember.runtime.bench_precisions import precision_report, print_precisions
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), vocab, args.seed)
+    report = precision_report(model_dir, work, args.precisions.split(","), EngineConfig(device=args.device), progress)
+    print_precisions(report, args.requests)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def ensure_model(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model)
@@ -335,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="prefix-cache mode: every prompt starts with the same TOKENS-token system prompt; "
                              "prefix caching off against on")
+    parser.add_argument("--precisions", help="precision mode: comma-separated precisions, the first the reference "
+                                             "(e.g. fp32,bf16,int8,int4): perplexity, greedy agreement, speed, bytes")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the engines this many times; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--url", help="HTTP mode: drive the server at this URL instead of an in-process engine")
@@ -349,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     model_dir = ensure_model(args)
+    if args.precisions:
+        return _print_and_save_precisions(model_dir, args)
     config = EngineConfig(device=args.device, dtype=args.dtype, max_loras=16 if args.lora else 0,
                           max_lora_rank=args.lora_rank)
     progress(f"loading {model_dir}")

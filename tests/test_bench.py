@@ -57,3 +57,47 @@ def test_prefix_cache_benchmark_compares_off_and_on(tmp_path, tiny_model, capsys
     off, on = report["runs"][-1]
     assert off["output_tokens"] == on["output_tokens"] > 0
     assert report["ttft_p50_ratio"] > 0 and report["throughput_ratio"] > 0
+
+
+def test_precision_report_compares_each_precision_with_the_first(tmp_path, capsys):
+    from ember.runtime import tinymodels
+
+    model = tinymodels.make_model(tmp_path / "m", "tiny", seed=11, init_std=0.1, intermediate_size=192)
+    report_path = tmp_path / "precisions.json"
+    assert bench.main(["--model", str(model), "--precisions", "fp32,bf16,int8,int4", "--requests", "4",
+                       "--prompt-len", "8", "20", "--output-len", "4", "8", "--json", str(report_path)]) == 0
+    assert "perplexity on a fixed" in capsys.readouterr().out
+    rows = json.loads(report_path.read_text())["precisions"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16", "int8", "int4"]
+    assert rows[0]["greedy_token_agreement"] == 1.0 and rows[0]["greedy_requests_equal"] == 4
+    assert rows[0]["weight_bytes"] > rows[1]["weight_bytes"] > rows[2]["weight_bytes"] > rows[3]["weight_bytes"]
+    assert all(r["perplexity"] > 1 and r["decode_tokens_per_s"] > 0 for r in rows)
+
+
+def test_the_peer_benchmark_drives_servers_with_one_workload_and_plots(tmp_path, capsys):
+    from server_helpers import BASE, start
+
+    from ember.runtime import bench_peer
+
+    server = start(tmp_path / "server")
+    try:
+        work = bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
+        assert work == bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
+        assert all(8 <= len(p) <= 24 for p in work.prompts)
+        key = server.keys["acme"]
+        rows = bench_peer.drive({"one": (server.url, key, BASE), "two": (server.url, key, BASE)}, work, [1, 2], rounds=1)
+    finally:
+        server.stop()
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("one", 1), ("two", 1), ("one", 2), ("two", 2)]
+    assert all(r["output_tokens"] == work.output_tokens and r["ttft_p50_ms"] > 0 for r in rows)
+    bench_peer.plot(rows, tmp_path / "peer.png")
+    assert (tmp_path / "peer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_gpu_check_runs_its_correctness_checks_on_the_cpu(tmp_path):
+    from ember.runtime import gpu_check
+
+    report_path = tmp_path / "gpu.json"
+    assert gpu_check.main(["--device", "cpu", "--skip-bench", "--json", str(report_path)]) == 0
+    checks = json.loads(report_path.read_text())["checks"]
+    assert [c["ok"] for c in checks] == [True, True] and "bench" not in json.loads(report_path.read_text())

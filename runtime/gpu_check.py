@@ -1,0 +1,174 @@
+"""The GPU path, checked and measured in one run (under five minutes on one H100):
+
+    python -m ember.runtime.gpu_check [--json gpu.json] [--skip-bench]
+
+1. Correctness on the GPU in bf16: Ember's logits against transformers' (same device, same dtype) on a tiny
+   model, prefill and decode through the paged cache; greedy continuations compared.
+2. Multi-LoRA on the GPU: every row of a mixed batch of three adapters against PEFT with that adapter.
+3. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
+   tokens/s as a share of the HBM roofline (weight bytes read per token against the GPU's bandwidth), and
+   throughput with 64 concurrent requests.
+
+CI has no GPU: this is run by hand (or by a session lent one) and its figures go in the README. transformers
+and peft are references here, as in the tests. Exits 1 when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ember.runtime import tinymodels
+from ember.runtime.bench import Workload, make_workload, progress, run_ember
+from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.sampling import SamplingParams
+
+# Peak memory bandwidth by GPU name (vendor figures, TB/s); the roofline's denominator.
+HBM_TB_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "A100-SXM4-80GB": 2.04,
+            "A100 80GB PCIe": 1.94, "A100-SXM4-40GB": 1.56, "L40S": 0.864, "L4": 0.3}
+BF16_LOGIT_SHARE = 0.03  # largest logit difference allowed, as a share of the largest logit
+
+
+def bandwidth(name: str) -> float | None:
+    return next((tb for key, tb in HBM_TB_S.items() if key in name), None)
+
+
+def logits_share(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+def ember_logits(engine: Engine, tokens: list[int], adapter: str | None = None) -> torch.Tensor:
+    table: list[int] = []
+    engine.cache.allocator.grow(table, len(tokens))
+    slots = engine.lora.activate({adapter}) if adapter else {}
+    chunk = ScheduledChunk(tokens, 0, len(tokens), table, slots.get(adapter, -1))
+    batch = build([chunk], engine.cache.block_size, engine.device)
+    batch.sample_rows = torch.arange(len(tokens), device=engine.device)
+    lora_step = engine.runner.lora_hook.step_metadata(batch) if engine.runner.lora_hook else None
+    try:
+        return engine.model.forward(batch, engine.cache, lora_step)
+    finally:
+        engine.cache.allocator.release(table)
+
+
+def check_logits(root: Path, device: str = "cuda") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    directory = tinymodels.make_model(root / "tiny", "small", seed=11, init_std=0.1)
+    engine = Engine.from_dir(directory, EngineConfig(device=device, dtype="bf16", kv_cache_tokens=8192))
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
+    tokens = list(range(20, 220))
+    with torch.no_grad():
+        reference = hf(torch.tensor([tokens], device=device)).logits[0]
+    share = logits_share(ember_logits(engine, tokens), reference)
+    prompts = [list(range(30 + 7 * i, 90 + 11 * i)) for i in range(8)]
+    ours = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    same = 0
+    with torch.no_grad():
+        for prompt, out in zip(prompts, ours):
+            hf.generation_config.eos_token_id = None
+            theirs = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+            same += theirs == out.token_ids
+    return {"check": "bf16 logits vs transformers", "max_logit_share": round(share, 5),
+            "greedy_equal": f"{same}/{len(prompts)}", "ok": share <= BF16_LOGIT_SHARE}
+
+
+def check_lora(root: Path, device: str = "cuda") -> dict:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    directory = root / "tiny"
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapters = {f"accounts/acme/models/a{i}": tinymodels.make_lora(directory, root / f"lora{i}", seed=i + 1,
+                                                                  init_std=0.1, rank=8, target_modules=modules[: 2 + 2 * i])
+                for i in range(3)}
+    engine = Engine.from_dir(directory, EngineConfig(device=device, dtype="bf16", kv_cache_tokens=8192, max_loras=4,
+                                                     max_lora_rank=8))
+    for name, path in adapters.items():
+        engine.lora.add(name, path)
+    tokens = list(range(40, 140))
+    shares = {}
+    for name, path in adapters.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device)
+            model = peft.PeftModel.from_pretrained(hf, path).eval()
+        with torch.no_grad():
+            reference = model(torch.tensor([tokens], device=device)).logits[0]
+        shares[name] = round(logits_share(ember_logits(engine, tokens, name), reference), 5)
+    # One mixed batch: each row's tokens equal that adapter's alone.
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    names = list(adapters) + [None]
+    mixed = engine.generate([tokens] * len(names), params, names)
+    alone = [engine.generate([tokens], params, [n])[0] for n in names]
+    same = sum(m.token_ids == a.token_ids for m, a in zip(mixed, alone))
+    return {"check": "multi-LoRA vs PEFT (bf16)", "max_logit_share": shares, "mixed_batch_equal": f"{same}/{len(names)}",
+            "ok": max(shares.values()) <= BF16_LOGIT_SHARE and same == len(names)}
+
+
+def bench_8b(root: Path) -> dict:
+    progress("writing a random model of Llama-3.1-8B's shapes (16 GB in bf16)")
+    start = time.perf_counter()
+    directory = tinymodels.make_model(root / "bench-8b", "bench-8b", seed=0, dtype=torch.bfloat16, shards=8)
+    progress(f"written in {time.perf_counter() - start:.0f} s; loading")
+    engine = Engine.from_dir(directory, EngineConfig(device="cuda", dtype="bf16", max_num_seqs=64,
+                                                     max_num_batched_tokens=8192))
+    weights = engine.model.weights
+    weight_bytes = sum(t.nbytes for layer in weights.layers for t in vars(layer).values() if t is not None)
+    weight_bytes += weights.lm_head.nbytes + weights.norm.nbytes
+    vocab = weights.config.vocab_size
+    prompt = make_workload(1, (128, 128), (1, 1), vocab, seed=3).prompts[0]
+    run_ember(engine, Workload([prompt], [16]), name="warm-up")
+    torch.cuda.synchronize()
+    decode = run_ember(engine, Workload([prompt], [128]), name="batch-1 decode")
+    per_token = (decode.latencies[0] - decode.ttfts[0]) / 127
+    name = torch.cuda.get_device_name()
+    tb_s = bandwidth(name)
+    roofline = tb_s * 1e12 / weight_bytes if tb_s else None
+    progress("64 concurrent requests")
+    work = make_workload(64, (128, 512), (128, 128), vocab, seed=0)
+    run_ember(engine, make_workload(8, (64, 64), (8, 8), vocab, seed=1), name="warm-up")
+    result = run_ember(engine, work, name="64 concurrent")
+    return {"gpu": name, "weight_gb": round(weight_bytes / 1e9, 2), "hbm_tb_s": tb_s,
+            "batch1_decode_tokens_per_s": round(1 / per_token, 1),
+            "roofline_tokens_per_s": round(roofline, 1) if roofline else None,
+            "roofline_share": round(1 / per_token / roofline, 3) if roofline else None,
+            "concurrent_64": result.summary()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ember.runtime.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-bench", action="store_true", help="correctness checks only")
+    parser.add_argument("--device", default="cuda", help="cpu runs the checks (not the benchmark) without a GPU")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ember-gpu-") as tmp:
+        root = Path(tmp)
+        report = {"checks": [check_logits(root, args.device), check_lora(root, args.device)]}
+        for check in report["checks"]:
+            print(json.dumps(check))
+        if not args.skip_bench and args.device == "cuda":
+            report["bench"] = bench_8b(root)
+            print(json.dumps(report["bench"], indent=2))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"gpu_check: {report['seconds']} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0 if all(c["ok"] for c in report["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
