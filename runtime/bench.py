@@ -84,9 +84,13 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def run_ember(engine: Engine, work: Workload, adapters: list[str | None] | None = None, name: str = "ember") -> Result:
+def run_ember(engine: Engine, work: Workload, adapters: list[str | None] | None = None, name: str = "ember",
+              cold: bool = True) -> Result:
+    """`cold`: start with an empty prefix cache (an earlier run's prompts must not be answered from it)."""
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
     adapters = adapters or [None] * len(work.prompts)
+    if cold:
+        engine.cache.allocator.forget_cached()
     start = time.perf_counter()
     ids = [engine.add_request(p, sp, adapter=a) for p, sp, a in zip(work.prompts, params, adapters)]
     first: dict[str, float] = {}
@@ -263,8 +267,8 @@ def lone_ttfts(engine: Engine, work: Workload) -> list[float]:
     """Each request alone, one after the other, for its first token only: time to first token without
     queueing behind other requests."""
     firsts = []
-    for prompt in work.prompts:
-        firsts += run_ember(engine, Workload([prompt], [1]), name="lone").ttfts
+    for i, prompt in enumerate(work.prompts):
+        firsts += run_ember(engine, Workload([prompt], [1]), name="lone", cold=i == 0).ttfts
     return firsts
 
 

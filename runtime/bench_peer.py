@@ -32,7 +32,8 @@ BASE_MODEL = "accounts/bench/models/base"  # the name Ember serves the model und
 
 def workload(model_dir: Path, requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
              seed: int) -> Workload:
-    """Prompts of real text (windows of the fixed text, repeated as needed) so neither server sees noise."""
+    """Prompts of real text (windows of the fixed text, repeated as needed) so neither server sees noise; each
+    seed starts its windows elsewhere."""
     from ember.runtime.model.tokenizer import TextTokenizer
 
     text = TextTokenizer.from_dir(model_dir).encode(TEXT)
@@ -106,13 +107,17 @@ def summarize(name: str, concurrency: int, result, gaps: list[float]) -> dict:
                for metric, values in (("ttft", result.ttfts), ("itl", gaps)) for q in (50, 99)}}
 
 
-def drive(servers: dict[str, tuple[str, str, str]], work: Workload, concurrencies: list[int], rounds: int) -> list[dict]:
+def drive(servers: dict[str, tuple[str, str, str]], workloads: list[Workload], concurrencies: list[int],
+          rounds: int) -> list[dict]:
     """Each concurrency, each server (name → URL, API key, model) in turn, `rounds` times; keeps each server's
-    best round by tokens/s."""
+    best round by tokens/s. Every (concurrency, round) has its own workload from `workloads`, the same for
+    every server: a prompt sent before would be answered from the servers' prompt caches."""
     rows = []
+    fresh = iter(workloads)
     for concurrency in concurrencies:
         best: dict[str, dict] = {}
         for attempt in range(rounds):
+            work = next(fresh)
             for name, (url, key, model) in servers.items():
                 progress(f"{name}: concurrency {concurrency}, round {attempt + 1}/{rounds}")
                 result, gaps = asyncio.run(_http_run(url, key, model, work, concurrency))
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="draw tokens/s, TTFT and inter-token latency to this PNG")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    work = workload(args.model, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed)
+    workloads = [workload(args.model, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed + i)
+                 for i in range(len(concurrencies) * args.rounds)]
     names = {"ember": f"ember {args.dtype}", "peer": f"llama-server {args.peer_gguf.stem.rsplit('-', 1)[-1]}"}
     with tempfile.TemporaryDirectory(prefix="ember-peer-") as tmp:
         root = Path(tmp)
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             peer, peer_url = start_peer(args.peer_server, args.peer_gguf, args.threads, max(concurrencies), root)
             processes.append(peer)
             servers = {names["ember"]: (ember_url, key, BASE_MODEL), names["peer"]: (peer_url, "none", BASE_MODEL)}
-            rows = drive(servers, work, concurrencies, args.rounds)
+            rows = drive(servers, workloads, concurrencies, args.rounds)
         except Exception:
             for log in sorted(root.glob("*.log")):  # the temporary directory goes with them
                 print(f"--- the end of {log.name}:\n{log.read_text()[-3000:]}", file=sys.stderr)
@@ -186,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             for process in processes:
                 process.terminate()
                 process.wait(timeout=30)
-    print(f"{args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
-          f"{args.output_len[0]}-{args.output_len[1]} ({work.output_tokens} in all), greedy, best of {args.rounds}")
+    print(f"{args.requests} requests a run, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
+          f"{args.output_len[0]}-{args.output_len[1]}, new prompts each run, greedy, best of {args.rounds}")
     print(f"{'server':<22}{'conc':>5}{'tok/s':>9}{'ttft p50':>10}{'ttft p99':>10}{'itl p50':>9}{'itl p99':>9}")
     for r in rows:
         print(f"{r['server']:<22}{r['concurrency']:>5}{r['output_tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
@@ -198,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"concurrency {concurrency}: ember / llama-server throughput "
               f"{ours['output_tokens_per_s'] / theirs['output_tokens_per_s']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"work": {"prompts": list(map(len, work.prompts)), "outputs": work.output_lens},
-                                         "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows}, indent=2))
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -36,7 +36,9 @@ TEXT = (
 
 
 def perplexity(engine: Engine, tokens: list[int]) -> float:
-    """exp of the mean negative log-likelihood of each token given the ones before it."""
+    """exp of the mean negative log-likelihood of each token given the ones before it (the first
+    max_model_len tokens)."""
+    tokens = tokens[: engine.max_model_len]
     table: list[int] = []
     allocator = engine.cache.allocator
     allocator.grow(table, len(tokens))
@@ -100,7 +102,7 @@ def precision_report(model_dir, work, precisions: list[str], base: EngineConfig,
     for row in rows:
         row["decode_vs_first"] = round(row["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 3)
         row["throughput_vs_first"] = round(row["throughput_tokens_per_s"] / fp32["throughput_tokens_per_s"], 3)
-    return {"model": str(model_dir), "text_tokens": len(text), "precisions": rows}
+    return {"model": str(model_dir), "text_tokens": min(len(text), engine.max_model_len), "precisions": rows}
 
 
 def print_precisions(report: dict, requests: int) -> None:

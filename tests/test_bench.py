@@ -85,11 +85,14 @@ def test_the_peer_benchmark_drives_servers_with_one_workload_and_plots(tmp_path,
         assert work == bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
         assert all(8 <= len(p) <= 24 for p in work.prompts)
         key = server.keys["acme"]
-        rows = bench_peer.drive({"one": (server.url, key, BASE), "two": (server.url, key, BASE)}, work, [1, 2], rounds=1)
+        other = bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=1)
+        rows = bench_peer.drive({"one": (server.url, key, BASE), "two": (server.url, key, BASE)}, [work, other], [1, 2],
+                                rounds=1)
     finally:
         server.stop()
     assert [(r["server"], r["concurrency"]) for r in rows] == [("one", 1), ("two", 1), ("one", 2), ("two", 2)]
-    assert all(r["output_tokens"] == work.output_tokens and r["ttft_p50_ms"] > 0 for r in rows)
+    assert [r["output_tokens"] for r in rows] == [work.output_tokens] * 2 + [other.output_tokens] * 2
+    assert all(r["ttft_p50_ms"] > 0 for r in rows)
     bench_peer.plot(rows, tmp_path / "peer.png")
     assert (tmp_path / "peer.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -73,6 +73,13 @@ def test_the_allocator_shares_held_blocks_and_evicts_the_least_recently_used():
     alloc.grow(taken, 8)  # needs every block: the two cached ones are evicted, oldest first
     assert sorted(taken) == [0, 1, 2, 3] and not alloc.by_hash and not alloc.hash_of
     assert alloc.match(hashes, []) == 0
+    alloc.release(taken)
+    again: list[int] = []
+    alloc.grow(again, 4)
+    alloc.register(again[:2], hashes)
+    alloc.release(again)
+    alloc.forget_cached()
+    assert alloc.num_free == 4 == len(alloc.free) and not alloc.by_hash and alloc.match(hashes, []) == 0
 
 
 def test_hashes_cover_the_whole_prefix_and_the_namespace():
@@ -140,3 +147,38 @@ def test_a_small_cache_evicts_and_preempts_without_changing_outputs(base):
     assert eng.scheduler.num_preemptions > 0 and eng.scheduler.prefix_hit_tokens > 0
     assert alloc.num_free == alloc.num_blocks and all(r == 0 for r in alloc.refs)
     assert len(alloc.by_hash) == len(alloc.hash_of) == len(alloc.evictable) <= alloc.num_blocks
+
+
+def test_requests_of_different_salts_share_nothing(base):
+    prompt = shared_prefix_prompts(1, prefix_len=64)[0]
+    eng = engine(base)
+    params = SamplingParams(max_tokens=1, temperature=0)
+
+    def cached(salt):
+        request_id = eng.add_request(prompt, params, cache_salt=salt)
+        seq = eng.requests[request_id]
+        while eng.has_unfinished:
+            eng.step()
+        return seq.num_cached
+
+    whole = (len(prompt) - 1) // BLOCK * BLOCK
+    assert (cached("acme"), cached("globex"), cached("acme"), cached("globex")) == (0, 0, whole, whole)
+
+
+def test_a_serverless_replica_never_shares_cached_prompts_across_accounts(tmp_path):
+    httpx = pytest.importorskip("httpx")
+    from server_helpers import BASE, start
+
+    server = start(tmp_path / "serverless", serverless=True, deployment="accounts/platform/deployments/shared")
+    try:
+        def cached_tokens(account):
+            answer = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                                headers={"Authorization": f"Bearer {server.keys[account]}"},
+                                json={"model": BASE, "prompt": "canary-prefix-secret " * 20, "max_tokens": 1})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        first, other, again = cached_tokens("acme"), cached_tokens("other"), cached_tokens("acme")
+    finally:
+        server.stop()
+    assert first == 0 and other == 0 and again > 0

@@ -131,8 +131,9 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    adapter: str | None = None) -> str:
-        """Queue a request; raises ValueError (naming the field, never the text) if it cannot be served."""
+                    adapter: str | None = None, cache_salt: str = "") -> str:
+        """Queue a request; raises ValueError (naming the field, never the text) if it cannot be served.
+        Requests share cached prefixes only with requests of the same `cache_salt` (the server's: the account)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
@@ -152,17 +153,19 @@ class Engine:
         if adapter is not None:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
         seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher,
-                       cache_namespace=self._cache_namespace(adapter))
+                       cache_namespace=self._cache_namespace(adapter, cache_salt))
         self.requests[request_id] = seq
         self.output.add(seq)
         self.scheduler.add(seq)
         return request_id
 
-    def _cache_namespace(self, adapter: str | None) -> bytes:
-        """Cached K/V are shared only between requests of the same weights: the base model's, or one addon
-        version's. An addon changes K/V even when it leaves k_proj and v_proj alone: any LoRA module of a
-        layer changes the hidden states every later layer's K and V are computed from."""
-        return b"" if adapter is None else f"{adapter}#{self.lora.version(adapter)}".encode()
+    def _cache_namespace(self, adapter: str | None, salt: str) -> bytes:
+        """Cached K/V are shared only between requests of one salt (one account: a cached prefix answers
+        sooner, which would tell one tenant what another sent) and the same weights: the base model's, or one
+        addon version's. An addon changes K/V even when it leaves k_proj and v_proj alone: any LoRA module of
+        a layer changes the hidden states every later layer's K and V are computed from."""
+        weights = "" if adapter is None else f"{adapter}#{self.lora.version(adapter)}"
+        return f"{salt}\n{weights}".encode()
 
     def abort(self, request_id: str) -> bool:
         """Drop a request (its client went away); frees its cache at once. False if it was not in flight."""

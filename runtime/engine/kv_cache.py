@@ -75,6 +75,13 @@ class BlockAllocator:
                     self.free.append(block)
         table.clear()
 
+    def forget_cached(self) -> None:
+        """Drop every cached block nobody holds (a benchmark's runs must not answer each other's prompts)."""
+        for block in self.evictable:
+            del self.by_hash[self.hash_of.pop(block)]
+            self.free.append(block)
+        self.evictable.clear()
+
     def match(self, hashes: list[bytes], table: list[int]) -> int:
         """Put the cached blocks of the longest cached prefix of `hashes` in the empty `table`, holding them;
         returns how many."""

@@ -74,7 +74,8 @@ class AsyncEngine:
     def running(self) -> int:
         return len(self.engine.scheduler.running)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> "Stream":
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+               cache_salt: str = "") -> "Stream":
         """Queue a request now (synchronously, so the backlog bound holds under bursts); raises Overloaded."""
         with self._lock:
             if self.queue_depth >= self.max_queue:
@@ -89,7 +90,8 @@ class AsyncEngine:
             if stream.request_id not in self._streams:  # aborted before it was admitted
                 return
             try:
-                self.engine.add_request(prompt_ids, params, request_id=stream.request_id, adapter=adapter)
+                self.engine.add_request(prompt_ids, params, request_id=stream.request_id, adapter=adapter,
+                                        cache_salt=cache_salt)
             except ValueError as exc:
                 self._send(stream.request_id, exc)
 

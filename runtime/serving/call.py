@@ -19,9 +19,9 @@ from ember.runtime.serving.protocol import APIError
 
 class Call:
     def __init__(self, runner: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None,
-                 on_finish: Callable[["Call", str], None]):
+                 on_finish: Callable[["Call", str], None], account: str = ""):
         """`prompts`: the distinct prompts (a batch of completions has several); choice i answers prompt
-        i // (len(params) // len(prompts))."""
+        i // (len(params) // len(prompts)). `account`: whose prefix cache the choices use."""
         self.prompts, self.params, self.on_finish = prompts, params, on_finish
         self.prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, whatever n is
         per_prompt = len(params) // len(prompts)
@@ -36,7 +36,7 @@ class Call:
         self.streams = []
         try:
             for i, p in enumerate(params):
-                self.streams.append(runner.submit(prompts[i // per_prompt], p, adapter))
+                self.streams.append(runner.submit(prompts[i // per_prompt], p, adapter, cache_salt=account))
         except Overloaded:
             for stream in self.streams:
                 stream.close()

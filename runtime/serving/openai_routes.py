@@ -143,7 +143,7 @@ async def _serve(request: Request, replica: Replica, chat: bool):
                           uses if uses is not None and uses.parsed else None)
     accounting = Accounting(replica, account, body.model, started, responses.id, body.user or "", logged_prompt)
     try:
-        call = Call(runner, prompts, params, adapter, accounting)
+        call = Call(runner, prompts, params, adapter, accounting, account)
     except Overloaded:
         raise APIError(429, "the deployment is at capacity; retry shortly", type="rate_limit_error",
                        code="overloaded", headers={"Retry-After": "1"}) from None
