@@ -317,10 +317,10 @@ def _print_prefix(report: dict, args: argparse.Namespace) -> int:
 
 
 def _print_and_save_precisions(model_dir: Path, args: argparse.Namespace) -> int:
-    from ember.runtime.bench_precisions import precision_report, print_precisions
+    from ember.runtime.bench_precisions import precision_report, print_precisions, text_workload
 
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), vocab, args.seed)
+    # Natural text, not random ids: on noise every logit is a near-tie and agreement would measure nothing.
+    work = text_workload(model_dir, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed)
     report = precision_report(model_dir, work, args.precisions.split(","), EngineConfig(device=args.device), progress)
     print_precisions(report, args.requests)
     if args.json:

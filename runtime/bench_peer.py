@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -25,25 +24,9 @@ import time
 from pathlib import Path
 
 from ember.runtime.bench import Workload, _http_run, progress
-from ember.runtime.bench_precisions import TEXT
+from ember.runtime.bench_precisions import text_workload
 
 BASE_MODEL = "accounts/bench/models/base"  # the name Ember serves the model under (llama-server ignores it)
-
-
-def workload(model_dir: Path, requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
-             seed: int) -> Workload:
-    """Prompts of real text (windows of the fixed text, repeated as needed) so neither server sees noise; each
-    seed starts its windows elsewhere."""
-    from ember.runtime.model.tokenizer import TextTokenizer
-
-    text = TextTokenizer.from_dir(model_dir).encode(TEXT)
-    rng = random.Random(seed)
-    prompts, outputs = [], []
-    for _ in range(requests):
-        length, start = rng.randint(*prompt_range), rng.randrange(len(text))
-        prompts.append([text[(start + i) % len(text)] for i in range(length)])
-        outputs.append(rng.randint(*output_range))
-    return Workload(prompts, outputs)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -170,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="draw tokens/s, TTFT and inter-token latency to this PNG")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    workloads = [workload(args.model, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed + i)
+    workloads = [text_workload(args.model, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed + i)
                  for i in range(len(concurrencies) * args.rounds)]
     names = {"ember": f"ember {args.dtype}", "peer": f"llama-server {args.peer_gguf.stem.rsplit('-', 1)[-1]}"}
     with tempfile.TemporaryDirectory(prefix="ember-peer-") as tmp:

@@ -3,7 +3,7 @@
     python -m ember.runtime.bench --model DIR --precisions fp32,bf16,int8,int4
 
 For each precision, in one process: perplexity on a fixed English text (teacher-forced, every position),
-greedy agreement with fp32 on the benchmark's requests (share of output tokens equal up to the first
+greedy agreement with fp32 on requests whose prompts are windows of that text (share of output tokens equal up to the first
 difference, and requests entirely equal), batch-1 decode speed, throughput on the whole workload, and the
 bytes of weights a decode step reads. The ratios are against fp32 in the same run.
 """
@@ -11,14 +11,18 @@ bytes of weights a decode step reads. The ratios are against fp32 in the same ru
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from ember.runtime.bench import Workload, run_ember
 from ember.runtime.engine.batch import ScheduledChunk, build
 from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.tokenizer import TextTokenizer
 
 # A fixed text (public domain: the opening of Jerome K. Jerome's "Three Men in a Boat", 1889).
 TEXT = (
@@ -33,6 +37,20 @@ TEXT = (
     "the conclusion that I am suffering from the particular disease therein dealt with in its most virulent form. "
     "The diagnosis seems in every case to correspond exactly with all the sensations that I have ever felt."
 )
+
+
+def text_workload(model_dir: Path, requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+                  seed: int) -> Workload:
+    """Prompts of real text (windows of the fixed text, repeated as needed) so neither server sees noise; each
+    seed starts its windows elsewhere."""
+    text = TextTokenizer.from_dir(model_dir).encode(TEXT)
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(requests):
+        length, start = rng.randint(*prompt_range), rng.randrange(len(text))
+        prompts.append([text[(start + i) % len(text)] for i in range(length)])
+        outputs.append(rng.randint(*output_range))
+    return Workload(prompts, outputs)
 
 
 def perplexity(engine: Engine, tokens: list[int]) -> float:
@@ -54,8 +72,6 @@ def perplexity(engine: Engine, tokens: list[int]) -> float:
 
 
 def decode_tokens_per_s(engine: Engine, prompt: list[int], tokens: int = 64) -> float:
-    from ember.runtime.bench import Workload, run_ember
-
     run_ember(engine, Workload([prompt], [8]), name="warm-up")
     result = run_ember(engine, Workload([prompt], [tokens]), name="batch-1 decode")
     return (tokens - 1) / (result.latencies[0] - result.ttfts[0])
@@ -77,9 +93,6 @@ def agreement(ours: list[list[int]], reference: list[list[int]]) -> tuple[float,
 
 
 def precision_report(model_dir, work, precisions: list[str], base: EngineConfig, progress) -> dict:
-    from ember.runtime.bench import run_ember
-    from ember.runtime.model.tokenizer import TextTokenizer
-
     text = TextTokenizer.from_dir(model_dir).encode(TEXT)
     rows, reference = [], None
     for precision in precisions:

@@ -77,15 +77,15 @@ def test_precision_report_compares_each_precision_with_the_first(tmp_path, capsy
 def test_the_peer_benchmark_drives_servers_with_one_workload_and_plots(tmp_path, capsys):
     from server_helpers import BASE, start
 
-    from ember.runtime import bench_peer
+    from ember.runtime import bench_peer, bench_precisions
 
     server = start(tmp_path / "server")
     try:
-        work = bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
-        assert work == bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
+        work = bench_precisions.text_workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
+        assert work == bench_precisions.text_workload(server.model_dir, 3, (8, 24), (2, 6), seed=0)
         assert all(8 <= len(p) <= 24 for p in work.prompts)
         key = server.keys["acme"]
-        other = bench_peer.workload(server.model_dir, 3, (8, 24), (2, 6), seed=1)
+        other = bench_precisions.text_workload(server.model_dir, 3, (8, 24), (2, 6), seed=1)
         rows = bench_peer.drive({"one": (server.url, key, BASE), "two": (server.url, key, BASE)}, [work, other], [1, 2],
                                 rounds=1)
     finally:

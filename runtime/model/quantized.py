@@ -62,7 +62,7 @@ class Int8Weight:
 class Int4Weight:
     """Asymmetric in groups of 32 along K: w ≈ q * scale + minimum, q in [0, 15]."""
 
-    packed: torch.Tensor  # torch's CPU int4 layout for _weight_int4pack_mm_for_cpu
+    packed: torch.Tensor | None  # torch's CPU int4 layout for _weight_int4pack_mm_for_cpu (None off the CPU)
     nibbles: torch.Tensor  # [N, K/2] uint8, two values a byte (low nibble first): the dequantizing path's copy
     scales_and_zeros: torch.Tensor  # [K/32, N, 2] as the kernel wants: scale and (minimum + 8 * scale)
     scale: torch.Tensor  # [N, K/32]
@@ -78,7 +78,9 @@ class Int4Weight:
         minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((maximum - minimum) / 15).clamp(min=1e-12)
         q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # The weight-only kernel is torch's CPU one; on a GPU only the dequantizing path runs (see matmul.py).
+        packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+                  if weight.device.type == "cpu" else None)
         # The kernel computes (q - 8) * scale + zero.
         scales_and_zeros = torch.stack([scale.t(), (minimum + 8 * scale).t()], dim=-1).contiguous().to(dtype)
         nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
@@ -106,6 +108,8 @@ class Int4Weight:
     @property
     def nbytes(self) -> int:
         """What decode reads: the kernel's packed weight and its scales (the dequantizing copy is prefill's)."""
+        if self.packed is None:
+            return self.nibbles.nbytes + self.scale.nbytes + self.minimum.nbytes
         return self.packed.nbytes + self.scales_and_zeros.nbytes
 
 
