@@ -338,7 +338,7 @@ def ensure_model(args: argparse.Namespace) -> Path:
     return directory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ember.runtime.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a Hugging Face model directory (default: generate --preset)")
     parser.add_argument("--preset", default="bench-100m", help="tiny-model preset to generate when --model is not given")
@@ -365,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default="", help="HTTP mode: the API key")
     parser.add_argument("--served-model", help="HTTP mode: the model (or addon) name to request")
     parser.add_argument("--concurrency", type=int, default=16, help="HTTP mode: requests in flight at once")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.url:
         if not args.served_model:
