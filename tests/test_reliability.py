@@ -335,3 +335,41 @@ def test_keys_are_stored_hashed_and_every_hash_is_compared_in_constant_time(tmp_
         compared.clear()
         assert registry.authenticate(key) == expected
         assert len(compared) == 5  # no early exit: timing does not tell where (or whether) a key matched
+
+
+def test_sigterm_finishes_running_requests_and_takes_no_new_ones(tmp_path):
+    """What a rollout or scale-down relies on: on SIGTERM the replica stops listening, lets every running
+    request finish (streamed to its end, metered), and only then exits."""
+    server = start(tmp_path / "drain")
+    key = server.keys["acme"]
+    body = {"model": BASE, "prompt": "canary-drain-prompt", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    chunks, finish = [], []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    chunks.append(choice)
+                    first.set()
+                    if choice["finish_reason"]:
+                        finish.append(choice["finish_reason"])
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    server.process.send_signal(signal.SIGTERM)
+    streamed_before = len(chunks)
+    assert not finish  # still running when the signal came
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):  # no longer listening
+        httpx.post(f"{server.url}/v1/completions", json=body | {"stream": False}, timeout=5,
+                   headers={"Authorization": f"Bearer {key}"})
+    reader.join(60)
+    # uvicorn re-raises the signal once it has shut down gracefully, so the exit status says SIGTERM.
+    assert server.process.wait(60) in (0, -signal.SIGTERM)
+    assert finish == ["length"] and len(chunks) > streamed_before  # it went on streaming to its end
+    assert [(r["status"], r["completion_tokens"]) for r in usage_records(server)] == [("ok", 400)]
