@@ -19,6 +19,9 @@ DEPLOYMENT_NAME_PATTERN = (
 )
 DATASET_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/datasets/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
+# The Pulumi type token of every Ember resource starts so (Pulumi's dynamic provider, then ember:<Kind>).
+EMBER_TYPE_PREFIX = "pulumi-python:dynamic/ember:"
+
 
 def check_id(value: str, what: str = "ID") -> str:
     """Return `value` if it is a valid account/model/deployment ID, else raise naming it."""

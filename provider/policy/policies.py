@@ -22,13 +22,13 @@ from pulumi_policy import (PolicyConfigSchema, PolicyResource, ReportViolation, 
 from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
 from ember.provider.domain import catalog
-from ember.provider.domain.names import deployment_name, model_name, parse_model_name
+from ember.provider.domain.names import EMBER_TYPE_PREFIX, deployment_name, model_name, parse_model_name
 from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, AcceleratorType, DeploymentSpec, LoRAAddonSpec,
                                         ModelSpec, parse_known)
 
-MODEL = "pulumi-python:dynamic/ember:Model"
-DEPLOYMENT = "pulumi-python:dynamic/ember:Deployment"
-ADDON = "pulumi-python:dynamic/ember:LoRAAddon"
+MODEL = EMBER_TYPE_PREFIX + "Model"
+DEPLOYMENT = EMBER_TYPE_PREFIX + "Deployment"
+ADDON = EMBER_TYPE_PREFIX + "LoRAAddon"
 SPECS = {MODEL: ModelSpec, DEPLOYMENT: DeploymentSpec, ADDON: LoRAAddonSpec}
 KIND = {MODEL: "Model", DEPLOYMENT: "Deployment", ADDON: "LoRAAddon"}
 

@@ -16,13 +16,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ember.provider.domain import catalog
-from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.names import EMBER_TYPE_PREFIX, parse_model_name
 from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, FineTuningJobSpec
 from ember.provider.tools.billing import DEFAULT_PRICES, PriceTable
 
 HOURS_PER_MONTH = 730
 CHARACTERS_PER_TOKEN = 4  # a dataset's tokens before its job has counted them
-TYPE_PREFIX = "pulumi-python:dynamic/ember:"  # as the offline runner's EMBER_TYPE_PREFIX
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,8 @@ def _money(amount: float) -> str:
 
 
 def _resources(entries) -> list[Resource]:
-    return [Resource(kind.removeprefix(TYPE_PREFIX), name, props) for kind, name, props in entries
-            if kind.startswith(TYPE_PREFIX)]
+    return [Resource(kind.removeprefix(EMBER_TYPE_PREFIX), name, props) for kind, name, props in entries
+            if kind.startswith(EMBER_TYPE_PREFIX)]
 
 
 def _local_facts(program, resources: list[Resource], outputs: dict[str, dict]) -> tuple[dict, dict]:

@@ -33,6 +33,7 @@ from pulumi.runtime.settings import ROOT, SETTINGS
 from pulumi.runtime.stack import run_in_stack
 from pulumi.runtime.sync_await import _sync_await
 
+from ember.provider.domain.names import EMBER_TYPE_PREFIX
 from ember.provider.policy.check import RecordingMonitor, Registration
 from ember.provider.providers import diff_rules
 from ember.provider.providers.base import PROVIDER_KEY, EmberProvider, ProviderConfig, has_unknown
@@ -71,9 +72,6 @@ class StackState:
         tmp.write_text(json.dumps({"resources": self.resources, "order": self.order, "outputs": self.outputs},
                                   indent=2, sort_keys=True, default=str))
         tmp.replace(self.path)
-
-
-EMBER_TYPE_PREFIX = "pulumi-python:dynamic/ember:"
 
 
 def _kind(type_token: str) -> str:
