@@ -34,8 +34,10 @@ def run(model, cache, tokens, start, count, all_rows=False):
 run.tables = {}
 
 
-def engine_parts(directory, dtype=torch.float32):
+def engine_parts(directory, dtype=torch.float32, quantized=None):
     weights = load_model(directory, dtype)
+    if quantized:
+        quantize_projections(weights, quantized)
     c = weights.config
     return Llama(weights), KVCache(c.num_hidden_layers, 32, 16, c.num_key_value_heads, c.head_dim, dtype, CPU)
 
@@ -103,12 +105,7 @@ def test_reduced_precision_logits_stay_within_the_stated_tolerance_of_fp32(tmp_p
                            run(reference_model, reference_cache, tokens, 40, 1)])
     run.tables.pop(id(tokens))
     force_kernel(monkeypatch, kernel)
-    weights = load_model(directory, torch.bfloat16)
-    if precision != "bf16":
-        quantize_projections(weights, precision)
-    model = Llama(weights)
-    c = weights.config
-    cache = KVCache(c.num_hidden_layers, 32, 16, c.num_key_value_heads, c.head_dim, torch.bfloat16, CPU)
+    model, cache = engine_parts(directory, torch.bfloat16, None if precision == "bf16" else precision)
     if kernel != "onednn" or torch.backends.mkldnn.is_available():
         assert model.matmul.choice == [kernel] * 3
     ours = torch.cat([run(model, cache, tokens, 0, 40, all_rows=True), run(model, cache, tokens, 40, 1)])

@@ -23,14 +23,11 @@ from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.grammar import Grammars
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
-from ember.runtime.model.quantized import quantize_projections
+from ember.runtime.model.quantized import QUANTIZED, quantize_projections
 from ember.runtime.model.sampling import SamplingParams, TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Weight-only quantized precisions: projection weights in int8 or int4, everything else (activations, KV
-# cache, embeddings, LoRA addons) in bf16.
-QUANTIZED_PRECISIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -110,10 +107,12 @@ class Engine:
     def from_dir(cls, directory: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
         device = config.resolved_device()
         dtype_name = config.dtype or ("fp32" if device.type == "cpu" else "bf16")
-        if dtype_name not in (*DTYPES, *QUANTIZED_PRECISIONS):
-            raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED_PRECISIONS])}")
+        if dtype_name not in (*DTYPES, *QUANTIZED):
+            raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
+        # Weight-only quantized precisions: projection weights in int8 or int4, everything else (activations,
+        # KV cache, embeddings, LoRA addons) in bf16.
         weights = load_model(directory, DTYPES.get(dtype_name, torch.bfloat16), device)
-        if dtype_name in QUANTIZED_PRECISIONS:
+        if dtype_name in QUANTIZED:
             quantize_projections(weights, dtype_name)
         max_len = min(config.max_model_len or weights.config.max_position_embeddings, weights.config.max_position_embeddings)
         return cls(Llama(weights, max_positions=max_len), TextTokenizer.from_dir(directory), config)

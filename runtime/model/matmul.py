@@ -48,7 +48,7 @@ def _dequantized(x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.T
 def candidates(probe: Weight) -> dict[str, Kernel]:
     if isinstance(probe, (Int8Weight, Int4Weight)):
         kernels = {"dequantize": (_same, _dequantized)}
-        if probe.scale.device.type == "cpu":
+        if probe.device.type == "cpu":
             kernels["weight-only"] = (_same, _weight_only)
         return kernels
     kernels = {"linear": (_same, F.linear)}
@@ -70,8 +70,7 @@ class Matmul:
         kernels = candidates(probe)
         self.choice: list[str] = []
         for _, rows in self.ROW_CLASSES:
-            x = torch.randn(rows, probe.shape[1], dtype=dtype, device=probe.device if isinstance(probe, torch.Tensor)
-                            else probe.scale.device)
+            x = torch.randn(rows, probe.shape[1], dtype=dtype, device=probe.device)
             timings = {name: _seconds(run, x, prepare(probe), None) for name, (prepare, run) in kernels.items()}
             self.choice.append(min(timings, key=timings.get) if len(kernels) > 1 else next(iter(kernels)))
         self.run = {name: kernels[name][1] for name in set(self.choice)}

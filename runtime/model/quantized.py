@@ -50,6 +50,10 @@ class Int8Weight:
     def shape(self) -> torch.Size:
         return self.q.shape
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
     def numel(self) -> int:
         return self.q.numel()
 
@@ -101,6 +105,10 @@ class Int4Weight:
     @property
     def shape(self) -> torch.Size:
         return torch.Size([self.nibbles.shape[0], self.nibbles.shape[1] * 2])
+
+    @property
+    def device(self) -> torch.device:
+        return self.nibbles.device
 
     def numel(self) -> int:
         return self.nibbles.numel() * 2
