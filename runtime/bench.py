@@ -51,6 +51,11 @@ def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int
     return Workload(prompts, [o for _, o in lengths])
 
 
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (inclusive method); the value itself for one, 0 for none."""
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
+
+
 @dataclass
 class Result:
     name: str
@@ -65,18 +70,15 @@ class Result:
         return self.output_tokens / self.seconds
 
     def summary(self) -> dict:
-        def pct(values: list[float], q: float) -> float:
-            return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
         return {
             "engine": self.name,
             "seconds": round(self.seconds, 3),
             "output_tokens": self.output_tokens,
             "output_tokens_per_s": round(self.tokens_per_s, 2),
-            "latency_p50_s": round(pct(self.latencies, 50), 3),
-            "latency_p90_s": round(pct(self.latencies, 90), 3),
-            "ttft_p50_s": round(pct(self.ttfts, 50), 3),
-            "ttft_p90_s": round(pct(self.ttfts, 90), 3),
+            "latency_p50_s": round(percentile(self.latencies, 50), 3),
+            "latency_p90_s": round(percentile(self.latencies, 90), 3),
+            "ttft_p50_s": round(percentile(self.ttfts, 50), 3),
+            "ttft_p90_s": round(percentile(self.ttfts, 90), 3),
         }
 
 
@@ -199,15 +201,12 @@ def http_main(args: argparse.Namespace) -> int:
     progress(f"{args.requests} requests to {args.url} as {args.served_model}, {args.concurrency} at a time")
     result, gaps = asyncio.run(_http_run(args.url, args.api_key, args.served_model, work, args.concurrency))
 
-    def pct(values: list[float], q: int) -> float:
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
-
     report = {"url": args.url, "model": args.served_model, "concurrency": args.concurrency,
               "output_tokens": result.output_tokens, "seconds": round(result.seconds, 3),
               "output_tokens_per_s": round(result.tokens_per_s, 2)}
     for name, values in (("ttft", result.ttfts), ("itl", gaps), ("latency", result.latencies)):
         for q in (50, 90, 99):
-            report[f"{name}_p{q}_ms"] = round(pct(values, q) * 1000, 2)
+            report[f"{name}_p{q}_ms"] = round(percentile(values, q) * 1000, 2)
     print(f"throughput: {report['output_tokens_per_s']:.1f} output tokens/s ({result.output_tokens} tokens in "
           f"{result.seconds:.2f} s, concurrency {args.concurrency})")
     for name in ("ttft", "itl", "latency"):

@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ember.runtime.bench import Workload, _http_run, progress
+from ember.runtime.bench import Workload, _http_run, percentile, progress
 from ember.runtime.bench_precisions import text_workload
 
 BASE_MODEL = "accounts/bench/models/base"  # the name Ember serves the model under (llama-server ignores it)
@@ -81,12 +80,9 @@ def start_peer(server: Path, gguf: Path, threads: int, slots: int, root: Path) -
 
 
 def summarize(name: str, concurrency: int, result, gaps: list[float]) -> dict:
-    def pct(values: list[float], q: int) -> float:
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
-
     return {"server": name, "concurrency": concurrency, "output_tokens": result.output_tokens,
             "output_tokens_per_s": round(result.tokens_per_s, 2),
-            **{f"{metric}_p{q}_ms": round(pct(values, q) * 1000, 2)
+            **{f"{metric}_p{q}_ms": round(percentile(values, q) * 1000, 2)
                for metric, values in (("ttft", result.ttfts), ("itl", gaps)) for q in (50, 99)}}
 
 

@@ -53,19 +53,28 @@ def text_workload(model_dir: Path, requests: int, prompt_range: tuple[int, int],
     return Workload(prompts, outputs)
 
 
+def prompt_logits(engine: Engine, tokens: list[int], adapter: str | None = None) -> torch.Tensor:
+    """Teacher-forced logits of every position of `tokens` [len, vocab], through the engine's paged cache (and
+    the addon's LoRA slot), with the cache blocks given back afterwards."""
+    table: list[int] = []
+    allocator = engine.cache.allocator
+    allocator.grow(table, len(tokens))
+    slots = engine.lora.activate({adapter}) if adapter else {}
+    chunk = ScheduledChunk(tokens, 0, len(tokens), table, slots.get(adapter, -1))
+    batch = build([chunk], engine.cache.block_size, engine.device)
+    batch.sample_rows = torch.arange(len(tokens), device=engine.device)
+    lora_step = engine.runner.lora_hook.step_metadata(batch) if engine.runner.lora_hook else None
+    try:
+        return engine.model.forward(batch, engine.cache, lora_step)
+    finally:
+        allocator.release(table)
+
+
 def perplexity(engine: Engine, tokens: list[int]) -> float:
     """exp of the mean negative log-likelihood of each token given the ones before it (the first
     max_model_len tokens)."""
     tokens = tokens[: engine.max_model_len]
-    table: list[int] = []
-    allocator = engine.cache.allocator
-    allocator.grow(table, len(tokens))
-    try:
-        batch = build([ScheduledChunk(tokens, 0, len(tokens), table)], engine.cache.block_size, engine.device)
-        batch.sample_rows = torch.arange(len(tokens), device=engine.device)
-        logits = engine.model.forward(batch, engine.cache)
-    finally:
-        allocator.release(table)
+    logits = prompt_logits(engine, tokens)
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
     targets = torch.tensor(tokens[1:], device=logprobs.device)
     return math.exp(-logprobs.gather(1, targets[:, None]).mean().item())
@@ -78,6 +87,7 @@ def decode_tokens_per_s(engine: Engine, prompt: list[int], tokens: int = 64) -> 
 
 
 def weight_bytes(engine: Engine) -> int:
+    """Bytes of the weights a decode step reads: projections, LM head and norms (not the embedding table)."""
     w = engine.model.weights
     projections = [t for layer in w.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [w.lm_head]
     norms = [w.norm] + [t for layer in w.layers for t in (layer.input_norm, layer.post_norm)]

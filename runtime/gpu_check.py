@@ -27,7 +27,7 @@ import torch
 
 from ember.runtime import tinymodels
 from ember.runtime.bench import Workload, make_workload, progress, run_ember
-from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.bench_precisions import prompt_logits, weight_bytes
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.sampling import SamplingParams
 
@@ -48,20 +48,6 @@ def logits_share(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours.float() - reference.float()).abs().max() / reference.float().abs().max())
 
 
-def ember_logits(engine: Engine, tokens: list[int], adapter: str | None = None) -> torch.Tensor:
-    table: list[int] = []
-    engine.cache.allocator.grow(table, len(tokens))
-    slots = engine.lora.activate({adapter}) if adapter else {}
-    chunk = ScheduledChunk(tokens, 0, len(tokens), table, slots.get(adapter, -1))
-    batch = build([chunk], engine.cache.block_size, engine.device)
-    batch.sample_rows = torch.arange(len(tokens), device=engine.device)
-    lora_step = engine.runner.lora_hook.step_metadata(batch) if engine.runner.lora_hook else None
-    try:
-        return engine.model.forward(batch, engine.cache, lora_step)
-    finally:
-        engine.cache.allocator.release(table)
-
-
 def check_logits(root: Path, device: str = "cuda") -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +57,7 @@ def check_logits(root: Path, device: str = "cuda") -> dict:
     tokens = list(range(20, 220))
     with torch.no_grad():
         reference = hf(torch.tensor([tokens], device=device)).logits[0]
-    share = logits_share(ember_logits(engine, tokens), reference)
+    share = logits_share(prompt_logits(engine, tokens), reference)
     prompts = [list(range(30 + 7 * i, 90 + 11 * i)) for i in range(8)]
     ours = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     same = 0
@@ -107,7 +93,7 @@ def check_lora(root: Path, device: str = "cuda") -> dict:
             model = peft.PeftModel.from_pretrained(hf, path).eval()
         with torch.no_grad():
             reference = model(torch.tensor([tokens], device=device)).logits[0]
-        shares[name] = round(logits_share(ember_logits(engine, tokens, name), reference), 5)
+        shares[name] = round(logits_share(prompt_logits(engine, tokens, name), reference), 5)
     # One mixed batch: each row's tokens equal that adapter's alone.
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     names = list(adapters) + [None]
@@ -125,10 +111,8 @@ def bench_8b(root: Path) -> dict:
     progress(f"written in {time.perf_counter() - start:.0f} s; loading")
     engine = Engine.from_dir(directory, EngineConfig(device="cuda", dtype="bf16", max_num_seqs=64,
                                                      max_num_batched_tokens=8192))
-    weights = engine.model.weights
-    weight_bytes = sum(t.nbytes for layer in weights.layers for t in vars(layer).values() if t is not None)
-    weight_bytes += weights.lm_head.nbytes + weights.norm.nbytes
-    vocab = weights.config.vocab_size
+    read_per_token = weight_bytes(engine)
+    vocab = engine.model.config.vocab_size
     prompt = make_workload(1, (128, 128), (1, 1), vocab, seed=3).prompts[0]
     run_ember(engine, Workload([prompt], [16]), name="warm-up")
     torch.cuda.synchronize()
@@ -136,12 +120,12 @@ def bench_8b(root: Path) -> dict:
     per_token = (decode.latencies[0] - decode.ttfts[0]) / 127
     name = torch.cuda.get_device_name()
     tb_s = bandwidth(name)
-    roofline = tb_s * 1e12 / weight_bytes if tb_s else None
+    roofline = tb_s * 1e12 / read_per_token if tb_s else None
     progress("64 concurrent requests")
     work = make_workload(64, (128, 512), (128, 128), vocab, seed=0)
     run_ember(engine, make_workload(8, (64, 64), (8, 8), vocab, seed=1), name="warm-up")
     result = run_ember(engine, work, name="64 concurrent")
-    return {"gpu": name, "weight_gb": round(weight_bytes / 1e9, 2), "hbm_tb_s": tb_s,
+    return {"gpu": name, "weight_gb": round(read_per_token / 1e9, 2), "hbm_tb_s": tb_s,
             "batch1_decode_tokens_per_s": round(1 / per_token, 1),
             "roofline_tokens_per_s": round(roofline, 1) if roofline else None,
             "roofline_share": round(1 / per_token / roofline, 3) if roofline else None,

@@ -10,7 +10,7 @@ from file_edits import edit_json, edit_tensors
 from runtime_helpers import hf_model, make
 
 from ember.runtime import tinymodels
-from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.bench_precisions import prompt_logits
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.lora.adapters import AdapterError, load_adapter
 from ember.runtime.model.config import ModelConfig
@@ -51,18 +51,6 @@ def prompts(n, seed=0):
     return [[rng.randrange(16, 500) for _ in range(rng.randint(4, 40))] for _ in range(n)]
 
 
-def ember_logits(eng, tokens, adapter):
-    slots = eng.lora.activate({adapter})
-    table = []
-    eng.cache.allocator.grow(table, len(tokens))
-    batch = build([ScheduledChunk(tokens, 0, len(tokens), table, slots[adapter])], eng.cache.block_size, eng.device)
-    batch.sample_rows = torch.arange(len(tokens))
-    try:
-        return eng.model.forward(batch, eng.cache, eng.runner.lora_hook.step_metadata(batch))
-    finally:
-        eng.cache.allocator.release(table)
-
-
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_logits_match_peft_and_merged_weights(base, adapters, name):
     eng = engine(base, adapters)
@@ -73,7 +61,7 @@ def test_logits_match_peft_and_merged_weights(base, adapters, name):
     with torch.no_grad():
         unmerged = model(torch.tensor([tokens])).logits[0]
         merged = model.merge_and_unload()(torch.tensor([tokens])).logits[0]
-    ours = ember_logits(eng, tokens, name)
+    ours = prompt_logits(eng, tokens, name)
     torch.testing.assert_close(ours, unmerged, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(ours, merged, atol=5e-5, rtol=1e-5)
 
