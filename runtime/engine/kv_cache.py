@@ -34,6 +34,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV cache needs at least one block of at least one token, got {num_blocks} x {block_size}")
+        # Whether the scheduler hashes blocks to find and register them (match/register go unused when not).
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.free: deque[int] = deque(range(num_blocks))  # blocks holding nothing reusable
         self.refs = [0] * num_blocks
@@ -85,8 +86,6 @@ class BlockAllocator:
     def match(self, hashes: list[bytes], table: list[int]) -> int:
         """Put the cached blocks of the longest cached prefix of `hashes` in the empty `table`, holding them;
         returns how many."""
-        if not self.prefix_caching:
-            return 0
         for h in hashes:
             block = self.by_hash.get(h)
             if block is None:
@@ -100,8 +99,6 @@ class BlockAllocator:
     def register(self, table: list[int], hashes: list[bytes]) -> None:
         """Make the table's full blocks findable by their hashes (a block already cached under its hash, or
         a hash another block already answers for, is left as it is)."""
-        if not self.prefix_caching:
-            return
         for block, h in zip(table, hashes):
             if block not in self.hash_of and h not in self.by_hash:
                 self.by_hash[h], self.hash_of[block] = block, h

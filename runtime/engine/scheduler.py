@@ -104,6 +104,8 @@ class Scheduler:
         return scheduled
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
+        if not self.allocator.prefix_caching:  # no hashing at all when nothing is cached
+            return
         block_size = self.allocator.block_size
         hashes = block_hashes(seq.tokens, len(seq.tokens), block_size, seq.cache_namespace, seq.block_hashes)
         usable = (len(seq.tokens) - 1) // block_size  # the last token is always computed: its logits are sampled
@@ -120,6 +122,8 @@ class Scheduler:
 
     def computed(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """After a step: the blocks it filled are now findable by the next sequence with the same prefix."""
+        if not self.allocator.prefix_caching:
+            return
         block_size = self.allocator.block_size
         for seq, n in scheduled:
             before, full = (seq.num_computed - n) // block_size, seq.num_computed // block_size
