@@ -80,6 +80,7 @@ class DeploymentArgs:
     max_loras: pulumi.Input[int] | None = None
     max_lora_rank: pulumi.Input[int] | None = None
     request_logging: RequestLoggingArgs | None = None
+    kubernetes_workload: pulumi.Input[dict] | None = None  # set by KubernetesDeployment
     display_name: pulumi.Input[str] | None = None
     description: pulumi.Input[str] | None = None
 

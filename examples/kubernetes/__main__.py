@@ -3,6 +3,7 @@
     pulumi config set ember:storeUrl s3://ember-models/store          # where the provider uploads
     pulumi config set --secret storeAccessKey …; pulumi config set --secret storeSecretKey …
     pulumi config set kubeconfig ~/.kube/config                       # optional: the ambient one otherwise
+    pulumi config set namespace ember                                 # labelled for Pod Security `restricted`
     pulumi up
 
 `ember quickstart` puts the model and the poet addon under ../quickstart/models first, and
@@ -27,11 +28,11 @@ base = Model("smollm2-135m-instruct", ModelArgs(account_id=ACCOUNT,
 cluster = KubernetesArgs(image=config.get("image"), namespace=config.get("namespace"), store_url=config.get("storeUrl"),
                          store_credentials={"AWS_ACCESS_KEY_ID": config.get_secret("storeAccessKey") or "",
                                             "AWS_SECRET_ACCESS_KEY": config.get_secret("storeSecretKey") or ""},
-                         provider=provider)
+                         provider=provider, kubeconfig=kubeconfig)
 gpu = KubernetesDeployment(
     "smollm2-gpu",
     DeploymentArgs(account_id=ACCOUNT, base_model=base, accelerator_type=config.get("acceleratorType"),
-                   accelerator_count=1, min_replicas=config.get_int("minReplicas"),
+                   accelerator_count=config.get_int("acceleratorCount") or 1, min_replicas=config.get_int("minReplicas"),
                    max_replicas=config.get_int("maxReplicas"), max_loras=8),
     cluster,
 )

@@ -1,19 +1,22 @@
 """The Kubernetes cluster backend: an Ember deployment as pulumi-kubernetes resources.
 
-`KubernetesDeployment` is a component whose children `pulumi preview` shows: the Ember `Deployment`
-(cluster="kubernetes": it registers the deployment and its desired addon set in the model store), a
-`Secret` with the store credentials, an apps/v1 `Deployment` of the runtime image (GPU requests and
-limits from the accelerator count, node selection by accelerator type, probes on /health), a `Service`,
-a `PodDisruptionBudget`, and a `HorizontalPodAutoscaler` when the replica range can move. pulumi-kubernetes
-applies them and waits for the rollout; nothing here talks to the cluster itself.
+`KubernetesDeployment` is a component whose children `pulumi preview` shows: a `Secret` with the store
+credentials, an apps/v1 `Deployment` of the runtime image (GPU requests and limits from the accelerator count,
+node selection by accelerator type, probes on /health, the Pod Security `restricted` profile, a drain on
+rollouts), a `Service`, a `PodDisruptionBudget`, a `NetworkPolicy`, a `HorizontalPodAutoscaler` when the replica
+range can move, and the Ember `Deployment` (cluster="kubernetes": it registers the deployment and its desired
+addon set in the model store). pulumi-kubernetes applies them and waits for the rollout; the Ember Deployment
+comes after the rollout, so it reports READY only once Kubernetes has the replicas running. Nothing here talks
+to the cluster itself.
 
 `KubernetesFineTuningJob` trains a FineTuningJob as a batch/v1 `Job` (GPU requests, node selection by
 accelerator type, no retries) whose pod reads the base model and datasets from the store and writes the adapter
 and its metrics back; the Ember `FineTuningJob` (cluster="kubernetes") depends on it and, once
 pulumi-kubernetes has seen the Job complete, stores the adapter as the addon model.
 
-Replicas load the base model from the store at start and reconcile addons from it on a timer, with the
-same runtime code as the local cluster, so attaching an addon needs no pod restart.
+Replicas load the base model from the store at start and reconcile addons from it on a timer (an addon set not
+written yet is an empty one), with the same runtime code as the local cluster, so attaching an addon needs no
+pod restart.
 
 HPA requirements: the autoscaler scales on the pods metric `ember_running_requests` (each replica's
 /metrics), so the cluster needs a metrics pipeline that serves pod custom metrics (for example
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import pulumi
@@ -57,8 +60,18 @@ class KubernetesArgs:
     # Environment for fsspec's store backend (AWS_ACCESS_KEY_ID …); kept in a Secret, never in a manifest.
     store_credentials: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     provider: k8s.Provider | None = None  # a kubeconfig/namespace provider; the ambient kubeconfig otherwise
+    # The kubeconfig file the provider uses (a path), for the Ember Deployment, which waits for the rollout
+    # through it; the ambient kubeconfig when None.
+    kubeconfig: str | None = None
     cpu: str = "2"  # requests per replica besides accelerators
     memory: str = "16Gi"
+    # The longest request a rollout or scale-down lets finish: a replica told to stop finishes what it runs
+    # (the runtime drains on SIGTERM) for up to this long before Kubernetes kills it.
+    drain_s: int = 300
+    # Where the pods may connect besides DNS: the store's address ranges (a NetworkPolicy names addresses, not
+    # hosts). Anywhere by default; narrow it to the store's ranges (e.g. the S3 prefix list of its region).
+    store_cidrs: Sequence[str] = ("0.0.0.0/0",)
+    store_port: int = 443
 
 
 # Stands in for a base model that is a Model resource (its name is known only once it exists) while the
@@ -90,6 +103,25 @@ def placement(accelerator: AcceleratorType) -> dict:
     return pod
 
 
+# Pod Security Admission's `restricted` profile: a non-root user (the image's, uid 1000), no privilege
+# escalation, no capabilities, the runtime's default seccomp profile; the root filesystem is read-only, so
+# everything the runtime writes goes to the volumes below.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+SCRATCH = {"cache": "/var/cache/ember", "logs": "/var/log/ember", "tmp": "/tmp", "shm": "/dev/shm"}
+# Endpoints stop routing to a stopping pod a moment after it is marked terminating; the pre-stop wait covers
+# that moment so no new request reaches a replica that has begun to drain.
+PRE_STOP_S = 10
+
+
+def writable_volumes(names: Sequence[str]) -> tuple[list[dict], list[dict]]:
+    """(pod volumes, container mounts) for the writable folders of a read-only root filesystem."""
+    volumes = [{"name": name, "emptyDir": {"medium": "Memory"} if name == "shm" else {}} for name in names]
+    return volumes, [{"name": name, "mountPath": SCRATCH[name]} for name in names]
+
+
 def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[list[str]], secret_name) -> dict:
     probe = {"httpGet": {"path": "/health", "port": RUNTIME_PORT}, "periodSeconds": 10, "timeoutSeconds": 5}
     return {
@@ -105,16 +137,21 @@ def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[
         "startupProbe": {**probe, "failureThreshold": 120},
         "readinessProbe": probe,
         "livenessProbe": {**probe, "failureThreshold": 6},
-        "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/ember"},
-                         {"name": "logs", "mountPath": "/var/log/ember"}],
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": writable_volumes(list(SCRATCH))[1],
     }
 
 
-def workload_spec(spec: DeploymentSpec, selector: dict, pod_labels: dict, runtime: dict) -> dict:
+def workload_spec(spec: DeploymentSpec, cluster: KubernetesArgs, selector: dict, pod_labels: dict,
+                  runtime: dict) -> dict:
     """The apps/v1 Deployment's spec: one pod template of the runtime, on nodes of the accelerator type."""
     pod_spec = {
         "containers": [runtime],
-        "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "logs", "emptyDir": {}}],
+        "volumes": writable_volumes(list(SCRATCH))[0],
+        "securityContext": POD_SECURITY,
+        "automountServiceAccountToken": False,  # the runtime never talks to the API server
+        "terminationGracePeriodSeconds": PRE_STOP_S + cluster.drain_s,
     } | placement(spec.accelerator_type)
     workload = {
         "selector": {"matchLabels": selector},
@@ -139,6 +176,27 @@ def autoscaler_spec(spec: DeploymentSpec, workload_name: pulumi.Input[str]) -> d
         "behavior": {"scaleUp": {"stabilizationWindowSeconds": policy.scale_up_window_s},
                      "scaleDown": {"stabilizationWindowSeconds": policy.scale_down_window_s}},
     }
+
+
+def network_policy_spec(selector: dict, cluster: KubernetesArgs) -> dict:
+    """In: only the runtime's port (the Service's target). Out: DNS, and the store."""
+    return {
+        "podSelector": {"matchLabels": selector},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"ports": [{"protocol": "TCP", "port": RUNTIME_PORT}]}],
+        "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                   {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cluster.store_cidrs],
+                    "ports": [{"protocol": "TCP", "port": cluster.store_port}]}],
+    }
+
+
+def wait_at_most(seconds: float) -> pulumi.ResourceOptions:
+    """How long pulumi-kubernetes waits for the object to be ready (its default is 10 minutes)."""
+    return pulumi.ResourceOptions(custom_timeouts=pulumi.CustomTimeouts(create=f"{seconds:g}s", update=f"{seconds:g}s"))
+
+
+def digest_of(template: dict) -> str:
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def store_secret(resource_name: str, metadata: dict, cluster: KubernetesArgs, opts: pulumi.ResourceOptions):
@@ -170,7 +228,6 @@ class KubernetesDeployment(pulumi.ComponentResource):
         runtime_args = pulumi.Output.all(model_url, base_name).apply(lambda values: serve_arguments(
             spec, values[0], values[1], store, "/var/log/ember/requests.jsonl")
             + ["--host", "0.0.0.0", "--port", str(RUNTIME_PORT)])
-        self.deployment = Deployment(resource_name, args, pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
         pod_labels = labels(spec, base_name)
         name = f"ember-{spec.account_id}-{spec.deployment_id}"[:63].rstrip("-")
@@ -179,16 +236,25 @@ class KubernetesDeployment(pulumi.ComponentResource):
 
         secret = store_secret(resource_name, metadata, cluster, child)
         runtime = container(spec, cluster, runtime_args, secret.metadata["name"])
-        workload = k8s.apps.v1.Deployment(resource_name, metadata=metadata,
-                                          spec=workload_spec(spec, selector, pod_labels, runtime),
-                                          opts=pulumi.ResourceOptions(parent=self, provider=cluster.provider,
-                                                                      depends_on=[self.deployment]))
+        template = workload_spec(spec, cluster, selector, pod_labels, runtime)
+        # The Ember Deployment waits for the rollout (pulumi-kubernetes does not: its wait cannot say why pods
+        # are not scheduled), and is READY once Kubernetes runs the replicas. Pods started before it read an
+        # empty addon set until it is registered.
+        workload = k8s.apps.v1.Deployment(resource_name, metadata={**metadata, "annotations": {
+            "pulumi.com/skipAwait": "true"}}, spec=template, opts=child)
+        target = pulumi.Output.all(cluster.namespace, workload.metadata["name"], template).apply(
+            lambda v: {"namespace": v[0], "name": v[1], "kubeconfig": cluster.kubeconfig,
+                       "template_digest": digest_of(v[2])})
+        self.deployment = Deployment(resource_name, replace(args, kubernetes_workload=target),
+                                     pulumi.ResourceOptions(parent=self, depends_on=[workload]))
         service = k8s.core.v1.Service(f"{resource_name}-service", metadata=metadata, spec={
             "selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": RUNTIME_PORT}]}, opts=child)
         k8s.policy.v1.PodDisruptionBudget(f"{resource_name}-pdb", metadata=metadata, spec={
             "selector": {"matchLabels": selector},
             "maxUnavailable": 1,  # voluntary disruptions take at most one replica at a time
         }, opts=child)
+        k8s.networking.v1.NetworkPolicy(f"{resource_name}-network", metadata=metadata,
+                                        spec=network_policy_spec(selector, cluster), opts=child)
         if spec.max_replicas > spec.min_replicas:
             k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{resource_name}-hpa", metadata=metadata,
                                                        spec=autoscaler_spec(spec, workload.metadata["name"]), opts=child)
@@ -202,7 +268,7 @@ class KubernetesFineTuningJob(pulumi.ComponentResource):
 
     def __init__(self, resource_name: str, args: FineTuningJobArgs, cluster: KubernetesArgs,
                  accelerator_type: str = AcceleratorType.NVIDIA_H100_80GB.value, accelerator_count: int = 1,
-                 opts: pulumi.ResourceOptions | None = None):
+                 training_timeout_s: float = 24 * 3600, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ember:kubernetes:FineTuningJob", resource_name, None, opts)
         if not isinstance(args.dataset, Dataset) or not isinstance(args.evaluation_dataset, (Dataset, type(None))):
             raise ValueError("dataset: a KubernetesFineTuningJob's datasets are Dataset resources of this program "
@@ -244,12 +310,14 @@ class KubernetesFineTuningJob(pulumi.ComponentResource):
                    "envFrom": [{"secretRef": {"name": secret.metadata["name"]}}],
                    "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
                    "resources": container_resources(accelerator, accelerator_count, cluster.cpu, cluster.memory),
-                   "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/ember"}]}
+                   "securityContext": CONTAINER_SECURITY,
+                   "volumeMounts": writable_volumes(["cache", "tmp", "shm"])[1]}
         workload = k8s.batch.v1.Job(resource_name, metadata=metadata, spec={
             "backoffLimit": 0,  # a failed training is reported, not retried: the same inputs fail the same way
             "template": {"metadata": {"labels": metadata["labels"]}, "spec": {
-                "restartPolicy": "Never", "containers": [trainer], "volumes": [{"name": "cache", "emptyDir": {}}],
-            } | placement(accelerator)}}, opts=child)
+                "restartPolicy": "Never", "containers": [trainer], "volumes": writable_volumes(["cache", "tmp", "shm"])[0],
+                "securityContext": POD_SECURITY, "automountServiceAccountToken": False,
+            } | placement(accelerator)}}, opts=pulumi.ResourceOptions.merge(child, wait_at_most(training_timeout_s)))
         self.job = FineTuningJob(resource_name, replace(args, job_id=job_id, cluster="kubernetes",
                                                         training_url=training_url),
                                  pulumi.ResourceOptions(parent=self, depends_on=[workload]))

@@ -437,6 +437,17 @@ class RequestLogging(Spec):
         return self
 
 
+class KubernetesWorkload(Spec):
+    """The apps/v1 Deployment whose rollout a Kubernetes deployment waits for (set by KubernetesDeployment)."""
+
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=63)
+    kubeconfig: str | None = Field(None, description="a kubeconfig file's path; the ambient kubeconfig (KUBECONFIG, "
+                                                     "~/.kube/config, or the pod's service account) when omitted")
+    template_digest: str = Field(description="a digest of its spec (pod template, replicas): a new one means a "
+                                             "rollout to wait for")
+
+
 class DeploymentSpec(Spec):
     """A base model (plus its loaded addons) served on hardware."""
 
@@ -458,6 +469,8 @@ class DeploymentSpec(Spec):
     max_loras: int = Field(8, ge=1, le=128, description="addons active on the accelerator at once (more wait in host memory)")
     max_lora_rank: int = Field(DEFAULT_MAX_LORA_RANK, json_schema_extra={"enum": list(LORA_RANK_BUCKETS)})
     request_logging: RequestLogging = RequestLogging()
+    kubernetes_workload: KubernetesWorkload | None = Field(
+        None, description="cluster='kubernetes': the pods' apps/v1 Deployment, whose rollout create and update wait for")
     display_name: DisplayName | None = None
     description: Text | None = None
 
@@ -479,6 +492,8 @@ class DeploymentSpec(Spec):
             object.__setattr__(self, "precision", precision)
         if self.min_replicas > self.max_replicas:
             raise FieldError("min_replicas", f"{self.min_replicas} is more than max_replicas {self.max_replicas}")
+        if self.kubernetes_workload is not None and self.cluster != "kubernetes":
+            raise FieldError("kubernetes_workload", f"is set, but cluster is {self.cluster!r}")
         to_zero = self.autoscaling.scale_to_zero_window_s
         if self.cluster == "kubernetes" and to_zero is not None:
             raise FieldError("autoscaling.scale_to_zero_window_s", f"{to_zero} given, but a Kubernetes "

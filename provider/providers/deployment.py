@@ -7,6 +7,7 @@ from typing import Any
 
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
+from ember.provider.backends.kubernetes_rollout import RolloutError, wait_for_rollout
 from ember.provider.backends.local_cluster import ClusterError, LocalCluster
 from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.runtime_command import serve_arguments
@@ -47,10 +48,18 @@ class DeploymentProvider(EmberProvider):
         store.write_deployment_record(record)
         store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)  # replicas read it
         if spec.cluster == "kubernetes":
-            # Pods are pulumi-kubernetes resources declared beside this one; they read this store themselves.
-            store.write_deployment_record(record.model_copy(update={"created": True}))
+            # Pods are pulumi-kubernetes resources declared beside this one (applied before it); they read this
+            # store themselves. READY once their rollout completed.
+            ready = None
+            if spec.kubernetes_workload:
+                try:
+                    ready = wait_for_rollout(spec, self.config.ready_timeout_s, progress).ready
+                except RolloutError as exc:
+                    raise EmberError(str(exc)) from None
+            if creating:
+                store.write_deployment_record(record.model_copy(update={"created": True}))
             return {"name": spec.name, "state": DeploymentState.READY.value, "message": None, "endpoints": [],
-                    "ready_replicas": 0, "serving_digest": base.digest}
+                    "ready_replicas": ready, "serving_digest": base.digest}
         request_log = self.config.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
         request_log.parent.mkdir(parents=True, exist_ok=True)
         command = serve_arguments(spec, str(store.local_path(base.object)), spec.base_model, store.urls,

@@ -91,8 +91,13 @@ class Replica:
             log.warning("addon %s refused: %s", name, exc)
 
     def _reconcile(self, engine: Engine) -> dict:
-        with fsspec.open(self.config.desired_addons_url, "r") as f:
-            desired = json.load(f)
+        try:
+            with fsspec.open(self.config.desired_addons_url, "r") as f:
+                desired = json.load(f)
+        except FileNotFoundError:
+            # Not written yet: on Kubernetes the pods start before the deployment is registered (it is
+            # registered once their rollout completes), and no addon can be attached before that.
+            desired = {}
         if engine.lora is None:
             return {"failed": dict.fromkeys(desired, "this deployment serves no addons (max_loras=0)")}
         before = set(engine.served_addons)
