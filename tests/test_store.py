@@ -81,6 +81,38 @@ def test_twenty_parallel_changes_to_one_desired_set_all_land(store):
     assert sorted(store.desired_addons("acme", "prod")) == sorted(names)
 
 
+def test_two_deletes_of_one_unreferenced_object_side_by_side(store, tiny_model):
+    """Found by `destroy` on a real cluster: two addons of the same weights, deleted in parallel, both saw the
+    object unreferenced and both removed it; the second failed on the files the first had removed."""
+    digest, _ = store.put_directory(tiny_model)
+    both_checked = threading.Barrier(2, timeout=1)
+    exists = store.fs.exists
+
+    def exists_once_both_checked(path):
+        try:
+            both_checked.wait()  # without the lock both get here before either removes; with it, one waits
+        except threading.BrokenBarrierError:
+            pass
+        return exists(path)
+
+    store.fs.exists = exists_once_both_checked
+    errors = []
+
+    def delete():
+        try:
+            store.delete_object(digest)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=delete) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.fs.exists = exists
+    assert errors == [] and not store.fs.exists(store.paths.object(digest))
+
+
 def test_keys_are_created_once_and_stored_hashed(store, tmp_path):
     key = store.ensure_key("acme", tmp_path / "keys")
     assert store.ensure_key("acme", tmp_path / "keys") == key

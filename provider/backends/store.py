@@ -102,9 +102,13 @@ class Store:
         """Remove an object nobody's manifest refers to any more."""
         if not digest.startswith("sha256:"):
             return
-        if any(m.digest == digest for m in self.manifests()) or any(d.digest == digest for d in self.dataset_records()):
-            return
-        self.discard_object(digest)
+        # Two addons of the same weights deleted side by side (one `destroy`) both find the object unreferenced:
+        # one removes it, the other then finds nothing to remove.
+        with self._locked(f"object {digest}"):
+            if any(m.digest == digest for m in self.manifests()) or \
+                    any(d.digest == digest for d in self.dataset_records()):
+                return
+            self.discard_object(digest)
 
     def discard_object(self, digest: str) -> None:
         """Remove an object's files whoever refers to it: a damaged object, before it is uploaded again."""
