@@ -4,8 +4,8 @@ and kwok (nodes and pod lifecycles simulated: no kubelet, no container runs), wi
     python tools/kubernetes/cluster.py            # starts one, prints its kubeconfig, stops on Ctrl-C
 
 The binaries come from install.sh (built once from the Go module proxy). Everything the cluster writes lives
-in one temporary folder; stopping it kills every process and removes the folder. The tests start one per
-session through a pytest fixture (tests/conftest.py).
+in one temporary folder; stopping it kills every process and removes the folder. The `cluster` tests start
+one per test module (tests/test_kubernetes_cluster.py).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class Cluster:
         self.bin_dir, self.nodes = bin_dir, nodes
         self.dir = Path(tempfile.mkdtemp(prefix="ember-cluster-"))
         self.kubeconfig = self.dir / "kubeconfig"
+        self.ca = self.dir / "pki" / "apiserver.crt"
         self.processes: dict[str, subprocess.Popen] = {}
         self.server = ""
 
@@ -118,6 +119,9 @@ class Cluster:
                     "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                     f"--service-account-key-file={self.dir / 'sa.pub'}",
                     f"--service-account-signing-key-file={self.dir / 'sa.key'}")
+        # The API server makes itself a CA and a serving certificate for 127.0.0.1 (the CA's certificate is in
+        # the same file): clients verify it with that file.
+        self._wait(lambda: self.ca.exists(), "kube-apiserver's certificate", deadline)
         self._write_kubeconfig()
         self._wait(lambda: self.get("/readyz") is not None, "kube-apiserver to be ready", deadline)
         self._spawn("kube-controller-manager", f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
@@ -160,8 +164,7 @@ class Cluster:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method, headers={
             "Authorization": f"Bearer {TOKEN}", "Content-Type": content_type, "Accept": "application/json"})
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the apiserver's self-signed cert
+        context = ssl.create_default_context(cafile=str(self.ca))
         try:
             with urllib.request.urlopen(req, timeout=10, context=context) as response:
                 text = response.read().decode()
@@ -192,7 +195,7 @@ class Cluster:
         # JSON is YAML: every client (pulumi-kubernetes, the control plane's own components) reads it.
         self.kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "ember",
-            "clusters": [{"name": "ember", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "clusters": [{"name": "ember", "cluster": {"server": self.server, "certificate-authority": str(self.ca)}}],
             "users": [{"name": "admin", "user": {"token": TOKEN}}],
             "contexts": [{"name": "ember", "context": {"cluster": "ember", "user": "admin"}}],
         }, indent=1))
