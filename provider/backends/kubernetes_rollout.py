@@ -48,13 +48,16 @@ def api_client(workload: KubernetesWorkload):
         return client.ApiClient()
 
 
-def observe(apps, workload: KubernetesWorkload) -> Rollout | None:
+def observe(apps, spec: DeploymentSpec) -> Rollout | None:
     """The rollout as the deployment controller reports it; None until it has seen the latest template."""
+    workload = spec.kubernetes_workload
     deployment = apps.read_namespaced_deployment(workload.name, workload.namespace)
     status = deployment.status
     if (status.observed_generation or 0) < deployment.metadata.generation:
         return None
-    wanted = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+    # With an autoscaler the manifest leaves replicas out, and the API server defaults it to 1: the autoscaler
+    # raises it to min_replicas only on its next pass, so the rollout is complete at min_replicas, not before.
+    wanted = max(deployment.spec.replicas if deployment.spec.replicas is not None else 1, spec.min_replicas)
     updated, total = status.updated_replicas or 0, status.replicas or 0
     return Rollout(wanted=wanted, updated=updated, ready=min(status.ready_replicas or 0, updated),
                    old=max(total - updated, 0))
@@ -105,7 +108,7 @@ def _wait(spec: DeploymentSpec, apps, core, timeout_s: float, progress: Callable
     deadline, shown = time.monotonic() + timeout_s, None
     name = f"{workload.namespace}/{workload.name}"
     while True:
-        rollout = observe(apps, workload)
+        rollout = observe(apps, spec)
         if rollout is not None and rollout.complete:
             return rollout
         if str(rollout) != shown:
