@@ -23,11 +23,14 @@ mkdir -p "$(dirname "$cache")"
 staging=$(mktemp -d "${cache}.XXXXXX")
 trap 'rm -rf "$staging" "$here/plugin/schema-embed.json" "$here/plugin/terraform-mapping-embed.json"' EXIT
 export GOFLAGS=-mod=readonly
+# A module's folder in the module cache, downloaded first: `go list -m` alone names no folder for a module
+# not downloaded yet (a fresh machine).
+module_dir() { (cd "$here/$1" && go mod download "$2" && go list -m -f '{{.Dir}}' "$2"); }
 echo "building Kubernetes $kubernetes (etcd, apiserver, controller manager, scheduler, kwok): first time only, many minutes" >&2
 go build -C "$here/cluster" -trimpath -o "$staging/bin/ember-kube" .
 
 echo "building the pulumi-kubernetes plugin $plugin_version: first time only, many minutes" >&2
-upstream=$(go list -C "$here/plugin" -m -f '{{.Dir}}' github.com/pulumi/pulumi-kubernetes/provider/v4)/cmd/pulumi-resource-kubernetes
+upstream=$(module_dir plugin github.com/pulumi/pulumi-kubernetes/provider/v4)/cmd/pulumi-resource-kubernetes
 # What upstream's Makefile generates before building (its generate.go): the schema with the version set.
 python3 - "$upstream" "$plugin_version" "$here/plugin" <<'PY'
 import json, shutil, sys
@@ -44,7 +47,7 @@ go build -C "$here/plugin" -trimpath \
 # kwok's stages, as kwokctl configures them, less "a Job's pods complete": nodes become Ready and keep a lease,
 # pods become Ready, deleted pods go away. A Job's pod finishes when whoever plays its kubelet says so (the
 # tests run its command on the host).
-stages=$(go list -C "$here/cluster" -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage
+stages=$(module_dir cluster sigs.k8s.io/kwok)/kustomize/stage
 for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
              pod/fast/pod-ready pod/fast/pod-delete; do
     cat "$stages/$stage.yaml"; echo "---"
