@@ -5,9 +5,10 @@ credentials, an apps/v1 `Deployment` of the runtime image (GPU requests and limi
 node selection by accelerator type, probes on /health, the Pod Security `restricted` profile, a drain on
 rollouts), a `Service`, a `PodDisruptionBudget`, a `NetworkPolicy`, a `HorizontalPodAutoscaler` when the replica
 range can move, and the Ember `Deployment` (cluster="kubernetes": it registers the deployment and its desired
-addon set in the model store). pulumi-kubernetes applies them and waits for the rollout; the Ember Deployment
-comes after the rollout, so it reports READY only once Kubernetes has the replicas running. Nothing here talks
-to the cluster itself.
+addon set in the model store). pulumi-kubernetes applies them; the apps/v1 Deployment without waiting, since
+the Ember Deployment comes after it and waits for the rollout itself through the Kubernetes API
+(kubernetes_rollout.py), so it reports READY only once Kubernetes runs the replicas, and says why when it
+does not. Nothing else here talks to the cluster.
 
 `KubernetesFineTuningJob` trains a FineTuningJob as a batch/v1 `Job` (GPU requests, node selection by
 accelerator type, no retries) whose pod reads the base model and datasets from the store and writes the adapter
@@ -195,8 +196,9 @@ def wait_at_most(seconds: float) -> pulumi.ResourceOptions:
     return pulumi.ResourceOptions(custom_timeouts=pulumi.CustomTimeouts(create=f"{seconds:g}s", update=f"{seconds:g}s"))
 
 
-def digest_of(template: dict) -> str:
-    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
+def digest_of(text: str) -> str:
+    """A short digest naming a version of something declared here (a workload spec, a training job's inputs)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def store_secret(resource_name: str, metadata: dict, cluster: KubernetesArgs, opts: pulumi.ResourceOptions):
@@ -244,7 +246,7 @@ class KubernetesDeployment(pulumi.ComponentResource):
             "pulumi.com/skipAwait": "true"}}, spec=template, opts=child)
         target = pulumi.Output.all(cluster.namespace, workload.metadata["name"], template).apply(
             lambda v: {"namespace": v[0], "name": v[1], "kubeconfig": cluster.kubeconfig,
-                       "template_digest": digest_of(v[2])})
+                       "template_digest": digest_of(json.dumps(v[2], sort_keys=True))})
         self.deployment = Deployment(resource_name, replace(args, kubernetes_workload=target),
                                      pulumi.ResourceOptions(parent=self, depends_on=[workload]))
         service = k8s.core.v1.Service(f"{resource_name}-service", metadata=metadata, spec={
@@ -297,7 +299,7 @@ class KubernetesFineTuningJob(pulumi.ComponentResource):
             sort_keys=True))
         # A new job (other settings, data or base) writes to a new place, so a stale result is never read.
         training_url = job_json.apply(lambda text: store.fine_tuning_run(
-            spec.account_id, job_id, hashlib.sha256(text.encode()).hexdigest()[:16]))
+            spec.account_id, job_id, digest_of(text)))
         name = f"ember-ft-{spec.account_id}-{job_id}"[:63].rstrip("-")
         metadata = {"name": name, "namespace": cluster.namespace, "labels": {
             "app.kubernetes.io/name": "ember-fine-tuning", "app.kubernetes.io/managed-by": "ember",
