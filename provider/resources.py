@@ -22,6 +22,7 @@ from typing import Any
 
 import pulumi
 from pulumi.dynamic import Resource
+from pulumi.output import UNKNOWN
 
 from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
                                          parse_deployment_name, parse_model_name)
@@ -32,6 +33,16 @@ from ember.provider.providers.deployment import DeploymentProvider
 from ember.provider.providers.fine_tuning_job import FineTuningJobProvider
 from ember.provider.providers.lora_addon import LoRAAddonProvider
 from ember.provider.providers.model import ModelProvider
+
+
+class ProgramError(pulumi.RunError, ValueError):
+    """A resource this program cannot declare, said as the offline runner says a check failure: `<Kind> <name>:
+    <field>: <message>`. A pulumi.RunError, so the Pulumi CLI prints its message alone, not the program's
+    traceback; the offline runner does the same."""
+
+    def __init__(self, kind: str, resource_name: str, field: str, message: str):
+        super().__init__(f"{kind} {resource_name}: {field}: {message}")
+        self.field, self.message = field, message
 
 
 def default_id(resource_name: str) -> str:
@@ -148,8 +159,16 @@ def _name(make, *parts: Any) -> "pulumi.Input[str]":
 
     Names come from inputs, never from outputs: in a preview of an update the engine hands back a dynamic
     resource's inputs as its outputs, so an output name would be unknown and every dependent would show a
-    replacement."""
-    return make(*parts) if _plain(*parts) else pulumi.Output.all(*parts).apply(lambda p: make(*p))
+    replacement. A name the inputs cannot make (an ID of 64 characters) is never known: the resource's check
+    refuses the ID, naming the field, as it refuses every bad input, instead of the program dying half-way."""
+    return _made(make, parts) if _plain(*parts) else pulumi.Output.all(*parts).apply(lambda p: _made(make, p))
+
+
+def _made(make, parts) -> "pulumi.Input[str]":
+    try:
+        return make(*parts)
+    except ValueError:
+        return pulumi.Output.from_input(UNKNOWN)
 
 
 class _Declared:
@@ -173,13 +192,20 @@ def _declared() -> _Declared:
         return _FALLBACK
 
 
-def _declare_model(resource_name: str, name: Any, facts: dict[str, Any]) -> None:
+def _declare_model(kind: str, resource_name: str, name: Any, facts: dict[str, Any], field: str = "model_id") -> None:
     if not isinstance(name, str):
         return  # an ID only known later: the store refuses a taken one at create
     declared = _declared().models
     if name in declared:
-        raise ValueError(f"model_id: {name!r} is declared twice in this program (by {declared[name][0]!r} and "
-                         f"{resource_name!r}); model IDs are globally unique, base models and addons alike")
+        first, first_facts = declared[name]
+        if field == "output_model" or first_facts.get("trained_by"):
+            clash = f"is also declared by {first!r}" if field == "output_model" else \
+                f"is the output_model of FineTuningJob {first!r}"
+            raise ProgramError(kind, resource_name, field, f"{name!r} {clash}: a fine-tuning job writes its output "
+                               f"model itself (deploy it with LoRAAddonArgs(source=job) under another ID); give one "
+                               f"of them another ID")
+        raise ProgramError(kind, resource_name, field, f"{name!r} is declared twice in this program (by {first!r} and "
+                           f"{resource_name!r}); model IDs are globally unique, base models and addons alike")
     declared[name] = (resource_name, facts)
 
 
@@ -196,7 +222,10 @@ def _weights_identity(model: "Model") -> "pulumi.Input[str]":
     if model._source is not None and _local(model._source) is not None:
         return model.source_digest
     if isinstance(model._source, str):
-        return f"source:{normalise_source(model._source)}"
+        try:
+            return f"source:{normalise_source(model._source)}"
+        except ValueError:
+            return model.digest  # the Model's check refuses the source, naming it
     if isinstance(model._catalog_id, str):
         return f"catalog:{model._catalog_id}"
     return model.digest
@@ -223,7 +252,10 @@ def _with_dependencies(opts: pulumi.ResourceOptions | None, depends_on: list) ->
 def _get(cls, resource_name: str, id: "pulumi.Input[str]", opts: pulumi.ResourceOptions | None, provider,
          collection: str, id_field: str, outputs: list[str]):
     """Adopt an existing store entry by its full name (`accounts/<a>/<collection>/<id>`)."""
-    name = parse_deployment_name(id) if collection == "deployments" else parse_model_name(id)
+    try:
+        name = parse_deployment_name(id) if collection == "deployments" else parse_model_name(id)
+    except ValueError as exc:
+        raise ProgramError(cls.__name__, resource_name, "id", str(exc)) from None
     props = {"account_id": name.account_id, id_field: name.resource_id} | dict.fromkeys(outputs)
     resource = cls.__new__(cls)
     Resource.__init__(resource, provider, resource_name, props, pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(id=id)))
@@ -247,7 +279,7 @@ class Model(Resource, module="ember", name="Model"):
             props["model_id"] = default_id(resource_name)
         self._source, self._catalog_id = args.source, args.catalog_id
         self.model_name = _name(model_name, args.account_id, props.get("model_id", args.catalog_id))
-        _declare_model(resource_name, self.model_name, {"declared": True, "source": _local(args.source)})
+        _declare_model("Model", resource_name, self.model_name, {"declared": True, "source": _local(args.source)})
         super().__init__(ModelProvider(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
 
     @staticmethod
@@ -256,7 +288,7 @@ class Model(Resource, module="ember", name="Model"):
         model, name = _get(Model, resource_name, id, opts, ModelProvider(), "models", "model_id", Model._OUTPUTS)
         model._source = model._catalog_id = None
         model.model_name = name
-        _declare_model(resource_name, name, {"declared": True, "source": None})
+        _declare_model("Model", resource_name, name, {"declared": True, "source": None})
         return model
 
 
@@ -323,7 +355,7 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
         if args.model_id is None:
             props["model_id"] = default_id(resource_name)
         self.model_name = _name(model_name, args.account_id, props["model_id"])
-        _declare_model(resource_name, self.model_name, {"declared": True, "addon": True, "source": None})
+        _declare_model("LoRAAddon", resource_name, self.model_name, {"declared": True, "addon": True, "source": None})
         super().__init__(LoRAAddonProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
                          _with_dependencies(opts, depends_on))
 
@@ -390,6 +422,9 @@ class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
         if args.job_id is None:
             props["job_id"] = default_id(resource_name)
         self.job_name = _name(fine_tuning_job_name, args.account_id, props["job_id"])
+        # the trained addon is a model of this program too: no Model or LoRAAddon may take its ID
+        _declare_model("FineTuningJob", resource_name, _name(model_name, args.account_id, args.output_model),
+                       {"declared": True, "addon": True, "source": None, "trained_by": resource_name}, "output_model")
         # what an addon deployed from this job needs to know at its own check
         rank = args.lora_rank if args.lora_rank is not None else FineTuningJobSpec.model_fields["lora_rank"].default
         self._facts = {"rank": rank, "base_model": props["base_model"]}

@@ -42,3 +42,13 @@ alive = processes.alive
 def replica_pids(cfg: ProviderConfig, account: str, deployment: str) -> list[int]:
     path = cfg.state_dir / "replicas" / account / f"{deployment}.json"
     return [r["pid"] for r in json.loads(path.read_text())] if path.exists() else []
+
+
+def served_addons(endpoint: str, cfg: ProviderConfig, account: str) -> set[str]:
+    """The addons a replica serves, as its owner asks (/health names none: it is unauthenticated)."""
+    import httpx
+
+    key = (cfg.state_dir / "keys" / f"{account}.key").read_text().strip()
+    response = httpx.get(f"{endpoint}/admin/adapters", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    response.raise_for_status()
+    return set(response.json()["served"])

@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from provider_helpers import alive, config, make_models, replica_pids, store_entries
+from provider_helpers import alive, config, make_models, replica_pids, served_addons, store_entries
 
 from ember.provider.tools.runner import OfflineRunner, RunError
 
@@ -27,11 +27,6 @@ addons = [LoRAAddon(name, LoRAAddonArgs(account_id="acme", base_model=base, sour
           for name in ("pirate", "poet")]
 pulumi.export("endpoint", local.endpoints.apply(lambda e: e[0] if e else None))
 '''
-
-
-def health(endpoint: str) -> dict:
-    with urllib.request.urlopen(f"{endpoint}/health", timeout=5) as response:
-        return json.loads(response.read())
 
 
 def port_open(endpoint: str) -> bool:
@@ -67,7 +62,7 @@ def _lifecycle(up, cfg):
     runner, outputs, steps = up()
     assert set(steps.values()) == {"create"} and len(steps) == 4
     endpoint = outputs["endpoint"]
-    assert set(health(endpoint)["addons"]) == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
+    assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
     [first_pid] = replica_pids(cfg, "acme", "local")
 
     runner, outputs, steps = up()
@@ -84,7 +79,7 @@ def _lifecycle(up, cfg):
     assert steps[("Deployment", "local")] == "replace"
     assert steps[("LoRAAddon", "pirate")] == steps[("LoRAAddon", "poet")] == steps[("Model", "base")] == "same"
     assert outputs["endpoint"] == endpoint
-    assert set(health(endpoint)["addons"]) == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
+    assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
     [first_pid] = replica_pids(cfg, "acme", "local")
     assert [s.detail for s in runner.refresh()] == [""] * 4
     # Issue 12 item 7: real drift shows, and the next up repairs it
@@ -96,14 +91,14 @@ def _lifecycle(up, cfg):
     assert drift == {"poet": "drift: deployed_on"}
     runner, outputs, steps = up()
     assert steps[("LoRAAddon", "poet")] == "update" and set(steps.values()) == {"same", "update"}
-    assert set(health(endpoint)["addons"]) == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
+    assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
 
     runner, outputs, steps = up(description="second", replicas=2, attached=["pirate"])
     assert steps[("Deployment", "local")] == "update" and steps[("LoRAAddon", "poet")] == "update"
     assert steps[("Model", "base")] == "same" and steps[("LoRAAddon", "pirate")] == "same"
     pids = replica_pids(cfg, "acme", "local")
     assert len(pids) == 2 and pids[0] == first_pid  # in place: the running replica was not restarted
-    assert health(endpoint)["addons"] == ["accounts/acme/models/pirate"]
+    assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate"}
     state = runner.state.resources["pulumi-python:dynamic/ember:LoRAAddon::poet"]["outputs"]
     assert state["deployed_on"] == []
 

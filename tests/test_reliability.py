@@ -17,7 +17,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from provider_helpers import alive, config, make_models, replica_pids, store_entries
+from provider_helpers import alive, config, make_models, replica_pids, served_addons, store_entries
 from server_helpers import BASE, start, usage_records
 
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
@@ -139,10 +139,6 @@ def program(tmp_path, addons=("pirate", "poet")) -> Path:
     return root
 
 
-def health(endpoint):
-    return httpx.get(f"{endpoint}/health", timeout=10).json()
-
-
 @pytest.mark.slow
 def test_twenty_addons_created_in_parallel_all_load(tmp_path):
     names = [f"addon-{i:02d}" for i in range(20)]
@@ -154,7 +150,7 @@ def test_twenty_addons_created_in_parallel_all_load(tmp_path):
         endpoint = runner.up()["endpoint"]
         took = time.monotonic() - started
         expected = {f"accounts/acme/models/{n}" for n in names}
-        assert set(health(endpoint)["addons"]) == expected
+        assert served_addons(endpoint, cfg, "acme") == expected
         desired = json.loads((cfg.state_dir / "store" / "deployments" / "acme" / "local" / "addons.json").read_text())
         assert set(desired) == expected  # none lost in the parallel read-modify-writes of the desired set
         key = (cfg.state_dir / "keys" / "acme.key").read_text()
@@ -205,7 +201,7 @@ def test_a_replica_killed_during_traffic_gives_clean_errors_and_up_restores_it(t
         assert any(s.name == "local" and "drift" in s.detail for s in refreshed)
         endpoint = runner.up()["endpoint"]
         [again] = replica_pids(cfg, "acme", "local")
-        assert again != pid and set(health(endpoint)["addons"]) == {"accounts/acme/models/pirate",
+        assert again != pid and served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate",
                                                                      "accounts/acme/models/poet"}
         print(f"\n[reliability] replica killed under 4 clients: {outcomes.count(200)} answered, "
               f"{len(outcomes) - outcomes.count(200)} clean connection errors ({', '.join(sorted(errors))}), "
@@ -235,7 +231,7 @@ def test_an_up_killed_midway_converges_when_run_again(tmp_path):
         cfg = runner.config
         pids = replica_pids(cfg, "acme", "local")
         assert len(pids) == 1 and processes_mentioning(str(state)) == set(pids)  # no orphan replica
-        assert set(health(endpoint)["addons"]) == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
+        assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
         runner.up()
         assert {s.op for s in runner.steps} == {"same"}  # converged: a further run changes nothing
     finally:

@@ -163,9 +163,9 @@ class LocalCluster:
                 try:
                     http_json(f"{replica.url}/health", timeout=2.0)
                 except urllib.error.HTTPError as exc:
-                    body = json.loads(exc.read() or b"{}")
-                    if body.get("status") == "failed":
-                        raise ClusterError(f"replica on port {replica.port} failed to load: {body.get('error')}") from None
+                    # /health says only that; the reason is in the replica's own log
+                    if json.loads(exc.read() or b"{}").get("status") == "failed":
+                        raise ClusterError(f"replica on port {replica.port} failed to load: {self._tail(replica)}") from None
                 except (urllib.error.URLError, OSError, ValueError):
                     pass
             time.sleep(0.2)
@@ -224,9 +224,16 @@ class LocalCluster:
                 raise ClusterError(f"replica on port {replica.port} serves {sorted(served)}; wanted "
                                    f"{sorted(wanted)} and not {sorted(unwanted)}")
 
-    def status(self, spec_account: str, deployment: str) -> tuple[list[str], int, set[str]]:
-        """(endpoints, ready replicas, addons loaded on every ready replica)."""
-        replicas = self.replicas(spec_account, deployment)
-        healthy = [(r, h) for r in replicas if (h := self.health(r)) and h.get("status") == "ready"]
-        loaded = set.intersection(*(set(h.get("addons", [])) for _, h in healthy)) if healthy else set()
-        return [r.url for r, _ in healthy], len(healthy), loaded
+    def status(self, account: str, deployment: str, key: str | None = None) -> tuple[list[str], int, set[str]]:
+        """(endpoints, ready replicas, addons loaded on every ready replica). Which addons a replica serves is the
+        owner's to ask (`key`, the deployment account's); without it none are reported."""
+        healthy = [r for r in self.replicas(account, deployment) if (h := self.health(r)) and h.get("status") == "ready"]
+        loaded = set.intersection(*(self._served(r, key) for r in healthy)) if healthy and key else set()
+        return [r.url for r in healthy], len(healthy), loaded
+
+    @staticmethod
+    def _served(replica: ReplicaProcess, key: str) -> set[str]:
+        try:
+            return set(http_json(f"{replica.url}/admin/adapters", key=key, timeout=5.0).get("served", []))
+        except (urllib.error.URLError, OSError, ValueError):
+            return set()

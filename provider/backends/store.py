@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from ember.provider.backends.processes import alive
+from ember.provider.backends.processes import abandoned, owner
 from ember.provider.backends.records import MANIFEST, DatasetRecord, DeploymentRecord, FineTuningJobRecord, Manifest
 from ember.provider.domain.accounts import Accounts
 from ember.provider.domain.digests import OBJECT_MARKER, file_digests, tree_digest
@@ -62,7 +61,7 @@ class Store:
         if self.fs.exists(f"{final}/{OBJECT_MARKER}"):
             return digest, digests
         self._sweep_abandoned_uploads()
-        staging = self.paths.uploads(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+        staging = self.paths.uploads(f"{owner()}-{uuid.uuid4().hex}")
         total = len(digests)
         for i, name in enumerate(sorted(digests), start=1):
             self.fs.makedirs(os.path.dirname(f"{staging}/{name}"), exist_ok=True)
@@ -80,8 +79,7 @@ class Store:
     def _sweep_abandoned_uploads(self) -> None:
         """Remove the staging folders of uploads whose process died (a killed `up`) on this host."""
         for path in self.fs.glob(self.paths.uploads()):
-            host, _, rest = path.rsplit("/", 1)[-1].removeprefix(".upload-").rpartition("-")[0].rpartition("-")
-            if host == socket.gethostname() and rest.isdigit() and not alive(int(rest)):
+            if abandoned(path.rsplit("/", 1)[-1], ".upload-"):
                 self.fs.rm(path, recursive=True)
 
     def verify_object(self, digest: str) -> None:
@@ -235,6 +233,12 @@ class Store:
             self.fs.rm(path)
 
     # -- API keys ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def local_key(account: str, key_dir: Path) -> str | None:
+        """The account's local API key if this state directory has one (reading never makes one)."""
+        key_file = key_dir / f"{account}.key"
+        return key_file.read_text().strip() if key_file.exists() else None
 
     def ensure_key(self, account: str, key_dir: Path) -> str:
         """The account's local API key (created once, kept mode 600 outside the store; only its hash inside)."""

@@ -3,7 +3,8 @@
 Keys are stored only as SHA-256 hashes (a key is 256 random bits, so a fast hash is enough) and compared
 in constant time against every stored hash. A dedicated deployment serves only its own account; a
 serverless one serves any account, but an addon only to the account that owns it (named in the addon's
-`accounts/<ACCOUNT_ID>/models/<MODEL_ID>`).
+`accounts/<ACCOUNT_ID>/models/<MODEL_ID>`). What an account builds on (deploys, fine-tunes, puts an addon
+on) is its own account's models or catalog models, never another account's private weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 
+from ember.provider.domain import catalog
 from ember.provider.domain.names import check_id, parse_model_name
 
 KEY_PREFIX = "ek-"
@@ -76,6 +78,22 @@ class Accounts:
             if hmac.compare_digest(record.sha256, digest):
                 account = record.account_id
         return account
+
+
+def is_catalog_name(model: str) -> bool:
+    """A catalog model by its name alone: catalog IDs are reserved for catalog models, in any account."""
+    return catalog.lookup(parse_model_name(model).resource_id) is not None
+
+
+def foreign_model_refusal(account_id: str, model: str, is_catalog: bool) -> str | None:
+    """Why `account_id` may not build on `model` (deploy it, fine-tune it, put an addon on it), or None. Its own
+    models are its own and catalog models (the operator's weights, in any account's name) are everyone's; another
+    account's are refused in the same words whether or not they exist, so the refusal tells nothing about them."""
+    owner = parse_model_name(model).account_id
+    if owner == account_id or is_catalog:
+        return None
+    return (f"{model} is not a model account {account_id!r} may use: an account builds only on its own models "
+            f"and on catalog models")
 
 
 @dataclass(frozen=True)

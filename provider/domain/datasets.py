@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ember.provider.domain import file_kinds
+
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content"}
 MIN_EXAMPLES = 3
@@ -98,6 +100,10 @@ def read_dataset_bytes(path: str, source: str | None = None) -> bytes:
     """A dataset file's bytes (what an upload stores, once checked)."""
     import fsspec
 
+    if "://" not in path or path.startswith("file://"):  # a FIFO would block this read forever: refused first
+        problem = file_kinds.problem(path.removeprefix("file://"))
+        if problem is not None:
+            raise DatasetError(source or path, [(None, problem)])
     try:
         with fsspec.open(path, "rb") as f:
             return f.read()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ember.provider.domain.gguf_tokenizer import GGUFVocabulary
-from ember.provider.domain.model_files import ModelFilesError, check_config, read_config
+from ember.provider.domain.model_files import ModelFilesError, check_config, read_config, require_file
 
 # GGML tensor types the `gguf` library dequantizes exactly and Ember converts.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
@@ -104,8 +104,7 @@ def source_config(source: str) -> dict | None:
 def read_gguf(path: str | Path) -> GGUFModel:
     """The header of a GGUF file, checked: everything Ember cannot serve is refused, naming the field."""
     path = Path(path).absolute()
-    if not path.is_file():
-        raise ModelFilesError(f"{path} is not a file")
+    require_file(path, "is not a file: it does not exist")
     stat = path.stat()
     return _read_gguf(path, stat.st_size, stat.st_mtime_ns)
 

@@ -13,9 +13,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.provider.domain import file_kinds
 from ember.provider.domain.spec import LORA_TARGET_MODULES, LoRAConfig, SpecError, parse
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Read by the runtime when present; each must then be a regular file like the required ones.
+OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                            "special_tokens_map.json")
 MAX_HEADER = 100 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
@@ -25,8 +29,22 @@ class ModelFilesError(ValueError):
     """A model or adapter directory that cannot be served; the message names the file and the problem."""
 
 
+def require_file(path: Path, missing: str = "is missing") -> None:
+    """Refuse what is not a regular file before anything opens it (a FIFO would block forever), naming it."""
+    problem = file_kinds.problem(path)
+    if problem is not None:
+        raise ModelFilesError(f"{path} {missing if problem == file_kinds.MISSING else problem}")
+
+
+def require_directory(path: Path) -> None:
+    problem = file_kinds.problem(path, "directory")
+    if problem is not None:
+        raise ModelFilesError(f"{path} {problem}")
+
+
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file: tensor name → {dtype, shape, data_offsets}."""
+    require_file(path)
     try:
         with path.open("rb") as f:
             raw = f.read(8)
@@ -90,6 +108,7 @@ def rope_type(config: dict) -> str:
 def read_config(directory: str | Path) -> dict:
     """A model directory's config.json, or an error naming the file."""
     path = Path(directory) / "config.json"
+    require_file(path, "is missing: a Hugging Face model directory needs config.json")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -128,28 +147,27 @@ def check_config(config: dict, source: str | Path = "config.json") -> None:
 
 def inspect_base_model(directory: str | Path) -> BaseModelInfo:
     directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelFilesError(f"{directory} is not a directory")
+    require_directory(directory)
     config = read_config(directory)
     check_config(config, directory / "config.json")
-    if not (directory / "tokenizer.json").exists():
-        raise ModelFilesError(f"{directory / 'tokenizer.json'} is missing: a model directory needs tokenizer.json")
+    require_file(directory / "tokenizer.json", "is missing: a model directory needs tokenizer.json")
+    for name in OPTIONAL_TOKENIZER_FILES:
+        if file_kinds.present(directory / name):
+            require_file(directory / name)
     index = directory / "model.safetensors.index.json"
-    if index.exists():
+    if file_kinds.present(index):
+        require_file(index)
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ModelFilesError(f"{index} is not a safetensors index: {exc}") from None
-    elif (directory / "model.safetensors").exists():
+    elif file_kinds.present(directory / "model.safetensors"):
         files = ["model.safetensors"]
     else:
         raise ModelFilesError(f"{directory} has no model.safetensors or model.safetensors.index.json")
     headers: dict = {}  # every tensor of every shard, read once
     for name in files:
-        path = directory / name
-        if not path.exists():
-            raise ModelFilesError(f"{path} is missing")
-        headers |= safetensors_header(path)
+        headers |= safetensors_header(directory / name)
     count = 0
     for tensor in headers.values():
         n = 1
@@ -203,8 +221,8 @@ def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: i
     model is elsewhere) the adapter is checked on its own."""
     directory = Path(directory)
     config_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    if not config_path.exists():
-        raise ModelFilesError(f"{config_path} is missing: a PEFT adapter needs adapter_config.json")
+    require_directory(directory)
+    require_file(config_path, "is missing: a PEFT adapter needs adapter_config.json")
     try:
         raw = json.loads(config_path.read_text())
         config = parse(LoRAConfig, raw)
@@ -217,8 +235,7 @@ def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: i
             raise ModelFilesError(f"{config_path}: {field}={raw[field]!r} is not supported")
     if max_rank is not None and config.r > max_rank:
         raise ModelFilesError(f"{config_path}: rank r={config.r} is above the deployment's max_lora_rank {max_rank}")
-    if not weights.exists():
-        raise ModelFilesError(f"{weights} is missing: a PEFT adapter needs adapter_model.safetensors")
+    require_file(weights, "is missing: a PEFT adapter needs adapter_model.safetensors")
     header = safetensors_header(weights)
     if base_config is None:
         return AdapterInfo(config, weights, {})

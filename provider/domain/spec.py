@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from ember.provider.domain import catalog
+from ember.provider.domain.accounts import foreign_model_refusal, is_catalog_name
 from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN,
                                          check_id, dataset_name, deployment_name, fine_tuning_job_name, model_name,
                                          parse_dataset_name, parse_deployment_name, parse_model_name)
@@ -26,21 +27,24 @@ from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_P
 
 
 class FieldError(ValueError):
-    """A rule broken by one field, raised from a validator that sees the whole resource."""
+    """A rule broken by one field, raised from a validator that sees the whole resource. `needs`: the inputs the
+    rule reads, when it can say so; a rule that does not is judged in preview only once every input is known."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, needs: tuple[str, ...] | None = None):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.needs = needs
 
 
 class SpecError(ValueError):
     """Invalid resource input: `.errors` is a list of (field path, message), each naming the value."""
 
-    def __init__(self, resource: str, errors: list[tuple[str, str]], cross_field: set[str] = frozenset()):
+    def __init__(self, resource: str, errors: list[tuple[str, str]],
+                 cross_field: dict[str, tuple[str, ...] | None] | None = None):
         self.resource = resource
         self.errors = errors
-        self.cross_field = set(cross_field)  # paths of errors from rules that span fields
+        self.cross_field = dict(cross_field or {})  # path of an error from a rule that spans fields → what it reads
         lines = "\n".join(f"  {field or '(resource)'}: {message}" for field, message in errors)
         super().__init__(f"invalid {resource}:\n{lines}")
 
@@ -80,7 +84,8 @@ def parse(cls: type[S], data: Any) -> S:
         return cls.model_validate(data)
     except ValidationError as exc:
         errors = [_describe(e) for e in exc.errors()]
-        cross = {errors[i][0] for i, e in enumerate(exc.errors()) if isinstance((e.get("ctx") or {}).get("error"), FieldError)}
+        causes = [(e.get("ctx") or {}).get("error") for e in exc.errors()]
+        cross = {errors[i][0]: cause.needs for i, cause in enumerate(causes) if isinstance(cause, FieldError)}
         raise SpecError(cls.__name__, errors, cross) from None
 
 
@@ -110,7 +115,15 @@ def parse_known(cls: type[S], props: dict[str, Any], unknown: set[str]) -> tuple
         return parse(cls, {k: v for k, v in data.items() if v is not None}), []
     except SpecError as exc:
         return None, [(field, message) for field, message in exc.errors
-                      if not (_top(field) in unknown or (unknown and field in exc.cross_field))]
+                      if not (_top(field) in unknown or _needs_unknown(exc.cross_field, field, unknown))]
+
+
+def _needs_unknown(cross_field: dict[str, tuple[str, ...] | None], field: str, unknown: set[str]) -> bool:
+    """Whether the cross-field rule that failed on `field` reads an input not known yet (judged once it is)."""
+    if field not in cross_field:
+        return False
+    needs = cross_field[field]
+    return bool(unknown) if needs is None else bool(unknown & set(needs))
 
 
 def _top(field: str) -> str:
@@ -274,6 +287,13 @@ def _refuse_reserved_id(model_id: str | None, field: str = "model_id") -> None:
         raise FieldError(field, f"{model_id!r} is reserved for the catalog model of that name")
 
 
+def _refuse_foreign_base(account_id: str, base_model: str) -> None:
+    """Accounts are sealed: judged here from the name (the account is in it), at create again from the store."""
+    refusal = foreign_model_refusal(account_id, base_model, is_catalog_name(base_model))
+    if refusal:
+        raise FieldError("base_model", refusal, needs=("account_id", "base_model"))
+
+
 class ModelSpec(Spec):
     """A base model: full weights from a Hugging Face directory, or a catalog model."""
 
@@ -357,6 +377,7 @@ class LoRAAddonSpec(Spec):
     @model_validator(mode="after")
     def _fits_domain(self) -> "LoRAAddonSpec":
         _refuse_reserved_id(self.model_id)
+        _refuse_foreign_base(self.account_id, self.base_model)
         for i, name in enumerate(self.deployments):
             owner = parse_deployment_name(name).account_id
             if owner != self.account_id:
@@ -483,6 +504,7 @@ class DeploymentSpec(Spec):
 
     @model_validator(mode="after")
     def _fits_domain(self) -> "DeploymentSpec":
+        _refuse_foreign_base(self.account_id, self.base_model)
         accelerator = self.accelerator_type
         if self.accelerator_count not in accelerator.allowed_counts:
             raise FieldError("accelerator_count", f"{self.accelerator_count!r} is not allowed for {accelerator.value}; "
@@ -600,6 +622,7 @@ class FineTuningJobSpec(Spec):
     @model_validator(mode="after")
     def _fits_domain(self) -> "FineTuningJobSpec":
         _refuse_reserved_id(self.output_model, "output_model")
+        _refuse_foreign_base(self.account_id, self.base_model)
         for field in ("dataset", "evaluation_dataset"):
             value = getattr(self, field)
             if value is not None and parse_dataset_name(value).account_id != self.account_id:

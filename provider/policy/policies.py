@@ -21,7 +21,7 @@ from pulumi_policy import (PolicyConfigSchema, PolicyResource, ReportViolation, 
                            ResourceValidationPolicy, StackValidationArgs, StackValidationPolicy)
 from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
-from ember.provider.domain import catalog
+from ember.provider.domain import catalog, file_kinds
 from ember.provider.domain.names import EMBER_TYPE_PREFIX, deployment_name, model_name, parse_model_name
 from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, AcceleratorType, DeploymentSpec, LoRAAddonSpec,
                                         ModelSpec, parse_known)
@@ -29,6 +29,7 @@ from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, AcceleratorType, 
 MODEL = EMBER_TYPE_PREFIX + "Model"
 DEPLOYMENT = EMBER_TYPE_PREFIX + "Deployment"
 ADDON = EMBER_TYPE_PREFIX + "LoRAAddon"
+JOB = EMBER_TYPE_PREFIX + "FineTuningJob"  # only its output model is judged here (ember-unique-model-ids)
 SPECS = {MODEL: ModelSpec, DEPLOYMENT: DeploymentSpec, ADDON: LoRAAddonSpec}
 KIND = {MODEL: "Model", DEPLOYMENT: "Deployment", ADDON: "LoRAAddon"}
 
@@ -189,24 +190,34 @@ def _adapter_rank(source: Any) -> int | None:
     """A local adapter's rank from its adapter_config.json (the pack runs beside the program), else None."""
     if not known(source) or not isinstance(source, str) or "://" in source:
         return None
+    config = Path(source) / "adapter_config.json"
+    if file_kinds.problem(config) is not None:  # a FIFO would block the pack forever; check names it
+        return None
     try:
-        return int(json.loads((Path(source) / "adapter_config.json").read_text())["r"])
+        return int(json.loads(config.read_text())["r"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the provider's check names what is wrong with the files
 
 
 def _unique_model_ids(args: StackValidationArgs, report: ReportViolation) -> None:
     seen: dict[str, str] = {}
-    for resource in (r for r in args.resources if r.resource_type in (MODEL, ADDON)):
-        data = inputs(resource.resource_type, resource.props)
-        account, model_id = data.get("account_id"), data.get("catalog_id") or data.get("model_id")
+    for resource in (r for r in args.resources if r.resource_type in (MODEL, ADDON, JOB)):
+        if resource.resource_type == JOB:  # the addon a job trains is a model of the stack too
+            data, kind, field = plain(resource.props), "FineTuningJob", "output_model"
+            account, model_id = data.get("account_id"), data.get("output_model")
+        else:
+            data, kind, field = inputs(resource.resource_type, resource.props), KIND[resource.resource_type], "model_id"
+            account, model_id = data.get("account_id"), data.get("catalog_id") or data.get("model_id")
         if not (known(account) and known(model_id)):
             continue
-        name = model_name(account, model_id)
+        try:
+            name = model_name(account, model_id)
+        except ValueError:
+            continue  # ember-names reports the ID
         if name in seen:
-            report(f"{KIND[resource.resource_type]} {resource.name}: model_id: {name} is already declared by "
-                   f"{seen[name]}; model IDs are globally unique, base models and addons alike", resource.urn)
-        seen[name] = f"{KIND[resource.resource_type]} {resource.name}"
+            report(f"{kind} {resource.name}: {field}: {name} is already declared by {seen[name]}; model IDs are "
+                   f"globally unique, base models and addons alike", resource.urn)
+        seen[name] = f"{kind} {resource.name}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,7 +334,8 @@ POLICIES = [
                                       "their max_lora_rank",
                           validate=_addons_on_their_base),
     StackValidationPolicy(name="ember-unique-model-ids",
-                          description="No two models or addons of a stack share an ID (model IDs are globally unique)",
+                          description="No two models or addons of a stack (a fine-tuning job's output included) "
+                                      "share an ID (model IDs are globally unique)",
                           validate=_unique_model_ids),
     # guardrails
     _resource_policy("ember-allowed-accelerators", "Deployments use only the accelerator types the platform allows",

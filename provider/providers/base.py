@@ -10,6 +10,7 @@ readiness within the configured timeout. Every failure leaves nothing half-made 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,9 +24,11 @@ from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
 from ember.provider.backends.local_cluster import LocalCluster
+from ember.provider.backends.processes import abandoned, owner
 from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import Store, StoreError
-from ember.provider.domain import catalog
+from ember.provider.domain import catalog, file_kinds
+from ember.provider.domain.accounts import foreign_model_refusal
 from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.spec import ModelSpec, ModelState, parse, parse_known
@@ -100,15 +103,26 @@ class EmberProvider(ResourceProvider):
 
     @property
     def store(self) -> Store:
+        self.sweep_scratch()  # every create, update, refresh and delete: so a later `up` or `destroy` cleans up
         return Store(self.config.store_url, self.config.state_dir / "locks")
 
     @contextmanager
     def scratch(self) -> Iterator[Path]:
-        """A private directory under the state directory, gone afterwards (conversions, downloads, training)."""
+        """A private directory under the state directory, gone afterwards (conversions, downloads, training).
+        Named for its owner (`processes.owner`), as the store's upload staging is, so that the folder of a run
+        killed half-way (a GGUF conversion's `.converted.partial-*`) is swept by whoever comes next."""
         root = self.config.state_dir / "scratch"
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
+        self.sweep_scratch()
+        with tempfile.TemporaryDirectory(dir=root, prefix=f"{owner()}-") as tmp:
             yield Path(tmp)
+
+    def sweep_scratch(self) -> None:
+        """Remove the scratch folders whose process is gone (SIGKILL leaves them); a live one's stay."""
+        root = self.config.state_dir / "scratch"
+        for entry in root.iterdir() if root.is_dir() else ():
+            if abandoned(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
 
     @property
     def cluster(self) -> LocalCluster:
@@ -209,8 +223,8 @@ def local_digest(source: str, cache_dir: Path) -> str | None:
     """Content digest of a local source (a directory, or one file such as a GGUF), cached by file sizes and
     times (preview stays fast)."""
     path = Path(source)
-    if "://" in source or not path.exists():
-        return None
+    if "://" in source or not (path.is_dir() or file_kinds.problem(path) is None):
+        return None  # check names what is wrong; a FIFO would block the read below forever
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     # a file is named by a constant, so that renaming it is no change of weights
     stats = sorted((p.relative_to(path).as_posix() if p != path else "file", p.stat().st_size, p.stat().st_mtime_ns)
@@ -232,10 +246,15 @@ def staged_source(source: str) -> Path:
     return Path(source.removeprefix("file://"))
 
 
-def base_manifest(store: Store, base_model: str) -> BaseModelManifest:
-    """The manifest of a READY base model in the store, which a deployment or an addon is built on."""
+def base_manifest(store: Store, base_model: str, account_id: str) -> BaseModelManifest:
+    """The manifest of a READY base model in the store, which a deployment, an addon or a fine-tuning job of
+    `account_id` is built on: one of its own account's models, or a catalog model (so says the manifest)."""
     name = parse_model_name(base_model)
     manifest = store.read_manifest(name.account_id, name.resource_id)
+    is_catalog = isinstance(manifest, BaseModelManifest) and manifest.catalog_id is not None
+    refusal = foreign_model_refusal(account_id, base_model, is_catalog)
+    if refusal:  # the same words whether or not that account has such a model
+        raise EmberError(f"base_model: {refusal}")
     if not isinstance(manifest, BaseModelManifest):
         raise EmberError(f"base_model: {base_model} is not a base model in the store; declare it as a Model first")
     if manifest.state is not ModelState.READY:

@@ -40,7 +40,7 @@ class DeploymentProvider(EmberProvider):
 
     def _run(self, spec: DeploymentSpec, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
         store, cluster = self.store, self.cluster
-        base = base_manifest(store, spec.base_model)
+        base = base_manifest(store, spec.base_model, spec.account_id)
         key = store.ensure_key(spec.account_id, self.config.state_dir / "keys")
         record = DeploymentRecord(name=spec.name, base_model=spec.base_model, max_lora_rank=spec.max_lora_rank,
                                   serverless=spec.deployment_type is DeploymentType.SERVERLESS, cluster=spec.cluster,

@@ -65,7 +65,7 @@ class FineTuningJobProvider(EmberProvider):
         if store.read_manifest(spec.account_id, spec.output_model) is not None:
             raise EmberError(f"output_model: {spec.output_model_name} already exists (model IDs are globally unique); "
                              f"name the trained model anew")
-        base = base_manifest(store, spec.base_model)
+        base = base_manifest(store, spec.base_model, spec.account_id)
         with self.scratch() as tmp:
             adapter = tmp / "adapter"
             if spec.cluster == "kubernetes":

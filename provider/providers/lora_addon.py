@@ -4,7 +4,6 @@ addon set of every deployment it targets, and waited for until their replicas se
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
@@ -12,6 +11,7 @@ from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 from ember.provider.backends.local_cluster import ClusterError
 from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
+from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import source_config
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
@@ -34,8 +34,8 @@ class LoRAAddonProvider(EmberProvider):
                                            f"{spec.base_model}"))
         elif "source" in unknown or "://" in spec.source:
             return failures
-        elif not Path(spec.source).exists():
-            return failures + [("source", f"{spec.source!r} does not exist")]
+        elif (problem := file_kinds.problem(spec.source, "directory")) is not None:
+            return failures + [("source", f"{spec.source!r} {problem}")]
         else:
             try:  # headers only; against the base model's config.json when its files are here too
                 base = (references.get("base_model") or {}).get("source") if "base_model" not in unknown else None
@@ -118,7 +118,7 @@ class LoRAAddonProvider(EmberProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         spec: LoRAAddonSpec = self._spec(props)
         store = self.store
-        base = base_manifest(store, spec.base_model)
+        base = base_manifest(store, spec.base_model, spec.account_id)
         if store.read_manifest(spec.account_id, spec.model_id) is not None:
             raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
         source = staged_source(spec.source)
@@ -178,7 +178,8 @@ class LoRAAddonProvider(EmberProvider):
             spec = self._spec(props)
         deployed = []
         for account, deployment, record in self._safe_targets(spec):
-            _, ready, loaded = self.cluster.status(account, deployment)
+            key = self.store.local_key(account, self.config.state_dir / "keys")
+            _, ready, loaded = self.cluster.status(account, deployment, key)
             if record.cluster == "kubernetes" or (ready and spec.name in loaded):
                 deployed.append(record.name)
         return ReadResult(spec.name, props | self._outputs(manifest, sorted(deployed)), props if by_id else None)

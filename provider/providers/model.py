@@ -13,6 +13,7 @@ from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import StoreError
+from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import convert_gguf, is_gguf, read_gguf
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
 from ember.provider.domain.names import parse_model_name
@@ -27,8 +28,9 @@ class ModelProvider(EmberProvider):
     def check_known(self, spec: ModelSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         if "source" in unknown or spec.source is None or "://" in spec.source:
             return []
-        if not Path(spec.source).exists():
-            return [("source", f"{spec.source!r} does not exist")]
+        problem = file_kinds.problem(spec.source, "file" if is_gguf(spec.source) else "directory")
+        if problem is not None:
+            return [("source", f"{spec.source!r} {problem}")]
         try:  # headers and config.json only: what a replica would otherwise die on after `up` started it
             read_gguf(spec.source) if is_gguf(spec.source) else inspect_base_model(spec.source)
         except ModelFilesError as exc:

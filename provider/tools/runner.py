@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pulumi
 import yaml
 from pulumi.runtime import rpc
 from pulumi.runtime.config import set_all_config
@@ -324,6 +325,8 @@ class OfflineRunner:
         sys.path.insert(0, str(self.program_dir))
         try:
             _sync_await(run_in_stack(lambda: runpy.run_path(str(self.program_dir / "__main__.py"), run_name="__main__")))
+        except pulumi.RunError as exc:  # the program's own one-line error: the engine shows it without a traceback
+            raise RunError(str(exc)) from None
         finally:
             os.chdir(cwd)
             sys.path.remove(str(self.program_dir))
