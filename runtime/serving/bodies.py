@@ -3,6 +3,7 @@ parameter (and never echoing its value, which could be prompt text)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import Request
@@ -40,12 +41,29 @@ def documented_body(cls: type[BaseModel]) -> dict:
 
 
 async def parse_body(request: Request, cls: type[BaseModel]):
-    raw = await request.body()
+    raw = await request.body()  # bounded in size and time by BodyLimits
+    # Validating a body of megabytes (100k messages, say: a second of pydantic and Python validators) is not for
+    # the event loop, which serves every client.
+    return await asyncio.to_thread(_parse, raw, cls)
+
+
+def _too_deep() -> APIError:
+    return APIError(400, "the request body nests arrays and objects too deeply", code="invalid_json")
+
+
+def _parse(raw: bytes, cls: type[BaseModel]):
     try:
         json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not JSON", code="invalid_json") from None
+    except ValueError:  # Python refuses to read an integer of more than 4,300 digits (a quadratic conversion)
+        raise APIError(400, "the request body holds a number of more than 4300 digits", code="invalid_json") from None
+    except RecursionError:  # Python's parser gives up about 1000 levels down
+        raise _too_deep() from None
     try:
         return cls.model_validate_json(raw)  # JSON mode: strict types as JSON has them
     except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid" and "recursion limit" in first["msg"]:  # pydantic's gives up sooner
+            raise _too_deep() from None
         raise _validation_error(exc) from None

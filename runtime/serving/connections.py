@@ -1,0 +1,68 @@
+"""uvicorn's h11 connection, with what uvicorn leaves out: a timeout for a request's head, and a cap on open
+connections answered in OpenAI's format.
+
+uvicorn times out only an idle kept-alive connection: one that opens and sends nothing, or sends its head a
+byte at a time, is held for ever. Here the head must be whole within the header timeout, counted from the
+connection's opening or from the first byte of the next request on a kept-alive one. (uvicorn's own
+`limit_concurrency` also caps connections, but answers a bare text 503 and counts running requests too.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h11
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ember.runtime.serving.limits import Limits
+from ember.runtime.serving.protocol import APIError
+
+log = logging.getLogger("ember.server")
+
+
+def _refusal(max_connections: int):
+    error = APIError(503, f"this replica has its limit of {max_connections} open connections; retry shortly",
+                     type="service_unavailable", code="too_many_connections")
+    return JSONResponse(error.body(), status_code=503, headers={"Retry-After": "1", "Connection": "close"})
+
+
+def connection_protocol(limits: Limits) -> type[H11Protocol]:
+    """The protocol class to give uvicorn (`http=`): the limits are the class's, as uvicorn makes one per connection."""
+
+    class Connection(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = None
+            if len(self.connections) > limits.max_connections:  # this one is counted already
+                log.warning("a connection beyond the cap of %d is refused", limits.max_connections)
+                self.app = _refusal(limits.max_connections)  # each request on it gets 503, then it closes
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self.conn.their_state is h11.IDLE:
+                self._await_head()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is whole (or the connection is done)
+                self._stop_waiting()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_too_slow)
+
+        def _stop_waiting(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                log.warning("closed a connection whose request head did not arrive within %g s",
+                            limits.header_timeout_s)
+                self.transport.close()
+
+    return Connection
