@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.runtime.serving.limits import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                    "model name from its manifests")
     p.add_argument("--reconcile-interval", type=float, default=30.0)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                   help="a request body larger than this gets 413 (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=Limits.header_timeout_s, metavar="SECONDS",
+                   help="a request head not whole within this closes its connection (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=Limits.body_timeout_s, metavar="SECONDS",
+                   help="a request body not whole within this after its head gets 408 (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                   help="requests on connections beyond this many open ones get 503 (default %(default)s)")
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
@@ -66,6 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     from ember.provider.domain.accounts import DeploymentAccess
     from ember.runtime.engine.engine import EngineConfig
     from ember.runtime.serving.app import create_app
+    from ember.runtime.serving.connections import connection_protocol
     from ember.runtime.serving.replica import ServerConfig
 
     deployment = parse_deployment_name(args.deployment)
@@ -82,6 +92,11 @@ def serve(args: argparse.Namespace) -> int:
         addons[str(parse_model_name(name))] = source
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The engine thread lets go of the GIL around each torch op and takes it back after; behind a thread busy in
+    # Python (validating a big request body, building a grammar) each take-back waits out a whole switch interval,
+    # 5 ms by default, and a step of a hundred ops stalls every stream for half a second. At 0.5 ms it stays
+    # tens of milliseconds (tests/test_hardening_grammar.py measures it).
+    sys.setswitchinterval(0.0005)
     config = ServerConfig(
         model_dir=args.model_dir,
         deployment=DeploymentAccess(args.deployment, deployment.account_id, args.base_model, args.serverless),
@@ -92,6 +107,8 @@ def serve(args: argparse.Namespace) -> int:
                             max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                             prefix_caching=args.prefix_caching),
         max_queue=args.max_queue,
+        limits=Limits(max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+                      body_timeout_s=args.body_timeout, max_connections=args.max_connections),
         addons=addons,
         desired_addons_url=args.desired_addons,
         store_url=args.store,
@@ -102,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
         accelerator_count=args.accelerator_count,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
+                http=connection_protocol(config.limits))
     return 0
 
 

@@ -15,6 +15,8 @@ from ember.provider.domain.accounts import Accounts
 from ember.runtime import tinymodels
 
 BASE = "accounts/acme/models/tiny-llama"
+# A serverless deployment serves a catalog base (the operator's weights; tiny ones here), never a custom one.
+SERVERLESS_BASE = "accounts/platform/models/llama-v3p1-8b-instruct"
 PIRATE = "accounts/acme/models/pirate"
 POET = "accounts/acme/models/poet"
 
@@ -67,18 +69,20 @@ def write_addon_manifest(store: Path, name: str, directory: Path, base_model: st
 def start(root: Path, *, deployment: str = "accounts/acme/deployments/tiny", serverless: bool = False,
           max_queue: int = 64, extra: list[str] = (), accounts=("acme", "other"),
           models: tuple[Path, dict[str, Path]] | None = None) -> Server:
-    """A replica of `models` (a base directory and its addons; the tiny ones by default)."""
+    """A replica of `models` (a base directory and its addons; the tiny ones by default), serving them as BASE
+    (SERVERLESS_BASE when serverless) and its addons."""
     root.mkdir(parents=True, exist_ok=True)
     base, adapters = models or make_models(root)
     keys_file = root / "keys.json"
     keys = {account: Accounts.add_key(keys_file, account) for account in accounts}
+    base_model = SERVERLESS_BASE if serverless else BASE
     store = root / "store"  # where the admin API finds addons by name: a manifest per addon, as the provider writes
     for name, directory in adapters.items():
-        write_addon_manifest(store, name, directory)
+        write_addon_manifest(store, name, directory, base_model)
     port = free_port()
     log = root / "server.log"
     args = [sys.executable, "-m", "ember.runtime", "serve", "--model-dir", str(base), "--deployment", deployment,
-            "--base-model", BASE, "--keys", str(keys_file), "--usage", str(root / "usage"), "--port", str(port),
+            "--base-model", base_model, "--keys", str(keys_file), "--usage", str(root / "usage"), "--port", str(port),
             "--max-queue", str(max_queue), "--max-loras", "4", "--max-lora-rank", "8", "--threads", "1",
             "--max-model-len", "512", "--store", str(store), *[f"--addon={n}={p}" for n, p in adapters.items()],
             *extra]
@@ -106,3 +110,10 @@ def usage_records(server: Server) -> list[dict]:
     for path in sorted((server.root / "usage").rglob("requests-*.jsonl")):
         records += [json.loads(line) for line in path.read_text().splitlines() if line]
     return records
+
+
+def metrics_text(server: Server) -> str:
+    """/metrics as the deployment's operator reads it (with its own account's key)."""
+    response = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {server.keys['acme']}"}, timeout=10)
+    response.raise_for_status()
+    return response.text

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_helpers import BASE, PIRATE, start
+from server_helpers import BASE, PIRATE, metrics_text, start
 
 from ember.runtime.model.sampling import SamplingParams, process_logits
 
@@ -230,7 +230,7 @@ def test_metrics_a_vllm_user_looks_for(server):
     client = api(server)
     client.completions.create(model=BASE, prompt="metrics", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     refused(server, {"prompt": "x", "temperature": "hot"})
-    text = httpx.get(f"{server.url}/metrics").text
+    text = metrics_text(server)
     assert 'ember_request_finished_total{model="accounts/acme/models/tiny-llama",reason="length"}' in text
     assert 'ember_requests_total{model="",status="400"}' in text
     assert "ember_time_per_output_token_seconds_count" in text

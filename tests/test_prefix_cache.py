@@ -167,14 +167,14 @@ def test_requests_of_different_salts_share_nothing(base):
 
 def test_a_serverless_replica_never_shares_cached_prompts_across_accounts(tmp_path):
     httpx = pytest.importorskip("httpx")
-    from server_helpers import BASE, start
+    from server_helpers import SERVERLESS_BASE, start
 
     server = start(tmp_path / "serverless", serverless=True, deployment="accounts/platform/deployments/shared")
     try:
         def cached_tokens(account):
             answer = httpx.post(f"{server.url}/v1/completions", timeout=60,
                                 headers={"Authorization": f"Bearer {server.keys[account]}"},
-                                json={"model": BASE, "prompt": "canary-prefix-secret " * 20, "max_tokens": 1})
+                                json={"model": SERVERLESS_BASE, "prompt": "canary-prefix-secret " * 20, "max_tokens": 1})
             assert answer.status_code == 200, answer.text
             return answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 

@@ -2,7 +2,7 @@
 
 import httpx
 import pytest
-from server_helpers import BASE, PIRATE, start
+from server_helpers import BASE, PIRATE, metrics_text, start
 
 openai = pytest.importorskip("openai")
 CANARY = "zqxcanary"
@@ -10,7 +10,7 @@ CANARY = "zqxcanary"
 
 def written_text(server) -> str:
     """Everything the server wrote: its log, every file under its directory but the models, its metrics."""
-    parts = [httpx.get(f"{server.url}/metrics").text]
+    parts = [metrics_text(server)]
     for path in server.root.rglob("*"):
         if path.is_file() and "models" not in path.relative_to(server.root).parts:
             parts.append(path.read_bytes().decode(errors="replace"))

@@ -20,7 +20,7 @@ from ember.runtime.engine.output import OutputProcessor
 from ember.runtime.engine.scheduler import Scheduler
 from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.manager import LoRAManager
-from ember.runtime.model.grammar import Grammars
+from ember.runtime.model.grammar import CompiledGrammar, Grammars
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.quantized import QUANTIZED, quantize_projections
@@ -148,7 +148,10 @@ class Engine:
                 f"max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceed "
                 f"the model's context of {self.max_model_len} tokens"
             )
-        matcher = self.grammars.matcher(params.grammar) if params.grammar else None
+        if params.grammar is not None and not isinstance(params.grammar, CompiledGrammar):
+            # compiling here would hold up every other request's step: Engine.grammars.compile it beforehand
+            raise ValueError("grammar: must be compiled (Engine.grammars.compile) before the request is added")
+        matcher = params.grammar.matcher() if params.grammar else None
         if adapter is not None:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
         seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher,

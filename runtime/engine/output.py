@@ -48,6 +48,11 @@ class OutputProcessor:
             reason = "stop"  # the grammar is complete and allows nothing more
         if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
             reason = "length"
+        if reason == "stop" and seq.matcher is not None and (cut or not seq.matcher.is_accepting()):
+            # "stop" on a constrained request promises a whole document of its grammar. One cut by a stop string,
+            # or ended where the grammar is not complete (a stop token mid-document, the matcher failing a
+            # per-token limit), is an unfinished one: "length", as when max_tokens cuts it.
+            reason = "length"
         if reason and not cut:  # the text ends as decoding the ids ends, an unfinished character's bytes included
             state.text += state.detokenizer.flush()
         # Hold back text that could still turn out to be the start of a stop string.

@@ -10,12 +10,14 @@ requests in the same batch are untouched.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
-from llguidance import LLMatcher, LLTokenizer
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
+from ember.runtime.model.finite_schema import has_finite_instance
 from ember.runtime.model.tokenizer import TextTokenizer
 
 JSON_OBJECT = {"type": "object"}  # response_format json_object: any JSON object
@@ -26,10 +28,31 @@ JSON_OBJECT = {"type": "object"}  # response_format json_object: any JSON object
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# What one grammar may cost, in llguidance's own units; a grammar beyond them is refused when it is compiled (or,
+# for the per-token bounds, its request ends "length" where it hits them). A grammar of 50,000 symbols (an anyOf of
+# about 2,000 small objects) compiles in about 0.2 s on one core; at llguidance's default, 500,000, it takes over 1 s.
+# verbose_errors off: llguidance's verbose messages quote the parser's state, which is output text.
+LIMITS = {"max_grammar_size": 50_000, "verbose_errors": False}
+
+
 def json_grammar(schema: dict | None) -> str:
-    """The llguidance grammar of JSON documents that satisfy `schema` (any object when None)."""
+    """The llguidance grammar of JSON documents that satisfy `schema` (any object when None); ValueError when no
+    finite document does (a grammar of it would let the model write forever, or nothing)."""
+    if schema is not None and not has_finite_instance(schema):
+        raise ValueError("the schema admits no finite JSON document: its $ref recursion never ends")
     return LLMatcher.grammar_from_json_schema(json.dumps(schema if schema is not None else JSON_OBJECT),
                                               defaults=JSON_STYLE)
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledGrammar:
+    """A grammar compiled once for a request: each of its choices matches with a copy of this matcher, which
+    itself never consumes a token."""
+
+    template: LLMatcher
+
+    def matcher(self) -> LLMatcher:
+        return self.template.deep_copy()  # milliseconds, where compiling again could take a second
 
 
 class Grammars:
@@ -42,12 +65,21 @@ class Grammars:
     def _llg_tokenizer(self) -> LLTokenizer:
         return LLTokenizer(self.tokenizer.tokenizer.to_str(), n_vocab=self.vocab_size, eos_token=self.stop_token_ids)
 
-    def matcher(self, grammar: str) -> LLMatcher:
-        """A fresh matcher for one request; ValueError naming the fault when the grammar cannot be served."""
-        matcher = LLMatcher(self._llg_tokenizer, grammar)
-        if matcher.is_error():
-            raise ValueError(f"response_format: the schema cannot be enforced: {matcher.get_error()}")
-        return matcher
+    def compile(self, grammar: str) -> CompiledGrammar:
+        """`grammar` compiled within LIMITS; ValueError naming the fault when it cannot be served. A few hundred
+        milliseconds for a big grammar: run it off the event loop and the engine thread (llguidance lets go of the
+        GIL while it compiles, so a worker thread holds up neither)."""
+        matcher = LLMatcher(self._llg_tokenizer, grammar, log_level=0, limits=LLParserLimits(**LIMITS))
+        # What every output must begin with (the bytes the grammar forces), and the choice after it, tried on a
+        # copy: a grammar that fails there (nothing can follow, a row too wide to parse) fails every request.
+        probe = matcher.deep_copy()
+        if not probe.is_error():
+            probe.consume_tokens(probe.compute_ff_tokens())
+            probe.compute_bitmask()
+        if matcher.is_error() or probe.is_error():
+            error = (matcher.get_error() or probe.get_error()).replace("<non-verbose/>", "").strip()
+            raise ValueError(f"the schema cannot be enforced: {error}")
+        return CompiledGrammar(matcher)
 
     def allowed(self, matcher: LLMatcher) -> torch.Tensor:
         """The tokens the matcher allows next, as a boolean vector over the vocabulary."""

@@ -10,8 +10,12 @@ the processed logits, before temperature.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ember.runtime.model.grammar import CompiledGrammar
 
 MAX_LOGPROBS = 20
 
@@ -33,7 +37,7 @@ class SamplingParams:
     # token seen in the prompt or the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
-    grammar: str | None = None  # an llguidance grammar the output must follow (structured outputs)
+    grammar: CompiledGrammar | None = None  # what the output must follow (structured outputs), compiled beforehand
 
     def __post_init__(self):
         def bad(name: str, rule: str):

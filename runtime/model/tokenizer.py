@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -67,7 +68,15 @@ class TextTokenizer:
         return None if token is None else self.tokenizer.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, of one text: it lets go of the GIL while it works, where encode holds it throughout (a
+        # megabyte prompt would stop the server's event loop and the engine thread for seconds)
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for: its piece's length bounds it (a byte-level piece
+        spells one byte a character, a byte-fallback piece a byte in six), special tokens' included."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -106,9 +115,14 @@ class TextTokenizer:
         """Whether the chat template renders `tools` (and tool calls) itself."""
         return self.chat_template is not None and "tools" in self.chat_template
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    continue_final_message: bool = False) -> str:
+        """The conversation as the template writes it. With `continue_final_message` (transformers' option) the last
+        message is left open for the model to go on with: the text ends with that message's own."""
         if self._template is None:
             raise ValueError("messages: this model has no chat template; use the completions API")
+        if continue_final_message:
+            return self._continued(messages, tools)
         try:
             return self._template.render(
                 messages=messages,
@@ -121,10 +135,26 @@ class TextTokenizer:
             # The template's own message (e.g. "roles must alternate"), never the conversation's text.
             raise ValueError(f"messages: the chat template refused them: {exc.message}") from None
 
+    def _continued(self, messages: list[dict], tools: list[dict] | None) -> str:
+        # A marker after the message's text finds where it ends in the rendering: looking for the text itself (as
+        # transformers does) can land on the same letters in the template's own markup after it.
+        text = messages[-1].get("content")
+        marker = f"<ember-continue-{uuid.uuid4().hex}>"
+        if isinstance(text, str):
+            rendered = self.render_chat([*messages[:-1], {**messages[-1], "content": text + marker}], False, tools)
+            before, found, after = rendered.partition(marker)
+            # a template may trim the message's leading space; one that rewrites it (drops reasoning, say) leaves
+            # nothing to continue the message from
+            if found and marker not in after and before.endswith(text.lstrip()):
+                return before
+        raise ValueError(f"messages: the last message is the {messages[-1].get('role')}'s, to be continued, and this "
+                         f"model's chat template cannot continue it: it does not write the message's text as it is")
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, continue_final_message: bool = False) -> list[int]:
         # The template already writes BOS, so encoding must not add another (as transformers does).
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, continue_final_message),
+                           add_special_tokens=False)
 
 
 def _raise(message: str):

@@ -1,5 +1,5 @@
 """A runtime replica's HTTP server: the OpenAI API for one deployment (a base model and its addons), its
-owner's admin routes, /health and /metrics.
+owner's admin routes and /metrics, and an unauthenticated /health that says only whether it is ready.
 
 No prompt or output text reaches any log, usage record, metric or error; only a deployment that opted in
 writes it, to its own request log.
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ember.runtime.serving import admin_routes, openai_routes
+from ember.runtime.serving.body_limits import BodyLimits
 from ember.runtime.serving.protocol import APIError
 from ember.runtime.serving.replica import Replica, ServerConfig
 
@@ -56,6 +57,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Ember runtime", version="0.1.0", lifespan=lifespan)
     app.state.replica = replica
     app.add_exception_handler(APIError, _api_error)
+    app.add_middleware(BodyLimits, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
     app.add_exception_handler(404, _not_found)
     app.add_exception_handler(405, _method_not_allowed)
     app.add_api_route("/health", _health, methods=["GET"])
@@ -81,24 +83,18 @@ async def _method_not_allowed(request: Request, exc) -> JSONResponse:
 
 
 async def _health(request: Request) -> JSONResponse:
+    # Unauthenticated (probes and balancers ask it): whether the replica is ready, and nothing that names a tenant,
+    # an addon or a file. Why a load failed is in the replica's log; what it serves is the owner's (/admin/adapters).
     replica: Replica = request.app.state.replica
     if replica.engine is None:
-        status = {"status": "failed", "error": replica.failure} if replica.failure else {"status": "loading"}
-        return JSONResponse(status, status_code=503)
-    engine = replica.engine.engine
-    return JSONResponse({
-        "status": "ready",
-        "deployment": replica.config.deployment.name,
-        "base_model": replica.config.deployment.base_model,
-        "addons": engine.served_addons,
-        "failed_addons": replica.adapter_failures,
-        "replica": replica.meter.replica,
-        "uptime_s": round(time.time() - replica.started, 3),
-    })
+        return JSONResponse({"status": "failed" if replica.failure else "loading"}, status_code=503)
+    return JSONResponse({"status": "ready"})
 
 
 async def _metrics(request: Request) -> Response:
+    # The deployment operator's: its per-addon series name every tenant's addons on a serverless deployment.
     replica: Replica = request.app.state.replica
+    replica.owner(request)
     if replica.engine:
         replica.metrics.queue_depth.set(replica.engine.queue_depth)
         replica.metrics.running.set(replica.engine.running)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,6 +19,7 @@ from ember.runtime.serving.accounting import Accounting
 from ember.runtime.serving.async_engine import Overloaded
 from ember.runtime.serving.bodies import documented_body, parse_body
 from ember.runtime.serving.call import Call
+from ember.runtime.serving.grammars import compile_grammar
 from ember.runtime.serving.protocol import APIError, ChatRequest, CompletionRequest
 from ember.runtime.serving.replica import Replica, replica_of
 from ember.runtime.serving.responses import Responses
@@ -66,13 +68,14 @@ async def usage(request: Request, account: str | None = None, replica: Replica =
 
 def _prompts(body: ChatRequest | CompletionRequest, engine: Engine) -> list[list[int]]:
     """The request's prompts as token ids: a chat's one, or each of a completions batch."""
+    _check_length(body, engine)
     if isinstance(body, ChatRequest):
         tokenizer, uses = engine.tokenizer, body.tool_use()
         takes_tools = tokenizer.template_takes_tools
         messages = template_messages(body.messages, uses, takes_tools)
         tools = uses.template_tools() if uses is not None and uses.parsed and takes_tools else None
         try:
-            return [tokenizer.encode_chat(messages, tools=tools)]
+            return [tokenizer.encode_chat(messages, tools=tools, continue_final_message=body.continues_final_message)]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
     prompts = []
@@ -83,6 +86,23 @@ def _prompts(body: ChatRequest | CompletionRequest, engine: Engine) -> list[list
             _check_token_ids("prompt", prompt, engine)
             prompts.append(list(prompt))
     return prompts
+
+
+def _check_length(body: ChatRequest | CompletionRequest, engine: Engine) -> None:
+    """A prompt whose characters alone are more than the context could hold is refused before it is tokenized
+    (seconds of work for megabytes of text). Twice the bound, as a normalizer that composes characters (NFC) can
+    let one token stand for a little more than its piece's length."""
+    chat = isinstance(body, ChatRequest)
+    if chat:
+        lengths = [sum(len(m.text()) for m in body.messages)]
+    else:
+        lengths = [len(p) for p in body.prompts() if isinstance(p, str)]
+    chars = max(lengths, default=0)
+    limit = 2 * engine.max_model_len * engine.tokenizer.max_token_chars
+    if chars > limit:
+        raise APIError(400, f"the prompt is {chars} characters, more than this model's context of "
+                            f"{engine.max_model_len} tokens can hold (at most {limit})",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
 
 
 def _check_token_ids(param: str, ids, engine: Engine) -> None:
@@ -126,13 +146,14 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     if choices > replica.config.max_queue:
         raise APIError(400, f"n: {choices} choices can never be served by this deployment, which queues at most "
                             f"{replica.config.max_queue} requests", param="n", code="invalid_parameter")
-    prompts = _prompts(body, engine)
+    prompts = await asyncio.to_thread(_prompts, body, engine)  # templates and tokenizing: off the event loop
     params = _sampling(body, max(prompts, key=len), engine.max_model_len) * len(prompts)
-    if params[0].grammar:  # a schema llguidance cannot enforce is refused before anything streams
-        try:
-            engine.grammars.matcher(params[0].grammar)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="response_format", code="invalid_parameter") from None
+    # Compiled once for every choice, on a grammar worker: a schema that cannot be served is refused before
+    # anything streams, and a big one holds up no other request meanwhile.
+    grammar = await compile_grammar(engine.grammars, body.grammar,
+                                    param="tools" if chat and body.tools else "response_format")
+    if grammar is not None:
+        params = [replace(p, grammar=grammar) for p in params]
     logged_prompt = None
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt

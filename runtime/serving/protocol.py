@@ -6,11 +6,16 @@ log line cannot leak request text.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ember.runtime.model.sampling import MAX_LOGPROBS, SamplingParams
+
+if TYPE_CHECKING:
+    from ember.runtime.model.grammar import CompiledGrammar
 
 
 class APIError(Exception):
@@ -44,15 +49,43 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# jsonschema's check recurses a few frames per level, so a schema a hundred levels deep ends in a RecursionError;
+# real schemas nest a dozen levels or so (OpenAI's strict mode allows 10 levels of objects).
+MAX_SCHEMA_DEPTH = 64  # nested JSON objects and arrays
+# Checking a schema against its metaschema is pure Python that holds the GIL, ~60 µs a node (an anyOf of 5,000
+# objects, 40,000 nodes, took 2.4 s): bounded, so no schema slows the engine thread for long.
+MAX_SCHEMA_NODES = 10_000  # objects, arrays and values
+
+
+def _schema_too_big(value: Any) -> str | None:
+    """Why `value` is too deep or too big to check, walked without recursion (deep nesting is what it guards
+    against), or None."""
+    stack, nodes = [(value, 1)], 0
+    while stack:
+        node, level = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            return f"the schema is too big: more than {MAX_SCHEMA_NODES} objects, arrays and values"
+        if isinstance(node, (dict, list)):
+            if level > MAX_SCHEMA_DEPTH:
+                return f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep"
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return None
+
+
 def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A user's JSON Schema against its metaschema: a ValueError naming the JSON pointer of the fault."""
     from jsonschema import exceptions, validators
 
+    if problem := _schema_too_big(schema):
+        raise ValueError(problem)
     try:
         validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
     except exceptions.SchemaError as exc:
         pointer = "/" + "/".join(str(p) for p in exc.path)
         raise ValueError(f"the schema is invalid at {pointer}: {exc.message}") from None
+    except RecursionError:  # within the depth limit, but a wide schema can still exhaust the stack
+        raise ValueError("the schema nests too deeply to be checked") from None
     return schema
 
 
@@ -84,6 +117,13 @@ class ResponseFormat(_Strict):
         return json_grammar(self.json_schema.schema_ if self.json_schema else None)
 
 
+# torch.Generator.manual_seed takes these (a negative seed wraps around); choice i of n is seeded seed + i.
+MIN_SEED, MAX_SEED = -2**63, 2**64 - 1
+# Token ids in ASCII digits: str.isdigit also takes "²", which int() refuses, and "٣", which int() reads as 3.
+# Ten digits pass any vocabulary; the bound keeps int() off huge strings.
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
 class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -91,7 +131,7 @@ class _Common(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="0 or -1: no limit")
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -109,9 +149,15 @@ class _Common(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, value: dict[str, float]) -> dict[str, float]:
+        keys: dict[int, str] = {}  # token id → the key that named it
         for token, bias in value.items():
-            if not token.isdigit():
-                raise ValueError(f"keys are token ids; {token!r} is not one")
+            if not _TOKEN_ID.fullmatch(token):
+                shown = repr(token[:12]) + ("…" if len(token) > 12 else "")
+                raise ValueError(f"keys are token ids in ASCII digits, at most 10 of them; {shown} is not one")
+            if int(token) in keys:  # "5" and "05": which of the two biases applies would be arbitrary
+                raise ValueError(f"keys {keys[int(token)]!r} and {token!r} are the same token {int(token)}; "
+                                 f"give each token once")
+            keys[int(token)] = token
             if not -100 <= bias <= 100:
                 raise ValueError(f"the bias of token {token} must be between -100 and 100")
         return value
@@ -121,6 +167,20 @@ class _Common(_Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only with stream: true")
         return self
+
+    @model_validator(mode="after")
+    def _seeds_and_token_counts_fit(self) -> "_Common":
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed: choice i is seeded seed + i, and {self.seed} + {self.n - 1} passes {MAX_SEED}, "
+                             f"the largest seed torch takes")
+        given = self.given_max_tokens()
+        if given is not None and self.min_tokens > given[1]:
+            raise ValueError(f"min_tokens: {self.min_tokens} is more than {given[0]} {given[1]}")
+        return self
+
+    def given_max_tokens(self) -> tuple[str, int] | None:
+        """The caller's limit on the output, as (parameter, value); None where the server's default applies."""
+        return None if self.max_tokens is None else ("max_tokens", self.max_tokens)
 
     @field_validator("stop")
     @classmethod
@@ -132,7 +192,8 @@ class _Common(_Strict):
             raise ValueError("give at most 16 non-empty stop strings")
         return stops
 
-    def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, index: int,
+                 grammar: CompiledGrammar | None = None) -> SamplingParams:
         # With n > 1, each choice gets its own seed so the choices differ but stay reproducible.
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -140,10 +201,13 @@ class _Common(_Strict):
                               logprobs=logprobs, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                               logit_bias=tuple((int(t), b) for t, b in self.logit_bias.items()),
+                              # a max_tokens the caller gave is at least min_tokens (refused otherwise); a default
+                              # one is a ceiling the caller did not choose, and caps it
                               min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids),
-                              grammar=self._grammar())
+                              grammar=grammar)
 
-    def _grammar(self) -> str | None:
+    def grammar(self) -> str | None:
+        """The llguidance grammar the output must follow (None when free), to compile once for all the choices."""
         return self.response_format.grammar() if self.response_format else None
 
 
@@ -199,6 +263,16 @@ class CalledFunction(_Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
+    @field_validator("arguments")
+    @classmethod
+    def _json_text(cls, value: str) -> str:
+        # A template that takes tool calls gets the arguments parsed: they must parse here, not in the template.
+        try:
+            json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError("the arguments are not JSON text") from None
+        return value
+
 
 class ToolCall(_Strict):
     id: str
@@ -213,7 +287,7 @@ class ChatMessage(_Strict):
 
     name: str | None = Field(None, max_length=256)
     tool_calls: list[ToolCall] | None = None  # an assistant's calls, earlier in the conversation
-    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_call_id: str | None = Field(None, validate_default=True)  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -223,6 +297,13 @@ class ChatMessage(_Strict):
                 raise ValueError(f"part {i} is of type {part.get('type')!r}: this model reads text parts only")
         return value
 
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
+            raise ValueError("a tool message answers a call: give the id of the assistant's call it answers")
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part["text"] for part in self.content)
@@ -230,7 +311,8 @@ class ChatMessage(_Strict):
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    # a bound checked before any template runs or token is counted (a body of empty messages is cheap to send)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -250,11 +332,25 @@ class ChatRequest(_Common):
             raise ValueError(f"tool_choice: function {self.tool_choice.function.name!r} is not among the tools")
         if self.tools and self.response_format and self.response_format.type != "text":
             raise ValueError("response_format: not with tools (a tool call has its own format)")
+        if self.messages[-1].role == "assistant" and self.messages[-1].tool_calls:
+            raise ValueError("messages: the last message is the assistant's tool calls; a tool message answering "
+                             "each must follow")
         return self
 
-    def _grammar(self) -> str | None:
+    def given_max_tokens(self) -> tuple[str, int] | None:
+        if self.max_completion_tokens is not None:  # it wins over max_tokens, as in _sampling
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().given_max_tokens()
+
+    @property
+    def continues_final_message(self) -> bool:
+        """A conversation that ends with the assistant's message asks for that message's continuation (a prefill,
+        as vLLM's continue_final_message), not for a second assistant turn after it."""
+        return self.messages[-1].role == "assistant"
+
+    def grammar(self) -> str | None:
         uses = self.tool_use()
-        return uses.grammar() if uses is not None and uses.constrained else super()._grammar()
+        return uses.grammar() if uses is not None and uses.constrained else super().grammar()
 
     def tool_use(self):
         """The tools and their use (None without tools)."""

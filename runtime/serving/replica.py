@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import fsspec
 from fastapi import Request
 
-from ember.provider.domain.accounts import Accounts, DeploymentAccess
-from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.accounts import Accounts, DeploymentAccess, foreign_model_refusal, is_catalog_name
+from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.spec import ModelKind
 from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain.usage import Meter
@@ -20,6 +20,7 @@ from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.fetch import local_copy
 from ember.runtime.lora.adapters import AdapterError
 from ember.runtime.serving.async_engine import AsyncEngine
+from ember.runtime.serving.limits import Limits
 from ember.runtime.serving.metrics import Metrics
 from ember.runtime.serving.protocol import APIError
 from ember.runtime.serving.request_log import RequestLog
@@ -35,6 +36,7 @@ class ServerConfig:
     usage_url: str
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_queue: int = 64
+    limits: Limits = field(default_factory=Limits)  # what one client may take: body size, timeouts, connections
     addons: dict[str, str] = field(default_factory=dict)  # served from the start: name → source
     desired_addons_url: str | None = None  # a JSON {name: source} in the store; reconciled on a timer and on demand
     store_url: str | None = None  # the store's root: the admin API finds addons there by model name
@@ -63,6 +65,7 @@ class Replica:
 
     def load(self) -> None:
         try:
+            self._check_base()
             engine = Engine.from_dir(local_copy(self.config.model_dir), self.config.engine)
             for name, source in self.config.addons.items():
                 self._add_adapter(engine, name, source)
@@ -80,9 +83,35 @@ class Replica:
                            type="service_unavailable", code="model_loading", headers={"Retry-After": "5"})
         return self.engine
 
+    def _check_base(self) -> None:
+        """Defence in depth behind the provider's checks: a deployment serves its own account's base model or a
+        catalog one (as the store's manifest says, where this replica has the store)."""
+        access = self.config.deployment
+        manifest = self._manifest(access.base_model)
+        is_catalog = manifest.get("catalog_id") is not None if manifest else is_catalog_name(access.base_model)
+        refusal = foreign_model_refusal(access.account_id, access.base_model, is_catalog)
+        if refusal:
+            raise PermissionError(f"base model: {refusal}")
+
+    def _manifest(self, name: str) -> dict | None:
+        """A model's manifest in the store (None without a store, or when it has none)."""
+        if not self.config.store_url:
+            return None
+        model = parse_model_name(name)
+        try:
+            with fsspec.open(StoreLayout(self.config.store_url).manifest(model.account_id, model.resource_id), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
     # -- addons --------------------------------------------------------------------------------------------
 
     def _add_adapter(self, engine: Engine, name: str, source: str) -> None:
+        access = self.config.deployment
+        if not access.serverless and parse_model_name(name).account_id != access.account_id:
+            self.adapter_failures[name] = f"a dedicated deployment of account {access.account_id!r} serves only its addons"
+            log.warning("addon %s refused: not of the deployment's account", name)
+            return
         try:
             engine.lora.add(name, source) if engine.lora else None
             self.adapter_failures.pop(name, None)
@@ -100,8 +129,15 @@ class Replica:
             desired = {}
         if engine.lora is None:
             return {"failed": dict.fromkeys(desired, "this deployment serves no addons (max_loras=0)")}
+        refused = {}
+        for name, source in desired.items():
+            try:
+                if self.addon_source(name) != source:
+                    refused[name] = "its source is not the object the store's manifest names"
+            except APIError as exc:
+                refused[name] = exc.message
         before = set(engine.served_addons)
-        failed = engine.lora.reconcile(desired)
+        failed = engine.lora.reconcile({n: s for n, s in desired.items() if n not in refused}) | refused
         self.adapter_failures = failed
         for name, why in failed.items():
             log.warning("addon %s refused: %s", name, why)
@@ -114,24 +150,20 @@ class Replica:
         self.metrics.adapters.set(len(engine.served_addons))
 
     def addon_source(self, name: str) -> str:
-        """The store object of an addon model of this deployment's account and base, from its manifest: the
-        only way a request names an adapter, so no path or URL a request carries is ever opened."""
+        """The store object of an addon this deployment may load, from its manifest: the only way an adapter is
+        named (by the admin API or the desired set), so no path or URL a request carries is ever opened. A
+        dedicated deployment loads its own account's addons of its base; a serverless one any account's addons
+        of its base (each answers only its owner). Another account's addon is answered as an unknown one."""
         try:
             model = parse_model_name(name)
         except ValueError as exc:
             raise APIError(400, f"name: {exc}", param="name") from None
         access = self.config.deployment
-        if model.account_id != parse_deployment_name(access.name).account_id:
-            raise APIError(403, f"name: {name} belongs to account {model.account_id!r}; this deployment loads its own "
-                                f"account's addons", type="permission_error", param="name", code="forbidden")
         if not self.config.store_url:
             raise APIError(400, "this replica was started without --store, so it cannot find addons by name")
-        url = StoreLayout(self.config.store_url).manifest(model.account_id, model.resource_id)
-        try:
-            with fsspec.open(url, "r") as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            raise APIError(404, f"name: {name} is not in the store", param="name", code="model_not_found") from None
+        manifest = self._manifest(name) if access.serverless or model.account_id == access.account_id else None
+        if manifest is None:
+            raise APIError(404, f"name: {name} is not in the store", param="name", code="model_not_found")
         if manifest.get("kind") != ModelKind.HF_PEFT_ADDON.value or manifest.get("base_model") != access.base_model:
             raise APIError(400, f"name: {name} is not an addon of {access.base_model}", param="name",
                            code="bad_adapter")
@@ -193,11 +225,9 @@ class Replica:
         deployment = self.config.deployment
         if model in (deployment.base_model, deployment.name):
             return None
-        if model in engine.served_addons:
-            if not deployment.may_use_addon(account, model):
-                raise APIError(403, f"account {account!r} may not use addon {model!r}", type="permission_error",
-                               param="model", code="forbidden")
+        if model in engine.served_addons and deployment.may_use_addon(account, model):
             return model
+        # another account's addon is answered exactly as an unknown one: no oracle of which names exist
         raise APIError(404, f"model {model!r} is not served by this deployment", type="not_found_error", param="model",
                        code="model_not_found")
 
