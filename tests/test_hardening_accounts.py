@@ -3,10 +3,12 @@ model — refused at preview from the name, at create from the store's manifest,
 nothing unauthenticated names a tenant: /health says only whether the replica is ready, /metrics is the operator's."""
 
 import json
+import re
 import textwrap
 
 import httpx
 import pytest
+from engine_helpers import EngineStack, requires_pulumi
 from provider_helpers import config, provider
 from server_helpers import PIRATE, POET, start, write_addon_manifest
 
@@ -65,8 +67,8 @@ GLOBEX = textwrap.dedent('''
 ''')
 
 
-def test_two_accounts_on_one_store_none_builds_on_the_others_private_model(tmp_path):
-    cfg = config(tmp_path)
+def _two_programs(tmp_path):
+    """acme's program (its private base model) and globex's (which adopts it with Model.get and builds on it)."""
     acme, globex = tmp_path / "acme", tmp_path / "globex"
     for root, program in ((acme, ACME), (globex, GLOBEX)):
         root.mkdir()
@@ -76,6 +78,12 @@ def test_two_accounts_on_one_store_none_builds_on_the_others_private_model(tmp_p
     tinymodels.make_lora(base, globex / "models" / "addon", rank=4, seed=1)  # shapes that fit acme's base
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ahoy"}]}
     (globex / "chats.jsonl").write_text("\n".join(json.dumps(chat) for _ in range(4)) + "\n")
+    return acme, globex
+
+
+def test_two_accounts_on_one_store_none_builds_on_the_others_private_model(tmp_path):
+    cfg = config(tmp_path)
+    acme, globex = _two_programs(tmp_path)
     OfflineRunner(acme, config=cfg, log=lambda _: None).up()
     try:
         for path in SPECS:
@@ -92,6 +100,30 @@ def test_two_accounts_on_one_store_none_builds_on_the_others_private_model(tmp_p
         assert not (store / "models" / "globex").exists() or not list((store / "models" / "globex").iterdir())
     finally:
         OfflineRunner(acme, config=cfg, log=lambda _: None).destroy()
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@requires_pulumi
+def test_under_the_pulumi_engine_another_accounts_model_is_refused_at_preview_and_up(tmp_path):
+    state = tmp_path / "state"
+    acme, globex = _two_programs(tmp_path)
+    (globex / "path.json").write_text(json.dumps("deployment"))
+    stacks = {}
+    for root in (acme, globex):
+        stacks[root.name] = EngineStack(root, tmp_path / f"home-{root.name}")
+        stacks[root.name].env["EMBER_STATE_DIR"] = str(state)  # one store for both accounts
+    stacks["acme"].up()
+    try:
+        for command in (("preview",), ("up", "--yes", "--skip-preview")):
+            out = stacks["globex"].pulumi(*command, check=False)
+            text = out.stdout + out.stderr
+            assert out.returncode != 0 and "Traceback" not in text, text
+            assert re.search(r"ember:Deployment resource 'mine': property base_model value .* has a problem: "
+                             rf"{STOLEN} is not a model account 'globex' may use", text), text
+        assert not (state / "store" / "deployments" / "globex").exists() and not (state / "replicas" / "globex").exists()
+    finally:
+        stacks["acme"].pulumi("destroy", "--yes")
 
 
 def test_create_judges_the_stores_manifest_and_says_the_same_of_a_model_that_does_not_exist(tmp_path):
