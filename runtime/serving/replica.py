@@ -132,7 +132,7 @@ class Replica:
         refused = {}
         for name, source in desired.items():
             try:
-                if self.addon_source(name) != source:
+                if self.addon_source(name, of_base=False) != source:
                     refused[name] = "its source is not the object the store's manifest names"
             except APIError as exc:
                 refused[name] = exc.message
@@ -149,11 +149,14 @@ class Replica:
     def count_adapters(self, engine: Engine) -> None:
         self.metrics.adapters.set(len(engine.served_addons))
 
-    def addon_source(self, name: str) -> str:
+    def addon_source(self, name: str, of_base: bool = True) -> str:
         """The store object of an addon this deployment may load, from its manifest: the only way an adapter is
         named (by the admin API or the desired set), so no path or URL a request carries is ever opened. A
-        dedicated deployment loads its own account's addons of its base; a serverless one any account's addons
-        of its base (each answers only its owner). Another account's addon is answered as an unknown one."""
+        dedicated deployment loads its own account's addons; a serverless one any account's (each answers only
+        its owner). Another account's addon is answered as an unknown one. `of_base`: the addon must be of this
+        deployment's base, as the admin API asks; the desired set may name one whose base a replacement of
+        this deployment just renamed (the provider checked its base when it attached it, and the addon's own
+        replacement comes next)."""
         try:
             model = parse_model_name(name)
         except ValueError as exc:
@@ -164,7 +167,8 @@ class Replica:
         manifest = self._manifest(name) if access.serverless or model.account_id == access.account_id else None
         if manifest is None:
             raise APIError(404, f"name: {name} is not in the store", param="name", code="model_not_found")
-        if manifest.get("kind") != ModelKind.HF_PEFT_ADDON.value or manifest.get("base_model") != access.base_model:
+        other_base = of_base and manifest.get("base_model") != access.base_model
+        if manifest.get("kind") != ModelKind.HF_PEFT_ADDON.value or other_base:
             raise APIError(400, f"name: {name} is not an addon of {access.base_model}", param="name",
                            code="bad_adapter")
         return manifest["object"]
