@@ -255,28 +255,37 @@ def test_a_normal_request_and_a_kept_alive_connection_still_work_under_short_tim
             time.sleep(1.5)
 
 
-def test_connections_beyond_the_cap_get_503_while_open_ones_are_served(tmp_path):
+def test_at_the_connection_cap_an_idle_connection_makes_room_and_only_busy_ones_refuse(tmp_path):
     server = start(tmp_path, extra=["--max-connections", "2"])
     try:
         time.sleep(0.5)  # start()'s own probes are closed by now
-        first, second = _connect(server), _connect(server)
-        for sock in (first, second):
-            sock.sendall(_head(server, "GET", "/health", {}))
-            assert _read_response(sock)[0] == 200
+        # Idle ones (one that never sent a byte, one kept alive after a request) never lock a client out: at the
+        # cap the oldest of them is closed to make room.
+        silent, kept = _connect(server), _connect(server)
+        kept.sendall(_head(server, "GET", "/health", {}))
+        assert _read_response(kept)[0] == 200
+        with _connect(server) as newcomer:
+            newcomer.sendall(_head(server, "GET", "/health", {}))
+            assert _read_response(newcomer)[0] == 200
+            assert _closed_by_server(silent, 2)  # the oldest idle one went
+        kept.close()
+        time.sleep(0.3)
+        # Busy ones (each in the middle of sending its body) are never closed: a connection beyond them gets 503.
+        busy = [_connect(server), _connect(server)]
+        for sock in busy:
+            sock.sendall(_head(server, "POST", "/v1/completions", {"Content-Length": "100",
+                                                                    "Content-Type": "application/json"}) + b'{"mod')
+        time.sleep(0.3)
         with _connect(server) as third:
             third.sendall(_head(server, "GET", "/health", {}))
             status, headers, body = _read_response(third)
             assert status == 503 and headers["retry-after"] == "1", (status, body)
             assert _openai_error(body)["code"] == "too_many_connections"
             assert _closed_by_server(third, 2)
-        first.sendall(_head(server, "GET", "/health", {}))  # the open ones are served all along
-        assert _read_response(first)[0] == 200
-        first.close()
-        time.sleep(0.3)
-        with _connect(server) as fourth:  # a closed one frees its place
-            fourth.sendall(_head(server, "GET", "/health", {}))
-            assert _read_response(fourth)[0] == 200
-        second.close()
+        for sock in busy:  # the busy ones were kept all along: each finishes its request
+            sock.sendall(b' ' * 95)
+            assert _read_response(sock)[0] == 400
+            sock.close()
     finally:
         server.stop()
 

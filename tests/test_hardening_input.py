@@ -46,6 +46,8 @@ def tool(parameters: dict) -> dict:
     return {"type": "function", "function": {"name": "f", "parameters": parameters}}
 
 
+# Draft 3's `required` is a boolean where later drafts have a list (it crashed the grammar builder: a 500)
+DRAFT_3 = {"$schema": "http://json-schema.org/draft-03/schema#", "type": "object", "required": True}
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
@@ -84,6 +86,17 @@ REFUSED = {
                                      "messages.1.tool_calls.0.function.arguments"),
     "tool call arguments 100,000 arrays deep": ({"messages": answered("[" * 100_000)}, CHAT,
                                                 "messages.1.tool_calls.0.function.arguments"),
+    "a draft-03 schema": ({"messages": ASK, "response_format": schema_format(DRAFT_3)}, CHAT,
+                          "response_format.json_schema.schema"),
+    "a draft-03 schema in a tool": ({"messages": ASK, "tools": [tool(DRAFT_3)], "tool_choice": "required"}, CHAT,
+                                    "tools.0.function.parameters"),
+    "tools whose schemas are too big together": ({"messages": ASK, "tools": [tool({"anyOf": [{}] * 2000})] * 3},
+                                                 CHAT, "tools"),
+    "a content part whose type is text": ({"messages": [{"role": "user", "content": [{"type": SECRET}]}]}, CHAT,
+                                          "messages.0.content"),
+    "tool_choice naming no tool": ({"messages": ASK, "tools": [tool({"type": "object"})],
+                                    "tool_choice": {"type": "function", "function": {"name": SECRET}}}, CHAT,
+                                   "tool_choice"),
     "final assistant tool calls": ({"messages": ASK + [{"role": "assistant", "content": SECRET, "tool_calls": [CALL]}],
                                     "tools": [tool({"type": "object"})]}, CHAT, "messages"),
 }
@@ -190,3 +203,21 @@ def test_no_adversarial_shape_is_a_server_error(server):
 
     check()
     assert server.process.poll() is None
+
+
+def test_a_body_pydantic_cannot_read_and_a_client_leaving_mid_body_are_answered_cleanly(server):
+    import socket
+
+    lone_surrogate = f'{{"model": "{BASE}", "prompt": "\\ud800"}}'
+    answer = httpx.post(f"{server.url}/v1/completions", content=lone_surrogate, timeout=30,
+                        headers={"Authorization": f"Bearer {server.keys['acme']}", "Content-Type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json", answer.text
+    assert answer.json()["error"]["param"] is None
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:  # says 100 bytes, sends 8, leaves
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {server.keys['acme']}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\"".encode())
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(5)
+        assert sock.recv(65536) == b""  # no answer to a client that is gone, and no crash
+    assert "Exception in ASGI application" not in server.log.read_text()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from ember.runtime.serving.protocol import APIError
 
@@ -19,6 +21,8 @@ def _validation_error(exc: ValidationError) -> APIError:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "is not a parameter this server supports"
+    elif first["type"] == "json_invalid":  # pydantic's own parse (a lone surrogate, say): no parameter to name
+        return APIError(400, "the request body is not JSON this server reads", code="invalid_json")
     elif param is None and ": " in message:  # a rule across fields names its parameter first
         param, message = message.split(": ", 1)
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_parameter")
@@ -40,11 +44,18 @@ def documented_body(cls: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
+# Validating a body of megabytes (100k messages, say: a second of pydantic and Python validators) is not for the
+# event loop, which serves every client, nor for its default executor, where the replica's key reloads and
+# billing heartbeats run: bodies have workers of their own.
+_parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ember-body")
+
+
 async def parse_body(request: Request, cls: type[BaseModel]):
-    raw = await request.body()  # bounded in size and time by BodyLimits
-    # Validating a body of megabytes (100k messages, say: a second of pydantic and Python validators) is not for
-    # the event loop, which serves every client.
-    return await asyncio.to_thread(_parse, raw, cls)
+    try:
+        raw = await request.body()  # bounded in size and time by BodyLimits
+    except ClientDisconnect:  # the client left half-way through its body
+        raise APIError(499, "the client closed the request", code="client_closed_request") from None
+    return await asyncio.get_running_loop().run_in_executor(_parsers, _parse, raw, cls)
 
 
 def _too_deep() -> APIError:

@@ -1,5 +1,5 @@
 """uvicorn's h11 connection, with what uvicorn leaves out: a timeout for a request's head, and a cap on open
-connections answered in OpenAI's format.
+connections (the oldest idle one makes room; only when all are busy is a new one refused, in OpenAI's format).
 
 uvicorn times out only an idle kept-alive connection: one that opens and sends nothing, or sends its head a
 byte at a time, is held for ever. Here the head must be whole within the header timeout, counted from the
@@ -34,10 +34,29 @@ def connection_protocol(limits: Limits) -> type[H11Protocol]:
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_timer = None
-            if len(self.connections) > limits.max_connections:  # this one is counted already
+            self._opened = self.loop.time()
+            # At the cap, the oldest connection with no request in flight (one still awaiting its head, or idle
+            # between requests) makes room: otherwise a few sockets that send nothing, or only ask /health now
+            # and then, would lock every client out. Only when every connection is running a request is the new
+            # one refused.
+            if len(self.connections) > limits.max_connections and not self._evict_idle():  # this one counts
                 log.warning("a connection beyond the cap of %d is refused", limits.max_connections)
                 self.app = _refusal(limits.max_connections)  # each request on it gets 503, then it closes
             self._await_head()
+
+        def _evict_idle(self) -> bool:
+            idle = [c for c in self.connections if c is not self and isinstance(c, Connection) and c._idle()]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c._opened)
+            oldest._stop_waiting()
+            oldest.transport.close()
+            return True
+
+        def _idle(self) -> bool:
+            """No request of this connection's is being read or answered."""
+            return (self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+                    and not self.transport.is_closing())
 
         def data_received(self, data: bytes) -> None:
             if self._head_timer is None and self.conn.their_state is h11.IDLE:

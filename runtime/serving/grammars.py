@@ -40,3 +40,7 @@ async def compile_grammar(grammars: Grammars, source: Callable[[], str | None], 
                        code="invalid_parameter") from None
     except ValueError as exc:
         raise APIError(400, f"{param}: {exc}", param=param, code="invalid_parameter") from None
+    except (TypeError, KeyError, AttributeError, RecursionError):
+        # a schema shaped as no draft this server reads (keywords of unexpected types): still the caller's input
+        raise APIError(400, f"{param}: the schema cannot be enforced: a keyword has a value of an unexpected type",
+                       param=param, code="invalid_parameter") from None

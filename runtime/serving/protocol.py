@@ -52,33 +52,45 @@ class StreamOptions(_Strict):
 # jsonschema's check recurses a few frames per level, so a schema a hundred levels deep ends in a RecursionError;
 # real schemas nest a dozen levels or so (OpenAI's strict mode allows 10 levels of objects).
 MAX_SCHEMA_DEPTH = 64  # nested JSON objects and arrays
-# Checking a schema against its metaschema is pure Python that holds the GIL, ~60 µs a node (an anyOf of 5,000
-# objects, 40,000 nodes, took 2.4 s): bounded, so no schema slows the engine thread for long.
-MAX_SCHEMA_NODES = 10_000  # objects, arrays and values
+# Checking a schema against its metaschema is pure Python that holds the GIL, up to ~170 µs a node (an anyOf of
+# 10,000 empty schemas took 1.7 s): bounded across the whole request (its response format and every tool), so
+# no request holds a worker thread, or slows the engine thread, for long.
+MAX_SCHEMA_NODES = 5_000  # objects, arrays and values of all the request's schemas together
+# Drafts before 4 give keywords other types (draft 3's `required` is a boolean): the grammar builder and
+# llguidance read the later drafts only.
+OLD_DRAFTS = ("http://json-schema.org/draft-03/schema", "http://json-schema.org/draft-02/schema",
+              "http://json-schema.org/draft-01/schema")
 
 
-def _schema_too_big(value: Any) -> str | None:
-    """Why `value` is too deep or too big to check, walked without recursion (deep nesting is what it guards
-    against), or None."""
+def _schema_size(value: Any) -> tuple[int, bool]:
+    """(nodes, deeper than MAX_SCHEMA_DEPTH) of a schema, walked without recursion (deep nesting is what it
+    guards against) and given up at the bound."""
     stack, nodes = [(value, 1)], 0
-    while stack:
+    while stack and nodes <= MAX_SCHEMA_NODES:
         node, level = stack.pop()
         nodes += 1
-        if nodes > MAX_SCHEMA_NODES:
-            return f"the schema is too big: more than {MAX_SCHEMA_NODES} objects, arrays and values"
         if isinstance(node, (dict, list)):
             if level > MAX_SCHEMA_DEPTH:
-                return f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep"
+                return nodes, True
             stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return None
+    return nodes, False
+
+
+def _too_big(nodes: int) -> str:
+    return f"the request's schemas are too big: more than {MAX_SCHEMA_NODES} objects, arrays and values in all"
 
 
 def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A user's JSON Schema against its metaschema: a ValueError naming the JSON pointer of the fault."""
     from jsonschema import exceptions, validators
 
-    if problem := _schema_too_big(schema):
-        raise ValueError(problem)
+    nodes, too_deep = _schema_size(schema)
+    if too_deep:
+        raise ValueError(f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep")
+    if nodes > MAX_SCHEMA_NODES:
+        raise ValueError(_too_big(nodes))
+    if isinstance(schema.get("$schema"), str) and schema["$schema"].rstrip("#").startswith(OLD_DRAFTS):
+        raise ValueError(f"$schema: drafts before draft-04 are not served; use draft 2020-12 (the default)")
     try:
         validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
     except exceptions.SchemaError as exc:
@@ -124,7 +136,33 @@ MIN_SEED, MAX_SEED = -2**63, 2**64 - 1
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
+def _schemas_of(data: Any) -> list[Any]:
+    """The JSON Schemas a raw request body carries (its response format's and its tools'), before validation."""
+    if not isinstance(data, dict):
+        return []
+    schemas = []
+    response_format = data.get("response_format")
+    if isinstance(response_format, dict) and isinstance(response_format.get("json_schema"), dict):
+        schemas.append(response_format["json_schema"].get("schema"))
+    for tool in data.get("tools") if isinstance(data.get("tools"), list) else ():
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            schemas.append(tool["function"].get("parameters"))
+    return [schema for schema in schemas if schema is not None]
+
+
 class _Common(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _schemas_bounded_together(cls, data: Any) -> Any:
+        # before any schema meets its metaschema: 128 tools of a bounded schema each would still be minutes
+        total = 0
+        for schema in _schemas_of(data):
+            total += _schema_size(schema)[0]
+            if total > MAX_SCHEMA_NODES:
+                raise ValueError(f"tools: {_too_big(total)}" if "tools" in data else
+                                 f"response_format: {_too_big(total)}")
+        return data
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -251,7 +289,7 @@ class ToolDef(_Strict):
 
 
 class NamedFunction(_Strict):
-    name: str
+    name: str = Field(max_length=64)
 
 
 class NamedToolChoice(_Strict):
@@ -294,7 +332,8 @@ class ChatMessage(_Strict):
     def _text_parts_only(cls, value: Any) -> Any:
         for i, part in enumerate(value if isinstance(value, list) else ()):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"part {i} is of type {part.get('type')!r}: this model reads text parts only")
+                # the part's type is not echoed: it is the caller's text, whatever it claims to be
+                raise ValueError(f"part {i} is not a text part: this model reads text parts only")
         return value
 
     @field_validator("tool_call_id")
@@ -329,7 +368,7 @@ class ChatRequest(_Common):
             raise ValueError("tool_choice: only with tools")
         names = [t.function.name for t in self.tools or ()]
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice: function {self.tool_choice.function.name!r} is not among the tools")
+            raise ValueError("tool_choice: the function it names is not among the tools")
         if self.tools and self.response_format and self.response_format.type != "text":
             raise ValueError("response_format: not with tools (a tool call has its own format)")
         if self.messages[-1].role == "assistant" and self.messages[-1].tool_calls:
