@@ -108,5 +108,10 @@ class DeploymentAccess:
     def may_use_deployment(self, account: str) -> bool:
         return self.serverless or account == self.account_id
 
+    def may_load_addon(self, addon: str) -> bool:
+        """A dedicated deployment loads its own account's addons; a serverless one any account's (each answers
+        only its owner)."""
+        return self.serverless or parse_model_name(addon).account_id == self.account_id
+
     def may_use_addon(self, account: str, addon: str) -> bool:
         return parse_model_name(addon).account_id == account or (not self.serverless and account == self.account_id)

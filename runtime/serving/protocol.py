@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ember.runtime.model.sampling import MAX_LOGPROBS, SamplingParams
-
-if TYPE_CHECKING:
-    from ember.runtime.model.grammar import CompiledGrammar
 
 
 class APIError(Exception):
@@ -230,8 +227,8 @@ class _Common(_Strict):
             raise ValueError("give at most 16 non-empty stop strings")
         return stops
 
-    def sampling(self, max_tokens: int, logprobs: int | None, index: int,
-                 grammar: CompiledGrammar | None = None) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+        """A choice's parameters; its grammar (compiled once for all choices, off the event loop) is added after."""
         # With n > 1, each choice gets its own seed so the choices differ but stay reproducible.
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -241,8 +238,7 @@ class _Common(_Strict):
                               logit_bias=tuple((int(t), b) for t, b in self.logit_bias.items()),
                               # a max_tokens the caller gave is at least min_tokens (refused otherwise); a default
                               # one is a ceiling the caller did not choose, and caps it
-                              min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids),
-                              grammar=grammar)
+                              min_tokens=min(self.min_tokens, max_tokens), stop_token_ids=tuple(self.stop_token_ids))
 
     def grammar(self) -> str | None:
         """The llguidance grammar the output must follow (None when free), to compile once for all the choices."""

@@ -108,7 +108,7 @@ class Replica:
 
     def _add_adapter(self, engine: Engine, name: str, source: str) -> None:
         access = self.config.deployment
-        if not access.serverless and parse_model_name(name).account_id != access.account_id:
+        if not access.may_load_addon(name):
             self.adapter_failures[name] = f"a dedicated deployment of account {access.account_id!r} serves only its addons"
             log.warning("addon %s refused: not of the deployment's account", name)
             return
@@ -158,13 +158,13 @@ class Replica:
         this deployment just renamed (the provider checked its base when it attached it, and the addon's own
         replacement comes next)."""
         try:
-            model = parse_model_name(name)
+            parse_model_name(name)
         except ValueError as exc:
             raise APIError(400, f"name: {exc}", param="name") from None
         access = self.config.deployment
         if not self.config.store_url:
             raise APIError(400, "this replica was started without --store, so it cannot find addons by name")
-        manifest = self._manifest(name) if access.serverless or model.account_id == access.account_id else None
+        manifest = self._manifest(name) if access.may_load_addon(name) else None
         if manifest is None:
             raise APIError(404, f"name: {name} is not in the store", param="name", code="model_not_found")
         other_base = of_base and manifest.get("base_model") != access.base_model
