@@ -56,6 +56,7 @@ CHECK_CASES = [
     ("Deployment", lambda m: deployment(min_replicas=3.0, max_replicas=2.0), "min_replicas", "3 is more than max_replicas 2"),
     ("Deployment", lambda m: deployment(accelerator_type="NVIDIA_H100_80GB", accelerator_count=3.0), "accelerator_count", "3 is not allowed"),
     ("Deployment", lambda m: deployment(accelerator_type="TPU_V5"), "accelerator_type", "'TPU_V5'"),
+    ("Deployment", lambda m: deployment(precision="fp8"), "precision", "'fp8' needs an accelerator with FP8, and CPU has none"),
     ("Deployment", lambda m: deployment(max_lora_rank=48.0), "max_lora_rank", "48 is not one of"),
     ("Deployment", lambda m: deployment(request_logging={"enabled": True}), "request_logging.retention_days", "required"),
     ("Deployment", lambda m: deployment(base_model="accounts/p/models/llama-v3p1-8b-instruct", deployment_type="serverless",

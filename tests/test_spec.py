@@ -245,6 +245,26 @@ def test_big_models_fit_on_enough_accelerators():
     assert "needs 141 GB in bf16" in str(errors(spec.DeploymentSpec, deployment(precision="bf16", **one)))
 
 
+@pytest.mark.parametrize("accelerator", ["NVIDIA_H100_80GB", "NVIDIA_H200_141GB", "AMD_MI300X_192GB"])
+def test_fp8_is_accepted_on_accelerators_with_fp8(accelerator):
+    d = spec.parse(spec.DeploymentSpec, deployment(precision="fp8", accelerator_type=accelerator))
+    assert d.precision is spec.Precision.FP8 and d.accelerator_type.has_fp8
+
+
+@pytest.mark.parametrize("accelerator", ["CPU", "NVIDIA_A100_80GB"])
+def test_fp8_is_refused_on_accelerators_without_fp8(accelerator):
+    found, message = errors(spec.DeploymentSpec, deployment(precision="fp8", accelerator_type=accelerator))
+    assert list(found) == ["precision"]
+    assert "'fp8'" in found["precision"] and accelerator in found["precision"]
+    assert "NVIDIA_H100_80GB, NVIDIA_H200_141GB, AMD_MI300X_192GB" in found["precision"]
+
+
+def test_fp8_refusal_waits_for_an_unknown_accelerator_at_preview():
+    props = deployment(precision="fp8", accelerator_type="NVIDIA_H100_80GB")
+    assert spec.parse_known(spec.DeploymentSpec, props, {"accelerator_type"})[1] == []
+    assert [f for f, _ in spec.parse_known(spec.DeploymentSpec, props | {"accelerator_type": "CPU"}, set())[1]] == ["precision"]
+
+
 # --- stacks -------------------------------------------------------------------------------------------
 
 def stack(**overrides):

@@ -160,11 +160,12 @@ class Precision(str, Enum):
     FP16 = "fp16"
     INT8 = "int8"  # weight-only: projection weights in int8 (per output channel), computed in bf16
     INT4 = "int4"  # weight-only: projection weights in int4 (groups of 32), computed in bf16
+    FP8 = "fp8"  # projection weights in fp8 e4m3 (per output channel), fp8 GEMMs: accelerators with FP8 only
 
     @property
     def bytes(self) -> float:
         """Bytes per weight, roughly (quantized: the projections' share, the rest is bf16)."""
-        return {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}[self.value]
+        return {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5, "fp8": 1}[self.value]
 
 
 class AcceleratorType(str, Enum):
@@ -185,6 +186,11 @@ class AcceleratorType(str, Enum):
     @property
     def allowed_counts(self) -> tuple[int, ...]:
         return (1,) if self is AcceleratorType.CPU else (1, 2, 4, 8)
+
+    @property
+    def has_fp8(self) -> bool:
+        """fp8 tensor cores, which precision fp8 needs: Hopper (H100, H200) and MI300X; not Ampere (A100)."""
+        return self.value in ("NVIDIA_H100_80GB", "NVIDIA_H200_141GB", "AMD_MI300X_192GB")
 
 
 # A LoRA rank beyond this is a full fine-tune in disguise and would not batch well with the rest.
@@ -483,7 +489,8 @@ class DeploymentSpec(Spec):
     accelerator_count: int = Field(1, description="accelerators per replica")
     precision: Precision | None = Field(
         None, description="defaults to fp32 on CPU and bf16 on accelerators; int8 and int4 quantize the projection "
-                          "weights (weight-only; activations, KV cache and LoRA addons stay bf16)")
+                          "weights (weight-only; activations, KV cache and LoRA addons stay bf16); fp8 stores them "
+                          "in fp8 e4m3 and multiplies in fp8, on accelerators with FP8 only (H100, H200, MI300X)")
     min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
     max_replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     autoscaling: AutoscalingPolicy = AutoscalingPolicy()
@@ -512,6 +519,11 @@ class DeploymentSpec(Spec):
         if self.precision is None:
             precision = Precision.FP32 if accelerator is AcceleratorType.CPU else Precision.BF16
             object.__setattr__(self, "precision", precision)
+        if self.precision is Precision.FP8 and not accelerator.has_fp8:
+            with_fp8 = [a.value for a in AcceleratorType if a.has_fp8]
+            raise FieldError("precision", f"'fp8' needs an accelerator with FP8, and {accelerator.value} has none; "
+                             f"use one of {', '.join(with_fp8)}, or another precision",
+                             needs=("precision", "accelerator_type"))
         if self.min_replicas > self.max_replicas:
             raise FieldError("min_replicas", f"{self.min_replicas} is more than max_replicas {self.max_replicas}")
         if self.kubernetes_workload is not None and self.cluster != "kubernetes":
