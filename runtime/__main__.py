@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,12 +61,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "int4", "fp8"])
     p.add_argument("--accelerator-type", default="CPU")
     p.add_argument("--accelerator-count", type=int, default=1)
     p.add_argument("--request-log", help="opt-in: log prompts and outputs to this file")
     p.add_argument("--retention-days", type=int, help="how long the request log keeps entries (1-365)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=os.environ.get("EMBER_COMPILE") != "0",
+                   help="decode steps through torch.compile, compiled before the replica is ready and cached under "
+                        "EMBER_CACHE_DIR (default on; EMBER_COMPILE=0 turns it off): --no-compile runs eagerly")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -74,6 +78,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from ember.provider.domain.accounts import DeploymentAccess
     from ember.runtime.engine.engine import EngineConfig
+    from ember.runtime.fetch import cache_folder
     from ember.runtime.serving.app import create_app
     from ember.runtime.serving.connections import connection_protocol
     from ember.runtime.serving.replica import ServerConfig
@@ -105,7 +110,8 @@ def serve(args: argparse.Namespace) -> int:
         engine=EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                             kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                             max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                            prefix_caching=args.prefix_caching),
+                            prefix_caching=args.prefix_caching, compile=args.compile,
+                            compile_cache=cache_folder() / "compile"),
         max_queue=args.max_queue,
         limits=Limits(max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                       body_timeout_s=args.body_timeout, max_connections=args.max_connections),

@@ -346,12 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "int8", "int4", "fp8"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate()")
     parser.add_argument("--lora", action="store_true",
                         help="multi-LoRA mode: base-only, 1, 4 and 16 distinct adapters, and transformers+PEFT")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--compile", action="store_true", help="decode steps through torch.compile (as replicas run)")
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="prefix-cache mode: every prompt starts with the same TOKENS-token system prompt; "
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.precisions:
         return _print_and_save_precisions(model_dir, args)
     config = EngineConfig(device=args.device, dtype=args.dtype, max_loras=16 if args.lora else 0,
-                          max_lora_rank=args.lora_rank)
+                          max_lora_rank=args.lora_rank, compile=args.compile)
     progress(f"loading {model_dir}")
     engine = Engine.from_dir(model_dir, config)
     weights = engine.model.weights

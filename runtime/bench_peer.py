@@ -52,7 +52,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ember(model_dir: Path, dtype: str, threads: int, root: Path) -> tuple[subprocess.Popen, str, str]:
+def start_ember(model_dir: Path, dtype: str, threads: int, root: Path,
+                compile: bool = True) -> tuple[subprocess.Popen, str, str]:
     from ember.provider.domain.accounts import Accounts
 
     key = Accounts.add_key(root / "keys.json", "bench")
@@ -60,7 +61,8 @@ def start_ember(model_dir: Path, dtype: str, threads: int, root: Path) -> tuple[
     args = [sys.executable, "-m", "ember.runtime", "serve", "--model-dir", str(model_dir),
             "--deployment", "accounts/bench/deployments/peer", "--base-model", BASE_MODEL,
             "--keys", str(root / "keys.json"), "--usage", str(root / "usage"), "--port", str(port),
-            "--dtype", dtype, "--threads", str(threads), "--max-model-len", "2048", "--max-queue", "256"]
+            "--dtype", dtype, "--threads", str(threads), "--max-model-len", "2048", "--max-queue", "256",
+            "--compile" if compile else "--no-compile"]
     log = root / "ember.log"
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -135,10 +137,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ember.runtime.bench_peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="Ember's model directory (from ember import-gguf)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4", "fp8"])
     parser.add_argument("--peer-server", type=Path, required=True, help="llama.cpp's llama-server binary")
     parser.add_argument("--peer-gguf", type=Path, required=True, help="the same model as a GGUF file for the peer")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="Ember's decode steps compiled, as a replica's are by default (--no-compile: eager)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         processes = []
         try:
             progress(f"starting Ember ({args.dtype}) and llama-server ({args.peer_gguf.name}), {args.threads} threads each")
-            ember, ember_url, key = start_ember(args.model, args.dtype, args.threads, root)
+            ember, ember_url, key = start_ember(args.model, args.dtype, args.threads, root, args.compile)
             processes.append(ember)
             peer, peer_url = start_peer(args.peer_server, args.peer_gguf, args.threads, max(concurrencies), root)
             processes.append(peer)

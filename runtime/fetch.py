@@ -20,10 +20,15 @@ from ember.provider.domain.digests import OBJECT_MARKER, file_sha256
 from ember.provider.domain.model_files import ModelFilesError
 
 
+def cache_folder() -> Path:
+    """The replica's cache folder: fetched objects, compiled kernels (EMBER_CACHE_DIR, a pod's volume)."""
+    return Path(os.environ.get("EMBER_CACHE_DIR", "/tmp/ember-cache"))
+
+
 def local_copy(url: str, cache_dir: str | Path | None = None) -> Path:
     if "://" not in url or url.startswith("file://"):
         return Path(url.removeprefix("file://"))
-    cache = Path(cache_dir or os.environ.get("EMBER_CACHE_DIR", "/tmp/ember-cache"))
+    cache = Path(cache_dir) if cache_dir else cache_folder()
     target = cache / hashlib.sha256(url.encode()).hexdigest()[:32]
     if (target / OBJECT_MARKER).exists():
         return target

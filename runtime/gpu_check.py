@@ -5,9 +5,11 @@
 1. Correctness on the GPU in bf16: Ember's logits against transformers' (same device, same dtype) on a tiny
    model, prefill and decode through the paged cache; greedy continuations compared.
 2. Multi-LoRA on the GPU: every row of a mixed batch of three adapters against PEFT with that adapter.
-3. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
-   tokens/s as a share of the HBM roofline (weight bytes read per token against the GPU's bandwidth), and
-   throughput with 64 concurrent requests.
+3. The compiled decode step (CUDA graphs) against the eager one in fp32: greedy tokens and log-probabilities.
+4. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
+   tokens/s as a share of the HBM roofline (weight bytes read per token against the GPU's bandwidth), eager
+   and compiled in bf16 and compiled in fp8 (where the GPU has it), with each compile's time; and
+   throughput with 64 concurrent requests, compiled.
 
 CI has no GPU: this is run by hand (or by a session lent one) and its figures go in the README. transformers
 and peft are references here, as in the tests. Exits 1 when a correctness check fails.
@@ -29,6 +31,7 @@ from ember.runtime import tinymodels
 from ember.runtime.bench import Workload, make_workload, progress, run_ember
 from ember.runtime.bench_precisions import prompt_logits, weight_bytes
 from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.quantized import fp8_hardware, fp8_kernels
 from ember.runtime.model.sampling import SamplingParams
 
 # Peak memory bandwidth by GPU name (vendor figures, TB/s); the roofline's denominator.
@@ -104,38 +107,73 @@ def check_lora(root: Path, device: str = "cuda") -> dict:
             "ok": max(shares.values()) <= BF16_LORA_LOGIT_SHARE and same == len(names)}
 
 
+def check_compiled(root: Path, device: str = "cuda") -> dict:
+    # In fp32, where the fused kernels' different rounding (bf16 intermediates kept in fp32) cannot flip
+    # near-tied tokens: greedy must be identical.
+    directory = root / "tiny"
+    config = dict(device=device, dtype="fp32", kv_cache_tokens=8192, max_num_seqs=16)
+    eager = Engine.from_dir(directory, EngineConfig(**config))
+    compiled = Engine.from_dir(directory, EngineConfig(**config, compile=True))
+    prompts = [list(range(30 + 5 * i, 60 + 13 * i)) for i in range(12)]
+    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0, ignore_eos=True, logprobs=3) for i in range(12)]
+    ours, theirs = compiled.generate(prompts, params), eager.generate(prompts, params)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(ours, theirs))
+    gaps = [abs(x.logprob - y.logprob) for a, b in zip(ours, theirs) for x, y in zip(a.logprobs, b.logprobs)
+            if x.token_id == y.token_id]
+    return {"check": "compiled decode vs eager (fp32)", "greedy_equal": f"{same}/{len(prompts)}",
+            "max_logprob_gap": round(max(gaps), 6), "compile_s": round(compiled.runner.compiled.compile_seconds, 1),
+            "compiled_steps": compiled.runner.compiled.steps,
+            "ok": same == len(prompts) and max(gaps) <= 1e-3 and compiled.runner.compiled.steps > 0}
+
+
+def decode_figures(engine: Engine, vocab: int, tb_s: float | None) -> dict:
+    """Batch-1 decode of a 128-token prompt: tokens/s and its share of the roofline."""
+    prompt = make_workload(1, (128, 128), (1, 1), vocab, seed=3).prompts[0]
+    run_ember(engine, Workload([prompt], [16]), name="warm-up")
+    torch.cuda.synchronize()
+    decode = run_ember(engine, Workload([prompt], [128]), name="batch-1 decode")
+    rate = 127 / (decode.latencies[0] - decode.ttfts[0])
+    read_per_token = weight_bytes(engine)
+    roofline = tb_s * 1e12 / read_per_token if tb_s else None
+    compiled = engine.runner.compiled
+    return {"weight_gb": round(read_per_token / 1e9, 2), "batch1_decode_tokens_per_s": round(rate, 1),
+            "roofline_tokens_per_s": round(roofline, 1) if roofline else None,
+            "roofline_share": round(rate / roofline, 3) if roofline else None,
+            "compile_s": round(compiled.compile_seconds, 1) if compiled else None}
+
+
 def bench_8b(root: Path) -> dict:
     progress("writing a random model of Llama-3.1-8B's shapes (16 GB in bf16)")
     start = time.perf_counter()
     directory = tinymodels.make_model(root / "bench-8b", "bench-8b", seed=0, dtype=torch.bfloat16, shards=8)
     progress(f"written in {time.perf_counter() - start:.0f} s; loading")
-    engine = Engine.from_dir(directory, EngineConfig(device="cuda", dtype="bf16", max_num_seqs=64,
-                                                     max_num_batched_tokens=8192))
-    read_per_token = weight_bytes(engine)
-    vocab = engine.model.config.vocab_size
-    prompt = make_workload(1, (128, 128), (1, 1), vocab, seed=3).prompts[0]
-    run_ember(engine, Workload([prompt], [16]), name="warm-up")
-    torch.cuda.synchronize()
-    decode = run_ember(engine, Workload([prompt], [128]), name="batch-1 decode")
-    per_token = (decode.latencies[0] - decode.ttfts[0]) / 127
     name = torch.cuda.get_device_name()
     tb_s = bandwidth(name)
-    roofline = tb_s * 1e12 / read_per_token if tb_s else None
-    progress("64 concurrent requests")
-    work = make_workload(64, (128, 512), (128, 128), vocab, seed=0)
-    run_ember(engine, make_workload(8, (64, 64), (8, 8), vocab, seed=1), name="warm-up")
-    result = run_ember(engine, work, name="64 concurrent")
-    return {"gpu": name, "weight_gb": round(read_per_token / 1e9, 2), "hbm_tb_s": tb_s,
-            "batch1_decode_tokens_per_s": round(1 / per_token, 1),
-            "roofline_tokens_per_s": round(roofline, 1) if roofline else None,
-            "roofline_share": round(1 / per_token / roofline, 3) if roofline else None,
-            "concurrent_64": result.summary()}
+    report = {"gpu": name, "hbm_tb_s": tb_s}
+    has_fp8 = "scaled-mm" in fp8_kernels(*fp8_hardware(torch.device("cuda")))
+    runs = [("bf16 eager", "bf16", False), ("bf16 compiled", "bf16", True)] + ([("fp8 compiled", "fp8", True)] if has_fp8 else [])
+    for label, dtype, compiled in runs:
+        progress(f"{label}: loading" + (" and compiling" if compiled else ""))
+        engine = Engine.from_dir(directory, EngineConfig(device="cuda", dtype=dtype, max_num_seqs=64,
+                                                         max_num_batched_tokens=8192, compile=compiled))
+        vocab = engine.model.config.vocab_size
+        report[label] = decode_figures(engine, vocab, tb_s)
+        progress(f"{label}: {report[label]}")
+        if label == "bf16 compiled":
+            progress("64 concurrent requests")
+            run_ember(engine, make_workload(8, (64, 64), (8, 8), vocab, seed=1), name="warm-up")
+            report["concurrent_64"] = run_ember(engine, make_workload(64, (128, 512), (128, 128), vocab, seed=0),
+                                                name="64 concurrent").summary()
+        del engine
+        torch.cuda.empty_cache()
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ember.runtime.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-bench", action="store_true", help="correctness checks only")
+    parser.add_argument("--skip-compiled", action="store_true", help="without the compiled step's check")
     parser.add_argument("--device", default="cuda", help="cpu runs the checks (not the benchmark) without a GPU")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -145,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ember-gpu-") as tmp:
         root = Path(tmp)
         report = {"checks": [check_logits(root, args.device), check_lora(root, args.device)]}
+        if not args.skip_compiled:
+            report["checks"].append(check_compiled(root, args.device))
         for check in report["checks"]:
             print(json.dumps(check))
         if not args.skip_bench and args.device == "cuda":

@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# Replicas the tests start run eagerly (compiling each would cost 5-25 s a start); test_compiled_step.py
+# compiles on purpose, a replica included.
+os.environ.setdefault("EMBER_COMPILE", "0")
 
 
 def pytest_addoption(parser):

@@ -103,4 +103,5 @@ def test_the_gpu_check_runs_its_correctness_checks_on_the_cpu(tmp_path):
     report_path = tmp_path / "gpu.json"
     assert gpu_check.main(["--device", "cpu", "--skip-bench", "--json", str(report_path)]) == 0
     checks = json.loads(report_path.read_text())["checks"]
-    assert [c["ok"] for c in checks] == [True, True] and "bench" not in json.loads(report_path.read_text())
+    assert [c["ok"] for c in checks] == [True, True, True] and "bench" not in json.loads(report_path.read_text())
+    assert checks[2]["compiled_steps"] > 0 and checks[2]["greedy_equal"] == "12/12"

@@ -29,6 +29,7 @@ class StepBatch:
     decode_blocks: torch.Tensor | None  # [num_decode, W]: KV blocks each decode row attends to (padded)
     decode_len: int  # L: the longest decode context; shorter rows are masked
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, L]: True where a position holds context
+    decode_lengths: torch.Tensor | None  # [num_decode]: each decode row's context length (L is the longest)
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor  # [S]: rows whose logits are sampled
     sampled_chunks: list[int]  # [S]: for each sampled row, its index in the chunks given to build()
@@ -67,14 +68,15 @@ def build(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    decode_blocks = decode_mask = None
+    decode_blocks = decode_mask = decode_lengths = None
     longest = 0
     if decodes:
         lengths = [c.num_computed + 1 for c in decodes]
         longest = max(lengths)
         width = -(-longest // block_size)
         decode_blocks = tensor([c.block_table[:width] + [0] * (width - len(c.block_table[:width])) for c in decodes])
-        decode_mask = (torch.arange(longest, device=device)[None, :] < tensor(lengths)[:, None])[:, None, None, :]
+        decode_lengths = tensor(lengths)
+        decode_mask = (torch.arange(longest, device=device)[None, :] < decode_lengths[:, None])[:, None, None, :]
 
     chunks_out, row, sample_rows, sampled = [], len(decodes), list(range(len(decodes))), list(decode_ids)
     for index, c in zip(prefill_ids, prefills):
@@ -93,6 +95,7 @@ def build(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -
         decode_blocks=decode_blocks,
         decode_len=longest,
         decode_mask=decode_mask,
+        decode_lengths=decode_lengths,
         prefills=chunks_out,
         sample_rows=tensor(sample_rows),
         sampled_chunks=sampled,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ember.provider.domain.model_files import ModelFilesError
+from ember.runtime.engine.compiled_step import CompiledDecode, use_cache_folder
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.engine.model_runner import ModelRunner
 from ember.runtime.engine.output import OutputProcessor
@@ -33,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # "auto" picks CUDA when present
-    dtype: str | None = None  # fp32 | bf16 | fp16 | int8 | int4; default fp32 on CPU, bf16 on CUDA
+    dtype: str | None = None  # fp32 | bf16 | fp16 | int8 | int4 | fp8; default fp32 on CPU, bf16 on CUDA
     max_model_len: int | None = None  # prompt + output tokens; default the model's, at most 8192
     block_size: int = 16
     kv_cache_tokens: int | None = None  # default: 1 GiB of cache on CPU, half the free memory on CUDA
@@ -43,6 +44,8 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 x max_loras, at least 32)
     prefix_caching: bool = True  # requests reuse the K/V of prompt prefixes already computed
+    compile: bool = False  # decode steps through torch.compile (compiled_step.py); eager when False
+    compile_cache: Path | None = None  # where compiled kernels are kept between starts (default: torch's)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -98,7 +101,13 @@ class Engine:
                                     max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
         stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
         self.grammars = Grammars(tokenizer, c.vocab_size, stop_token_ids)
-        self.runner = ModelRunner(model, self.cache, self.lora, stop_token_ids, self.grammars)
+        compiled = None
+        if config.compile:
+            if config.compile_cache is not None:
+                use_cache_folder(config.compile_cache)
+            compiled = CompiledDecode(model, self.cache)
+            compiled.warm_up()
+        self.runner = ModelRunner(model, self.cache, self.lora, stop_token_ids, self.grammars, compiled)
         self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -109,7 +118,7 @@ class Engine:
         dtype_name = config.dtype or ("fp32" if device.type == "cpu" else "bf16")
         if dtype_name not in (*DTYPES, *QUANTIZED):
             raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
-        # Weight-only quantized precisions: projection weights in int8 or int4, everything else (activations,
+        # Quantized precisions: projection weights in int8, int4 or fp8, everything else (activations,
         # KV cache, embeddings, LoRA addons) in bf16.
         weights = load_model(directory, DTYPES.get(dtype_name, torch.bfloat16), device)
         if dtype_name in QUANTIZED:

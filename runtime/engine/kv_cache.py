@@ -105,12 +105,14 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per layer, K and V pools of shape [num_blocks, block_size, kv_heads, head_dim]."""
+    """Per layer, K and V pools of shape [num_blocks + 1, block_size, kv_heads, head_dim]. The last block is
+    never handed out: a compiled step's padding rows write their K/V there (`scratch_slot`)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, prefix_caching: bool = True):
         self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -4,6 +4,7 @@ run the forward pass and sample the rows that end a sequence's known tokens."""
 from __future__ import annotations
 
 from ember.runtime.engine import batch as step_batch
+from ember.runtime.engine.compiled_step import CompiledDecode
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.batched import BatchedLoRA
@@ -15,9 +16,9 @@ from ember.runtime.model.sampling import TokenLogprob, process_logits, sample
 
 class ModelRunner:
     def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None, stop_token_ids: set[int],
-                 grammars: Grammars):
+                 grammars: Grammars, compiled: CompiledDecode | None = None):
         self.model, self.cache, self.lora, self.stop_token_ids = model, cache, lora, stop_token_ids
-        self.grammars = grammars
+        self.grammars, self.compiled = grammars, compiled
         self.lora_hook = BatchedLoRA(lora.device_slots) if lora else None
         model.lora = self.lora_hook
 
@@ -28,7 +29,10 @@ class ModelRunner:
                   for seq, n in scheduled]
         batch = step_batch.build(chunks, self.cache.block_size, self.model.weights.device)
         lora_step = self.lora_hook.step_metadata(batch) if self.lora_hook else None
-        logits = self.model.forward(batch, self.cache, lora_step)
+        if self.compiled is not None and self.compiled.takes(batch):
+            logits = self.compiled(batch, lora_step)
+        else:
+            logits = self.model.forward(batch, self.cache, lora_step)
         for seq, n in scheduled:
             seq.num_computed += n
         sampled = [scheduled[i][0] for i in batch.sampled_chunks]

@@ -22,8 +22,9 @@ from ember.runtime.model.projections import Projection
 
 @dataclass(frozen=True)
 class LoRAStepMetadata:
-    num_decode: int
-    decode_masks: dict[int, torch.Tensor]  # parts per projection → [num_decode, used slots * parts * rank]
+    # parts per projection → [num_decode, used slots * parts * rank] (the decode rows are the first rows;
+    # their count is the masks' first size, not an int, so a compiled step does not specialise on it)
+    decode_masks: dict[int, torch.Tensor]
     prefill_segments: list[tuple[slice, int]]  # (rows of one prefill chunk, its slot)
 
 
@@ -46,7 +47,7 @@ class BatchedLoRA:
                 masks[parts] = (rows[:nd, None] == slot_of_row[None, :]).to(slots.dtype)
         segments = [(slice(c.start, c.start + c.length), int(rows[c.start]))
                     for c in batch.prefills if int(rows[c.start]) >= 0]
-        return LoRAStepMetadata(nd, masks, segments)
+        return LoRAStepMetadata(masks, segments)
 
     def __call__(self, layer: int, projection: Projection, x: torch.Tensor, out: torch.Tensor,
                  step: LoRAStepMetadata) -> torch.Tensor:
@@ -54,10 +55,9 @@ class BatchedLoRA:
         if not slots.targeted[projection]:
             return out
         a, bt = slots.a[layer][projection], slots.bt[layer][projection]
-        nd = step.num_decode
         if step.decode_masks:
             mask = step.decode_masks[len(slots.parts[projection])]
-            used = mask.shape[1]
+            nd, used = mask.shape
             out[:nd] += ((x[:nd] @ a[:used].t()) * mask) @ bt[:used]
         for rows, slot in step.prefill_segments:
             ranks = slots.rows(projection, slot)

@@ -52,3 +52,28 @@ def _gather(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tens
     """[N, W] block tables → [N, length, kv_heads, dim] of the cached K or V."""
     n, width = blocks.shape
     return pool.index_select(0, blocks.flatten()).view(n, width * pool.shape[1], *pool.shape[2:])[:, :length]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     slot_mapping: torch.Tensor, blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One query per row (q: [B, heads, dim]) against its context, read through its block table ([B, W])
+    up to its length ([B]): the compiled step's attention.
+
+    Written as products and sums rather than SDPA so that the compiler fuses the block-table lookup into
+    the loops that read K and V: no row's context is copied out of the pool. (Run eagerly it would
+    materialise them, which is why the eager step keeps `paged_attention`.)
+    """
+    batch, heads, dim = q.shape
+    kv_heads, block_size = k.shape[1], k_pool.shape[1]
+    k_pool.view(-1, kv_heads, dim)[slot_mapping] = k
+    v_pool.view(-1, kv_heads, dim)[slot_mapping] = v
+    context = blocks.shape[1] * block_size
+    keys = k_pool[blocks].view(batch, context, kv_heads, 1, dim)  # [B, L, kv, 1, d]
+    values = v_pool[blocks].view(batch, context, kv_heads, 1, dim)
+    query = q.view(batch, 1, kv_heads, heads // kv_heads, dim).float()  # [B, 1, kv, group, d]
+    scores = (query * keys).sum(-1) * dim ** -0.5  # [B, L, kv, group], accumulated in fp32
+    visible = torch.arange(context, device=q.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
+    weights = torch.softmax(scores, dim=1)
+    out = (weights[..., None] * values).sum(1)  # [B, kv, group, d]
+    return out.reshape(batch, heads, dim).to(q.dtype)

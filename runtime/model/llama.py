@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ember.runtime.engine.batch import StepBatch
 from ember.runtime.engine.kv_cache import KVCache
-from ember.runtime.model.attention import paged_attention
+from ember.runtime.model.attention import decode_attention, paged_attention
 from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.loader import ModelWeights
 from ember.runtime.model.matmul import Matmul
@@ -59,12 +59,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
+_ORDER = {p: i for i, p in enumerate(Projection)}
+
+
 class Llama:
     def __init__(self, weights: ModelWeights, max_positions: int | None = None):
         self.weights = weights
         self.config = c = weights.config
         self.cos, self.sin = rope_tables(weights, max_positions or c.max_position_embeddings)
-        self.matmul = Matmul([t for layer in weights.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        # The projections in Matmul's order: four per layer (Projection's order), then the LM head.
+        self.matmul = Matmul([getattr(layer, p.value) for layer in weights.layers for p in Projection]
                              + [weights.lm_head], weights.dtype)
         # The LoRA hook, (layer, projection, input, output, step metadata) → output with the deltas added,
         # and what it needs per step; set by the engine when the deployment serves addons.
@@ -73,9 +77,9 @@ class Llama:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.config.rms_norm_eps)
 
-    def _linear(self, layer: int, projection: Projection, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, lora_step) -> torch.Tensor:
-        out = self.matmul(x, weight, bias)
+    def _linear(self, layer: int, projection: Projection, x: torch.Tensor, bias: torch.Tensor | None,
+                lora_step) -> torch.Tensor:
+        out = self.matmul(x, layer * len(Projection) + _ORDER[projection], bias)
         if lora_step is not None:
             out = self.lora(layer, projection, x, out, lora_step)
         return out
@@ -84,21 +88,36 @@ class Llama:
     def forward(self, batch: StepBatch, cache: KVCache, lora_step=None) -> torch.Tensor:
         """Logits (float32) of the batch's sample rows: [S, vocab]. `lora_step` is the LoRA hook's metadata
         for this batch (None when no row uses an addon)."""
+        def attend(i, q, k, v):
+            return paged_attention(q, k, v, cache.k[i], cache.v[i], batch)
+        return self._logits(batch.input_ids, batch.positions, batch.sample_rows, attend, lora_step)
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+               blocks: torch.Tensor, lengths: torch.Tensor, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
+               lora_step=None) -> torch.Tensor:
+        """Logits of a batch of decode rows, one per sequence (`blocks` [B, W] and `lengths` [B] its contexts):
+        what the compiled step traces, so its inputs are tensors whose sizes only vary, no per-step ints."""
+        def attend(i, q, k, v):
+            return decode_attention(q, k, v, k_pools[i], v_pools[i], slot_mapping, blocks, lengths)
+        return self._logits(input_ids, positions, None, attend, lora_step)
+
+    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, sample_rows: torch.Tensor | None,
+                attend: Callable, lora_step) -> torch.Tensor:
         c, w = self.config, self.weights
         heads, kv_heads, dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        tokens = batch.input_ids.shape[0]
-        cos, sin = self.cos[batch.positions][:, None, :], self.sin[batch.positions][:, None, :]
-        x = w.embed[batch.input_ids]
+        tokens = input_ids.shape[0]
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        x = w.embed[input_ids]
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.input_norm)
-            qkv = self._linear(i, Projection.QKV, h, layer.qkv, layer.qkv_bias, lora_step)
+            qkv = self._linear(i, Projection.QKV, h, layer.qkv_bias, lora_step)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = rope(q.view(tokens, heads, dim), cos, sin)
             k = rope(k.view(tokens, kv_heads, dim), cos, sin)
-            attn = paged_attention(q, k, v.view(tokens, kv_heads, dim), cache.k[i], cache.v[i], batch)
-            x = x + self._linear(i, Projection.O, attn.view(tokens, c.q_size), layer.o, layer.o_bias, lora_step)
+            attn = attend(i, q, k, v.view(tokens, kv_heads, dim))
+            x = x + self._linear(i, Projection.O, attn.reshape(tokens, c.q_size), layer.o_bias, lora_step)
             h = self._norm(x, layer.post_norm)
-            gate, up = self._linear(i, Projection.GATE_UP, h, layer.gate_up, None, lora_step).chunk(2, dim=-1)
-            x = x + self._linear(i, Projection.DOWN, F.silu(gate) * up, layer.down, None, lora_step)
-        last = self._norm(x[batch.sample_rows], w.norm)
-        return self.matmul(last, w.lm_head).float()
+            gate, up = self._linear(i, Projection.GATE_UP, h, None, lora_step).chunk(2, dim=-1)
+            x = x + self._linear(i, Projection.DOWN, F.silu(gate) * up, None, lora_step)
+        last = self._norm(x if sample_rows is None else x[sample_rows], w.norm)
+        return self.matmul(last, len(w.layers) * len(Projection)).float()

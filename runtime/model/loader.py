@@ -40,7 +40,7 @@ class ModelWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     norm: torch.Tensor
-    lm_head: torch.Tensor | Any  # the embedding itself when tied; an Int8Weight or Int4Weight when quantized
+    lm_head: torch.Tensor | Any  # the embedding itself when tied; a QuantizedWeight (quantized.py) when quantized
 
     @property
     def dtype(self) -> torch.dtype:
