@@ -238,8 +238,12 @@ def lora_report(engine: Engine, model_dir: Path, work: Workload, args: argparse.
     names = list(adapters)
     n = len(work.prompts)
     # Untimed: the first run at the workload's sizes pays one-off costs (oneDNN kernels built for new
-    # shapes, memory first touched) that would otherwise be charged to base-only alone.
+    # shapes, memory first touched) that would otherwise be charged to base-only alone; and with --compile,
+    # a short run with every adapter compiles the addon steps' graphs, as a replica's first such step does.
     run_ember(engine, work, name="warm-up")
+    if args.compile:
+        lora_warm_up = make_workload(n, (8, 16), (2, 6), engine.model.config.vocab_size, args.seed + 2)
+        run_ember(engine, lora_warm_up, [names[i % 16] for i in range(n)], name="warm-up with adapters")
     results = [run_ember(engine, work, name="ember base-only")]
     for distinct in (1, 4, 16):
         assignment = [names[i % distinct] for i in range(n)]

@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-    """One inductor cache for the module (then restored): engines with the same graphs compile once."""
+    """One inductor cache for the module (then restored): engines with the same graphs compile once. And
+    dynamo made to fail rather than quietly run a step eagerly when it would not compile it again."""
     before = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     folder = tmp_path_factory.mktemp("compile-cache")
     use_cache_folder(folder)
-    yield folder
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield folder
     for key, value in before.items():
         if value is None:
             os.environ.pop(key, None)
@@ -61,8 +63,11 @@ def requests(n, seed=0, adapters=(None,)):
 
 def engines(directory, **config):
     base = {"kv_cache_tokens": 4096, "max_num_seqs": 8} | config
-    return (Engine.from_dir(directory, EngineConfig(**base)),
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    made = (Engine.from_dir(directory, EngineConfig(**base)),
             Engine.from_dir(directory, EngineConfig(**base, compile=True)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # one row, several: compiled
+    return made
 
 
 def test_compiled_decode_gives_eager_greedy_tokens_in_fp32(base):

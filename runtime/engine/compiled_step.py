@@ -22,6 +22,7 @@ in the folder given (the replica's cache folder), so a restart reads them instea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -38,8 +39,15 @@ log = logging.getLogger("ember.runtime")
 
 
 def use_cache_folder(folder: Path) -> None:
-    """Keep inductor's compiled kernels (and, on CUDA, Triton's) in `folder`; set before the first compile."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Keep inductor's compiled kernels (and, on CUDA, Triton's) in `folder`; set before the first compile.
+
+    What is cached there is code this process will load and run, so the folder must be this user's alone.
+    """
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"compile cache {folder}: must belong to this user and be writable by no one else "
+                           f"(owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}); set EMBER_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
 
@@ -69,6 +77,8 @@ def _tensors(model: Llama) -> list[torch.Tensor]:
 class CompiledDecode:
     def __init__(self, model: Llama, cache: KVCache, max_rows: int = COMPILED_MOST_ROWS,
                  pad_to_buckets: bool | None = None):
+        if max_rows > COMPILED_MOST_ROWS:  # Matmul.scales_rows is decided for the classes up to that
+            raise ValueError(f"max_rows: {max_rows} is above the compiled step's {COMPILED_MOST_ROWS}")
         self.model, self.cache, self.max_rows = model, cache, max_rows
         self.device = model.weights.device
         on_cuda = self.device.type == "cuda"
@@ -78,6 +88,10 @@ class CompiledDecode:
             # stay where they were recorded, or each replay would copy them in first.
             for t in _tensors(model) + cache.k + cache.v:
                 torch._dynamo.mark_static_address(t)
+        # Dynamo keeps one cache per code object, Llama.decode's, and each model loaded in the process (tests,
+        # benchmarks) adds entries to it: past the limit it would run eagerly without a word.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
         self.fn = torch.compile(model.decode, mode="reduce-overhead" if on_cuda else None)
         self.compile_seconds = 0.0
         self.steps = 0  # steps run compiled (the rest ran eagerly)
@@ -89,8 +103,8 @@ class CompiledDecode:
         rows = batch.num_decode
         ids, positions, slots = batch.input_ids, batch.positions, batch.slot_mapping
         blocks, lengths = batch.decode_blocks, batch.decode_lengths
-        # torch gives a size of 1 a graph of its own: worth it for one row (a single sequence's decode, padded to
-        # two, measured 36% slower), not for a block-table width of one (short contexts).
+        # torch gives a size of 1 a graph of its own: worth it for one row (a single sequence's decode padded to
+        # two runs markedly slower), not for a block-table width of one (short contexts).
         width = max(2, blocks.shape[1])
         padded_rows = _bucket(rows) if self.pad_to_buckets else rows
         if self.pad_to_buckets:
@@ -105,12 +119,22 @@ class CompiledDecode:
             slots = torch.cat([slots, slots.new_full((extra,), scratch)])
             blocks = torch.cat([blocks, blocks.new_full((extra, width), self.cache.scratch_block)])
             lengths = torch.cat([lengths, lengths.new_ones(extra)])
-            if lora_step is not None and lora_step.decode_masks:
-                masks = {parts: torch.cat([m, m.new_zeros(extra, m.shape[1])]) for parts, m in lora_step.decode_masks.items()}
-                lora_step = type(lora_step)(masks, lora_step.prefill_segments)
+        if lora_step is not None and lora_step.decode_masks and (padded_rows != rows or self.pad_to_buckets):
+            lora_step = dataclasses.replace(lora_step, decode_masks={
+                parts: self._pad_mask(mask, padded_rows, parts) for parts, mask in lora_step.decode_masks.items()})
         logits = self._run(ids, positions, slots, blocks, lengths, lora_step)
         self.steps += 1
         return logits[:rows]
+
+    def _pad_mask(self, mask: torch.Tensor, rows: int, parts: int) -> torch.Tensor:
+        """Zero rows for the padding rows; on CUDA, zero columns up to a power of two of slots (at most all of
+        them), so the slots in use do not multiply the CUDA graphs."""
+        columns = mask.shape[1]
+        if self.pad_to_buckets:
+            slots = self.model.lora.slots
+            width = parts * slots.max_rank
+            columns = min(_bucket(columns // width), slots.max_loras) * width
+        return torch.nn.functional.pad(mask, (0, columns - mask.shape[1], 0, rows - mask.shape[0]))
 
     def _run(self, ids, positions, slots, blocks, lengths, lora_step) -> torch.Tensor:
         several = ids.shape[0] > 1

@@ -106,7 +106,7 @@ class BlockAllocator:
 
 class KVCache:
     """Per layer, K and V pools of shape [num_blocks + 1, block_size, kv_heads, head_dim]. The last block is
-    never handed out: a compiled step's padding rows write their K/V there (`scratch_slot`)."""
+    never handed out: a compiled step's padding rows write their K/V there (`scratch_block`)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, prefix_caching: bool = True):

@@ -26,6 +26,9 @@ class LoRAStepMetadata:
     # their count is the masks' first size, not an int, so a compiled step does not specialise on it)
     decode_masks: dict[int, torch.Tensor]
     prefill_segments: list[tuple[slice, int]]  # (rows of one prefill chunk, its slot)
+    # The projections some slot's adapter targets: a set, not the slots' counts, so a compiled step's graph
+    # changes only when it does, not with every adapter loaded.
+    targeted: frozenset[Projection]
 
 
 class BatchedLoRA:
@@ -47,13 +50,13 @@ class BatchedLoRA:
                 masks[parts] = (rows[:nd, None] == slot_of_row[None, :]).to(slots.dtype)
         segments = [(slice(c.start, c.start + c.length), int(rows[c.start]))
                     for c in batch.prefills if int(rows[c.start]) >= 0]
-        return LoRAStepMetadata(masks, segments)
+        return LoRAStepMetadata(masks, segments, frozenset(p for p, count in slots.targeted.items() if count))
 
     def __call__(self, layer: int, projection: Projection, x: torch.Tensor, out: torch.Tensor,
                  step: LoRAStepMetadata) -> torch.Tensor:
-        slots = self.slots
-        if not slots.targeted[projection]:
+        if projection not in step.targeted:
             return out
+        slots = self.slots
         a, bt = slots.a[layer][projection], slots.bt[layer][projection]
         if step.decode_masks:
             mask = step.decode_masks[len(slots.parts[projection])]

@@ -66,6 +66,9 @@ class DeviceSlots:
             fan_out = sum(part.width for part in parts)
             self.a[layer][projection] = torch.zeros(height, fan_in, device=self.device, dtype=self.dtype)
             self.bt[layer][projection] = torch.zeros(height, fan_out, device=self.device, dtype=self.dtype)
+            if self.device.type == "cuda":  # a compiled step's CUDA graphs then read them in place, not copied in
+                torch._dynamo.mark_static_address(self.a[layer][projection])
+                torch._dynamo.mark_static_address(self.bt[layer][projection])
         return self.a[layer][projection], self.bt[layer][projection]
 
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:

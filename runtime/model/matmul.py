@@ -11,10 +11,10 @@ figures are in the README's performance section.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import weakref
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ class Matmul:
         return self.choice[self._class(rows)]
 
     def _class(self, rows: int) -> int:
-        return 0 if rows <= 2 else 1 if rows <= 64 else 2
+        return next(i for i, (most, _) in enumerate(self.ROW_CLASSES) if most is None or rows <= most)
 
     def scales_rows(self, most_rows: int) -> bool:
         """Whether every kernel used for up to `most_rows` rows wants its input rows scaled."""
@@ -143,8 +143,8 @@ def _scaled(kernel: Kernel):
 _MATMULS: weakref.WeakValueDictionary[int, Matmul] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
 
-# Defined with torch.library directly rather than the custom_op decorator: its Python wrapper costs
-# 12 µs a call against 5, and a decode step makes four calls per layer.
+# Defined with torch.library directly rather than the custom_op decorator, whose Python wrapper costs
+# twice as much a call, and a decode step makes four calls per layer.
 _LIBRARY = torch.library.Library("ember", "DEF")
 _LIBRARY.define("matmul(Tensor x, int handle, int index, bool scaled) -> Tensor")
 
