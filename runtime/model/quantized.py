@@ -58,7 +58,36 @@ def _dynamic_int8(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.T
 
 
 @dataclass
-class Int8Weight:
+class ChannelScaled:
+    """A weight stored as q [N, K] with one scale per output channel (w ≈ q * scale[n]): int8 and fp8."""
+
+    q: torch.Tensor
+    scale: torch.Tensor  # [N]
+
+    def dequantized_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # (x @ q.T) * scale: the scale applies to the [rows, N] output, not the larger [N, K] weight. Every
+        # int8 and e4m3 value is exact in bf16, so this is the weight's own product.
+        out = (F.linear(x, self.q.to(x.dtype)) * self.scale).to(x.dtype)
+        return out if bias is None else out + bias
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+@dataclass
+class Int8Weight(ChannelScaled):
     """Symmetric per output channel: w ≈ q * scale[n]."""
 
     q: torch.Tensor  # [N, K] int8
@@ -90,25 +119,7 @@ class Int8Weight:
         out = torch._weight_int8pack_mm(x, self.q, self.scale)
         return out if bias is None else out + bias
 
-    def dequantized_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # (x @ q.T) * scale: the scale applies to the [rows, N] output, not the larger [N, K] weight.
-        out = F.linear(x, self.q.to(x.dtype)) * self.scale
-        return out if bias is None else out + bias
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    def numel(self) -> int:
-        return self.q.numel()
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
 
 
 @dataclass
@@ -258,7 +269,7 @@ def _scaled_mm(x: torch.Tensor, operand: ScaledMmOperand, bias: torch.Tensor | N
 
 
 @dataclass
-class Fp8Weight:
+class Fp8Weight(ChannelScaled):
     """Float8 e4m3 per output channel: w ≈ q.float() * scale[n]."""
 
     q: torch.Tensor  # [N, K] float8_e4m3fn (float8_e4m3fnuz on MI300)
@@ -280,26 +291,7 @@ class Fp8Weight:
     def kernels(self) -> dict:
         return fp8_kernels(*fp8_hardware(self.device))
 
-    def dequantized_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Every e4m3 value is exact in bf16, so this is the weight's own product; the scale applies to the
-        # [rows, N] output, as Int8Weight's does.
-        out = (F.linear(x, self.q.to(x.dtype)) * self.scale).to(x.dtype)
-        return out if bias is None else out + bias
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    def numel(self) -> int:
-        return self.q.numel()
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
 
 
 QUANTIZED = {"int8": Int8Weight, "int4": Int4Weight, "fp8": Fp8Weight}
