@@ -89,7 +89,7 @@ def decode_tokens_per_s(engine: Engine, prompt: list[int], tokens: int = 64) -> 
 def weight_bytes(engine: Engine) -> int:
     """Bytes of the weights a decode step reads: projections, LM head and norms (not the embedding table)."""
     w = engine.model.weights
-    projections = [t for layer in w.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [w.lm_head]
+    projections = engine.model.matmul.weights  # every layer's, then the LM head
     norms = [w.norm] + [t for layer in w.layers for t in (layer.input_norm, layer.post_norm)]
     return sum(t.nbytes for t in projections + norms)
 

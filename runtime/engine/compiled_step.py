@@ -12,8 +12,8 @@ per-op cost is a small share of them.
 
 Shapes: sizes vary per step (rows, block-table width, LoRA slots in use), so they are marked dynamic and
 one graph serves all (torch gives a size of 1 a graph of its own: one for a single row, one for more;
-the width is padded to at least 2). On CUDA a CUDA graph is recorded per concrete shape, so rows and width are padded up to powers
-of two there: a bounded number of graphs. Padding rows write their K/V to the cache's scratch block and
+the width is padded to at least 2). On CUDA a CUDA graph is recorded per concrete shape, so rows and
+width are padded up to powers of two there: a bounded number of graphs. Padding rows write their K/V to the cache's scratch block and
 attend to it alone.
 
 Compile time is paid at start (`warm_up`, before the replica reports ready) and inductor's caches live
@@ -138,8 +138,8 @@ class CompiledDecode:
 
     def _run(self, ids, positions, slots, blocks, lengths, lora_step) -> torch.Tensor:
         several = ids.shape[0] > 1
-        for t in (ids, positions, slots, blocks, lengths):
-            if several:
+        if several:
+            for t in (ids, positions, slots, blocks, lengths):
                 torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.mark_dynamic(blocks, 1)
         if lora_step is not None:

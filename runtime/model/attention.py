@@ -16,9 +16,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     The new K/V are written to their slots first, so decode rows read their own token from the pool.
     Context is gathered a whole block at a time (index_select), several times faster than per slot.
     """
-    kv_heads, dim = k.shape[1], k.shape[2]
-    k_pool.view(-1, kv_heads, dim)[batch.slot_mapping] = k
-    v_pool.view(-1, kv_heads, dim)[batch.slot_mapping] = v
+    write_kv(k, v, k_pool, v_pool, batch.slot_mapping)
     out = torch.empty_like(q)
     nd = batch.num_decode
     if nd:
@@ -48,6 +46,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     return out
 
 
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """The step's new K/V ([T, kv_heads, dim]) into their cache slots."""
+    kv_heads, dim = k.shape[1], k.shape[2]
+    k_pool.view(-1, kv_heads, dim)[slot_mapping] = k
+    v_pool.view(-1, kv_heads, dim)[slot_mapping] = v
+
+
 def _gather(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
     """[N, W] block tables → [N, length, kv_heads, dim] of the cached K or V."""
     n, width = blocks.shape
@@ -65,8 +71,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     """
     batch, heads, dim = q.shape
     kv_heads, block_size = k.shape[1], k_pool.shape[1]
-    k_pool.view(-1, kv_heads, dim)[slot_mapping] = k
-    v_pool.view(-1, kv_heads, dim)[slot_mapping] = v
+    write_kv(k, v, k_pool, v_pool, slot_mapping)
     context = blocks.shape[1] * block_size
     keys = k_pool[blocks].view(batch, context, kv_heads, 1, dim)  # [B, L, kv, 1, d]
     values = v_pool[blocks].view(batch, context, kv_heads, 1, dim)

@@ -96,8 +96,7 @@ class Matmul:
             # A compiled step calls the same measured kernels, through one opaque op the compiler fuses
             # around; where all its kernels want scaled rows, the scaling is fused into the graph too.
             if self.scales_rows(COMPILED_MOST_ROWS):
-                scale = _row_scale(x)
-                out = (torch.ops.ember.matmul(x.float() / scale, self.handle, index, True) * scale).to(x.dtype)
+                out = _with_scaled_rows(lambda rows: torch.ops.ember.matmul(rows, self.handle, index, True), x)
             else:
                 out = torch.ops.ember.matmul(x, self.handle, index, False)
             return out if bias is None else out + bias
@@ -120,19 +119,20 @@ class Matmul:
 COMPILED_MOST_ROWS = Matmul.ROW_CLASSES[1][0]
 
 
-def _row_scale(x: torch.Tensor) -> torch.Tensor:
-    return x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+def _with_scaled_rows(matmul, x: torch.Tensor) -> torch.Tensor:
+    """`matmul` of x with each row divided by its largest magnitude (in fp32), the output rows scaled back."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return (matmul(x.float() / scale) * scale).to(x.dtype)
 
 
 def _scaled(kernel: Kernel):
-    """The kernel's run on unscaled input: rows scaled in, the output's rows scaled back."""
+    """The kernel's run on unscaled input (see Kernel.scaled_rows)."""
     if not kernel.scaled_rows:
         return kernel.run
 
     @functools.wraps(kernel.run)
     def run(x, weight, bias):
-        scale = _row_scale(x)
-        out = (kernel.run(x.float() / scale, weight, None) * scale).to(x.dtype)
+        out = _with_scaled_rows(lambda rows: kernel.run(rows, weight, None), x)
         return out if bias is None else out + bias
     return run
 
