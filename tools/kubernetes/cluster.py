@@ -5,7 +5,7 @@ and kwok (nodes and pod lifecycles simulated: no kubelet, no container runs), wi
 
 The binaries come from install.sh (built once from the Go module proxy). Everything the cluster writes lives
 in one temporary folder; stopping it kills every process and removes the folder. The `cluster` tests start
-one per test module (tests/test_kubernetes_cluster.py).
+one per test module (tests/cluster/test_kubernetes_cluster.py).
 """
 
 from __future__ import annotations

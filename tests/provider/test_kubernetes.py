@@ -1,0 +1,211 @@
+"""The Kubernetes example through pulumi mocks: the objects it declares and what each change touches.
+
+Whether the API server accepts them (validation, defaulting, Pod Security admission, scheduling, rollouts) is
+proven against a real control plane in test_kubernetes_cluster.py."""
+
+import asyncio
+import json
+import runpy
+from pathlib import Path
+
+import pulumi
+import pytest
+from pulumi.runtime import rpc
+
+from ember.provider.domain.spec import SpecError
+from ember.provider.policy.check import RecordingMonitor
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "s3cr3t-value-never-in-manifests"
+
+
+def is_secret(value) -> bool:
+    return isinstance(value, dict) and value.get(rpc._special_sig_key) == rpc._special_secret_sig
+
+
+def unwrap(value):
+    """The manifest as the cluster receives it: secrets decrypted by the engine."""
+    if is_secret(value):
+        return unwrap(value["value"])
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+class Cluster(pulumi.runtime.Mocks):
+    """Records Kubernetes objects; answers Ember's resources as their providers would."""
+
+    def __init__(self):
+        self.objects: dict[str, dict] = {}
+        self.raw: dict[str, dict] = {}  # as registered, secrets still wrapped
+        self.ember: dict[str, dict] = {}
+
+    def new_resource(self, args):
+        inputs = dict(args.inputs)
+        if args.typ.startswith("kubernetes:"):
+            self.raw[f"{inputs['kind']}/{args.name}"] = inputs
+            self.objects[f"{inputs['kind']}/{args.name}"] = unwrap(inputs)
+            return f"{args.name}-id", inputs
+        self.ember[args.name] = inputs
+        outputs = dict(inputs)
+        if args.typ.endswith("ember:Model"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/models/{inputs['model_id']}",
+                        "digest": "sha256:" + "ab" * 32}
+        elif args.typ.endswith("ember:Deployment"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/deployments/{inputs['deployment_id']}"}
+        elif args.typ.endswith("ember:LoRAAddon"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/models/{inputs['model_id']}"}
+        elif args.typ.endswith("ember:Dataset"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/datasets/{inputs['dataset_id']}",
+                        "digest": "sha256:" + "cd" * 32}
+        elif args.typ.endswith("ember:FineTuningJob"):
+            outputs |= {"name": f"accounts/{inputs['account_id']}/fineTuningJobs/{inputs['job_id']}",
+                        "adapter_url": "s3://ember-models/store/objects/" + "ef" * 32}
+        return args.name, outputs
+
+    def call(self, args):
+        return {}, None
+
+
+def run_example(config: dict | None = None, preview: bool = False) -> Cluster:
+    cluster = Cluster()
+    cluster.monitor = RecordingMonitor(cluster)  # keeps each registration, for the policy pack tests
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_all_config({"ember-kubernetes:storeSecretKey": SECRET, "ember-kubernetes:storeAccessKey": "AKIA1",
+                                   **{f"ember-kubernetes:{k}": str(v) for k, v in (config or {}).items()}},
+                                  secret_keys=["ember-kubernetes:storeSecretKey", "ember-kubernetes:storeAccessKey"])
+    pulumi.runtime.set_mocks(cluster, project="ember-kubernetes", stack="test", preview=preview, monitor=cluster.monitor)
+    defaults = {"image": "registry.example.com/ember-runtime:0.1.0", "namespace": "ember",
+                "storeUrl": "s3://ember-models/store", "acceleratorType": "NVIDIA_H100_80GB",
+                "minReplicas": "1", "maxReplicas": "3"}
+    for key, value in defaults.items():
+        pulumi.runtime.set_config(f"ember-kubernetes:{key}", str((config or {}).get(key, value)))
+
+    @pulumi.runtime.test
+    def program():
+        runpy.run_path(str(REPO / "examples/kubernetes/__main__.py"))
+
+    program()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return run_example()
+
+
+def test_the_example_declares_its_objects(cluster):
+    kinds = sorted(o["kind"] for o in cluster.objects.values())
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "PodDisruptionBudget", "Secret",
+                     "Secret", "Service"]
+
+
+def test_gpus_nodes_probes_and_labels(cluster):
+    deployment = cluster.objects["Deployment/smollm2-gpu"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": 8000}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["ember.dev/account"] == "quickstart" and labels["ember.dev/deployment"] == "smollm2-gpu"
+    assert labels["ember.dev/model"] == "smollm2-135m-instruct"
+    args = container["args"]
+    assert args[args.index("--model-dir") + 1] == "s3://ember-models/store/objects/" + "ab" * 32
+    assert args[args.index("--desired-addons") + 1].endswith("/deployments/quickstart/smollm2-gpu/addons.json")
+    hpa = cluster.objects["HorizontalPodAutoscaler/smollm2-gpu-hpa"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3) and "replicas" not in deployment["spec"]
+    assert cluster.ember["smollm2-gpu"]["cluster"] == "kubernetes"
+
+
+def test_no_secret_value_in_plain_manifests(cluster):
+    for name, manifest in cluster.raw.items():
+        if manifest["kind"] != "Secret":
+            assert SECRET not in json.dumps(manifest), name
+    assert is_secret(cluster.raw["Secret/smollm2-gpu-store"]["stringData"])  # encrypted in Pulumi's state
+    assert cluster.objects["Secret/smollm2-gpu-store"]["stringData"]["AWS_SECRET_ACCESS_KEY"] == SECRET
+    container = cluster.objects["Deployment/smollm2-gpu"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "ember-quickstart-smollm2-gpu-store"}}]
+    assert SECRET not in json.dumps(cluster.ember)
+
+
+def test_changes_touch_only_the_objects_that_should(cluster):
+    replicas = run_example({"minReplicas": 2, "maxReplicas": 5})
+    changed = {k for k in cluster.objects if cluster.objects[k] != replicas.objects[k]}
+    assert changed == {"HorizontalPodAutoscaler/smollm2-gpu-hpa"}
+    fixed = run_example({"minReplicas": 2, "maxReplicas": 2})
+    assert "HorizontalPodAutoscaler/smollm2-gpu-hpa" not in fixed.objects
+    assert fixed.objects["Deployment/smollm2-gpu"]["spec"]["replicas"] == 2
+    gpus = run_example({"acceleratorType": "NVIDIA_A100_80GB"})
+    changed = {k for k in cluster.objects if cluster.objects[k] != gpus.objects[k]}
+    # new pods, and the training Job on the new type too; the Service, PDB and HPA stay
+    assert changed == {"Deployment/smollm2-gpu", "Job/smollm2-pirate-sft"}
+    template = gpus.objects["Deployment/smollm2-gpu"]["spec"]["template"]
+    assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert cluster.objects["Service/smollm2-gpu-service"] == gpus.objects["Service/smollm2-gpu-service"]
+
+
+def test_amd_and_cpu_pods():
+    amd = run_example({"acceleratorType": "AMD_MI300X_192GB"})
+    pod = amd.objects["Deployment/smollm2-gpu"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"amd.com/gpu.product-name": "AMD_Instinct_MI300X"}
+    cpu = run_example({"acceleratorType": "CPU"})
+    pod = cpu.objects["Deployment/smollm2-gpu"]["spec"]["template"]["spec"]
+    assert not any("gpu" in k for k in pod["containers"][0]["resources"]["limits"]) and "tolerations" not in pod
+
+
+def test_scale_to_zero_is_refused_on_kubernetes():
+    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
+    from ember.provider.resources import AutoscalingPolicyArgs, DeploymentArgs
+
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(Cluster(), project="p", stack="s", preview=False)
+    with pytest.raises(SpecError, match="cannot scale to zero"):
+        KubernetesDeployment("z", DeploymentArgs(account_id="a", base_model="accounts/a/models/m", min_replicas=0,
+                                                 max_replicas=2, autoscaling=AutoscalingPolicyArgs(scale_to_zero_window_s=600)),
+                             KubernetesArgs(image="img", store_url="s3://b/s"))
+
+
+def test_a_fine_tuning_job_trains_as_a_kubernetes_job_on_a_gpu(cluster):
+    job = cluster.objects["Job/smollm2-pirate-sft"]
+    pod = job["spec"]["template"]["spec"]
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    [trainer] = pod["containers"]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert trainer["envFrom"] == [{"secretRef": {"name": "ember-ft-quickstart-smollm2-pirate-sft-store"}}]
+    args = trainer["args"]
+    settings, upload = json.loads(args[args.index("--job-json") + 1]), args[args.index("--upload") + 1]
+    assert settings["base_dir"] == "s3://ember-models/store/objects/" + "ab" * 32  # the Model's object
+    assert settings["dataset"] == "s3://ember-models/store/objects/" + "cd" * 32 + "/dataset.jsonl"
+    assert (settings["lora_rank"], settings["epochs"], settings["learning_rate"]) == (8, 1, 1e-3)
+    ember_job = cluster.ember["smollm2-pirate-sft"]
+    assert ember_job["cluster"] == "kubernetes" and ember_job["training_url"] == upload
+    assert upload.startswith("s3://ember-models/store/fine-tuning-runs/quickstart/smollm2-pirate-sft/")
+    assert cluster.ember["smollm2-pirate"]["source"] == "s3://ember-models/store/objects/" + "ef" * 32
+    assert SECRET not in json.dumps(job)
+
+
+def test_the_ember_deployment_waits_for_the_workload_it_names(cluster):
+    workload = cluster.objects["Deployment/smollm2-gpu"]
+    assert workload["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}  # Ember waits, and says why
+    target = cluster.ember["smollm2-gpu"]["kubernetes_workload"]
+    assert (target["namespace"], target["name"]) == ("ember", "ember-quickstart-smollm2-gpu")
+    # a new pod template is a rollout to wait for; a new replica range is not (the HPA moves the count)
+    gpus = run_example({"acceleratorType": "NVIDIA_A100_80GB"}).ember["smollm2-gpu"]["kubernetes_workload"]
+    more = run_example({"minReplicas": 2, "maxReplicas": 5}).ember["smollm2-gpu"]["kubernetes_workload"]
+    assert gpus["template_digest"] != target["template_digest"] == more["template_digest"]
+
+
+def test_the_network_policy_admits_the_service_port_and_lets_out_only_dns_and_the_store(cluster):
+    policy = cluster.objects["NetworkPolicy/smollm2-gpu-network"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"ember.dev/account": "quickstart", "ember.dev/deployment": "smollm2-gpu"}
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    dns, store = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    assert store == {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]}
