@@ -23,6 +23,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama directory shared by the tests that only read it."""
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     return tinymodels.make_model(tmp_path_factory.mktemp("models") / "tiny-llama", "tiny", seed=0)

@@ -40,7 +40,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     directory = tinymodels.make_model(
         args.directory, args.preset, seed=args.seed, shards=args.shards, architecture=args.architecture
@@ -50,7 +50,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _tiny_lora(args: argparse.Namespace) -> int:
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     lora = tinymodels.TinyLoRA(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.targets.split(",")),
                                use_rslora=args.rslora)

@@ -45,7 +45,7 @@ def prepare(models: Path, log=print) -> list[Path]:
     """Link the base model's GGUF into `models/`, write the pirate dataset and generate the poet addon beside it;
     returns their paths."""
     from ember.provider.tools import pirate
-    from ember.runtime import tinymodels  # torch: only when the quickstart runs
+    from ember.runtime.devtools import tinymodels  # torch: only when the quickstart runs
 
     gguf = smollm2_gguf()
     models.mkdir(parents=True, exist_ok=True)

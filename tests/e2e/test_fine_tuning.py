@@ -11,7 +11,7 @@ import torch
 
 from ember.provider.domain.datasets import DatasetError, parse_dataset
 from ember.provider.domain.digests import file_digests, tree_digest
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.model.tokenizer import TextTokenizer
 from ember.runtime.training.examples import tokenize_example
 from ember.runtime.training.trainer import TrainingJob, train

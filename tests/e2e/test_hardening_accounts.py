@@ -17,7 +17,7 @@ from ember.provider.domain.accounts import DeploymentAccess
 from ember.provider.domain.spec import DeploymentSpec, FineTuningJobSpec, LoRAAddonSpec, SpecError, parse, parse_known
 from ember.provider.providers.base import EmberError, base_manifest
 from ember.provider.tools.runner import OfflineRunner, RunError
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.engine.engine import EngineConfig
 from ember.runtime.serving.app import create_app
 from ember.runtime.serving.replica import ServerConfig

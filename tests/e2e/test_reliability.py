@@ -24,7 +24,7 @@ from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, 
 from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec, SpecError, parse
 from ember.provider.providers.registry import PROVIDERS
 from ember.provider.tools.runner import OfflineRunner
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 CANARY = "canary-reliability-7f3a"
 

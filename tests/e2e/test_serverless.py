@@ -13,7 +13,7 @@ from tests.provider.provider_helpers import alive, replica_pids
 
 from ember.provider.tools import billing, cli
 from ember.provider.tools.runner import OfflineRunner
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "accounts/platform/models/llama-v3p1-8b-instruct"

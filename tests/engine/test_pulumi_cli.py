@@ -54,7 +54,7 @@ def test_the_cost_diff_reads_the_pulumi_backends_state(tmp_path):
     """Under the CLI, `ember cost --diff` and `ember preview` compare the plan with the stack in Pulumi's backend."""
     import json
 
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     program = tmp_path / "costed"
     tinymodels.make_model(program / "models" / "base", "tiny")

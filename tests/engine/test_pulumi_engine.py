@@ -13,7 +13,7 @@ from tests.provider.provider_helpers import alive, make_models, replica_pids, se
 from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools import cli
 from ember.provider.tools.runner import RunError
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.engine, pytest.mark.slow, requires_pulumi]

@@ -6,7 +6,7 @@ from pathlib import Path
 from ember.provider.backends import processes
 from ember.provider.providers.base import ProviderConfig
 from ember.provider.providers.registry import PROVIDERS
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 
 def config(tmp_path: Path, timeout: float = 120) -> ProviderConfig:

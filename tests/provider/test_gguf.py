@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from ember.provider.domain.digests import file_digests, tree_digest
 from ember.provider.domain.gguf_model import SUPPORTED_TENSOR_TYPES, convert_gguf, read_gguf
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.model.tokenizer import TextTokenizer
 
 # every supported type at least once; K-quants need rows of 256 values

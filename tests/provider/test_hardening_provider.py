@@ -32,7 +32,7 @@ from ember.provider.domain.names import EMBER_TYPE_PREFIX
 from ember.provider.policy.policies import MODEL, POLICIES
 from ember.provider.tools import cli
 from ember.provider.tools.runner import OfflineRunner, RunError
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 BASE = "accounts/acme/models/base"
 BLOCKED_AFTER_S = 20

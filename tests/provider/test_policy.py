@@ -242,7 +242,7 @@ def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
 def test_a_bad_stack_fails_with_messages_a_user_can_act_on(tmp_path, capsys):
     program = tmp_path / "bad"
     program.mkdir()
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     base = tinymodels.make_model(program / "models" / "base", "tiny")
     tinymodels.make_lora(base, program / "models" / "pirate")
@@ -289,7 +289,7 @@ def test_model_ids_are_unique_across_models_and_addons():
 
 
 def test_an_addon_rank_above_its_deployments_max_lora_rank(tmp_path):
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     base = tinymodels.make_model(tmp_path / "base", "tiny")
     big = tinymodels.make_lora(base, tmp_path / "big", rank=16)

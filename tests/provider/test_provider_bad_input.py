@@ -12,7 +12,7 @@ from tests.provider.provider_helpers import config, make_models, provider, store
 from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.store import Store
 from ember.provider.providers.base import EmberError
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 BASE = "accounts/acme/models/base"
 

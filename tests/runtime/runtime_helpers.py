@@ -4,7 +4,7 @@ import inspect
 
 import torch
 
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 # Random weights with std 0.02 give near-uniform logits where greedy ties flip on rounding; 0.1 gives
 # clear winners, so token-for-token comparisons test the model rather than the last bit of fp32.

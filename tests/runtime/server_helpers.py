@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from ember.provider.domain.accounts import Accounts
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 BASE = "accounts/acme/models/tiny-llama"
 # A serverless deployment serves a catalog base (the operator's weights; tiny ones here), never a custom one.

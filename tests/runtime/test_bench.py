@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ember.runtime import bench
+from ember.runtime.devtools import bench
 
 pytest.importorskip("transformers")
 
@@ -32,7 +32,7 @@ def test_workload_is_fixed_by_its_seed():
 
 @pytest.mark.slow
 def test_multi_lora_benchmark_reports_every_mix(tmp_path, capsys):
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     model = tinymodels.make_model(tmp_path / "bench-model", "tiny", seed=0)
     report_path = tmp_path / "lora.json"
@@ -60,7 +60,7 @@ def test_prefix_cache_benchmark_compares_off_and_on(tmp_path, tiny_model, capsys
 
 
 def test_precision_report_compares_each_precision_with_the_first(tmp_path, capsys):
-    from ember.runtime import tinymodels
+    from ember.runtime.devtools import tinymodels
 
     model = tinymodels.make_model(tmp_path / "m", "tiny", seed=11, init_std=0.1, intermediate_size=192)
     report_path = tmp_path / "precisions.json"
@@ -77,7 +77,7 @@ def test_precision_report_compares_each_precision_with_the_first(tmp_path, capsy
 def test_the_peer_benchmark_drives_servers_with_one_workload_and_plots(tmp_path, capsys):
     from tests.runtime.server_helpers import BASE, start
 
-    from ember.runtime import bench_peer, bench_precisions
+    from ember.runtime.devtools import bench_peer, bench_precisions
 
     server = start(tmp_path / "server")
     try:
@@ -98,7 +98,7 @@ def test_the_peer_benchmark_drives_servers_with_one_workload_and_plots(tmp_path,
 
 
 def test_the_gpu_check_runs_its_correctness_checks_on_the_cpu(tmp_path):
-    from ember.runtime import gpu_check
+    from ember.runtime.devtools import gpu_check
 
     report_path = tmp_path / "gpu.json"
     assert gpu_check.main(["--device", "cpu", "--skip-bench", "--json", str(report_path)]) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.runtime.runtime_helpers import make
 
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.engine.compiled_step import use_cache_folder
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.sampling import SamplingParams

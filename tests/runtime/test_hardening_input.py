@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.runtime.server_helpers import BASE, start
 
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.model.tokenizer import TextTokenizer
 
 SECRET = "the secret ship sails"  # request text that must never come back in an error

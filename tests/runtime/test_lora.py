@@ -9,8 +9,8 @@ import torch
 from tests.provider.file_edits import edit_json, edit_tensors
 from tests.runtime.runtime_helpers import hf_model, make
 
-from ember.runtime import tinymodels
-from ember.runtime.bench_precisions import prompt_logits
+from ember.runtime.devtools import tinymodels
+from ember.runtime.devtools.bench_precisions import prompt_logits
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.lora.adapters import AdapterError, load_adapter
 from ember.runtime.model.config import ModelConfig

@@ -6,7 +6,7 @@ import random
 import pytest
 from tests.runtime.runtime_helpers import make
 
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.engine.kv_cache import BlockAllocator, block_hashes
 from ember.runtime.model.sampling import SamplingParams

@@ -243,7 +243,7 @@ def _watch(listener, reached: list, done) -> None:
 
 
 def test_benchmark_drives_the_server_over_http(server, tmp_path, capsys):
-    from ember.runtime import bench
+    from ember.runtime.devtools import bench
 
     report = tmp_path / "http.json"
     assert bench.main(["--url", server.url, "--api-key", server.keys["acme"], "--served-model", PIRATE,

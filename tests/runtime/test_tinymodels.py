@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ember.provider.domain import catalog, spec
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from ember.provider.domain.model_files import ModelFilesError
-from ember.runtime import tinymodels
+from ember.runtime.devtools import tinymodels
 from ember.runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -1,6 +1,6 @@
 """Precisions side by side on one model: what each costs in accuracy and what it buys in speed and bytes.
 
-    python -m ember.runtime.bench --model DIR --precisions fp32,bf16,int8,int4
+    python -m ember.runtime.devtools.bench --model DIR --precisions fp32,bf16,int8,int4
 
 For each precision, in one process: perplexity on a fixed English text (teacher-forced, every position),
 greedy agreement with fp32 on requests whose prompts are windows of that text (share of output tokens equal up to the first
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ember.runtime.bench import Workload, run_ember
+from ember.runtime.devtools.bench import Workload, run_ember
 from ember.runtime.engine.batch import ScheduledChunk, build
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.tokenizer import TextTokenizer

@@ -1,9 +1,9 @@
 """The runtime benchmark: Ember's engine against transformers' batched generate() on the same requests.
 
-    python -m ember.runtime.bench                    # ~100M-parameter model, 16 requests, both engines
-    python -m ember.runtime.bench --requests 4 --preset tiny --no-baseline
-    python -m ember.runtime.bench --shared-prefix 512 # prefix caching on against off, one system prompt
-    python -m ember.runtime.bench --model DIR --precisions fp32,bf16,int8,int4   # accuracy, speed, bytes
+    python -m ember.runtime.devtools.bench                    # ~100M-parameter model, 16 requests, both engines
+    python -m ember.runtime.devtools.bench --requests 4 --preset tiny --no-baseline
+    python -m ember.runtime.devtools.bench --shared-prefix 512 # prefix caching on against off, one system prompt
+    python -m ember.runtime.devtools.bench --model DIR --precisions fp32,bf16,int8,int4   # accuracy, speed, bytes
 
 Requests get prompt and output lengths drawn with a fixed seed; both engines decode greedily and ignore
 EOS so they do exactly the same work. transformers pads the batch and runs every row to the longest
@@ -28,7 +28,7 @@ import torch
 
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.sampling import SamplingParams
-from ember.runtime.tinymodels import TinyLoRA, make_lora, make_model
+from ember.runtime.devtools.tinymodels import TinyLoRA, make_lora, make_model
 
 DEFAULT_MODEL_DIR = Path(".ember/bench")
 
@@ -320,7 +320,7 @@ def _print_prefix(report: dict, args: argparse.Namespace) -> int:
 
 
 def _print_and_save_precisions(model_dir: Path, args: argparse.Namespace) -> int:
-    from ember.runtime.bench_precisions import precision_report, print_precisions, text_workload
+    from ember.runtime.devtools.bench_precisions import precision_report, print_precisions, text_workload
 
     # Natural text, not random ids: on noise every logit is a near-tie and agreement would measure nothing.
     work = text_workload(model_dir, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed)
@@ -342,7 +342,7 @@ def ensure_model(args: argparse.Namespace) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ember.runtime.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ember.runtime.devtools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a Hugging Face model directory (default: generate --preset)")
     parser.add_argument("--preset", default="bench-100m", help="tiny-model preset to generate when --model is not given")
     parser.add_argument("--requests", type=int, default=16)

@@ -1,6 +1,6 @@
 """The GPU path, checked and measured in one run (under five minutes on one H100):
 
-    python -m ember.runtime.gpu_check [--json gpu.json] [--skip-bench]
+    python -m ember.runtime.devtools.gpu_check [--json gpu.json] [--skip-bench]
 
 1. Correctness on the GPU in bf16: Ember's logits against transformers' (same device, same dtype) on a tiny
    model, prefill and decode through the paged cache; greedy continuations compared.
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ember.runtime import tinymodels
-from ember.runtime.bench import Workload, make_workload, progress, run_ember
-from ember.runtime.bench_precisions import prompt_logits, weight_bytes
+from ember.runtime.devtools import tinymodels
+from ember.runtime.devtools.bench import Workload, make_workload, progress, run_ember
+from ember.runtime.devtools.bench_precisions import prompt_logits, weight_bytes
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.quantized import fp8_hardware, fp8_kernels
 from ember.runtime.model.sampling import SamplingParams
@@ -170,7 +170,7 @@ def bench_8b(root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ember.runtime.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ember.runtime.devtools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-bench", action="store_true", help="correctness checks only")
     parser.add_argument("--skip-compiled", action="store_true", help="without the compiled step's check")

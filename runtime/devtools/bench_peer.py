@@ -1,6 +1,6 @@
 """Ember's server against llama.cpp's llama-server on the same model, the same HTTP workload, the same cores.
 
-    python -m ember.runtime.bench_peer --model DIR --dtype fp32 \\
+    python -m ember.runtime.devtools.bench_peer --model DIR --dtype fp32 \\
         --peer-server /path/to/llama-server --peer-gguf model-F32.gguf --plot peer.png
 
 Both servers are started here (on loopback ports, with the same thread count) and driven one after the
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ember.runtime.bench import Workload, _http_run, percentile, progress
-from ember.runtime.bench_precisions import text_workload
+from ember.runtime.devtools.bench import Workload, _http_run, percentile, progress
+from ember.runtime.devtools.bench_precisions import text_workload
 
 BASE_MODEL = "accounts/bench/models/base"  # the name Ember serves the model under (llama-server ignores it)
 
@@ -135,7 +135,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ember.runtime.bench_peer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ember.runtime.devtools.bench_peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="Ember's model directory (from ember import-gguf)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4", "fp8"])
     parser.add_argument("--peer-server", type=Path, required=True, help="llama.cpp's llama-server binary")

@@ -51,7 +51,7 @@ PRESETS: dict[str, TinyConfig] = {
     "bench-100m": TinyConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
                              tie_word_embeddings=True, rope_theta=500000.0, llama3_rope_scaling=True),
-    # Llama-3.1-8B's shapes (8.0B parameters, 16 GB in bf16): the GPU benchmark (runtime/gpu_check.py).
+    # Llama-3.1-8B's shapes (8.0B parameters, 16 GB in bf16): the GPU benchmark (runtime/devtools/gpu_check.py).
     "bench-8b": TinyConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                            rope_theta=500000.0, llama3_rope_scaling=True),
