@@ -26,8 +26,12 @@ from pulumi.output import UNKNOWN
 
 from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
                                          parse_deployment_name, parse_model_name)
-from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DatasetOutputs, DeploymentOutputs, FineTuningJobOutputs,
-                                        FineTuningJobSpec, LoRAAddonOutputs, ModelOutputs, normalise_source)
+from ember.provider.domain.kinds.dataset import DatasetOutputs
+from ember.provider.domain.kinds.deployment import DeploymentOutputs
+from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobOutputs, FineTuningJobSpec
+from ember.provider.domain.kinds.lora_addon import LoRAAddonOutputs
+from ember.provider.domain.kinds.model import ModelOutputs
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, normalise_source
 from ember.provider.providers.dataset import DatasetProvider
 from ember.provider.providers.deployment import DeploymentProvider
 from ember.provider.providers.fine_tuning_job import FineTuningJobProvider

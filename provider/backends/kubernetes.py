@@ -36,7 +36,9 @@ import pulumi_kubernetes as k8s
 
 from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.domain.names import parse_model_name
-from ember.provider.domain.spec import AcceleratorType, DeploymentSpec, FineTuningJobSpec, parse
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.spec import AcceleratorType, parse
 from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.providers.dataset import DATASET_FILE
 from ember.provider.resources import (Dataset, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Model,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ember.provider.domain.spec import DeploymentSpec, KubernetesWorkload
+from ember.provider.domain.kinds.deployment import DeploymentSpec, KubernetesWorkload
 
 
 class RolloutError(RuntimeError):

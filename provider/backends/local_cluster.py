@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.provider.backends.processes import alive
-from ember.provider.domain.spec import AcceleratorType, DeploymentSpec
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.spec import AcceleratorType
 
 
 class ClusterError(RuntimeError):

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, DeploymentSpec, JobState, ModelKind, ModelState
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, JobState, ModelKind, ModelState
 
 
 class _Document(BaseModel):

@@ -3,7 +3,8 @@ local cluster starts processes with it, Kubernetes puts it in the pod template."
 
 from __future__ import annotations
 
-from ember.provider.domain.spec import DeploymentSpec, DeploymentType
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.spec import DeploymentType
 from ember.provider.domain.store_layout import StoreLayout
 
 

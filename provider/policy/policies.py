@@ -23,8 +23,10 @@ from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
 from ember.provider.domain import catalog, file_kinds
 from ember.provider.domain.names import EMBER_TYPE_PREFIX, deployment_name, model_name, parse_model_name
-from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, AcceleratorType, DeploymentSpec, LoRAAddonSpec,
-                                        ModelSpec, parse_known)
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
+from ember.provider.domain.kinds.model import ModelSpec
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, AcceleratorType, parse_known
 
 MODEL = EMBER_TYPE_PREFIX + "Model"
 DEPLOYMENT = EMBER_TYPE_PREFIX + "Deployment"

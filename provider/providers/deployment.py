@@ -13,7 +13,8 @@ from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.names import parse_deployment_name
-from ember.provider.domain.spec import DeploymentSpec, DeploymentState, DeploymentType
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.spec import DeploymentState, DeploymentType
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress
 
 

@@ -1,4 +1,5 @@
-"""What a change to each resource means: replacement, in-place update, or nothing.
+"""What a change to a resource means: replacement (the inputs its kind declares replace it), in-place update,
+or nothing.
 
 A change that needs new weights or a new base (a model's source digest, an addon's base model, a
 deployment's accelerators or engine shape, a dataset's content, any setting of a fine-tuning job) replaces
@@ -11,19 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ember.provider.domain.spec import DatasetSpec, DeploymentSpec, FineTuningJobSpec, LoRAAddonSpec, ModelSpec
+from ember.provider.domain.kinds import BY_SPEC
 
-REPLACE: dict[type, frozenset[str]] = {
-    ModelSpec: frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
-    LoRAAddonSpec: frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
-    DeploymentSpec: frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest", "deployment_type",
-                               "accelerator_type", "accelerator_count", "precision", "max_loras", "max_lora_rank",
-                               "request_logging"}),
-    DatasetSpec: frozenset({"account_id", "dataset_id", "source_digest"}),
-    # every input decides the adapter: any change trains a new one
-    FineTuningJobSpec: frozenset(set(FineTuningJobSpec.model_fields) - {"display_name", "description"}
-                                 | {"base_model_digest", "dataset_digest", "evaluation_dataset_digest"}),
-}
 DERIVED = ("source_digest", "base_model_digest", "dataset_digest", "evaluation_dataset_digest")
 
 
@@ -32,7 +22,7 @@ def compare(spec_cls: type, olds: dict[str, Any], news: dict[str, Any],
     """(changed properties, those among them that force a replacement)."""
     keys = [k for k in (*spec_cls.model_fields, *DERIVED) if k in olds or k in news]
     changed = [k for k in keys if has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
-    replace = set(REPLACE[spec_cls])
+    replace = set(BY_SPEC[spec_cls].replace)
     if "source" in changed and not (olds.get("source_digest") and news.get("source_digest")):
         replace.add("source")  # a remote source has no digest at preview: a new URL means new weights
     return changed, [k for k in changed if k in replace]

@@ -20,7 +20,8 @@ from ember.provider.backends.local_training import TrainingError, run_training
 from ember.provider.backends.records import AddonManifest, BaseModelManifest, DatasetRecord, FineTuningJobRecord
 from ember.provider.backends.store import Store, StoreError
 from ember.provider.domain.names import parse_dataset_name, parse_fine_tuning_job_name, parse_model_name
-from ember.provider.domain.spec import FineTuningJobSpec, JobState
+from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.spec import JobState
 from ember.provider.domain.usage import record_training
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, progress
 from ember.provider.providers.dataset import DATASET_FILE

@@ -38,7 +38,7 @@ from ember.provider.domain.names import EMBER_TYPE_PREFIX
 from ember.provider.policy.check import RecordingMonitor, Registration
 from ember.provider.providers import diff_rules
 from ember.provider.providers.base import PROVIDER_KEY, EmberProvider, ProviderConfig, has_unknown
-from ember.provider.providers.registry import PROVIDERS
+from ember.provider.domain.kinds import BY_NAME
 
 
 class RunError(RuntimeError):
@@ -120,7 +120,7 @@ class _Mocks(Mocks):
 
     def new_resource(self, args) -> tuple[str | None, dict]:
         kind = _kind(args.typ)
-        if kind not in PROVIDERS:
+        if kind not in BY_NAME:
             if self.preview and self.runner.foreign_in_preview:
                 return f"{args.name}-preview", dict(args.inputs)  # recorded as declared, for the cost estimate
             raise RunError(f"{args.typ}: the offline runner knows only Ember's resources")
@@ -168,7 +168,7 @@ class OfflineRunner:
         self._lock = threading.Lock()
 
     def _provider(self, kind: str) -> EmberProvider:
-        provider = PROVIDERS[kind]()
+        provider = BY_NAME[kind].provider_class()
         provider._config = self.config
         return provider
 

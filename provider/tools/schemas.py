@@ -1,6 +1,6 @@
-"""JSON Schemas of the resources, generated from the spec and checked in under schema/.
+"""JSON Schemas of the resources, generated from the kinds' specs and checked in under schema/.
 
-tests/test_schemas.py fails when the checked-in files differ from what the spec generates now;
+tests/provider/test_schemas.py fails when the checked-in files differ from what the spec generates now;
 `ember schema --out schema` regenerates them.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ember.provider.domain import spec
+from ember.provider.domain.kinds import KINDS
+from ember.provider.domain.spec import Spec
+from ember.provider.domain.stack import StackSpec
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def _schema(cls: type[spec.Spec], title: str, mode: str) -> dict:
+def _schema(cls: type[Spec], title: str, mode: str) -> dict:
     body = cls.model_json_schema(mode=mode)
     body["title"] = title
     return {"$schema": SCHEMA_DIALECT, **body}
@@ -23,10 +25,10 @@ def _schema(cls: type[spec.Spec], title: str, mode: str) -> dict:
 def generate() -> dict[str, dict]:
     """File name → JSON Schema, for every resource's inputs and outputs and for a whole stack."""
     schemas = {}
-    for resource, (args, outputs) in spec.RESOURCES.items():
-        schemas[f"{resource}.args.json"] = _schema(args, f"{args.__name__}", "validation")
-        schemas[f"{resource}.outputs.json"] = _schema(outputs, f"{outputs.__name__}", "serialization")
-    schemas["stack.json"] = _schema(spec.StackSpec, "StackSpec", "validation")
+    for kind in KINDS:
+        schemas[f"{kind.schema_key}.args.json"] = _schema(kind.spec, kind.spec.__name__, "validation")
+        schemas[f"{kind.schema_key}.outputs.json"] = _schema(kind.outputs, kind.outputs.__name__, "serialization")
+    schemas["stack.json"] = _schema(StackSpec, "StackSpec", "validation")
     return schemas
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ember.provider.domain.spec import SpecError, StackSpec, parse
+from ember.provider.domain.spec import SpecError, parse
+from ember.provider.domain.stack import StackSpec
 
 
 def load(path: str | Path) -> StackSpec:

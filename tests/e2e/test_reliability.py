@@ -21,8 +21,11 @@ from tests.provider.provider_helpers import alive, config, make_models, replica_
 from tests.runtime.server_helpers import BASE, start, usage_records
 
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
-from ember.provider.domain.spec import DeploymentSpec, LoRAAddonSpec, ModelSpec, SpecError, parse
-from ember.provider.providers.registry import PROVIDERS
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
+from ember.provider.domain.kinds.model import ModelSpec
+from ember.provider.domain.spec import SpecError, parse
+from ember.provider.domain.kinds import BY_NAME
 from ember.provider.tools.runner import OfflineRunner
 from ember.runtime.devtools import tinymodels
 
@@ -268,7 +271,7 @@ def test_the_spec_rejects_anything_with_a_clear_error(kind, data):
 @given(kind=st.sampled_from(["Model", "Deployment", "LoRAAddon"]),
        data=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=8))
 def test_provider_check_never_raises(tmp_path_factory, kind, data):
-    provider = PROVIDERS[kind]()
+    provider = BY_NAME[kind].provider_class()
     provider._config = config(tmp_path_factory.mktemp("check"))
     result = provider.check({}, data)
     assert all(f.property and f.reason for f in result.failures)

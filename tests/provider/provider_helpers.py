@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ember.provider.backends import processes
 from ember.provider.providers.base import ProviderConfig
-from ember.provider.providers.registry import PROVIDERS
+from ember.provider.domain.kinds import BY_NAME
 from ember.runtime.devtools import tinymodels
 
 
@@ -15,7 +15,7 @@ def config(tmp_path: Path, timeout: float = 120) -> ProviderConfig:
 
 
 def provider(kind: str, cfg: ProviderConfig):
-    p = PROVIDERS[kind]()
+    p = BY_NAME[kind].provider_class()
     p._config = cfg
     return p
 

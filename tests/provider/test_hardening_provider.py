@@ -25,6 +25,7 @@ from tests.provider.gguf_helpers import write_gguf
 from tests.provider.provider_helpers import config, provider
 
 from ember.provider.domain import spec
+from ember.provider.domain.stack import StackSpec
 from ember.provider.domain.gguf_model import convert_gguf
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
 from ember.provider.policy import policies
@@ -306,7 +307,7 @@ def test_the_stack_spec_and_the_policy_pack_refuse_it_too():
              "fine_tuning_jobs": [{"account_id": "acme", "base_model": BASE, "dataset": "accounts/acme/datasets/chats",
                                    "output_model": "v1"}]}
     with pytest.raises(spec.SpecError) as refused:
-        spec.parse(spec.StackSpec, stack)
+        spec.parse(StackSpec, stack)
     assert ("fine_tuning_jobs[0].output_model", "'v1' is already used by models[0]") in refused.value.errors
     pack = [policy_resource(MODEL, "v1", account_id="acme", model_id="v1", source="s3://b/w"),
             policy_resource(JOB, "tune", account_id="acme", base_model=BASE, dataset="accounts/acme/datasets/chats",

@@ -8,6 +8,11 @@ import pytest
 
 from ember.provider import resources
 from ember.provider.domain import spec
+from ember.provider.domain.kinds.dataset import DatasetOutputs, DatasetSpec
+from ember.provider.domain.kinds.deployment import AutoscalingPolicy, DeploymentOutputs, DeploymentSpec, RequestLogging
+from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobOutputs, FineTuningJobSpec
+from ember.provider.domain.kinds.lora_addon import LoRAAddonOutputs, LoRAAddonSpec
+from ember.provider.domain.kinds.model import ModelOutputs, ModelSpec
 from ember.provider.resources import (Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs,
                                       RequestLoggingArgs, default_id)
 
@@ -137,10 +142,10 @@ def test_duplicate_model_ids_are_refused_in_the_program(mocks):
 
 
 # The program's typed Args and the spec that validates them are two views of one resource: pinned here.
-ARGS_AND_SPECS = [(resources.ModelArgs, spec.ModelSpec), (resources.DeploymentArgs, spec.DeploymentSpec),
-                  (resources.LoRAAddonArgs, spec.LoRAAddonSpec), (resources.AutoscalingPolicyArgs, spec.AutoscalingPolicy),
-                  (resources.RequestLoggingArgs, spec.RequestLogging), (resources.DatasetArgs, spec.DatasetSpec),
-                  (resources.FineTuningJobArgs, spec.FineTuningJobSpec)]
+ARGS_AND_SPECS = [(resources.ModelArgs, ModelSpec), (resources.DeploymentArgs, DeploymentSpec),
+                  (resources.LoRAAddonArgs, LoRAAddonSpec), (resources.AutoscalingPolicyArgs, AutoscalingPolicy),
+                  (resources.RequestLoggingArgs, RequestLogging), (resources.DatasetArgs, DatasetSpec),
+                  (resources.FineTuningJobArgs, FineTuningJobSpec)]
 
 
 @pytest.mark.parametrize("args, spec_cls", ARGS_AND_SPECS, ids=lambda c: c.__name__)
@@ -153,10 +158,10 @@ def test_args_have_the_fields_of_the_spec(args, spec_cls):
     assert required == {name for name, f in spec_cls.model_fields.items() if f.is_required()}
 
 
-@pytest.mark.parametrize("resource, outputs", [(resources.Model, spec.ModelOutputs), (resources.Deployment, spec.DeploymentOutputs),
-                                               (resources.LoRAAddon, spec.LoRAAddonOutputs),
-                                               (resources.Dataset, spec.DatasetOutputs),
-                                               (resources.FineTuningJob, spec.FineTuningJobOutputs)],
+@pytest.mark.parametrize("resource, outputs", [(resources.Model, ModelOutputs), (resources.Deployment, DeploymentOutputs),
+                                               (resources.LoRAAddon, LoRAAddonOutputs),
+                                               (resources.Dataset, DatasetOutputs),
+                                               (resources.FineTuningJob, FineTuningJobOutputs)],
                          ids=lambda c: c.__name__)
 def test_resource_outputs_are_the_spec_outputs(resource, outputs):
     typed = [name for name, kind in resource.__annotations__.items() if str(kind).startswith("pulumi.Output")]

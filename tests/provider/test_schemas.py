@@ -7,6 +7,7 @@ import jsonschema
 import pytest
 
 from ember.provider.domain import spec
+from ember.provider.domain.kinds.model import ModelOutputs
 from ember.provider.tools import schemas, stackfile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +66,7 @@ def test_schemas_refuse_bad_resources(resource, item, fragment):
 
 
 def test_outputs_validate():
-    outputs = spec.ModelOutputs(name="accounts/acme/models/m", state=spec.ModelState.READY,
+    outputs = ModelOutputs(name="accounts/acme/models/m", state=spec.ModelState.READY,
                                 digest="sha256:" + "0" * 64, architecture="LlamaForCausalLM", parameter_count=10)
     validator("model.outputs.json").validate(outputs.model_dump(mode="json"))
     bad = outputs.model_dump(mode="json") | {"state": "DONE"}

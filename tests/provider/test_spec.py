@@ -3,6 +3,10 @@
 import pytest
 
 from ember.provider.domain import catalog, spec
+from ember.provider.domain.stack import StackSpec
+from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
+from ember.provider.domain.kinds.model import ModelSpec
 from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
 
 BASE = "accounts/acme/models/my-llama"
@@ -19,14 +23,14 @@ def errors(cls, data):
 
 @pytest.mark.parametrize("value", ["a", "acme", "llama-v3p1-8b-instruct", "0", "a" * 63, "a-b-c", "9lives"])
 def test_valid_ids(value):
-    assert spec.parse(spec.ModelSpec, {"account_id": value, "source": "x"}).account_id == value
+    assert spec.parse(ModelSpec, {"account_id": value, "source": "x"}).account_id == value
 
 
 @pytest.mark.parametrize(
     "value", ["", "-a", "a-", "A", "acme_corp", "a" * 64, "a.b", "a b", "ünï", "a/b"]
 )
 def test_invalid_ids_name_field_and_value(value):
-    found, message = errors(spec.ModelSpec, {"account_id": "acme", "model_id": value, "source": "x"})
+    found, message = errors(ModelSpec, {"account_id": "acme", "model_id": value, "source": "x"})
     assert list(found) == ["model_id"]
     assert repr(value) in found["model_id"] and "[a-z0-9-]" in found["model_id"]
 
@@ -51,22 +55,22 @@ def test_model_names_round_trip():
     ],
 )
 def test_bad_model_names(value):
-    found, _ = errors(spec.DeploymentSpec, {"account_id": "acme", "base_model": value})
+    found, _ = errors(DeploymentSpec, {"account_id": "acme", "base_model": value})
     assert repr(value) in found["base_model"] or "ID" in found["base_model"]
 
 
 # --- models -------------------------------------------------------------------------------------------
 
 def test_model_from_path_and_url_are_normalised():
-    local = spec.parse(spec.ModelSpec, {"account_id": "acme", "model_id": "m", "source": "./weights//m/"})
+    local = spec.parse(ModelSpec, {"account_id": "acme", "model_id": "m", "source": "./weights//m/"})
     assert local.source == "weights/m" and local.name == "accounts/acme/models/m"
-    remote = spec.parse(spec.ModelSpec, {"account_id": "acme", "model_id": "m", "source": "s3://bucket/m/"})
+    remote = spec.parse(ModelSpec, {"account_id": "acme", "model_id": "m", "source": "s3://bucket/m/"})
     assert remote.source == "s3://bucket/m"
     assert local.kind == "HF_BASE_MODEL"
 
 
 def test_catalog_model_takes_its_catalog_id():
-    model = spec.parse(spec.ModelSpec, {"account_id": "platform", "catalog_id": "qwen2p5-7b-instruct"})
+    model = spec.parse(ModelSpec, {"account_id": "platform", "catalog_id": "qwen2p5-7b-instruct"})
     assert model.model_id == "qwen2p5-7b-instruct" and model.is_catalog
 
 
@@ -88,7 +92,7 @@ def test_catalog_model_takes_its_catalog_id():
     ],
 )
 def test_bad_models(data, field, fragment):
-    found, _ = errors(spec.ModelSpec, data)
+    found, _ = errors(ModelSpec, data)
     assert field in found, found
     assert fragment in found[field]
 
@@ -101,13 +105,13 @@ def addon(**overrides):
 
 def test_addon_deployments_are_sorted_and_deduplicated():
     d1, d2 = "accounts/acme/deployments/b", "accounts/acme/deployments/a"
-    parsed = spec.parse(spec.LoRAAddonSpec, addon(deployments=[d1, d2, d1]))
+    parsed = spec.parse(LoRAAddonSpec, addon(deployments=[d1, d2, d1]))
     assert parsed.deployments == (d2, d1)
     assert parsed.kind == "HF_PEFT_ADDON" and parsed.name == "accounts/acme/models/pirate"
 
 
 def test_serverless_addon_on_a_popular_catalog_base():
-    parsed = spec.parse(spec.LoRAAddonSpec, addon(base_model=CATALOG_8B, serverless=True))
+    parsed = spec.parse(LoRAAddonSpec, addon(base_model=CATALOG_8B, serverless=True))
     assert parsed.serverless
 
 
@@ -125,7 +129,7 @@ def test_serverless_addon_on_a_popular_catalog_base():
     ],
 )
 def test_bad_addons(overrides, field, fragment):
-    found, _ = errors(spec.LoRAAddonSpec, addon(**overrides))
+    found, _ = errors(LoRAAddonSpec, addon(**overrides))
     assert field in found, found
     assert fragment in found[field]
 
@@ -171,7 +175,7 @@ def deployment(**overrides):
 
 
 def test_deployment_defaults_are_the_local_cluster():
-    d = spec.parse(spec.DeploymentSpec, deployment())
+    d = spec.parse(DeploymentSpec, deployment())
     assert d.accelerator_type is spec.AcceleratorType.CPU and d.precision is spec.Precision.FP32
     assert d.deployment_type is spec.DeploymentType.DEDICATED and d.name == "accounts/acme/deployments/prod"
     assert not d.request_logging.enabled
@@ -179,7 +183,7 @@ def test_deployment_defaults_are_the_local_cluster():
 
 def test_numbers_arriving_as_floats_are_normalised():
     d = spec.parse(
-        spec.DeploymentSpec,
+        DeploymentSpec,
         deployment(accelerator_type="NVIDIA_H100_80GB", accelerator_count=2.0, min_replicas=1.0, max_replicas=3.0,
                    max_lora_rank=16.0, autoscaling={"scale_up_window_s": 10.0}),
     )
@@ -188,10 +192,10 @@ def test_numbers_arriving_as_floats_are_normalised():
 
 
 def test_serverless_catalog_deployment_and_scale_to_zero():
-    d = spec.parse(spec.DeploymentSpec, deployment(base_model=CATALOG_8B, deployment_type="serverless",
+    d = spec.parse(DeploymentSpec, deployment(base_model=CATALOG_8B, deployment_type="serverless",
                                                    accelerator_type="NVIDIA_A100_80GB"))
     assert d.deployment_type is spec.DeploymentType.SERVERLESS
-    z = spec.parse(spec.DeploymentSpec, deployment(min_replicas=0, autoscaling={"scale_to_zero_window_s": 600}))
+    z = spec.parse(DeploymentSpec, deployment(min_replicas=0, autoscaling={"scale_to_zero_window_s": 600}))
     assert z.min_replicas == 0
 
 
@@ -227,7 +231,7 @@ def test_serverless_catalog_deployment_and_scale_to_zero():
     ],
 )
 def test_bad_deployments(overrides, field, fragment):
-    found, message = errors(spec.DeploymentSpec, deployment(**overrides))
+    found, message = errors(DeploymentSpec, deployment(**overrides))
     assert field in found, found
     assert fragment in found[field]
     assert field in message  # the rendered error names the field too
@@ -235,25 +239,25 @@ def test_bad_deployments(overrides, field, fragment):
 
 def test_big_models_fit_on_enough_accelerators():
     for accelerator, count in [("NVIDIA_H200_141GB", 8), ("AMD_MI300X_192GB", 8)]:
-        spec.parse(spec.DeploymentSpec, deployment(base_model="accounts/p/models/llama-v3p1-405b-instruct",
+        spec.parse(DeploymentSpec, deployment(base_model="accounts/p/models/llama-v3p1-405b-instruct",
                                                    accelerator_type=accelerator, accelerator_count=count))
-    spec.parse(spec.DeploymentSpec, deployment(base_model="accounts/p/models/llama-v3p1-70b-instruct",
+    spec.parse(DeploymentSpec, deployment(base_model="accounts/p/models/llama-v3p1-70b-instruct",
                                                accelerator_type="NVIDIA_H100_80GB", accelerator_count=2))
     # Weight-only int4 fits 70B on one H100 (35 GB of weights), where bf16 (140 GB) does not.
     one = dict(base_model="accounts/p/models/llama-v3p1-70b-instruct", accelerator_type="NVIDIA_H100_80GB")
-    assert spec.parse(spec.DeploymentSpec, deployment(precision="int4", **one)).precision is spec.Precision.INT4
-    assert "needs 141 GB in bf16" in str(errors(spec.DeploymentSpec, deployment(precision="bf16", **one)))
+    assert spec.parse(DeploymentSpec, deployment(precision="int4", **one)).precision is spec.Precision.INT4
+    assert "needs 141 GB in bf16" in str(errors(DeploymentSpec, deployment(precision="bf16", **one)))
 
 
 @pytest.mark.parametrize("accelerator", ["NVIDIA_H100_80GB", "NVIDIA_H200_141GB", "AMD_MI300X_192GB"])
 def test_fp8_is_accepted_on_accelerators_with_fp8(accelerator):
-    d = spec.parse(spec.DeploymentSpec, deployment(precision="fp8", accelerator_type=accelerator))
+    d = spec.parse(DeploymentSpec, deployment(precision="fp8", accelerator_type=accelerator))
     assert d.precision is spec.Precision.FP8 and d.accelerator_type.has_fp8
 
 
 @pytest.mark.parametrize("accelerator", ["CPU", "NVIDIA_A100_80GB"])
 def test_fp8_is_refused_on_accelerators_without_fp8(accelerator):
-    found, message = errors(spec.DeploymentSpec, deployment(precision="fp8", accelerator_type=accelerator))
+    found, message = errors(DeploymentSpec, deployment(precision="fp8", accelerator_type=accelerator))
     assert list(found) == ["precision"]
     assert "'fp8'" in found["precision"] and accelerator in found["precision"]
     assert "NVIDIA_H100_80GB, NVIDIA_H200_141GB, AMD_MI300X_192GB" in found["precision"]
@@ -261,8 +265,8 @@ def test_fp8_is_refused_on_accelerators_without_fp8(accelerator):
 
 def test_fp8_refusal_waits_for_an_unknown_accelerator_at_preview():
     props = deployment(precision="fp8", accelerator_type="NVIDIA_H100_80GB")
-    assert spec.parse_known(spec.DeploymentSpec, props, {"accelerator_type"})[1] == []
-    assert [f for f, _ in spec.parse_known(spec.DeploymentSpec, props | {"accelerator_type": "CPU"}, set())[1]] == ["precision"]
+    assert spec.parse_known(DeploymentSpec, props, {"accelerator_type"})[1] == []
+    assert [f for f, _ in spec.parse_known(DeploymentSpec, props | {"accelerator_type": "CPU"}, set())[1]] == ["precision"]
 
 
 # --- stacks -------------------------------------------------------------------------------------------
@@ -276,7 +280,7 @@ def stack(**overrides):
 
 
 def test_a_consistent_stack():
-    parsed = spec.parse(spec.StackSpec, stack())
+    parsed = spec.parse(StackSpec, stack())
     assert parsed.addons[0].deployments == ("accounts/acme/deployments/prod",)
 
 
@@ -293,12 +297,12 @@ def test_a_consistent_stack():
     ],
 )
 def test_bad_stacks(overrides, field, fragment):
-    found, _ = errors(spec.StackSpec, stack(**overrides))
+    found, _ = errors(StackSpec, stack(**overrides))
     assert field in found, found
     assert fragment in found[field]
 
 
 def test_catalog_ids_are_valid_and_serverless_addons_only_on_serverless_bases():
     for model in catalog.CATALOG.values():
-        assert spec.parse(spec.ModelSpec, {"account_id": "p", "catalog_id": model.model_id}).model_id == model.model_id
+        assert spec.parse(ModelSpec, {"account_id": "p", "catalog_id": model.model_id}).model_id == model.model_id
         assert model.serverless or not model.serverless_addons
