@@ -191,6 +191,7 @@ class AcceleratorType(str, Enum):
 MAX_LORA_RANK = 256
 LORA_RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_LORA_RANK = 64
+DEFAULT_MAX_LORAS = 8  # addons on the accelerator at once: a deployment's, and so its replicas' default
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_REPLICAS = 64
 MAX_EPOCHS = 100

@@ -9,10 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from ember.provider.domain import catalog
 from ember.provider.domain.kinds.kind import Kind
 from ember.provider.domain.names import deployment_name, parse_model_name
-from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, LORA_RANK_BUCKETS, MAX_REPLICAS, MAX_RETENTION_DAYS,
-                                        WEIGHT_MEMORY_SHARE, AcceleratorType, DeploymentName, DeploymentState,
-                                        DeploymentType, DisplayName, FieldError, ModelName, Precision, ResourceId, Spec,
-                                        Text, full_name, refuse_foreign_base)
+from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LORA_RANK_BUCKETS, MAX_REPLICAS,
+                                        MAX_RETENTION_DAYS, WEIGHT_MEMORY_SHARE, AcceleratorType, DeploymentName,
+                                        DeploymentState, DeploymentType, DisplayName, FieldError, ModelName, Precision,
+                                        ResourceId, Spec, Text, full_name, refuse_foreign_base)
 
 
 class AutoscalingPolicy(Spec):
@@ -71,7 +71,7 @@ class DeploymentSpec(Spec):
     min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
     max_replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     autoscaling: AutoscalingPolicy = AutoscalingPolicy()
-    max_loras: int = Field(8, ge=1, le=128, description="addons active on the accelerator at once (more wait in host memory)")
+    max_loras: int = Field(DEFAULT_MAX_LORAS, ge=1, le=128, description="addons active on the accelerator at once (more wait in host memory)")
     max_lora_rank: int = Field(DEFAULT_MAX_LORA_RANK, json_schema_extra={"enum": list(LORA_RANK_BUCKETS)})
     request_logging: RequestLogging = RequestLogging()
     kubernetes_workload: KubernetesWorkload | None = Field(
