@@ -21,97 +21,17 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from ember.runtime.engine.engine import Engine, EngineConfig
-from ember.runtime.model.sampling import SamplingParams
+from ember.runtime.devtools.bench_precisions import precision_report, print_precisions, text_workload
 from ember.runtime.devtools.tinymodels import TinyLoRA, make_lora, make_model
+from ember.runtime.devtools.workload import Result, Workload, make_workload, percentile, progress, run_ember
+from ember.runtime.engine.engine import Engine, EngineConfig
 
 DEFAULT_MODEL_DIR = Path(".ember/bench")
-
-
-@dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-
-def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int) -> Workload:
-    rng = random.Random(seed)
-    lengths = [(rng.randint(*prompt_range), rng.randint(*output_range)) for _ in range(n)]
-    # Ids below 16 are the tokenizer's special tokens; prompts avoid them.
-    prompts = [[rng.randrange(16, vocab) for _ in range(p)] for p, _ in lengths]
-    return Workload(prompts, [o for _, o in lengths])
-
-
-def percentile(values: list[float], q: int) -> float:
-    """The q-th percentile (inclusive method); the value itself for one, 0 for none."""
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
-
-
-@dataclass
-class Result:
-    name: str
-    seconds: float
-    output_tokens: int
-    latencies: list[float]  # per request, from submission to its last token
-    ttfts: list[float]  # per request, from submission to its first token
-    outputs: list[list[int]]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.seconds
-
-    def summary(self) -> dict:
-        return {
-            "engine": self.name,
-            "seconds": round(self.seconds, 3),
-            "output_tokens": self.output_tokens,
-            "output_tokens_per_s": round(self.tokens_per_s, 2),
-            "latency_p50_s": round(percentile(self.latencies, 50), 3),
-            "latency_p90_s": round(percentile(self.latencies, 90), 3),
-            "ttft_p50_s": round(percentile(self.ttfts, 50), 3),
-            "ttft_p90_s": round(percentile(self.ttfts, 90), 3),
-        }
-
-
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def run_ember(engine: Engine, work: Workload, adapters: list[str | None] | None = None, name: str = "ember",
-              cold: bool = True) -> Result:
-    """`cold`: start with an empty prefix cache (an earlier run's prompts must not be answered from it)."""
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
-    adapters = adapters or [None] * len(work.prompts)
-    if cold:
-        engine.cache.allocator.forget_cached()
-    start = time.perf_counter()
-    ids = [engine.add_request(p, sp, adapter=a) for p, sp, a in zip(work.prompts, params, adapters)]
-    first: dict[str, float] = {}
-    done: dict[str, float] = {}
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    steps = 0
-    while engine.has_unfinished:
-        for out in engine.step():
-            now = time.perf_counter() - start
-            first.setdefault(out.request_id, now)
-            tokens[out.request_id] += out.token_ids
-            if out.finished:
-                done[out.request_id] = now
-        steps += 1
-        if steps % 25 == 0:
-            progress(f"{name}: step {steps}, {len(done)}/{len(ids)} requests done")
-    seconds = time.perf_counter() - start
-    produced = sum(len(t) for t in tokens.values())
-    return Result(name, seconds, produced, [done[i] for i in ids], [first[i] for i in ids], [tokens[i] for i in ids])
 
 
 def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device: torch.device,
@@ -124,7 +44,7 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     extra = {}
     if adapters:
-        from peft import PeftModel
+        from peft import PeftModel  # a benchmark reference too
 
         names = list(adapters)
         model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
@@ -151,7 +71,7 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
 
 
 async def _http_run(url: str, api_key: str, model: str, work: Workload, concurrency: int) -> tuple[Result, list[float]]:
-    import httpx
+    import httpx  # a dev dependency (the HTTP benchmark's client), not the runtime's
 
     gate = asyncio.Semaphore(concurrency)
     gaps: list[float] = []
@@ -320,8 +240,6 @@ def _print_prefix(report: dict, args: argparse.Namespace) -> int:
 
 
 def _print_and_save_precisions(model_dir: Path, args: argparse.Namespace) -> int:
-    from ember.runtime.devtools.bench_precisions import precision_report, print_precisions, text_workload
-
     # Natural text, not random ids: on noise every logit is a near-tie and agreement would measure nothing.
     work = text_workload(model_dir, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed)
     report = precision_report(model_dir, work, args.precisions.split(","), EngineConfig(device=args.device), progress)

@@ -16,20 +16,23 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ember.runtime.devtools.bench import Workload, _http_run, percentile, progress
+from ember.provider.domain.accounts import Accounts
+from ember.runtime.devtools.bench import _http_run
 from ember.runtime.devtools.bench_precisions import text_workload
+from ember.runtime.devtools.workload import Workload, percentile, progress
 
 BASE_MODEL = "accounts/bench/models/base"  # the name Ember serves the model under (llama-server ignores it)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    import httpx
+    import httpx  # a dev dependency (the HTTP benchmark's client), not the runtime's
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -45,8 +48,6 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float =
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,8 +55,6 @@ def _free_port() -> int:
 
 def start_ember(model_dir: Path, dtype: str, threads: int, root: Path,
                 compile: bool = True) -> tuple[subprocess.Popen, str, str]:
-    from ember.provider.domain.accounts import Accounts
-
     key = Accounts.add_key(root / "keys.json", "bench")
     port = _free_port()
     args = [sys.executable, "-m", "ember.runtime", "serve", "--model-dir", str(model_dir),
@@ -112,7 +111,7 @@ def drive(servers: dict[str, tuple[str, str, str]], workloads: list[Workload], c
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # pyplot is imported only once a backend without a display is chosen
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ember.runtime.devtools.bench import Workload, run_ember
+from ember.runtime.devtools.workload import Workload, run_ember
 from ember.runtime.engine.batch import ScheduledChunk, build
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.tokenizer import TextTokenizer

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from ember.runtime.devtools import tinymodels
-from ember.runtime.devtools.bench import Workload, make_workload, progress, run_ember
 from ember.runtime.devtools.bench_precisions import prompt_logits, weight_bytes
+from ember.runtime.devtools.workload import Workload, make_workload, progress, run_ember
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.quantized import fp8_hardware, fp8_kernels
 from ember.runtime.model.sampling import SamplingParams
@@ -52,7 +52,7 @@ def logits_share(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def check_logits(root: Path, device: str = "cuda") -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # a reference (a dev dependency), as in the tests
 
     directory = tinymodels.make_model(root / "tiny", "small", seed=11, init_std=0.1)
     engine = Engine.from_dir(directory, EngineConfig(device=device, dtype="bf16", kv_cache_tokens=8192))
@@ -75,7 +75,7 @@ def check_logits(root: Path, device: str = "cuda") -> dict:
 
 
 def check_lora(root: Path, device: str = "cuda") -> dict:
-    import peft
+    import peft  # references (dev dependencies), as in the tests
     from transformers import AutoModelForCausalLM
 
     directory = root / "tiny"
