@@ -24,14 +24,15 @@ import pulumi
 from pulumi.dynamic import Resource
 from pulumi.output import UNKNOWN
 
+from ember.provider.domain.rules import Declaration, name_clash
 from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
                                          parse_deployment_name, parse_model_name)
 from ember.provider.domain.kinds.dataset import DatasetOutputs
-from ember.provider.domain.kinds.deployment import DeploymentOutputs
+from ember.provider.domain.kinds.deployment import DeploymentOutputs, DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobOutputs, FineTuningJobSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonOutputs
 from ember.provider.domain.kinds.model import ModelOutputs
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, normalise_source
+from ember.provider.domain.spec import normalise_source
 from ember.provider.providers.dataset import DatasetProvider
 from ember.provider.providers.deployment import DeploymentProvider
 from ember.provider.providers.fine_tuning_job import FineTuningJobProvider
@@ -180,7 +181,7 @@ class _Declared:
     resource at a time, so each resource carries the facts it needs about the ones it references."""
 
     def __init__(self) -> None:
-        self.models: dict[str, tuple[str, dict[str, Any]]] = {}  # model name → (Pulumi name, facts)
+        self.models: dict[str, tuple[Declaration, dict[str, Any]]] = {}  # model name → (who, its facts)
 
 
 _DECLARED: "weakref.WeakKeyDictionary[Any, _Declared]" = weakref.WeakKeyDictionary()
@@ -197,20 +198,15 @@ def _declared() -> _Declared:
 
 
 def _declare_model(kind: str, resource_name: str, name: Any, facts: dict[str, Any], field: str = "model_id") -> None:
+    """A model this program declares (a fine-tuning job's output included): refused at once if it takes a name an
+    earlier one took (domain/rules.py), so the program stops naming both before anything is planned."""
     if not isinstance(name, str):
         return  # an ID only known later: the store refuses a taken one at create
     declared = _declared().models
+    declaration = Declaration(name, f"{kind} {resource_name}", trained=field == "output_model")
     if name in declared:
-        first, first_facts = declared[name]
-        if field == "output_model" or first_facts.get("trained_by"):
-            clash = f"is also declared by {first!r}" if field == "output_model" else \
-                f"is the output_model of FineTuningJob {first!r}"
-            raise ProgramError(kind, resource_name, field, f"{name!r} {clash}: a fine-tuning job writes its output "
-                               f"model itself (deploy it with LoRAAddonArgs(source=job) under another ID); give one "
-                               f"of them another ID")
-        raise ProgramError(kind, resource_name, field, f"{name!r} is declared twice in this program (by {first!r} and "
-                           f"{resource_name!r}); model IDs are globally unique, base models and addons alike")
-    declared[name] = (resource_name, facts)
+        raise ProgramError(kind, resource_name, field, name_clash(declared[name][0], declaration))
+    declared[name] = (declaration, facts)
 
 
 def _local(source: Any) -> str | None:
@@ -313,7 +309,7 @@ class Deployment(Resource, module="ember", name="Deployment"):
             props["deployment_id"] = default_id(resource_name)
         self.deployment_name = _name(deployment_name, args.account_id, props["deployment_id"])
         # what an addon on this deployment needs to know at its own check
-        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DEFAULT_MAX_LORA_RANK,
+        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DeploymentSpec.model_fields["max_lora_rank"].default,
                        "cluster": args.cluster or "local"}
         super().__init__(DeploymentProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
                          _with_dependencies(opts, depends_on))
@@ -428,7 +424,7 @@ class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
         self.job_name = _name(fine_tuning_job_name, args.account_id, props["job_id"])
         # the trained addon is a model of this program too: no Model or LoRAAddon may take its ID
         _declare_model("FineTuningJob", resource_name, _name(model_name, args.account_id, args.output_model),
-                       {"declared": True, "addon": True, "source": None, "trained_by": resource_name}, "output_model")
+                       {"declared": True, "addon": True, "source": None}, "output_model")
         # what an addon deployed from this job needs to know at its own check
         rank = args.lora_rank if args.lora_rank is not None else FineTuningJobSpec.model_fields["lora_rank"].default
         self._facts = {"rank": rank, "base_model": props["base_model"]}

@@ -1,4 +1,4 @@
-"""A stack file: resources declared together, and the rules no single resource can see."""
+"""A stack file's resources, declared together: the rules that span them (domain/rules.py) judge them at once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
 from ember.provider.domain.kinds.model import ModelSpec
+from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, base_model_refusal, name_clashes
 from ember.provider.domain.spec import FieldError, Spec
 
 
@@ -23,30 +24,32 @@ class StackSpec(Spec):
 
     @model_validator(mode="after")
     def _cross_references(self) -> "StackSpec":
-        seen: dict[str, str] = {}
-        namespaces = {"deployments": "deployment", "datasets": "dataset", "fine_tuning_jobs": "model"}
-        for group, items, id_field in (
-            ("models", self.models, "model_id"),
-            ("addons", self.addons, "model_id"),
-            ("deployments", self.deployments, "deployment_id"),
-            ("datasets", self.datasets, "dataset_id"),
-            ("fine_tuning_jobs", self.fine_tuning_jobs, "output_model"),  # a job's output is a model
-        ):
-            for i, item in enumerate(items):
-                ident = getattr(item, id_field)
-                key = f"{namespaces.get(group, 'model')}:{ident}"
-                if ident is not None and key in seen:
-                    raise FieldError(f"{group}.{i}.{id_field}", f"{ident!r} is already used by {seen[key]}")
-                seen[key] = f"{group}[{i}]"
-        declared_models = {m.name: m for m in self.models if m.model_id}
-        for i, d in enumerate(self.deployments):
-            if d.base_model not in declared_models and any(a.name == d.base_model for a in self.addons if a.model_id):
-                raise FieldError(f"deployments.{i}.base_model", f"{d.base_model!r} is a LoRA addon, not a base model")
-        deployments = {d.name: d for d in self.deployments if d.deployment_id}
+        declared = self._declarations()
+        for declaration, message in name_clashes(declared):
+            raise FieldError(declared[declaration], message)
+        addons = {a.name for a in self.addons if a.model_id} - {m.name for m in self.models if m.model_id}
+        for i, deployment in enumerate(self.deployments):
+            refusal = base_model_refusal(deployment.base_model, deployment.base_model in addons, None)
+            if refusal:
+                raise FieldError(f"deployments.{i}.base_model", refusal)
+        deployments = {d.name: DeploymentFacts(d.name, d.base_model, d.max_lora_rank)
+                       for d in self.deployments if d.deployment_id}
         for i, addon in enumerate(self.addons):
             for j, target in enumerate(addon.deployments):
-                deployment = deployments.get(target)
-                if deployment is not None and deployment.base_model != addon.base_model:
-                    raise FieldError(f"addons.{i}.deployments.{j}", f"{target!r} serves base model "
-                                     f"{deployment.base_model!r}, not this addon's base {addon.base_model!r}")
+                misfits = addon_misfits(addon.base_model, None, deployments[target]) if target in deployments else []
+                for _, message in misfits:
+                    raise FieldError(f"addons.{i}.deployments.{j}", message)
         return self
+
+    def _declarations(self) -> dict[Declaration, str]:
+        """Every name the stack's resources take (a job's output model too), with the path of the field taking it."""
+        declared = {}
+        for group, id_field in (("models", "model_id"), ("addons", "model_id"), ("deployments", "deployment_id"),
+                                ("datasets", "dataset_id"), ("fine_tuning_jobs", "output_model")):
+            for i, item in enumerate(getattr(self, group)):
+                if getattr(item, id_field) is None:
+                    continue
+                trained = group == "fine_tuning_jobs"
+                name = item.output_model_name if trained else item.name
+                declared[Declaration(name, f"{group}[{i}]", trained)] = f"{group}.{i}.{id_field}"
+        return declared

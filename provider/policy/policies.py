@@ -1,7 +1,8 @@
 """Ember's policies: the domain rules as mandatory policies, and guardrails a platform team configures.
 
-Domain rules (the spec is their single source): names well formed and every other spec rule; custom
-base models never serverless; an addon only on deployments of its own base model. Guardrails (set with
+Domain rules (the kinds' specs and domain/rules.py are their single source): names well formed and every other
+spec rule, for every kind; custom base models never serverless; an addon only on deployments of its own base model;
+model IDs unique. Guardrails (set with
 `--policy-pack-config`): allowed accelerator types, GPUs per deployment and per stack, replicas,
 request-log retention, the bases that take serverless addons.
 
@@ -22,22 +23,20 @@ from pulumi_policy import (PolicyConfigSchema, PolicyResource, ReportViolation, 
 from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
 from ember.provider.domain import catalog, file_kinds
-from ember.provider.domain.names import EMBER_TYPE_PREFIX, deployment_name, model_name, parse_model_name
+from ember.provider.domain.kinds import BY_NAME, KINDS
 from ember.provider.domain.kinds.deployment import DeploymentSpec
-from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
-from ember.provider.domain.kinds.model import ModelSpec
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, AcceleratorType, parse_known
+from ember.provider.domain.names import deployment_name, model_name, parse_model_name
+from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, name_clashes
+from ember.provider.domain.spec import AcceleratorType, parse_known
 
-MODEL = EMBER_TYPE_PREFIX + "Model"
-DEPLOYMENT = EMBER_TYPE_PREFIX + "Deployment"
-ADDON = EMBER_TYPE_PREFIX + "LoRAAddon"
-JOB = EMBER_TYPE_PREFIX + "FineTuningJob"  # only its output model is judged here (ember-unique-model-ids)
-SPECS = {MODEL: ModelSpec, DEPLOYMENT: DeploymentSpec, ADDON: LoRAAddonSpec}
-KIND = {MODEL: "Model", DEPLOYMENT: "Deployment", ADDON: "LoRAAddon"}
+MODEL, DEPLOYMENT, ADDON, JOB = (BY_NAME[k].type_token for k in ("Model", "Deployment", "LoRAAddon", "FineTuningJob"))
+SPECS = {kind.type_token: kind.spec for kind in KINDS}
+KIND = {kind.type_token: kind.name for kind in KINDS}
 
 # Spec errors on these fields are `ember-names`; on these (type, field) pairs, a stack-level rule that
 # also sees through unknowns reports them; every other spec error is `ember-spec`.
-NAME_FIELDS = {"account_id", "model_id", "deployment_id", "base_model", "deployments", "catalog_id"}
+NAME_FIELDS = {"account_id", "model_id", "deployment_id", "dataset_id", "job_id", "base_model", "deployments",
+               "catalog_id", "dataset", "evaluation_dataset", "output_model"}
 STACK_LEVEL = {(DEPLOYMENT, "deployment_type"), (ADDON, "serverless")}
 
 
@@ -170,22 +169,19 @@ def _serverless_bases(args: StackValidationArgs, report: ReportViolation) -> Non
 def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) -> None:
     deployments = {name: d for d in _of_type(args, DEPLOYMENT) if (name := _deployment_name(d))}
     for addon in _of_type(args, ADDON):
-        base = _base_of(addon)
         targets = [deployments.get(n) for n in inputs(ADDON, addon.props).get("deployments", []) if known(n)]
         targets += [d for d in addon.property_dependencies.get("deployments", []) if d.resource_type == DEPLOYMENT]
-        seen = set()
-        rank = _adapter_rank(inputs(ADDON, addon.props).get("source"))
-        for deployment in (t for t in targets if t is not None and t.urn not in seen):
-            seen.add(deployment.urn)
-            serving = _base_of(deployment)
-            if base is not None and serving is not None and serving != base:
-                report(f"LoRAAddon {addon.name}: deployments: {_deployment_name(deployment) or deployment.name} serves "
-                       f"base model {serving}, not this addon's base {base}; attach it to a deployment of {base}",
-                       addon.urn)
-            max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"), DEFAULT_MAX_LORA_RANK)
-            if rank is not None and max_rank is not None and rank > max_rank:
-                report(f"LoRAAddon {addon.name}: rank {rank} is above {_deployment_name(deployment) or deployment.name}'s "
-                       f"max_lora_rank {max_rank:g}; raise it or train a smaller adapter", addon.urn)
+        base, rank = _base_of(addon), _adapter_rank(inputs(ADDON, addon.props).get("source"))
+        for deployment in {t.urn: t for t in targets if t is not None}.values():
+            for _, message in addon_misfits(base, rank, _deployment_facts(deployment)):
+                report(f"LoRAAddon {addon.name}: {message}", addon.urn)
+
+
+def _deployment_facts(deployment: PolicyResource) -> DeploymentFacts:
+    max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"),
+                       DeploymentSpec.model_fields["max_lora_rank"].default)
+    return DeploymentFacts(_deployment_name(deployment) or deployment.name, _base_of(deployment),
+                           None if max_rank is None else int(max_rank))
 
 
 def _adapter_rank(source: Any) -> int | None:
@@ -202,24 +198,22 @@ def _adapter_rank(source: Any) -> int | None:
 
 
 def _unique_model_ids(args: StackValidationArgs, report: ReportViolation) -> None:
-    seen: dict[str, str] = {}
+    declared = {}
     for resource in (r for r in args.resources if r.resource_type in (MODEL, ADDON, JOB)):
-        if resource.resource_type == JOB:  # the addon a job trains is a model of the stack too
-            data, kind, field = plain(resource.props), "FineTuningJob", "output_model"
-            account, model_id = data.get("account_id"), data.get("output_model")
-        else:
-            data, kind, field = inputs(resource.resource_type, resource.props), KIND[resource.resource_type], "model_id"
-            account, model_id = data.get("account_id"), data.get("catalog_id") or data.get("model_id")
+        data = inputs(resource.resource_type, resource.props)
+        trained = resource.resource_type == JOB  # the addon a job trains is a model of the stack too
+        account = data.get("account_id")
+        model_id = data.get("output_model") if trained else data.get("catalog_id") or data.get("model_id")
         if not (known(account) and known(model_id)):
             continue
         try:
             name = model_name(account, model_id)
         except ValueError:
             continue  # ember-names reports the ID
-        if name in seen:
-            report(f"{kind} {resource.name}: {field}: {name} is already declared by {seen[name]}; model IDs are "
-                   f"globally unique, base models and addons alike", resource.urn)
-        seen[name] = f"{kind} {resource.name}"
+        declared[Declaration(name, f"{KIND[resource.resource_type]} {resource.name}", trained)] = resource
+    for declaration, message in name_clashes(declared):
+        field = "output_model" if declaration.trained else "model_id"
+        report(f"{declaration.by}: {field}: {message}", declared[declaration].urn)
 
 
 # ---------------------------------------------------------------------------------------------------------

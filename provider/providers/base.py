@@ -32,6 +32,7 @@ from ember.provider.domain.accounts import foreign_model_refusal
 from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.kinds.model import ModelSpec
+from ember.provider.domain.rules import base_model_refusal
 from ember.provider.domain.spec import ModelState, parse, parse_known
 from ember.provider.providers import diff_rules
 
@@ -159,14 +160,10 @@ class EmberProvider(ResourceProvider):
     @staticmethod
     def _base_failures(base_model: str, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         facts = references.get("base_model")
-        if "base_model" in unknown or not isinstance(facts, dict) or catalog.lookup(parse_model_name(base_model).resource_id):
+        if "base_model" in unknown or not isinstance(facts, dict):
             return []
-        if facts.get("addon"):
-            return [("base_model", f"{base_model} is a LoRA addon, not a base model")]
-        if facts.get("declared") is False:
-            return [("base_model", f"{base_model} is neither a catalog model nor a Model declared in this program; "
-                                   f"declare it before its users (or adopt it with Model.get)")]
-        return []
+        refusal = base_model_refusal(base_model, bool(facts.get("addon")), facts.get("declared"))
+        return [("base_model", refusal)] if refusal else []
 
     def derive(self, spec, unknown: set[str]) -> dict[str, Any]:
         """The content digest of a local source (models and addons), which decides replacements."""

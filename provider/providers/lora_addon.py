@@ -15,8 +15,9 @@ from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import source_config
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
-from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK
+from ember.provider.domain.rules import DeploymentFacts, addon_misfits
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source
 
 
@@ -45,16 +46,15 @@ class LoRAAddonProvider(EmberProvider):
             except (ModelFilesError, ValueError, KeyError, OSError) as exc:
                 return failures + [("source", str(exc))]
         targets = references.get("deployments") if "deployments" not in unknown else None
+        addon_base = None if "base_model" in unknown else spec.base_model
         for i, name in enumerate(spec.deployments):
             facts = (targets or {}).get(name)
             if not isinstance(facts, dict) or has_unknown(facts):
                 continue
-            if "base_model" not in unknown and facts.get("base_model") != spec.base_model:
-                failures.append((f"deployments[{i}]", f"{name} serves base model {facts.get('base_model')}, not "
-                                                      f"this addon's base {spec.base_model}"))
-            max_rank = int(facts.get("max_lora_rank") or DEFAULT_MAX_LORA_RANK)
-            if rank > max_rank:
-                failures.append(("source", f"rank {rank} is above {name}'s max_lora_rank {max_rank}"))
+            max_rank = facts.get("max_lora_rank") or DeploymentSpec.model_fields["max_lora_rank"].default
+            deployment = DeploymentFacts(name, facts.get("base_model"), int(max_rank))
+            failures += [(f"deployments[{i}]" if field == "deployments" else field, message)
+                         for field, message in addon_misfits(addon_base, rank, deployment)]
         return failures
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
@@ -72,9 +72,9 @@ class LoRAAddonProvider(EmberProvider):
             record = store.read_deployment_record(parsed.account_id, parsed.resource_id)
             if record is None:
                 raise EmberError(f"deployments: {name} does not exist; create the Deployment first")
-            if record.base_model != spec.base_model:
-                raise EmberError(f"deployments: {name} serves base model {record.base_model}, not this addon's "
-                                 f"base {spec.base_model}")
+            misfits = addon_misfits(spec.base_model, None, DeploymentFacts(name, record.base_model, None))
+            if misfits:
+                raise EmberError(f"deployments: {misfits[0][1]}")
             targets.append((parsed.account_id, parsed.resource_id, record))
         if spec.serverless:
             for record in store.deployment_records():
@@ -88,10 +88,10 @@ class LoRAAddonProvider(EmberProvider):
         """Put the addon in the desired set of exactly its target deployments and wait until replicas agree."""
         store, cluster = self.store, self.cluster
         targets = self._targets(spec)
-        for account, deployment, record in targets:
-            if manifest.rank > record.max_lora_rank:
-                raise EmberError(f"source: rank {manifest.rank} is above {record.name}'s max_lora_rank "
-                                 f"{record.max_lora_rank}")
+        for _, _, record in targets:
+            for field, message in addon_misfits(None, manifest.rank, DeploymentFacts(record.name, None,
+                                                                                     record.max_lora_rank)):
+                raise EmberError(f"{field}: {message}")
         if targets:  # the addon's own account calls it with its key (a serverless tenant has no other resource)
             store.ensure_key(spec.account_id, self.config.state_dir / "keys")
         keep = {(a, d) for a, d, _ in targets}

@@ -245,8 +245,8 @@ def test_errors_only_the_program_can_see_are_one_line_too(tmp_path, capsys, monk
         Model('second', ModelArgs(account_id='acme', model_id='shared', source='s3://b/v'))""")
     code, err = offline_preview(twice, capsys)
     assert code == 1 and err.strip() == (
-        "ember preview failed: Model second: model_id: 'accounts/acme/models/shared' is declared twice in this program "
-        "(by 'first' and 'second'); model IDs are globally unique, base models and addons alike"), err
+        "ember preview failed: Model second: model_id: accounts/acme/models/shared is already declared by Model first; "
+        "model IDs are globally unique, base models and addons alike"), err
     got = write_program(tmp_path / "get", "Model.get('old', 'accounts/acme/model/x')")
     code, err = offline_preview(got, capsys)
     assert code == 1 and "Traceback" not in err, err
@@ -276,7 +276,7 @@ def test_under_the_pulumi_cli_a_bad_id_is_the_engines_field_error_and_a_clash_on
     out = stack.pulumi("preview", check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "Traceback" not in text, text
-    assert "FineTuningJob tune: output_model: 'accounts/acme/models/v1' is also declared by 'v1'" in text, text
+    assert "FineTuningJob tune: output_model: accounts/acme/models/v1 is also declared by Model v1" in text, text
 
 
 # -- 12. a fine-tuning job's output model declared again ----------------------------------------------------
@@ -288,13 +288,13 @@ CLASH = f"Model('base', ModelArgs(account_id='acme', source='s3://b/base'))\n{MO
 
 
 @pytest.mark.parametrize("body, expected", [
-    (CLASH, "FineTuningJob tune: output_model: 'accounts/acme/models/v1' is also declared by 'v1': a fine-tuning "
+    (CLASH, "FineTuningJob tune: output_model: accounts/acme/models/v1 is also declared by Model v1: a fine-tuning "
             "job writes its output model itself"),
     (f"Model('base', ModelArgs(account_id='acme', source='s3://b/base'))\n{JOB_LINE}\n{MODEL_LINE}",
-     "Model v1: model_id: 'accounts/acme/models/v1' is the output_model of FineTuningJob 'tune'"),
+     "Model v1: model_id: accounts/acme/models/v1 is the output_model of FineTuningJob tune"),
     (f"Model('base', ModelArgs(account_id='acme', source='s3://b/base'))\n{JOB_LINE}\n"
      "LoRAAddon('v1', LoRAAddonArgs(account_id='acme', base_model='accounts/acme/models/base', source='s3://b/a'))",
-     "LoRAAddon v1: model_id: 'accounts/acme/models/v1' is the output_model of FineTuningJob 'tune'"),
+     "LoRAAddon v1: model_id: accounts/acme/models/v1 is the output_model of FineTuningJob tune"),
 ], ids=["job-after-model", "model-after-job", "addon-after-job"])
 def test_a_job_whose_output_model_is_declared_again_is_refused_at_preview(tmp_path, body, expected):
     runner = OfflineRunner(write_program(tmp_path / "program", body), config=config(tmp_path), log=lambda _: None)
@@ -308,7 +308,9 @@ def test_the_stack_spec_and_the_policy_pack_refuse_it_too():
                                    "output_model": "v1"}]}
     with pytest.raises(spec.SpecError) as refused:
         spec.parse(StackSpec, stack)
-    assert ("fine_tuning_jobs[0].output_model", "'v1' is already used by models[0]") in refused.value.errors
+    assert ("fine_tuning_jobs[0].output_model", "accounts/acme/models/v1 is also declared by models[0]: a fine-tuning job "
+            "writes its output model itself (deploy it with LoRAAddonArgs(source=job) under another ID); give one of "
+            "them another ID") in refused.value.errors
     pack = [policy_resource(MODEL, "v1", account_id="acme", model_id="v1", source="s3://b/w"),
             policy_resource(JOB, "tune", account_id="acme", base_model=BASE, dataset="accounts/acme/datasets/chats",
                             output_model="v1")]
@@ -316,8 +318,8 @@ def test_the_stack_spec_and_the_policy_pack_refuse_it_too():
     unique = next(p for p in POLICIES if p.name == "ember-unique-model-ids")
     unique.validate(StackValidationArgs(pack, None), lambda message, urn=None: found.append((message, urn)))
     [(message, urn)] = found
-    assert message.startswith("FineTuningJob tune: output_model: accounts/acme/models/v1 is already declared by "
-                              "Model v1"), message
+    assert message.startswith("FineTuningJob tune: output_model: accounts/acme/models/v1 is also declared by "
+                              "Model v1: a fine-tuning job writes its output model itself"), message
     assert urn.endswith("::tune")
 
 

@@ -200,7 +200,7 @@ def test_duplicate_urns_and_ids_are_refused(program):
     run, cfg = program
     with pytest.raises(Exception, match="duplicate resource URN: this program declares two Model resources named 'base'"):
         run({"extra": [{"name": "base", "model_id": "other"}]}, preview=True)
-    with pytest.raises(Exception, match="'accounts/acme/models/pirate' is declared twice"):
+    with pytest.raises(Exception, match="accounts/acme/models/pirate is already declared by LoRAAddon pirate"):
         run({"extra": [{"name": "x", "model_id": "pirate"}]}, preview=True)
 
 

@@ -134,10 +134,10 @@ def test_references_are_known_in_a_preview_of_an_update():
 def test_duplicate_model_ids_are_refused_in_the_program(mocks):
     """Issue 12 item 4: two Models (or a Model and an addon) with one ID; the second is refused by name."""
     Model("first", ModelArgs(account_id="acme", model_id="shared", source="models/base"))
-    with pytest.raises(ValueError, match="model_id: 'accounts/acme/models/shared' is declared twice in this program "
-                                         "\\(by 'first' and 'second'\\)"):
+    with pytest.raises(ValueError, match="model_id: accounts/acme/models/shared is already declared by Model first; "
+                                         "model IDs are globally unique"):
         Model("second", ModelArgs(account_id="acme", model_id="shared", source="models/other"))
-    with pytest.raises(ValueError, match="declared twice"):
+    with pytest.raises(ValueError, match="already declared by Model first"):
         LoRAAddon("shared", LoRAAddonArgs(account_id="acme", base_model="accounts/acme/models/x", source="a"))
 
 

@@ -288,10 +288,10 @@ def test_a_consistent_stack():
     "overrides, field, fragment",
     [
         ({"deployments": [deployment(base_model="accounts/acme/models/other")]}, "addons[0].deployments[0]",
-         "serves base model 'accounts/acme/models/other', not this addon's base"),
+         "serves base model accounts/acme/models/other, not this addon's base"),
         ({"models": [{"account_id": "acme", "model_id": "pirate", "source": "w"}]}, "addons[0].model_id",
-         "'pirate' is already used by models[0]"),
-        ({"deployments": [deployment(), deployment()]}, "deployments[1].deployment_id", "'prod' is already used"),
+         "accounts/acme/models/pirate is already declared by models[0]; model IDs are globally unique"),
+        ({"deployments": [deployment(), deployment()]}, "deployments[1].deployment_id", "accounts/acme/deployments/prod is already declared by deployments[0]"),
         ({"deployments": [deployment(base_model="accounts/acme/models/pirate")]}, "deployments[0].base_model",
          "is a LoRA addon"),
     ],
