@@ -2,42 +2,39 @@
 DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs` (and `KubernetesDeployment,
 KubernetesFineTuningJob, KubernetesArgs`).
 
-The names load on first use, so importing `ember.provider.domain` (as a runtime replica does) never
-imports pulumi.
+The public names come from the one list of kinds (ember.provider.domain.kinds) and load on first use, so importing
+`ember.provider.domain` (as a runtime replica does) imports neither pulumi nor the kinds.
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import cache
 from typing import TYPE_CHECKING
 
-_PUBLIC = {
-    "Model": "ember.provider.resources",
-    "ModelArgs": "ember.provider.resources",
-    "LoRAAddon": "ember.provider.resources",
-    "LoRAAddonArgs": "ember.provider.resources",
-    "Deployment": "ember.provider.resources",
-    "DeploymentArgs": "ember.provider.resources",
-    "AutoscalingPolicyArgs": "ember.provider.resources",
-    "RequestLoggingArgs": "ember.provider.resources",
-    "Dataset": "ember.provider.resources",
-    "DatasetArgs": "ember.provider.resources",
-    "FineTuningJob": "ember.provider.resources",
-    "FineTuningJobArgs": "ember.provider.resources",
-    "KubernetesDeployment": "ember.provider.backends.kubernetes",
-    "KubernetesArgs": "ember.provider.backends.kubernetes",
-    "KubernetesFineTuningJob": "ember.provider.backends.kubernetes",
-}
-__all__ = sorted(_PUBLIC)
+KUBERNETES = ("KubernetesDeployment", "KubernetesArgs", "KubernetesFineTuningJob")
 
 if TYPE_CHECKING:
-    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment, KubernetesFineTuningJob
-    from ember.provider.resources import (AutoscalingPolicyArgs, Dataset, DatasetArgs, Deployment, DeploymentArgs,
-                                          FineTuningJob, FineTuningJobArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs,
-                                          RequestLoggingArgs)
+    from ember.provider.args import (AutoscalingPolicyArgs, DatasetArgs, DeploymentArgs, FineTuningJobArgs,
+                                     KubernetesWorkloadArgs, LoRAAddonArgs, ModelArgs, RequestLoggingArgs)
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment, KubernetesFineTuningJob
+    from ember.provider.resources import Dataset, Deployment, FineTuningJob, LoRAAddon, Model
+
+
+@cache
+def _public() -> dict[str, str]:
+    """Each public name → the module that holds it: every kind's resource and Args, the nested Args, the Kubernetes
+    components."""
+    from ember.provider.domain.kinds import KINDS
+    from ember.provider.tools.args_sdk import arg_classes
+
+    return ({kind.name: "ember.provider.resources" for kind in KINDS} | dict.fromkeys(arg_classes(), "ember.provider.args")
+            | dict.fromkeys(KUBERNETES, "ember.provider.backends.kubernetes"))
 
 
 def __getattr__(name: str):
-    if name not in _PUBLIC:
+    if name == "__all__":
+        return sorted(_public())
+    if name not in _public():
         raise AttributeError(f"module 'ember.provider' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+    return getattr(importlib.import_module(_public()[name]), name)

@@ -1,4 +1,5 @@
-"""Model, LoRAAddon, Deployment, Dataset and FineTuningJob as Pulumi resources, with typed Args as in pulumi-kubernetes' SDK.
+"""Model, LoRAAddon, Deployment, Dataset and FineTuningJob as Pulumi resources; their typed Args (args.py) are
+generated from the kinds' specs.
 
     base = Model("tiny-llama", ModelArgs(account_id="acme", source="models/tiny-llama"))
     prod = Deployment("prod", DeploymentArgs(account_id="acme", base_model=base))
@@ -16,28 +17,23 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import pulumi
 from pulumi.dynamic import Resource
 from pulumi.output import UNKNOWN
 
-from ember.provider.domain.rules import Declaration, name_clash
+from ember.provider.args import DatasetArgs, DeploymentArgs, FineTuningJobArgs, LoRAAddonArgs, ModelArgs
+from ember.provider.domain.kinds import BY_NAME
 from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
                                          parse_deployment_name, parse_model_name)
-from ember.provider.domain.kinds.dataset import DatasetOutputs
-from ember.provider.domain.kinds.deployment import DeploymentOutputs, DeploymentSpec
-from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobOutputs, FineTuningJobSpec
-from ember.provider.domain.kinds.lora_addon import LoRAAddonOutputs
-from ember.provider.domain.kinds.model import ModelOutputs
+from ember.provider.domain.rules import Declaration, name_clash
 from ember.provider.domain.spec import normalise_source
-from ember.provider.providers.dataset import DatasetProvider
-from ember.provider.providers.deployment import DeploymentProvider
-from ember.provider.providers.fine_tuning_job import FineTuningJobProvider
-from ember.provider.providers.lora_addon import LoRAAddonProvider
-from ember.provider.providers.model import ModelProvider
+
+
+MODEL, LORA_ADDON, DEPLOYMENT, DATASET, FINE_TUNING_JOB = (BY_NAME[name] for name in (
+    "Model", "LoRAAddon", "Deployment", "Dataset", "FineTuningJob"))
 
 
 class ProgramError(pulumi.RunError, ValueError):
@@ -54,95 +50,6 @@ def default_id(resource_name: str) -> str:
     """A valid ID from a Pulumi resource name: lower case, [a-z0-9-], at most 63 characters."""
     slug = re.sub(r"[^a-z0-9-]+", "-", resource_name.lower()).strip("-")[:63].strip("-")
     return slug or "resource"
-
-
-@dataclass
-class ModelArgs:
-    account_id: pulumi.Input[str]
-    model_id: pulumi.Input[str] | None = None
-    source: pulumi.Input[str] | None = None  # a local path or fsspec URL: a Hugging Face directory or a .gguf file
-    catalog_id: pulumi.Input[str] | None = None
-    display_name: pulumi.Input[str] | None = None
-    description: pulumi.Input[str] | None = None
-
-
-@dataclass
-class AutoscalingPolicyArgs:
-    scale_up_window_s: pulumi.Input[int] | None = None
-    scale_down_window_s: pulumi.Input[int] | None = None
-    scale_to_zero_window_s: pulumi.Input[int] | None = None
-    target_concurrent_requests: pulumi.Input[float] | None = None
-
-
-@dataclass
-class RequestLoggingArgs:
-    enabled: pulumi.Input[bool] = False
-    retention_days: pulumi.Input[int] | None = None
-
-
-@dataclass
-class DeploymentArgs:
-    account_id: pulumi.Input[str]
-    base_model: "pulumi.Input[str] | Model"
-    deployment_id: pulumi.Input[str] | None = None
-    deployment_type: pulumi.Input[str] | None = None  # dedicated | serverless
-    cluster: str | None = None  # local (default) | kubernetes (set by KubernetesDeployment)
-    accelerator_type: pulumi.Input[str] | None = None
-    accelerator_count: pulumi.Input[int] | None = None
-    precision: pulumi.Input[str] | None = None
-    min_replicas: pulumi.Input[int] | None = None
-    max_replicas: pulumi.Input[int] | None = None
-    autoscaling: AutoscalingPolicyArgs | None = None
-    max_loras: pulumi.Input[int] | None = None
-    max_lora_rank: pulumi.Input[int] | None = None
-    request_logging: RequestLoggingArgs | None = None
-    kubernetes_workload: pulumi.Input[dict] | None = None  # set by KubernetesDeployment
-    display_name: pulumi.Input[str] | None = None
-    description: pulumi.Input[str] | None = None
-
-
-@dataclass
-class LoRAAddonArgs:
-    account_id: pulumi.Input[str]
-    base_model: "pulumi.Input[str] | Model"
-    source: "pulumi.Input[str] | FineTuningJob"  # a PEFT directory, or the job that trains it
-    model_id: pulumi.Input[str] | None = None
-    deployments: Sequence["pulumi.Input[str] | Deployment"] = field(default_factory=list)
-    serverless: pulumi.Input[bool] = False
-    display_name: pulumi.Input[str] | None = None
-    description: pulumi.Input[str] | None = None
-
-
-@dataclass
-class DatasetArgs:
-    account_id: pulumi.Input[str]
-    source: pulumi.Input[str]  # a JSONL file of chat examples (a local path or an fsspec URL)
-    dataset_id: pulumi.Input[str] | None = None
-    display_name: pulumi.Input[str] | None = None
-    description: pulumi.Input[str] | None = None
-
-
-@dataclass
-class FineTuningJobArgs:
-    account_id: pulumi.Input[str]
-    base_model: "pulumi.Input[str] | Model"
-    dataset: "pulumi.Input[str] | Dataset"
-    output_model: pulumi.Input[str]  # the trained addon's model ID
-    job_id: pulumi.Input[str] | None = None
-    evaluation_dataset: "pulumi.Input[str] | Dataset | None" = None
-    epochs: pulumi.Input[int] | None = None
-    learning_rate: pulumi.Input[float] | None = None
-    lora_rank: pulumi.Input[int] | None = None
-    lora_alpha: pulumi.Input[float] | None = None
-    target_modules: pulumi.Input[Sequence[str]] | None = None
-    batch_size: pulumi.Input[int] | None = None
-    max_context_length: pulumi.Input[int] | None = None
-    early_stop: pulumi.Input[bool] | None = None
-    seed: pulumi.Input[int] | None = None
-    cluster: str | None = None  # local (default) | kubernetes (set by KubernetesFineTuningJob)
-    training_url: pulumi.Input[str] | None = None  # set by KubernetesFineTuningJob
-    display_name: pulumi.Input[str] | None = None
-    description: pulumi.Input[str] | None = None
 
 
 def _props(args: Any) -> dict[str, Any]:
@@ -262,7 +169,7 @@ def _get(cls, resource_name: str, id: "pulumi.Input[str]", opts: pulumi.Resource
     return resource, str(name)
 
 
-class Model(Resource, module="ember", name="Model"):
+class Model(Resource, module="ember", name=MODEL.name):
     name: pulumi.Output[str]  # accounts/<account>/models/<model_id>
     state: pulumi.Output[str]
     message: pulumi.Output[str | None]
@@ -271,7 +178,7 @@ class Model(Resource, module="ember", name="Model"):
     architecture: pulumi.Output[str]
     parameter_count: pulumi.Output[int]
 
-    _OUTPUTS = list(ModelOutputs.model_fields)  # the annotations above are pinned to them by a test
+    _OUTPUTS = list(MODEL.outputs.model_fields)  # the annotations above are pinned to them by a test
 
     def __init__(self, resource_name: str, args: ModelArgs, opts: pulumi.ResourceOptions | None = None):
         props = _props(args)
@@ -280,19 +187,19 @@ class Model(Resource, module="ember", name="Model"):
         self._source, self._catalog_id = args.source, args.catalog_id
         self.model_name = _name(model_name, args.account_id, props.get("model_id", args.catalog_id))
         _declare_model("Model", resource_name, self.model_name, {"declared": True, "source": _local(args.source)})
-        super().__init__(ModelProvider(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
+        super().__init__(MODEL.provider_class(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Model":
         """An existing model (`accounts/<a>/models/<id>`), read from the store; Deployments may then name it."""
-        model, name = _get(Model, resource_name, id, opts, ModelProvider(), "models", "model_id", Model._OUTPUTS)
+        model, name = _get(Model, resource_name, id, opts, MODEL.provider_class(), "models", "model_id", Model._OUTPUTS)
         model._source = model._catalog_id = None
         model.model_name = name
         _declare_model("Model", resource_name, name, {"declared": True, "source": None})
         return model
 
 
-class Deployment(Resource, module="ember", name="Deployment"):
+class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
     name: pulumi.Output[str]  # accounts/<account>/deployments/<deployment_id>
     state: pulumi.Output[str]
     message: pulumi.Output[str | None]
@@ -300,7 +207,7 @@ class Deployment(Resource, module="ember", name="Deployment"):
     ready_replicas: pulumi.Output[int]
     serving_digest: pulumi.Output[str | None]  # the base weights the replicas serve
 
-    _OUTPUTS = list(DeploymentOutputs.model_fields)
+    _OUTPUTS = list(DEPLOYMENT.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: DeploymentArgs, opts: pulumi.ResourceOptions | None = None):
         props, refs, depends_on = _props(args), {}, []
@@ -309,21 +216,21 @@ class Deployment(Resource, module="ember", name="Deployment"):
             props["deployment_id"] = default_id(resource_name)
         self.deployment_name = _name(deployment_name, args.account_id, props["deployment_id"])
         # what an addon on this deployment needs to know at its own check
-        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DeploymentSpec.model_fields["max_lora_rank"].default,
+        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DEPLOYMENT.spec.model_fields["max_lora_rank"].default,
                        "cluster": args.cluster or "local"}
-        super().__init__(DeploymentProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
+        super().__init__(DEPLOYMENT.provider_class(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
                          _with_dependencies(opts, depends_on))
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Deployment":
         """An existing deployment (`accounts/<a>/deployments/<id>`), read from the store."""
-        deployment, name = _get(Deployment, resource_name, id, opts, DeploymentProvider(), "deployments",
+        deployment, name = _get(Deployment, resource_name, id, opts, DEPLOYMENT.provider_class(), "deployments",
                                 "deployment_id", Deployment._OUTPUTS)
         deployment.deployment_name, deployment._facts = name, None
         return deployment
 
 
-class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
+class LoRAAddon(Resource, module="ember", name=LORA_ADDON.name):
     name: pulumi.Output[str]
     state: pulumi.Output[str]
     message: pulumi.Output[str | None]
@@ -332,14 +239,14 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
     target_modules: pulumi.Output[list[str]]
     deployed_on: pulumi.Output[list[str]]
 
-    _OUTPUTS = list(LoRAAddonOutputs.model_fields)
+    _OUTPUTS = list(LORA_ADDON.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: LoRAAddonArgs, opts: pulumi.ResourceOptions | None = None):
         props, refs, depends_on = _props(args), {}, []
         _base(props, args.base_model, refs, depends_on)
         targets = {}
         props["deployments"] = []
-        for d in args.deployments:
+        for d in args.deployments or ():
             if isinstance(d, Deployment):
                 props["deployments"].append(d.deployment_name)
                 depends_on.append(d)
@@ -356,13 +263,13 @@ class LoRAAddon(Resource, module="ember", name="LoRAAddon"):
             props["model_id"] = default_id(resource_name)
         self.model_name = _name(model_name, args.account_id, props["model_id"])
         _declare_model("LoRAAddon", resource_name, self.model_name, {"declared": True, "addon": True, "source": None})
-        super().__init__(LoRAAddonProvider(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
+        super().__init__(LORA_ADDON.provider_class(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
                          _with_dependencies(opts, depends_on))
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "LoRAAddon":
         """An existing LoRA addon (`accounts/<a>/models/<id>`), read from the store."""
-        addon, name = _get(LoRAAddon, resource_name, id, opts, LoRAAddonProvider(), "models", "model_id",
+        addon, name = _get(LoRAAddon, resource_name, id, opts, LORA_ADDON.provider_class(), "models", "model_id",
                            LoRAAddon._OUTPUTS)
         addon.model_name = name
         return addon
@@ -376,7 +283,7 @@ def _dataset(props: dict[str, Any], field: str, dataset: Any, refs: dict[str, An
         depends_on.append(dataset)
 
 
-class Dataset(Resource, module="ember", name="Dataset"):
+class Dataset(Resource, module="ember", name=DATASET.name):
     name: pulumi.Output[str]  # accounts/<account>/datasets/<dataset_id>
     state: pulumi.Output[str]
     message: pulumi.Output[str | None]
@@ -386,7 +293,7 @@ class Dataset(Resource, module="ember", name="Dataset"):
     character_count: pulumi.Output[int]
     source_digest: pulumi.Output[str | None]
 
-    _OUTPUTS = list(DatasetOutputs.model_fields)
+    _OUTPUTS = list(DATASET.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: DatasetArgs, opts: pulumi.ResourceOptions | None = None):
         props = _props(args)
@@ -394,10 +301,10 @@ class Dataset(Resource, module="ember", name="Dataset"):
             props["dataset_id"] = default_id(resource_name)
         self._source = args.source
         self.dataset_name = _name(dataset_name, args.account_id, props["dataset_id"])
-        super().__init__(DatasetProvider(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
+        super().__init__(DATASET.provider_class(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
 
 
-class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
+class FineTuningJob(Resource, module="ember", name=FINE_TUNING_JOB.name):
     name: pulumi.Output[str]  # accounts/<account>/fineTuningJobs/<job_id>
     state: pulumi.Output[str]
     message: pulumi.Output[str | None]
@@ -412,7 +319,7 @@ class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
     trained_tokens: pulumi.Output[int]
     duration_s: pulumi.Output[float]
 
-    _OUTPUTS = list(FineTuningJobOutputs.model_fields)
+    _OUTPUTS = list(FINE_TUNING_JOB.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: FineTuningJobArgs, opts: pulumi.ResourceOptions | None = None):
         props, refs, depends_on = _props(args), {}, []
@@ -426,7 +333,7 @@ class FineTuningJob(Resource, module="ember", name="FineTuningJob"):
         _declare_model("FineTuningJob", resource_name, _name(model_name, args.account_id, args.output_model),
                        {"declared": True, "addon": True, "source": None}, "output_model")
         # what an addon deployed from this job needs to know at its own check
-        rank = args.lora_rank if args.lora_rank is not None else FineTuningJobSpec.model_fields["lora_rank"].default
+        rank = args.lora_rank if args.lora_rank is not None else FINE_TUNING_JOB.spec.model_fields["lora_rank"].default
         self._facts = {"rank": rank, "base_model": props["base_model"]}
-        super().__init__(FineTuningJobProvider(), resource_name,
+        super().__init__(FINE_TUNING_JOB.provider_class(), resource_name,
                          props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))

@@ -6,15 +6,15 @@ import dataclasses
 import pulumi
 import pytest
 
-from ember.provider import resources
-from ember.provider.domain import spec
+import ember.provider
+from ember.provider import RequestLoggingArgs, resources
+from ember.provider.tools import args_sdk
 from ember.provider.domain.kinds.dataset import DatasetOutputs, DatasetSpec
 from ember.provider.domain.kinds.deployment import AutoscalingPolicy, DeploymentOutputs, DeploymentSpec, RequestLogging
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobOutputs, FineTuningJobSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonOutputs, LoRAAddonSpec
 from ember.provider.domain.kinds.model import ModelOutputs, ModelSpec
-from ember.provider.resources import (Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs,
-                                      RequestLoggingArgs, default_id)
+from ember.provider.resources import Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs, default_id
 
 
 class Recorder(pulumi.runtime.Mocks):
@@ -141,10 +141,16 @@ def test_duplicate_model_ids_are_refused_in_the_program(mocks):
         LoRAAddon("shared", LoRAAddonArgs(account_id="acme", base_model="accounts/acme/models/x", source="a"))
 
 
+def test_the_checked_in_args_are_what_the_specs_generate():
+    """Issue 29: a field is written once, in its kind's spec; args.py is generated from it (regenerate with
+    `python -m ember.provider.tools.args_sdk`)."""
+    assert args_sdk.ARGS_FILE.read_text() == args_sdk.generate(), "stale: run python -m ember.provider.tools.args_sdk"
+
+
 # The program's typed Args and the spec that validates them are two views of one resource: pinned here.
 ARGS_AND_SPECS = [(resources.ModelArgs, ModelSpec), (resources.DeploymentArgs, DeploymentSpec),
-                  (resources.LoRAAddonArgs, LoRAAddonSpec), (resources.AutoscalingPolicyArgs, AutoscalingPolicy),
-                  (resources.RequestLoggingArgs, RequestLogging), (resources.DatasetArgs, DatasetSpec),
+                  (resources.LoRAAddonArgs, LoRAAddonSpec), (ember.provider.AutoscalingPolicyArgs, AutoscalingPolicy),
+                  (ember.provider.RequestLoggingArgs, RequestLogging), (resources.DatasetArgs, DatasetSpec),
                   (resources.FineTuningJobArgs, FineTuningJobSpec)]
 
 
@@ -156,6 +162,16 @@ def test_args_have_the_fields_of_the_spec(args, spec_cls):
     required = {name for name, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     assert required == {name for name, f in spec_cls.model_fields.items() if f.is_required()}
+
+
+def test_the_public_api_is_every_kind_its_args_and_the_kubernetes_components():
+    namespace = {}
+    exec("from ember.provider import *", namespace)
+    public = {name for name in namespace if not name.startswith("__")}
+    assert public == set(ember.provider.__all__) == {
+        "Model", "ModelArgs", "LoRAAddon", "LoRAAddonArgs", "Deployment", "DeploymentArgs", "Dataset", "DatasetArgs",
+        "FineTuningJob", "FineTuningJobArgs", "AutoscalingPolicyArgs", "RequestLoggingArgs", "KubernetesWorkloadArgs",
+        "KubernetesDeployment", "KubernetesArgs", "KubernetesFineTuningJob"}
 
 
 @pytest.mark.parametrize("resource, outputs", [(resources.Model, ModelOutputs), (resources.Deployment, DeploymentOutputs),

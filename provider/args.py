@@ -1,0 +1,173 @@
+"""Typed inputs of Ember's resources, as in pulumi-kubernetes' SDK. GENERATED from the kinds' specs
+(ember.provider.domain.kinds) by ember.provider.tools.args_sdk: edit the specs, then run
+`python -m ember.provider.tools.args_sdk`. Every field may be left out but the required ones; check applies the spec's
+defaults and says what is wrong, naming the field and value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pulumi
+
+if TYPE_CHECKING:
+    from ember.provider.resources import Dataset, Deployment, FineTuningJob, Model
+
+
+@dataclass
+class ModelArgs:
+    """A base model: full weights from a Hugging Face directory, or a catalog model."""
+
+    # 1-63 characters of [a-z0-9-], not starting or ending with '-'
+    account_id: pulumi.Input[str]
+    # user-chosen; generated when omitted; a catalog model's ID is its catalog ID
+    model_id: pulumi.Input[str] | None = None
+    # HF directory (config.json, *.safetensors, tokenizer.json) or a .gguf file, converted on upload
+    source: pulumi.Input[str] | None = None
+    # a built-in catalog model
+    catalog_id: pulumi.Input[str] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class LoRAAddonArgs:
+    """A LoRA addon of one base model, deployed on that base model's deployments."""
+
+    # 1-63 characters of [a-z0-9-], not starting or ending with '-'
+    account_id: pulumi.Input[str]
+    # accounts/<ACCOUNT_ID>/models/<MODEL_ID>
+    base_model: pulumi.Input[str] | Model
+    # PEFT directory: adapter_config.json + adapter_model.safetensors
+    source: pulumi.Input[str] | FineTuningJob
+    # user-chosen; generated when omitted
+    model_id: pulumi.Input[str] | None = None
+    # dedicated deployments of the base model, in this addon's account
+    deployments: Sequence[pulumi.Input[str] | Deployment] | None = None
+    # also serve on the serverless deployments of the base model
+    serverless: pulumi.Input[bool] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class DeploymentArgs:
+    """A base model (plus its loaded addons) served on hardware."""
+
+    # 1-63 characters of [a-z0-9-], not starting or ending with '-'
+    account_id: pulumi.Input[str]
+    # accounts/<ACCOUNT_ID>/models/<MODEL_ID>
+    base_model: pulumi.Input[str] | Model
+    # user-chosen; generated when omitted
+    deployment_id: pulumi.Input[str] | None = None
+    # one of dedicated, serverless
+    deployment_type: pulumi.Input[str] | None = None
+    # local: replicas are processes on this machine; kubernetes: pods (ember.provider.KubernetesDeployment); one of
+    # local, kubernetes
+    cluster: pulumi.Input[str] | None = None
+    # one of CPU, NVIDIA_A100_80GB, NVIDIA_H100_80GB, NVIDIA_H200_141GB, AMD_MI300X_192GB
+    accelerator_type: pulumi.Input[str] | None = None
+    # accelerators per replica
+    accelerator_count: pulumi.Input[int] | None = None
+    # defaults to fp32 on CPU and bf16 on accelerators; int8 and int4 quantize the projection weights (weight-only;
+    # activations, KV cache and LoRA addons stay bf16); fp8 stores them in fp8 e4m3 and multiplies in fp8, on
+    # accelerators with FP8 only (H100, H200, MI300X); one of fp32, bf16, fp16, int8, int4, fp8
+    precision: pulumi.Input[str] | None = None
+    min_replicas: pulumi.Input[int] | None = None
+    max_replicas: pulumi.Input[int] | None = None
+    autoscaling: AutoscalingPolicyArgs | None = None
+    # addons active on the accelerator at once (more wait in host memory)
+    max_loras: pulumi.Input[int] | None = None
+    # one of 8, 16, 32, 64, 128, 256
+    max_lora_rank: pulumi.Input[int] | None = None
+    request_logging: RequestLoggingArgs | None = None
+    # cluster='kubernetes': the pods' apps/v1 Deployment, whose rollout create and update wait for
+    kubernetes_workload: KubernetesWorkloadArgs | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class DatasetArgs:
+    """A JSONL file of chat examples, uploaded content-addressed; private to its account."""
+
+    # 1-63 characters of [a-z0-9-], not starting or ending with '-'
+    account_id: pulumi.Input[str]
+    # JSONL, one {"messages": [{"role", "content"}, ...]} per line, ending with the assistant's answer
+    source: pulumi.Input[str]
+    # user-chosen; generated when omitted
+    dataset_id: pulumi.Input[str] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class FineTuningJobArgs:
+    """Supervised fine-tuning of a LoRA on a base model; its output is an addon model of that base."""
+
+    # 1-63 characters of [a-z0-9-], not starting or ending with '-'
+    account_id: pulumi.Input[str]
+    # accounts/<ACCOUNT_ID>/models/<MODEL_ID>
+    base_model: pulumi.Input[str] | Model
+    # accounts/<ACCOUNT_ID>/datasets/<DATASET_ID>
+    dataset: pulumi.Input[str] | Dataset
+    # the trained addon's model ID in this account
+    output_model: pulumi.Input[str]
+    # user-chosen; generated when omitted
+    job_id: pulumi.Input[str] | None = None
+    # its loss is reported after every epoch
+    evaluation_dataset: pulumi.Input[str] | Dataset | None = None
+    epochs: pulumi.Input[int] | None = None
+    learning_rate: pulumi.Input[float] | None = None
+    lora_rank: pulumi.Input[int] | None = None
+    # default: twice the rank
+    lora_alpha: pulumi.Input[float] | None = None
+    target_modules: Sequence[pulumi.Input[str]] | None = None
+    # examples per optimizer step
+    batch_size: pulumi.Input[int] | None = None
+    # longest example, in tokens
+    max_context_length: pulumi.Input[int] | None = None
+    # stop when the evaluation loss stops improving (needs evaluation_dataset); the best epoch's adapter is kept
+    early_stop: pulumi.Input[bool] | None = None
+    seed: pulumi.Input[int] | None = None
+    # where it trains: a child process on this machine, or a batch/v1 Job (set by KubernetesFineTuningJob); one of
+    # local, kubernetes
+    cluster: pulumi.Input[str] | None = None
+    # where the Kubernetes Job writes the adapter and its metrics (set by KubernetesFineTuningJob)
+    training_url: pulumi.Input[str] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class AutoscalingPolicyArgs:
+    # load must stay high this long before scaling up
+    scale_up_window_s: pulumi.Input[int] | None = None
+    # load must stay low this long before scaling down
+    scale_down_window_s: pulumi.Input[int] | None = None
+    # idle time before the last replica stops; needs min_replicas=0
+    scale_to_zero_window_s: pulumi.Input[int] | None = None
+    # load target per replica
+    target_concurrent_requests: pulumi.Input[float] | None = None
+
+
+@dataclass
+class KubernetesWorkloadArgs:
+    """The apps/v1 Deployment whose rollout a Kubernetes deployment waits for (set by KubernetesDeployment)."""
+
+    namespace: pulumi.Input[str]
+    name: pulumi.Input[str]
+    # a digest of its spec (pod template, replicas): a new one means a rollout to wait for
+    template_digest: pulumi.Input[str]
+    # a kubeconfig file's path; the ambient kubeconfig (KUBECONFIG, ~/.kube/config, or the pod's service account) when
+    # omitted
+    kubeconfig: pulumi.Input[str] | None = None
+
+
+@dataclass
+class RequestLoggingArgs:
+    """Prompts and outputs are never logged unless a deployment opts in, with a bounded retention."""
+
+    enabled: pulumi.Input[bool] | None = None
+    retention_days: pulumi.Input[int] | None = None
