@@ -23,7 +23,7 @@ from ember.runtime.serving.grammars import compile_grammar
 from ember.runtime.serving.protocol import APIError, ChatRequest, CompletionRequest
 from ember.runtime.serving.replica import Replica, replica_of
 from ember.runtime.serving.responses import Responses
-from ember.runtime.serving.tools import template_messages
+from ember.runtime.serving.tools import ToolUse, template_messages, tool_use
 
 router = APIRouter()
 
@@ -66,11 +66,11 @@ async def usage(request: Request, account: str | None = None, replica: Replica =
             "totals": totals}
 
 
-def _prompts(body: ChatRequest | CompletionRequest, engine: Engine) -> list[list[int]]:
-    """The request's prompts as token ids: a chat's one, or each of a completions batch."""
+def _prompts(body: ChatRequest | CompletionRequest, uses: ToolUse | None, engine: Engine) -> list[list[int]]:
+    """The request's prompts as token ids: a chat's one (with its tools' `uses`), or each of a completions batch."""
     _check_length(body, engine)
     if isinstance(body, ChatRequest):
-        tokenizer, uses = engine.tokenizer, body.tool_use()
+        tokenizer = engine.tokenizer
         takes_tools = tokenizer.template_takes_tools
         messages = template_messages(body.messages, uses, takes_tools)
         tools = uses.template_tools() if uses is not None and uses.parsed and takes_tools else None
@@ -146,19 +146,20 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     if choices > replica.config.max_queue:
         raise APIError(400, f"n: {choices} choices can never be served by this deployment, which queues at most "
                             f"{replica.config.max_queue} requests", param="n", code="invalid_parameter")
-    prompts = await asyncio.to_thread(_prompts, body, engine)  # templates and tokenizing: off the event loop
+    uses = tool_use(body) if chat else None
+    prompts = await asyncio.to_thread(_prompts, body, uses, engine)  # templates and tokenizing: off the event loop
     params = _sampling(body, max(prompts, key=len), engine.max_model_len) * len(prompts)
     # Compiled once for every choice, on a grammar worker: a schema that cannot be served is refused before
     # anything streams, and a big one holds up no other request meanwhile.
-    grammar = await compile_grammar(engine.grammars, body.grammar,
-                                    param="tools" if chat and body.tools else "response_format")
+    # a required tool call's output is the call itself; otherwise the response format's (if any)
+    source = uses.grammar if uses is not None and uses.constrained else body.grammar
+    grammar = await compile_grammar(engine.grammars, source, param="tools" if uses is not None else "response_format")
     if grammar is not None:
         params = [replace(p, grammar=grammar) for p in params]
     logged_prompt = None
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
     echoes = [engine.tokenizer.decode(p) for p in prompts for _ in range(body.n)] if not chat and body.echo else None
-    uses = body.tool_use() if chat else None
     responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
                           bool(body.stream_options and body.stream_options.include_usage), echoes,
                           uses if uses is not None and uses.parsed else None)

@@ -10,8 +10,10 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
+from jsonschema import exceptions, validators
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ember.runtime.model.grammar import json_grammar
 from ember.runtime.model.sampling import MAX_LOGPROBS, SamplingParams
 
 
@@ -79,8 +81,6 @@ def _too_big(nodes: int) -> str:
 
 def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A user's JSON Schema against its metaschema: a ValueError naming the JSON pointer of the fault."""
-    from jsonschema import exceptions, validators
-
     nodes, too_deep = _schema_size(schema)
     if too_deep:
         raise ValueError(f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep")
@@ -119,8 +119,6 @@ class ResponseFormat(_Strict):
         return self
 
     def grammar(self) -> str | None:
-        from ember.runtime.model.grammar import json_grammar
-
         if self.type == "text":
             return None
         return json_grammar(self.json_schema.schema_ if self.json_schema else None)
@@ -382,18 +380,6 @@ class ChatRequest(_Common):
         """A conversation that ends with the assistant's message asks for that message's continuation (a prefill,
         as vLLM's continue_final_message), not for a second assistant turn after it."""
         return self.messages[-1].role == "assistant"
-
-    def grammar(self) -> str | None:
-        uses = self.tool_use()
-        return uses.grammar() if uses is not None and uses.constrained else super().grammar()
-
-    def tool_use(self):
-        """The tools and their use (None without tools)."""
-        from ember.runtime.serving.tools import ToolUse
-
-        if not self.tools:
-            return None
-        return ToolUse(self.tools, self.tool_choice or "auto", self.parallel_tool_calls)
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

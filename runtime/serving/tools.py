@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 from ember.runtime.model.grammar import json_grammar
-from ember.runtime.serving.protocol import NamedToolChoice, ToolDef
+from ember.runtime.serving.protocol import ChatRequest, NamedToolChoice, ToolDef
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -83,6 +83,13 @@ class ToolUse:
                 kept = kept.replace(f"<tool_call>{block}</tool_call>", "", 1)
         content = kept.strip() if calls else text
         return (content or None), calls
+
+
+def tool_use(body: ChatRequest) -> ToolUse | None:
+    """A chat request's tools and their use (None without tools)."""
+    if not body.tools:
+        return None
+    return ToolUse(body.tools, body.tool_choice or "auto", body.parallel_tool_calls)
 
 
 def _call(found: dict) -> dict:
