@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.replica_spec import ReplicaSpec, read_replica_spec
+from ember.provider.domain.spec import Precision, SpecError, parse
 from ember.runtime.serving.limits import Limits
 
 
@@ -29,72 +30,140 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default(field: str) -> str:
+    """A ReplicaSpec field's default, for a flag's help: the flags leave it unset, so the spec's own applies."""
+    default = ReplicaSpec.model_fields[field].get_default(call_default_factory=True)
+    return f"(default {getattr(default, 'value', default)})"
+
+
+# The hand flags, each setting one ReplicaSpec field (its dest): the spec's field → the flag that sets it.
+SPEC_FLAGS = {"model": "--model-dir", "deployment": "--deployment", "base_model": "--base-model",
+              "serverless": "--serverless", "addons": "--addon", "keys": "--keys", "usage": "--usage",
+              "store": "--store", "desired_addons": "--desired-addons", "precision": "--precision",
+              "max_loras": "--max-loras", "max_lora_rank": "--max-lora-rank", "accelerator_type": "--accelerator-type",
+              "accelerator_count": "--accelerator-count", "request_log": "--request-log",
+              "retention_days": "--retention-days", "max_queue": "--max-queue", "prefix_caching": "--no-prefix-caching",
+              "max_model_len": "--max-model-len", "kv_cache_tokens": "--kv-cache-tokens",
+              "max_num_seqs": "--max-num-seqs", "device": "--device"}
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", required=True, help="the base model's Hugging Face directory")
-    p.add_argument("--deployment", required=True, help="accounts/<account>/deployments/<id>")
-    p.add_argument("--base-model", required=True, help="accounts/<account>/models/<id>: the name clients use")
-    p.add_argument("--serverless", action="store_true", help="serve every account (addons only to their owners)")
-    p.add_argument("--keys", required=True, help="API keys file (hashes), path or fsspec URL")
-    p.add_argument("--usage", required=True, help="the usage folder (path or fsspec URL; the store's usage/): this "
-                                                  "deployment's records go in <usage>/<deployment>/")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--addon", action="append", default=[], metavar="NAME=SOURCE", help="serve this addon from the start")
-    p.add_argument("--desired-addons", help="JSON {name: source} in the store, reconciled on a timer and on demand")
-    p.add_argument("--store", help="the model store's root (path or fsspec URL): the admin API loads addons by their "
-                                   "model name from its manifests")
-    p.add_argument("--reconcile-interval", type=float, default=30.0)
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
-    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
-                   help="a request body larger than this gets 413 (default %(default)s)")
-    p.add_argument("--header-timeout", type=float, default=Limits.header_timeout_s, metavar="SECONDS",
-                   help="a request head not whole within this closes its connection (default %(default)s)")
-    p.add_argument("--body-timeout", type=float, default=Limits.body_timeout_s, metavar="SECONDS",
-                   help="a request body not whole within this after its head gets 408 (default %(default)s)")
-    p.add_argument("--max-connections", type=int, default=Limits.max_connections,
-                   help="requests on connections beyond this many open ones get 503 (default %(default)s)")
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="compute every prompt in full (prefix caching reuses the K/V of shared prompt prefixes)")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--kv-cache-tokens", type=int)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "int4", "fp8"])
-    p.add_argument("--accelerator-type", default="CPU")
-    p.add_argument("--accelerator-count", type=int, default=1)
-    p.add_argument("--request-log", help="opt-in: log prompts and outputs to this file")
-    p.add_argument("--retention-days", type=int, help="how long the request log keeps entries (1-365)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=os.environ.get("EMBER_COMPILE") != "0",
-                   help="decode steps through torch.compile, compiled before the replica is ready and cached under "
-                        "EMBER_CACHE_DIR (default on; EMBER_COMPILE=0 turns it off): --no-compile runs eagerly")
+    p.add_argument("--replica-spec", metavar="FILE|URL",
+                   help="the replica's spec, a JSON ReplicaSpec (a path or fsspec URL; what the provider writes), "
+                        "instead of the flags below")
+    spec = p.add_argument_group("the replica spec by hand", "each sets one field of the spec; not with --replica-spec")
+    _add_spec_flags(spec.add_argument)
+    process = p.add_argument_group("this process")
+    process.add_argument("--host", default="127.0.0.1")
+    process.add_argument("--port", type=int, default=8000)
+    process.add_argument("--reconcile-interval", type=float, default=30.0)
+    process.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                         help="a request body larger than this gets 413 (default %(default)s)")
+    process.add_argument("--header-timeout", type=float, default=Limits.header_timeout_s, metavar="SECONDS",
+                         help="a request head not whole within this closes its connection (default %(default)s)")
+    process.add_argument("--body-timeout", type=float, default=Limits.body_timeout_s, metavar="SECONDS",
+                         help="a request body not whole within this after its head gets 408 (default %(default)s)")
+    process.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                         help="requests on connections beyond this many open ones get 503 (default %(default)s)")
+    process.add_argument("--threads", type=int, help="torch CPU threads")
+    process.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                         default=os.environ.get("EMBER_COMPILE") != "0",
+                         help="decode steps through torch.compile, compiled before the replica is ready and cached "
+                              "under EMBER_CACHE_DIR (default on; EMBER_COMPILE=0 turns it off): --no-compile runs "
+                              "eagerly")
+
+
+def _add_spec_flags(add) -> None:
+    """Every one defaults to None (not given): the ReplicaSpec's own default applies, named there once."""
+    add("--model-dir", dest="model", metavar="DIR|URL",
+        help="the base model's Hugging Face directory (a path or store URL)")
+    add("--deployment", help="accounts/<account>/deployments/<id>")
+    add("--base-model", help="accounts/<account>/models/<id>: the name clients use")
+    add("--serverless", action="store_true", default=None, help="serve every account (addons only to their owners)")
+    add("--keys", help="API keys file (hashes), path or fsspec URL")
+    add("--usage", help="the usage folder (path or fsspec URL; the store's usage/): this deployment's records go in "
+                        "<usage>/<deployment>/")
+    add("--addon", dest="addons", action="append", metavar="NAME=SOURCE", help="serve this addon from the start")
+    add("--desired-addons", help="JSON {name: source} in the store, reconciled on a timer and on demand")
+    add("--store", help="the model store's root (path or fsspec URL): the admin API loads addons by their model name "
+                        "from its manifests")
+    add("--max-queue", type=int, help=f"waiting requests beyond this get 429 {_default('max_queue')}")
+    add("--max-loras", type=int, help=f"LoRA slots on the device; 0 serves the base only {_default('max_loras')}")
+    add("--max-lora-rank", type=int, help=_default("max_lora_rank"))
+    add("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+        help="compute every prompt in full (prefix caching reuses the K/V of shared prompt prefixes)")
+    add("--max-model-len", type=int)
+    add("--kv-cache-tokens", type=int)
+    add("--max-num-seqs", type=int)
+    add("--device", help=_default("device"))
+    add("--precision", "--dtype", dest="precision", choices=[p.value for p in Precision],
+        help="default fp32 on CPU, bf16 on CUDA (--dtype: its former name)")
+    add("--accelerator-type", help=_default("accelerator_type"))
+    add("--accelerator-count", type=int, help=_default("accelerator_count"))
+    add("--request-log", help="opt-in: log prompts and outputs to this file")
+    add("--retention-days", type=int, help="how long the request log keeps entries (1-365)")
+
+
+class UsageError(ValueError):
+    """A replica spec that cannot be served, said as the person who gave it would recognise it."""
+
+
+def replica_spec_of(args: argparse.Namespace) -> ReplicaSpec:
+    """The ReplicaSpec that `serve`'s arguments give: the file's, or the one the hand flags build."""
+    given = [SPEC_FLAGS[field] for field in SPEC_FLAGS if getattr(args, field) is not None]
+    if args.replica_spec:
+        if given:
+            raise UsageError(f"{given[0]}: not with --replica-spec, whose spec sets it")
+        try:
+            return read_replica_spec(args.replica_spec)
+        except SpecError as exc:
+            raise UsageError("\n".join(f"--replica-spec {args.replica_spec}: {field or '(spec)'}: {message}"
+                                        for field, message in exc.errors)) from None
+        except OSError as exc:
+            raise UsageError(f"--replica-spec {args.replica_spec}: cannot be read: {exc}") from None
+    try:
+        return parse(ReplicaSpec, _fields_of_flags(args))
+    except SpecError as exc:
+        raise UsageError("\n".join(f"{_flag_of(field)}: {message}" for field, message in exc.errors)) from None
+
+
+def _fields_of_flags(args: argparse.Namespace) -> dict:
+    fields = {field: getattr(args, field) for field in SPEC_FLAGS if getattr(args, field) is not None}
+    if args.request_log and not args.retention_days:
+        raise UsageError("--request-log needs --retention-days")
+    retention = fields.pop("retention_days", None)  # without --request-log, nothing is logged: it keeps nothing
+    if args.request_log:
+        fields["request_log"] = {"url": args.request_log, "retention_days": retention}
+    addons = {}
+    for item in fields.pop("addons", []):
+        name, sep, source = item.partition("=")
+        if not sep:
+            raise UsageError(f"--addon {item!r}: use NAME=SOURCE")
+        addons[name] = source
+    return fields | ({"addons": addons} if addons else {})
+
+
+def _flag_of(field: str) -> str:
+    top, _, rest = field.partition(".")
+    if top == "request_log" and rest.startswith("retention_days"):
+        return SPEC_FLAGS["retention_days"]
+    return SPEC_FLAGS.get(top, field)
 
 
 def serve(args: argparse.Namespace) -> int:
+    try:
+        spec = replica_spec_of(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     import torch
     import uvicorn
 
-    from ember.provider.domain.accounts import DeploymentAccess
-    from ember.runtime.engine.engine import EngineConfig
     from ember.runtime.fetch import cache_folder
     from ember.runtime.serving.app import create_app
     from ember.runtime.serving.connections import connection_protocol
-    from ember.runtime.serving.replica import ServerConfig
+    from ember.runtime.serving.replica_config import ProcessOptions, server_config
 
-    deployment = parse_deployment_name(args.deployment)
-    parse_model_name(args.base_model)
-    if args.request_log and not args.retention_days:
-        print("--request-log needs --retention-days", file=sys.stderr)
-        return 2
-    addons = {}
-    for item in args.addon:
-        name, sep, source = item.partition("=")
-        if not sep:
-            print(f"--addon {item!r}: use NAME=SOURCE", file=sys.stderr)
-            return 2
-        addons[str(parse_model_name(name))] = source
     if args.threads:
         torch.set_num_threads(args.threads)
     # The engine thread lets go of the GIL around each torch op and takes it back after; behind a thread busy in
@@ -102,28 +171,11 @@ def serve(args: argparse.Namespace) -> int:
     # 5 ms by default, and a step of a hundred ops stalls every stream for half a second. At 0.5 ms it stays
     # tens of milliseconds (tests/test_hardening_grammar.py measures it).
     sys.setswitchinterval(0.0005)
-    config = ServerConfig(
-        model_dir=args.model_dir,
-        deployment=DeploymentAccess(args.deployment, deployment.account_id, args.base_model, args.serverless),
-        keys_url=args.keys,
-        usage_url=args.usage,
-        engine=EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                            kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
-                            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                            prefix_caching=args.prefix_caching, compile=args.compile,
-                            compile_cache=cache_folder() / "compile"),
-        max_queue=args.max_queue,
+    process = ProcessOptions(
         limits=Limits(max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                       body_timeout_s=args.body_timeout, max_connections=args.max_connections),
-        addons=addons,
-        desired_addons_url=args.desired_addons,
-        store_url=args.store,
-        reconcile_interval_s=args.reconcile_interval,
-        request_log_url=args.request_log,
-        retention_days=args.retention_days,
-        accelerator_type=args.accelerator_type,
-        accelerator_count=args.accelerator_count,
-    )
+        reconcile_interval_s=args.reconcile_interval, compile=args.compile, compile_cache=cache_folder() / "compile")
+    config = server_config(spec, process)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
                 http=connection_protocol(config.limits))

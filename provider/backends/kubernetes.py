@@ -34,8 +34,8 @@ from dataclasses import dataclass, field, replace
 import pulumi
 import pulumi_kubernetes as k8s
 
-from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.replica_spec import replica_spec, serve_command
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.spec import AcceleratorType, parse
@@ -114,6 +114,8 @@ POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fs
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
 SCRATCH = {"cache": "/var/cache/ember", "logs": "/var/log/ember", "tmp": "/tmp", "shm": "/dev/shm"}
+# The ReplicaSpec, from a ConfigMap: a read-only file, as the root filesystem is.
+REPLICA_SPEC_DIR, REPLICA_SPEC_FILE = "/etc/ember", "replica.json"
 # Endpoints stop routing to a stopping pod a moment after it is marked terminating; the pre-stop wait covers
 # that moment so no new request reaches a replica that has begun to drain.
 PRE_STOP_S = 10
@@ -125,13 +127,20 @@ def writable_volumes(names: Sequence[str]) -> tuple[list[dict], list[dict]]:
     return volumes, [{"name": name, "mountPath": SCRATCH[name]} for name in names]
 
 
-def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[list[str]], secret_name) -> dict:
+def replica_spec_volume(config_map_name: pulumi.Input[str]) -> tuple[dict, dict]:
+    """(pod volume, container mount) of the ReplicaSpec's ConfigMap."""
+    return ({"name": "replica-spec", "configMap": {"name": config_map_name}},
+            {"name": "replica-spec", "mountPath": REPLICA_SPEC_DIR, "readOnly": True})
+
+
+def container(spec: DeploymentSpec, cluster: KubernetesArgs, secret_name, spec_mount: dict) -> dict:
     probe = {"httpGet": {"path": "/health", "port": RUNTIME_PORT}, "periodSeconds": 10, "timeoutSeconds": 5}
     return {
         "name": "runtime",
         "image": cluster.image,
         "command": ["python", "-m", "ember.runtime"],
-        "args": args,
+        "args": serve_command(f"{REPLICA_SPEC_DIR}/{REPLICA_SPEC_FILE}") + ["--host", "0.0.0.0", "--port",
+                                                                            str(RUNTIME_PORT)],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
         "envFrom": [{"secretRef": {"name": secret_name}}],
         "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
@@ -142,16 +151,17 @@ def container(spec: DeploymentSpec, cluster: KubernetesArgs, args: pulumi.Input[
         "livenessProbe": {**probe, "failureThreshold": 6},
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
         "securityContext": CONTAINER_SECURITY,
-        "volumeMounts": writable_volumes(list(SCRATCH))[1],
+        "volumeMounts": writable_volumes(list(SCRATCH))[1] + [spec_mount],
     }
 
 
 def workload_spec(spec: DeploymentSpec, cluster: KubernetesArgs, selector: dict, pod_labels: dict,
-                  runtime: dict) -> dict:
-    """The apps/v1 Deployment's spec: one pod template of the runtime, on nodes of the accelerator type."""
+                  runtime: dict, spec_volume: dict, spec_digest: pulumi.Input[str]) -> dict:
+    """The apps/v1 Deployment's spec: one pod template of the runtime, on nodes of the accelerator type. The
+    replica spec's digest is in the template, so a new spec rolls the pods (a changed ConfigMap alone would not)."""
     pod_spec = {
         "containers": [runtime],
-        "volumes": writable_volumes(list(SCRATCH))[0],
+        "volumes": writable_volumes(list(SCRATCH))[0] + [spec_volume],
         "securityContext": POD_SECURITY,
         "automountServiceAccountToken": False,  # the runtime never talks to the API server
         "terminationGracePeriodSeconds": PRE_STOP_S + cluster.drain_s,
@@ -159,7 +169,8 @@ def workload_spec(spec: DeploymentSpec, cluster: KubernetesArgs, selector: dict,
     workload = {
         "selector": {"matchLabels": selector},
         "template": {"metadata": {"labels": pod_labels, "annotations": {
-            "ember.dev/accelerator": f"{spec.accelerator_count}x{spec.accelerator_type.value}"}}, "spec": pod_spec},
+            "ember.dev/accelerator": f"{spec.accelerator_count}x{spec.accelerator_type.value}",
+            "ember.dev/replica-spec": spec_digest}}, "spec": pod_spec},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
     }
     if not spec.max_replicas > spec.min_replicas:
@@ -229,9 +240,10 @@ class KubernetesDeployment(pulumi.ComponentResource):
         else:
             base_name = args.base_model
             model_url = store.catalog(parse_model_name(args.base_model).resource_id)
-        runtime_args = pulumi.Output.all(model_url, base_name).apply(lambda values: serve_arguments(
-            spec, values[0], values[1], store, "/var/log/ember/requests.jsonl")
-            + ["--host", "0.0.0.0", "--port", str(RUNTIME_PORT)])
+        # The base model's name and object are known once the Model exists; the rest of the spec is `spec`'s.
+        replica_json = pulumi.Output.all(model_url, base_name).apply(lambda values: replica_spec(
+            spec.model_copy(update={"base_model": values[1]}), values[0], store,
+            "/var/log/ember/requests.jsonl").to_json())
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
         pod_labels = labels(spec, base_name)
         name = f"ember-{spec.account_id}-{spec.deployment_id}"[:63].rstrip("-")
@@ -239,8 +251,12 @@ class KubernetesDeployment(pulumi.ComponentResource):
         selector = {"ember.dev/account": spec.account_id, "ember.dev/deployment": spec.deployment_id}
 
         secret = store_secret(resource_name, metadata, cluster, child)
-        runtime = container(spec, cluster, runtime_args, secret.metadata["name"])
-        template = workload_spec(spec, cluster, selector, pod_labels, runtime)
+        config_map = k8s.core.v1.ConfigMap(f"{resource_name}-replica", metadata={
+            **metadata, "name": f"{metadata['name']}-replica"}, data={REPLICA_SPEC_FILE: replica_json}, opts=child)
+        spec_volume, spec_mount = replica_spec_volume(config_map.metadata["name"])
+        runtime = container(spec, cluster, secret.metadata["name"], spec_mount)
+        template = workload_spec(spec, cluster, selector, pod_labels, runtime, spec_volume,
+                                 replica_json.apply(digest_of))
         # The Ember Deployment waits for the rollout (pulumi-kubernetes does not: its wait cannot say why pods
         # are not scheduled), and is READY once Kubernetes runs the replicas. Pods started before it read an
         # empty addon set until it is registered.

@@ -51,7 +51,7 @@ class ReplicaSpec(_Frozen):
     addons: dict[ModelName, str] = Field(default_factory=dict, description="served from the start: name → source")
     # where in the store it reads and writes
     keys: str = Field(min_length=1, description="the API keys file (hashes)")
-    usage: str = Field(min_length=1, description="the usage folder: this deployment's records go in <usage>/<deployment>/")
+    usage: str = Field(min_length=1, description="the usage folder: the records go in <usage>/<deployment>/")
     store: str | None = Field(None, description="the store's root: the admin API finds addons there by model name")
     desired_addons: str | None = Field(None, description="JSON {name: source}, reconciled on a timer and on demand")
     # on what, and how

@@ -10,9 +10,9 @@ from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 from ember.provider.backends.kubernetes_rollout import RolloutError, wait_for_rollout
 from ember.provider.backends.local_cluster import ClusterError, LocalCluster
 from ember.provider.backends.records import DeploymentRecord
-from ember.provider.backends.runtime_command import serve_arguments
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.names import parse_deployment_name
+from ember.provider.domain.replica_spec import replica_spec, serve_command, write_replica_spec
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.spec import DeploymentState, DeploymentType
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress
@@ -63,9 +63,10 @@ class DeploymentProvider(EmberProvider):
                     "ready_replicas": ready, "serving_digest": base.digest}
         request_log = self.config.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
         request_log.parent.mkdir(parents=True, exist_ok=True)
-        command = serve_arguments(spec, str(store.local_path(base.object)), spec.base_model, store.urls,
-                                  str(request_log))
-        cluster.scale(spec, command, key)
+        spec_file = self.config.state_dir / "replica-specs" / spec.account_id / f"{spec.deployment_id}.json"
+        write_replica_spec(replica_spec(spec, str(store.local_path(base.object)), store.urls, str(request_log)),
+                           spec_file)
+        cluster.scale(spec, serve_command(str(spec_file)), key)
         # The desired addon set outlives a replacement of the deployment (the addons own it): the new replicas
         # load it as they start, and the deployment is ready only once they serve all of it.
         desired = set(store.desired_addons(spec.account_id, spec.deployment_id))

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_model(args)
     if args.precisions:
         return _print_and_save_precisions(model_dir, args)
-    config = EngineConfig(device=args.device, dtype=args.dtype, max_loras=16 if args.lora else 0,
+    config = EngineConfig(device=args.device, precision=args.dtype, max_loras=16 if args.lora else 0,
                           max_lora_rank=args.lora_rank, compile=args.compile)
     progress(f"loading {model_dir}")
     engine = Engine.from_dir(model_dir, config)

@@ -107,7 +107,7 @@ def precision_report(model_dir, work, precisions: list[str], base: EngineConfig,
     rows, reference = [], None
     for precision in precisions:
         progress(f"{precision}: loading")
-        engine = Engine.from_dir(model_dir, replace(base, dtype=precision))
+        engine = Engine.from_dir(model_dir, replace(base, precision=precision))
         progress(f"{precision}: perplexity, batch-1 decode, then the workload")
         ppl = perplexity(engine, text)
         decode = statistics.median(decode_tokens_per_s(engine, work.prompts[0]) for _ in range(3))

@@ -55,7 +55,7 @@ def check_logits(root: Path, device: str = "cuda") -> dict:
     from transformers import AutoModelForCausalLM  # a reference (a dev dependency), as in the tests
 
     directory = tinymodels.make_model(root / "tiny", "small", seed=11, init_std=0.1)
-    engine = Engine.from_dir(directory, EngineConfig(device=device, dtype="bf16", kv_cache_tokens=8192))
+    engine = Engine.from_dir(directory, EngineConfig(device=device, precision="bf16", kv_cache_tokens=8192))
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
     tokens = list(range(20, 220))
     with torch.no_grad():
@@ -83,7 +83,7 @@ def check_lora(root: Path, device: str = "cuda") -> dict:
     adapters = {f"accounts/acme/models/a{i}": tinymodels.make_lora(directory, root / f"lora{i}", seed=i + 1,
                                                                   init_std=0.1, rank=8, target_modules=modules[: 2 + 2 * i])
                 for i in range(3)}
-    engine = Engine.from_dir(directory, EngineConfig(device=device, dtype="bf16", kv_cache_tokens=8192, max_loras=4,
+    engine = Engine.from_dir(directory, EngineConfig(device=device, precision="bf16", kv_cache_tokens=8192, max_loras=4,
                                                      max_lora_rank=8))
     for name, path in adapters.items():
         engine.lora.add(name, path)
@@ -111,7 +111,7 @@ def check_compiled(root: Path, device: str = "cuda") -> dict:
     # In fp32, where the fused kernels' different rounding (bf16 intermediates kept in fp32) cannot flip
     # near-tied tokens: greedy must be identical.
     directory = root / "tiny"
-    config = dict(device=device, dtype="fp32", kv_cache_tokens=8192, max_num_seqs=16)
+    config = dict(device=device, precision="fp32", kv_cache_tokens=8192, max_num_seqs=16)
     eager = Engine.from_dir(directory, EngineConfig(**config))
     compiled = Engine.from_dir(directory, EngineConfig(**config, compile=True))
     prompts = [list(range(30 + 5 * i, 60 + 13 * i)) for i in range(12)]
@@ -154,7 +154,7 @@ def bench_8b(root: Path) -> dict:
     runs = [("bf16 eager", "bf16", False), ("bf16 compiled", "bf16", True)] + ([("fp8 compiled", "fp8", True)] if has_fp8 else [])
     for label, dtype, compiled in runs:
         progress(f"{label}: loading" + (" and compiling" if compiled else ""))
-        engine = Engine.from_dir(directory, EngineConfig(device="cuda", dtype=dtype, max_num_seqs=64,
+        engine = Engine.from_dir(directory, EngineConfig(device="cuda", precision=dtype, max_num_seqs=64,
                                                          max_num_batched_tokens=8192, compile=compiled))
         vocab = engine.model.config.vocab_size
         report[label] = decode_figures(engine, vocab, tb_s)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ember.provider.domain.model_files import ModelFilesError
+from ember.provider.domain.replica_spec import DEFAULT_MAX_LORA_RANK
 from ember.runtime.engine.compiled_step import CompiledDecode, use_cache_folder
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.engine.model_runner import ModelRunner
@@ -34,14 +35,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # "auto" picks CUDA when present
-    dtype: str | None = None  # fp32 | bf16 | fp16 | int8 | int4 | fp8; default fp32 on CPU, bf16 on CUDA
+    precision: str | None = None  # fp32 | bf16 | fp16 | int8 | int4 | fp8; default fp32 on CPU, bf16 on CUDA
     max_model_len: int | None = None  # prompt + output tokens; default the model's, at most 8192
     block_size: int = 16
     kv_cache_tokens: int | None = None  # default: 1 GiB of cache on CPU, half the free memory on CUDA
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_loras: int = 0  # LoRA slots on the device; 0 serves the base model only
-    max_lora_rank: int = 64
+    # 0, the base model only, for an engine built in code (a test, a benchmark); a replica takes its spec's, which
+    # defaults to a deployment's DEFAULT_MAX_LORAS.
+    max_loras: int = 0
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 x max_loras, at least 32)
     prefix_caching: bool = True  # requests reuse the K/V of prompt prefixes already computed
     compile: bool = False  # decode steps through torch.compile (compiled_step.py); eager when False
@@ -115,9 +118,9 @@ class Engine:
     @classmethod
     def from_dir(cls, directory: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
         device = config.resolved_device()
-        dtype_name = config.dtype or ("fp32" if device.type == "cpu" else "bf16")
+        dtype_name = config.precision or ("fp32" if device.type == "cpu" else "bf16")
         if dtype_name not in (*DTYPES, *QUANTIZED):
-            raise ModelFilesError(f"dtype {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
+            raise ModelFilesError(f"precision {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
         # Quantized precisions: projection weights in int8, int4 or fp8, everything else (activations,
         # KV cache, embeddings, LoRA addons) in bf16.
         weights = load_model(directory, DTYPES.get(dtype_name, torch.bfloat16), device)

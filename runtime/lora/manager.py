@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ember.provider.domain.replica_spec import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 from ember.runtime.fetch import local_copy
 from ember.runtime.lora.adapters import AdapterError, LoRAAdapter, load_adapter
 from ember.runtime.lora.slots import DeviceSlots
@@ -20,8 +21,9 @@ from ember.runtime.model.config import ModelConfig
 
 
 class LoRAManager:
-    def __init__(self, config: ModelConfig, *, max_loras: int = 8, max_rank: int = 64, max_cpu_loras: int | None = None,
-                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, max_loras: int = DEFAULT_MAX_LORAS, max_rank: int = DEFAULT_MAX_LORA_RANK,
+                 max_cpu_loras: int | None = None, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32):
         self.config, self.max_rank = config, max_rank
         self.max_cpu_loras = max_cpu_loras or max(4 * max_loras, 32)
         self.device_slots = DeviceSlots(config, max_loras, max_rank, device, dtype)

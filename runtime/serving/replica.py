@@ -13,6 +13,7 @@ from fastapi import Request
 
 from ember.provider.domain.accounts import Accounts, DeploymentAccess, foreign_model_refusal, is_catalog_name
 from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.replica_spec import DEFAULT_MAX_QUEUE
 from ember.provider.domain.spec import ModelKind
 from ember.provider.domain.store_layout import StoreLayout
 from ember.provider.domain.usage import Meter
@@ -35,7 +36,7 @@ class ServerConfig:
     keys_url: str
     usage_url: str
     engine: EngineConfig = field(default_factory=EngineConfig)
-    max_queue: int = 64
+    max_queue: int = DEFAULT_MAX_QUEUE
     limits: Limits = field(default_factory=Limits)  # what one client may take: body size, timeouts, connections
     addons: dict[str, str] = field(default_factory=dict)  # served from the start: name → source
     desired_addons_url: str | None = None  # a JSON {name: source} in the store; reconciled on a timer and on demand

@@ -98,7 +98,7 @@ def cluster():
 
 def test_the_example_declares_its_objects(cluster):
     kinds = sorted(o["kind"] for o in cluster.objects.values())
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "PodDisruptionBudget", "Secret",
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "PodDisruptionBudget", "Secret",
                      "Secret", "Service"]
 
 
@@ -114,12 +114,35 @@ def test_gpus_nodes_probes_and_labels(cluster):
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels["ember.dev/account"] == "quickstart" and labels["ember.dev/deployment"] == "smollm2-gpu"
     assert labels["ember.dev/model"] == "smollm2-135m-instruct"
-    args = container["args"]
-    assert args[args.index("--model-dir") + 1] == "s3://ember-models/store/objects/" + "ab" * 32
-    assert args[args.index("--desired-addons") + 1].endswith("/deployments/quickstart/smollm2-gpu/addons.json")
     hpa = cluster.objects["HorizontalPodAutoscaler/smollm2-gpu-hpa"]["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3) and "replicas" not in deployment["spec"]
     assert cluster.ember["smollm2-gpu"]["cluster"] == "kubernetes"
+
+
+def test_the_runtime_serves_the_replica_spec_of_a_config_map(cluster):
+    from ember.provider.backends.kubernetes import digest_of
+    from ember.provider.domain.replica_spec import ReplicaSpec
+
+    template = cluster.objects["Deployment/smollm2-gpu"]["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    assert container["args"] == ["serve", "--replica-spec", "/etc/ember/replica.json", "--host", "0.0.0.0",
+                                 "--port", "8000"]
+    config_map = cluster.objects["ConfigMap/smollm2-gpu-replica"]
+    text = config_map["data"]["replica.json"]
+    spec = ReplicaSpec.model_validate_json(text)
+    assert spec.model == "s3://ember-models/store/objects/" + "ab" * 32  # the Model's object
+    assert spec.base_model == "accounts/quickstart/models/smollm2-135m-instruct"
+    assert spec.deployment == "accounts/quickstart/deployments/smollm2-gpu"
+    assert spec.desired_addons.endswith("/deployments/quickstart/smollm2-gpu/addons.json")
+    assert (spec.keys, spec.store) == ("s3://ember-models/store/keys.json", "s3://ember-models/store")
+    assert (spec.precision.value, spec.max_loras, spec.accelerator_type.value) == ("bf16", 8, "NVIDIA_H100_80GB")
+    # mounted read-only beside the scratch volumes; the root filesystem stays read-only
+    volume = next(v for v in template["spec"]["volumes"] if v["name"] == "replica-spec")
+    assert volume == {"name": "replica-spec", "configMap": {"name": config_map["metadata"]["name"]}}
+    assert {"name": "replica-spec", "mountPath": "/etc/ember", "readOnly": True} in container["volumeMounts"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    # the spec's digest is in the pod template: a new spec rolls the pods and is a rollout the Ember Deployment waits for
+    assert template["metadata"]["annotations"]["ember.dev/replica-spec"] == digest_of(text)
 
 
 def test_no_secret_value_in_plain_manifests(cluster):
@@ -142,8 +165,8 @@ def test_changes_touch_only_the_objects_that_should(cluster):
     assert fixed.objects["Deployment/smollm2-gpu"]["spec"]["replicas"] == 2
     gpus = run_example({"acceleratorType": "NVIDIA_A100_80GB"})
     changed = {k for k in cluster.objects if cluster.objects[k] != gpus.objects[k]}
-    # new pods, and the training Job on the new type too; the Service, PDB and HPA stay
-    assert changed == {"Deployment/smollm2-gpu", "Job/smollm2-pirate-sft"}
+    # a new replica spec and new pods, and the training Job on the new type too; the Service, PDB and HPA stay
+    assert changed == {"ConfigMap/smollm2-gpu-replica", "Deployment/smollm2-gpu", "Job/smollm2-pirate-sft"}
     template = gpus.objects["Deployment/smollm2-gpu"]["spec"]["template"]
     assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert cluster.objects["Service/smollm2-gpu-service"] == gpus.objects["Service/smollm2-gpu-service"]

@@ -120,7 +120,7 @@ def test_compiled_decode_in_int8_stays_within_rounding_of_eager(base):
     """The same kernels, but the compiler may round the activations' row scaling differently from eager
     (a reciprocal multiplied rather than a division), so int8 roundings, and near-tied greedy tokens, can
     differ: the log-probabilities are compared, within a few int8 steps."""
-    eager, compiled = engines(base, dtype="int8")
+    eager, compiled = engines(base, precision="int8")
     assert_same_logprobs(eager, compiled, atol=0.05)
     assert compiled.runner.compiled.steps >= 3
 
