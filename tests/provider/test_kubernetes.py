@@ -184,7 +184,7 @@ def test_amd_and_cpu_pods():
 
 def test_scale_to_zero_is_refused_on_kubernetes():
     from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
-    from ember.provider.resources import AutoscalingPolicyArgs, DeploymentArgs
+    from ember.provider.args import AutoscalingPolicyArgs, DeploymentArgs
 
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_mocks(Cluster(), project="p", stack="s", preview=False)
