@@ -29,7 +29,7 @@ def _public() -> dict[str, str]:
     from ember.provider.tools.args_sdk import arg_classes
 
     return ({kind.name: "ember.provider.resources" for kind in KINDS} | dict.fromkeys(arg_classes(), "ember.provider.args")
-            | dict.fromkeys(KUBERNETES, "ember.provider.backends.kubernetes"))
+            | dict.fromkeys(KUBERNETES, "ember.provider.kubernetes"))
 
 
 def __getattr__(name: str):

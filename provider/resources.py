@@ -52,13 +52,13 @@ def default_id(resource_name: str) -> str:
     return slug or "resource"
 
 
-def _props(args: Any) -> dict[str, Any]:
+def props_of(args: Any) -> dict[str, Any]:
     """A dataclass of inputs as a property dict (no deep copy: inputs may be Outputs)."""
     props = {}
     for f in fields(args):
         value = getattr(args, f.name)
         if value is not None:
-            props[f.name] = _props(value) if is_dataclass(value) else value
+            props[f.name] = props_of(value) if is_dataclass(value) else value
     return props
 
 
@@ -181,7 +181,7 @@ class Model(Resource, module="ember", name=MODEL.name):
     _OUTPUTS = list(MODEL.outputs.model_fields)  # the annotations above are pinned to them by a test
 
     def __init__(self, resource_name: str, args: ModelArgs, opts: pulumi.ResourceOptions | None = None):
-        props = _props(args)
+        props = props_of(args)
         if args.model_id is None and args.catalog_id is None:
             props["model_id"] = default_id(resource_name)
         self._source, self._catalog_id = args.source, args.catalog_id
@@ -210,7 +210,7 @@ class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
     _OUTPUTS = list(DEPLOYMENT.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: DeploymentArgs, opts: pulumi.ResourceOptions | None = None):
-        props, refs, depends_on = _props(args), {}, []
+        props, refs, depends_on = props_of(args), {}, []
         _base(props, args.base_model, refs, depends_on)
         if args.deployment_id is None:
             props["deployment_id"] = default_id(resource_name)
@@ -242,7 +242,7 @@ class LoRAAddon(Resource, module="ember", name=LORA_ADDON.name):
     _OUTPUTS = list(LORA_ADDON.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: LoRAAddonArgs, opts: pulumi.ResourceOptions | None = None):
-        props, refs, depends_on = _props(args), {}, []
+        props, refs, depends_on = props_of(args), {}, []
         _base(props, args.base_model, refs, depends_on)
         targets = {}
         props["deployments"] = []
@@ -296,7 +296,7 @@ class Dataset(Resource, module="ember", name=DATASET.name):
     _OUTPUTS = list(DATASET.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: DatasetArgs, opts: pulumi.ResourceOptions | None = None):
-        props = _props(args)
+        props = props_of(args)
         if args.dataset_id is None:
             props["dataset_id"] = default_id(resource_name)
         self._source = args.source
@@ -322,7 +322,7 @@ class FineTuningJob(Resource, module="ember", name=FINE_TUNING_JOB.name):
     _OUTPUTS = list(FINE_TUNING_JOB.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: FineTuningJobArgs, opts: pulumi.ResourceOptions | None = None):
-        props, refs, depends_on = _props(args), {}, []
+        props, refs, depends_on = props_of(args), {}, []
         _base(props, args.base_model, refs, depends_on)
         _dataset(props, "dataset", args.dataset, refs, depends_on)
         _dataset(props, "evaluation_dataset", args.evaluation_dataset, refs, depends_on)

@@ -1,9 +1,10 @@
-"""The local cluster (the embedded default): a deployment's replicas are runtime processes on this machine.
+"""The local cluster (the embedded default): a deployment's replicas are runtime processes on this machine, and a
+fine-tuning job trains in a child process.
 
-Each replica is `python -m ember.runtime serve` on a free loopback port, detached from the provider (its
-own session, its log in the state directory), recorded in `<state>/replicas/<account>/<deployment>.json`.
-Nothing restarts a replica behind the user's back: a dead one shows up in `read` as drift and the next
-`up` starts it again.
+Each replica is `python -m ember.runtime serve --replica-spec <state>/replica-specs/<account>/<deployment>.json` on a
+free loopback port, detached from the provider (its own session, its log in the state directory), recorded in
+`<state>/replicas/<account>/<deployment>.json`. Nothing restarts a replica behind the user's back: a dead one shows up
+in `read` as drift and the next `up` starts it again.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.provider.backends.cluster import Cluster, ClusterError, ReplicaStatus
+from ember.provider.backends.local_training import TrainingError, run_training, training_job
 from ember.provider.backends.processes import alive
+from ember.provider.backends.records import BaseModelManifest
+from ember.provider.backends.store import Store
 from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.replica_spec import replica_spec, serve_command, write_replica_spec
 from ember.provider.domain.spec import AcceleratorType
-
-
-class ClusterError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,9 @@ def http_json(url: str, method: str = "GET", key: str | None = None, timeout: fl
         return json.loads(response.read())
 
 
-class LocalCluster:
-    def __init__(self, state_dir: Path, ready_timeout_s: float, progress: Callable[[str], None] = lambda _: None):
-        self.state_dir = Path(state_dir)
-        self.ready_timeout_s = ready_timeout_s
-        self.progress = progress
-
+class LocalCluster(Cluster):
+    name = "local"
+    restarts_replicas = False
     def _record(self, account: str, deployment: str) -> Path:
         return self.state_dir / "replicas" / account / f"{deployment}.json"
 
@@ -80,16 +79,12 @@ class LocalCluster:
         tmp.write_text(json.dumps([r.__dict__ for r in replicas]))
         tmp.replace(path)
 
-    @staticmethod
-    def check_supported(spec: DeploymentSpec) -> None:
+    @classmethod
+    def check_supported(cls, spec: DeploymentSpec) -> None:
         if spec.accelerator_type is not AcceleratorType.CPU:
             raise ClusterError(f"accelerator_type: the local cluster runs CPU replicas only, not "
                                f"{spec.accelerator_type.value}; use the Kubernetes backend for GPUs")
 
-    @staticmethod
-    def replica_count(spec: DeploymentSpec) -> int:
-        # No autoscaler runs locally: the floor of the range is served, and at least one replica.
-        return max(spec.min_replicas, 1)
 
     def health(self, replica: ReplicaProcess) -> dict | None:
         if not alive(replica.pid):
@@ -99,8 +94,18 @@ class LocalCluster:
         except (urllib.error.URLError, OSError, ValueError):
             return None
 
-    def scale(self, spec: DeploymentSpec, command: list[str], key: str) -> list[ReplicaProcess]:
-        """Start or stop replicas until `replica_count(spec)` healthy ones run; existing ones are kept."""
+    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store, key: str) -> ReplicaStatus:
+        """Write the replica spec, then start or stop replicas until `replica_count(spec)` healthy ones run; existing
+        ones are kept (a changed spec replaces the deployment, so they serve the same one)."""
+        request_log = self.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
+        request_log.parent.mkdir(parents=True, exist_ok=True)
+        spec_file = self.state_dir / "replica-specs" / spec.account_id / f"{spec.deployment_id}.json"
+        write_replica_spec(replica_spec(spec, str(store.local_path(base.object)), store.urls, str(request_log)),
+                           spec_file)
+        self._run(spec, serve_command(str(spec_file)))
+        return self.status(spec.account_id, spec.deployment_id)
+
+    def _run(self, spec: DeploymentSpec, command: list[str]) -> None:
         account, deployment = spec.account_id, spec.deployment_id
         replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
         wanted = self.replica_count(spec)
@@ -119,9 +124,7 @@ class LocalCluster:
                 self._stop(replica)
             self._save(account, deployment, replicas)
             raise
-        replicas += started
-        self._save(account, deployment, replicas)
-        return replicas
+        self._save(account, deployment, replicas + started)
 
     def _ports(self, account: str, deployment: str) -> Path:
         # Kept when replicas stop: a restarted or replaced deployment keeps its endpoints.
@@ -197,7 +200,7 @@ class LocalCluster:
         except ChildProcessError:
             pass
 
-    def stop_all(self, account: str, deployment: str) -> None:
+    def stop(self, account: str, deployment: str) -> None:
         for replica in self.replicas(account, deployment):
             self._stop(replica)
         self._record(account, deployment).unlink(missing_ok=True)
@@ -208,6 +211,7 @@ class LocalCluster:
         `wanted` was refused."""
         deadline = time.monotonic() + self.ready_timeout_s
         for replica in self.replicas(account, deployment):
+            self.progress(f"asking the replica on port {replica.port} of {account}/{deployment} to reconcile its addons")
             while True:
                 try:
                     result = http_json(f"{replica.url}/admin/reconcile", method="POST", key=key, timeout=30)
@@ -225,12 +229,10 @@ class LocalCluster:
                 raise ClusterError(f"replica on port {replica.port} serves {sorted(served)}; wanted "
                                    f"{sorted(wanted)} and not {sorted(unwanted)}")
 
-    def status(self, account: str, deployment: str, key: str | None = None) -> tuple[list[str], int, set[str]]:
-        """(endpoints, ready replicas, addons loaded on every ready replica). Which addons a replica serves is the
-        owner's to ask (`key`, the deployment account's); without it none are reported."""
+    def status(self, account: str, deployment: str, key: str | None = None) -> ReplicaStatus:
         healthy = [r for r in self.replicas(account, deployment) if (h := self.health(r)) and h.get("status") == "ready"]
-        loaded = set.intersection(*(self._served(r, key) for r in healthy)) if healthy and key else set()
-        return [r.url for r in healthy], len(healthy), loaded
+        serving = set.intersection(*(self._served(r, key) for r in healthy)) if healthy and key else set()
+        return ReplicaStatus(tuple(r.url for r in healthy), len(healthy), frozenset(serving))
 
     @staticmethod
     def _served(replica: ReplicaProcess, key: str) -> set[str]:
@@ -238,3 +240,11 @@ class LocalCluster:
             return set(http_json(f"{replica.url}/admin/adapters", key=key, timeout=5.0).get("served", []))
         except (urllib.error.URLError, OSError, ValueError):
             return set()
+
+    def train(self, spec: FineTuningJobSpec, base: BaseModelManifest, store: Store, workdir: Path,
+              adapter: Path) -> dict:
+        self.progress(f"{spec.name}: fine-tuning {spec.base_model} on {spec.dataset}")
+        try:
+            return run_training(training_job(spec, base, store, adapter), workdir, self.progress)
+        except TrainingError as exc:
+            raise ClusterError(f"{spec.name}: training failed: {exc}") from None

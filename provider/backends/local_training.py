@@ -14,9 +14,37 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ember.provider.backends.cluster import ClusterError
+from ember.provider.backends.records import BaseModelManifest, DatasetRecord
+from ember.provider.backends.store import Store
+from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.names import parse_dataset_name
+from ember.provider.domain.store_layout import DATASET_FILE
+
 
 class TrainingError(RuntimeError):
     pass
+
+
+def training_job(spec: FineTuningJobSpec, base: BaseModelManifest, store: Store, output_dir: Path) -> dict:
+    """The training process's settings (runtime.training.trainer.TrainingJob): the base and the datasets as files of
+    this machine's store."""
+    return {"base_model": spec.base_model, "base_dir": str(store.local_path(base.object)),
+            "dataset": _dataset_file(store, spec.dataset, "dataset"),
+            "evaluation_dataset": (_dataset_file(store, spec.evaluation_dataset, "evaluation_dataset")
+                                   if spec.evaluation_dataset else None),
+            "output_dir": str(output_dir), "epochs": spec.epochs, "learning_rate": spec.learning_rate,
+            "lora_rank": spec.lora_rank, "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
+            "batch_size": spec.batch_size, "max_context_length": spec.max_context_length,
+            "early_stop": spec.early_stop, "seed": spec.seed}
+
+
+def _dataset_file(store: Store, name: str, field: str) -> str:
+    parsed = parse_dataset_name(name)
+    record: DatasetRecord | None = store.read_dataset_record(parsed.account_id, parsed.resource_id)
+    if record is None:
+        raise ClusterError(f"{field}: {name} is not in the store; declare it as a Dataset first")
+    return str(store.local_path(record.object) / DATASET_FILE)
 
 
 def run_training(job: dict, workdir: Path, progress: Callable[[str], None]) -> dict:

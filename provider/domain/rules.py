@@ -80,3 +80,8 @@ def base_model_refusal(base_model: str, is_addon: bool, declared: bool | None) -
         return (f"{base_model} is neither a catalog model nor a Model declared in this program; declare it before "
                 f"its users (or adopt it with Model.get)")
     return None
+
+
+def dataset_refusal(dataset: str, declared: bool | None) -> str | None:
+    """Why a fine-tuning job cannot train on `dataset`: in a program, it is not a Dataset declared there."""
+    return f"{dataset} is not a Dataset declared in this program" if declared is False else None

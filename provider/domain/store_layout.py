@@ -7,7 +7,7 @@ Layout under the store root:
     models/<account>/<model_id>.json            its manifest: kind, digest, architecture, parameters …
     deployments/<account>/<deployment>/addons.json   {addon name: object URL}: what replicas must serve
     deployments/<account>/<deployment>/deployment.json   its record: base model, max_lora_rank, cluster …
-    datasets/<account>/<dataset_id>.json        a dataset's record: digest of its object, example counts
+    datasets/<account>/<dataset_id>.json        a dataset's record: digest of its object (holding DATASET_FILE), counts
     fine-tuning-jobs/<account>/<job_id>.json    a finished job's record: the addon it trained, its metrics
     fine-tuning-runs/<account>/<job_id>/<key>/  what a Kubernetes training pod wrote: adapter/, result.json
     catalog/<model_id>/...                      catalog weights an operator put there
@@ -15,6 +15,8 @@ Layout under the store root:
 """
 
 from __future__ import annotations
+
+DATASET_FILE = "dataset.jsonl"  # the one file of a dataset's object
 
 
 class StoreLayout:

@@ -28,6 +28,7 @@ from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.names import deployment_name, model_name, parse_model_name
 from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, name_clashes
 from ember.provider.domain.spec import AcceleratorType, parse_known
+from ember.provider.tools.cost import Resource, estimate
 
 MODEL, DEPLOYMENT, ADDON, JOB = (BY_NAME[k].type_token for k in ("Model", "Deployment", "LoRAAddon", "FineTuningJob"))
 SPECS = {kind.type_token: kind.spec for kind in KINDS}
@@ -292,8 +293,6 @@ def _serverless_addons(args: StackValidationArgs, report: ReportViolation) -> No
 
 
 def _monthly_budget(args: StackValidationArgs, report: ReportViolation) -> None:
-    from ember.provider.tools.cost import Resource, estimate
-
     config = args.get_config()
     maximum, judged_at = config.get("maximum", 50000), config.get("judgeAt", "max_replicas")
     deployments = [Resource("Deployment", d.name, inputs(DEPLOYMENT, d.props)) for d in _of_type(args, DEPLOYMENT)]

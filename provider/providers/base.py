@@ -23,6 +23,8 @@ from pulumi.dynamic import CheckFailure, CheckResult, ConfigureRequest, DiffResu
 from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
+from ember.provider.backends.cluster import Cluster
+from ember.provider.backends.kubernetes_cluster import KubernetesCluster
 from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.processes import abandoned, owner
 from ember.provider.backends.records import BaseModelManifest
@@ -37,6 +39,7 @@ from ember.provider.domain.spec import ModelState, parse, parse_known
 from ember.provider.providers import diff_rules
 
 PROVIDER_KEY = "__provider"
+CLUSTERS: dict[str, type[Cluster]] = {cls.name: cls for cls in (LocalCluster, KubernetesCluster)}
 # Facts a resource carries about the resources it references (base model, target deployments), computed by
 # the program from their inputs: a dynamic provider's check sees one resource, and these let it refuse at
 # preview what create would refuse. Diff ignores them.
@@ -126,9 +129,9 @@ class EmberProvider(ResourceProvider):
             if abandoned(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
 
-    @property
-    def cluster(self) -> LocalCluster:
-        return LocalCluster(self.config.state_dir, self.config.ready_timeout_s, progress)
+    def cluster_of(self, name: str) -> Cluster:
+        """The cluster a resource's `cluster` input names."""
+        return CLUSTERS[name](self.config.state_dir, self.config.ready_timeout_s, progress)
 
     # -- check -------------------------------------------------------------------------------------------
 

@@ -13,9 +13,8 @@ from ember.provider.domain.datasets import DatasetError, parse_dataset_bytes, re
 from ember.provider.domain.names import parse_dataset_name
 from ember.provider.domain.kinds.dataset import DatasetSpec
 from ember.provider.domain.spec import ModelState
+from ember.provider.domain.store_layout import DATASET_FILE
 from ember.provider.providers.base import EmberError, EmberProvider, progress
-
-DATASET_FILE = "dataset.jsonl"  # the one file of a dataset's object
 
 
 class DatasetProvider(EmberProvider):

@@ -1,6 +1,6 @@
 """The FineTuningJob provider: trains a LoRA on a base model and a dataset, and stores it as an addon model.
 
-create runs the training on the local cluster (a child process), uploads the PEFT adapter content-addressed,
+create trains on the job's cluster (a child process locally; on Kubernetes it collects what the Job wrote), uploads the PEFT adapter content-addressed,
 writes the output model's manifest (an addon of the base) and the job's record with its metrics, and meters
 the tokens trained. Every input decides the adapter, so any change replaces the job (a new adapter); the
 same inputs and seed give the same digest. A failed run leaves nothing in the store.
@@ -8,23 +8,20 @@ same inputs and seed give the same digest. A failed run leaves nothing in the st
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
-import fsspec
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
-from ember.provider.backends.local_training import TrainingError, run_training
-from ember.provider.backends.records import AddonManifest, BaseModelManifest, DatasetRecord, FineTuningJobRecord
-from ember.provider.backends.store import Store, StoreError
-from ember.provider.domain.names import parse_dataset_name, parse_fine_tuning_job_name, parse_model_name
+from ember.provider.backends.cluster import ClusterError
+from ember.provider.backends.records import AddonManifest, BaseModelManifest, FineTuningJobRecord
+from ember.provider.backends.store import StoreError
+from ember.provider.domain.names import parse_fine_tuning_job_name, parse_model_name
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.rules import dataset_refusal
 from ember.provider.domain.spec import JobState
 from ember.provider.domain.usage import record_training
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, progress
-from ember.provider.providers.dataset import DATASET_FILE
 
 
 class FineTuningJobProvider(EmberProvider):
@@ -35,27 +32,11 @@ class FineTuningJobProvider(EmberProvider):
         failures = self._base_failures(spec.base_model, unknown, references)
         for field in ("dataset", "evaluation_dataset"):
             facts = references.get(field)
-            if field not in unknown and isinstance(facts, dict) and facts.get("declared") is False:
-                failures.append((field, f"{getattr(spec, field)} is not a Dataset declared in this program"))
+            refusal = None if field in unknown or not isinstance(facts, dict) else \
+                dataset_refusal(getattr(spec, field), facts.get("declared"))
+            if refusal:
+                failures.append((field, refusal))
         return failures
-
-    def _dataset_file(self, store: Store, name: str, field: str) -> str:
-        parsed = parse_dataset_name(name)
-        record: DatasetRecord | None = store.read_dataset_record(parsed.account_id, parsed.resource_id)
-        if record is None:
-            raise EmberError(f"{field}: {name} is not in the store; declare it as a Dataset first")
-        return str(store.local_path(record.object) / DATASET_FILE)
-
-    def _job(self, spec: FineTuningJobSpec, base: BaseModelManifest, store: Store, output_dir: Path) -> dict:
-        """The training process's settings (runtime.training.trainer.TrainingJob)."""
-        return {"base_model": spec.base_model, "base_dir": str(store.local_path(base.object)),
-                "dataset": self._dataset_file(store, spec.dataset, "dataset"),
-                "evaluation_dataset": (self._dataset_file(store, spec.evaluation_dataset, "evaluation_dataset")
-                                       if spec.evaluation_dataset else None),
-                "output_dir": str(output_dir), "epochs": spec.epochs, "learning_rate": spec.learning_rate,
-                "lora_rank": spec.lora_rank, "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
-                "batch_size": spec.batch_size, "max_context_length": spec.max_context_length,
-                "early_stop": spec.early_stop, "seed": spec.seed}
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         spec: FineTuningJobSpec = self._spec(props)
@@ -69,28 +50,12 @@ class FineTuningJobProvider(EmberProvider):
         base = base_manifest(store, spec.base_model, spec.account_id)
         with self.scratch() as tmp:
             adapter = tmp / "adapter"
-            if spec.cluster == "kubernetes":
-                result = self._trained_in_cluster(spec, adapter)
-            else:
-                progress(f"{spec.name}: fine-tuning {spec.base_model} on {spec.dataset}")
-                try:
-                    result = run_training(self._job(spec, base, store, adapter), tmp, progress)
-                except TrainingError as exc:
-                    raise EmberError(f"{spec.name}: training failed: {exc}") from None
+            try:
+                result = self.cluster_of(spec.cluster).train(spec, base, store, tmp, adapter)
+            except ClusterError as exc:
+                raise EmberError(str(exc)) from None
             digest, _ = store.put_directory(adapter, progress)
         return CreateResult(spec.name, props | self._record(spec, base, digest, result, props))
-
-    @staticmethod
-    def _trained_in_cluster(spec: FineTuningJobSpec, adapter: Path) -> dict:
-        """The metrics and adapter a KubernetesFineTuningJob's pod wrote (pulumi-kubernetes waited for the Job)."""
-        fs, root = fsspec.core.url_to_fs(spec.training_url)
-        if not fs.exists(f"{root}/result.json"):
-            raise EmberError(f"training_url: the Kubernetes Job wrote no result to {spec.training_url} (it failed or "
-                             f"was cut short: see its pod's log)")
-        adapter.mkdir(parents=True)
-        for path in fs.ls(f"{root}/adapter", detail=False):
-            fs.get_file(path, str(adapter / Path(path).name))
-        return json.loads(fs.cat_file(f"{root}/result.json"))
 
     def _record(self, spec: FineTuningJobSpec, base: BaseModelManifest, digest: str, result: dict,
                 props: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
-from ember.provider.backends.local_cluster import ClusterError
+from ember.provider.backends.cluster import ClusterError
 from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain import file_kinds
@@ -86,7 +86,7 @@ class LoRAAddonProvider(EmberProvider):
     def _apply(self, spec: LoRAAddonSpec, manifest: AddonManifest, previous: list[tuple[str, str, DeploymentRecord]]
                ) -> list[str]:
         """Put the addon in the desired set of exactly its target deployments and wait until replicas agree."""
-        store, cluster = self.store, self.cluster
+        store = self.store
         targets = self._targets(spec)
         for _, _, record in targets:
             for field, message in addon_misfits(None, manifest.rank, DeploymentFacts(record.name, None,
@@ -100,19 +100,19 @@ class LoRAAddonProvider(EmberProvider):
                 self._withdraw(spec.name, account, deployment)
         for account, deployment, record in targets:
             store.change_desired_addons(account, deployment, lambda d: d.__setitem__(spec.name, manifest.object))
-            if record.cluster == "kubernetes":
-                continue  # pods poll the desired set in the store
             key = store.ensure_key(account, self.config.state_dir / "keys")
-            progress(f"loading {spec.name} on {record.name}")
-            cluster.reconcile_addons(account, deployment, key, {spec.name}, set())
+            self.cluster_of(record.cluster).reconcile_addons(account, deployment, key, {spec.name}, set())
         return sorted(record.name for _, _, record in targets)
 
     def _withdraw(self, name: str, account: str, deployment: str) -> None:
         store = self.store
         store.change_desired_addons(account, deployment, lambda d: d.pop(name, None))
+        record = store.read_deployment_record(account, deployment)
+        if record is None:
+            return  # the deployment is gone, and its replicas with it
         try:
-            self.cluster.reconcile_addons(account, deployment, store.ensure_key(account, self.config.state_dir / "keys"),
-                                          set(), {name})
+            self.cluster_of(record.cluster).reconcile_addons(
+                account, deployment, store.ensure_key(account, self.config.state_dir / "keys"), set(), {name})
         except ClusterError as exc:
             progress(f"could not unload {name} from {account}/{deployment}: {exc}")
 
@@ -180,8 +180,7 @@ class LoRAAddonProvider(EmberProvider):
         deployed = []
         for account, deployment, record in self._safe_targets(spec):
             key = self.store.local_key(account, self.config.state_dir / "keys")
-            _, ready, loaded = self.cluster.status(account, deployment, key)
-            if record.cluster == "kubernetes" or (ready and spec.name in loaded):
+            if self.cluster_of(record.cluster).status(account, deployment, key).serves(spec.name):
                 deployed.append(record.name)
         return ReadResult(spec.name, props | self._outputs(manifest, sorted(deployed)), props if by_id else None)
 

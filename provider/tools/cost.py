@@ -20,6 +20,7 @@ from ember.provider.domain.names import EMBER_TYPE_PREFIX, parse_model_name
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.spec import AcceleratorType
+from ember.provider.providers.base import has_unknown
 from ember.provider.tools.billing import DEFAULT_PRICES, PriceTable
 
 HOURS_PER_MONTH = 730
@@ -56,8 +57,6 @@ class CostEstimate:
 
 
 def _known(value: Any) -> bool:
-    from ember.provider.providers.base import has_unknown
-
     return value is not None and not has_unknown(value)
 
 

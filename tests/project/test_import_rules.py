@@ -1,6 +1,8 @@
 """The import rules that keep the two halves apart (see the README's "What is here").
 
 - `ember.provider.domain` is pure: it imports neither pulumi nor torch, nor any other part of Ember.
+- `ember.provider.backends` (the store and the clusters the providers call) imports only the domain and itself:
+  never the resources, the providers, the Kubernetes components or the tools above it.
 - The runtime imports nothing of the provider but the domain, and importing any runtime module never
   loads pulumi (the runtime image runs without it).
 - Importing any provider module never loads torch (a preview must not pay for it); only the tools that
@@ -59,6 +61,11 @@ def _violations(folder: str, allowed, top_level_only: bool) -> list[str]:
 
 def test_the_domain_imports_no_other_part_of_ember():
     assert _violations("provider/domain", lambda m: m.startswith("ember.provider.domain."), top_level_only=False) == []
+
+
+def test_the_backends_import_only_the_domain_and_themselves():
+    allowed = ("ember.provider.domain.", "ember.provider.backends.")
+    assert _violations("provider/backends", lambda m: m.startswith(allowed), top_level_only=False) == []
 
 
 def test_the_runtime_imports_only_the_domain_of_the_provider():

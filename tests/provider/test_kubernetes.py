@@ -120,7 +120,7 @@ def test_gpus_nodes_probes_and_labels(cluster):
 
 
 def test_the_runtime_serves_the_replica_spec_of_a_config_map(cluster):
-    from ember.provider.backends.kubernetes import digest_of
+    from ember.provider.kubernetes import digest_of
     from ember.provider.domain.replica_spec import ReplicaSpec
 
     template = cluster.objects["Deployment/smollm2-gpu"]["spec"]["template"]
@@ -183,7 +183,7 @@ def test_amd_and_cpu_pods():
 
 
 def test_scale_to_zero_is_refused_on_kubernetes():
-    from ember.provider.backends.kubernetes import KubernetesArgs, KubernetesDeployment
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
     from ember.provider.args import AutoscalingPolicyArgs, DeploymentArgs
 
     asyncio.set_event_loop(asyncio.new_event_loop())

@@ -1,4 +1,5 @@
-"""The Kubernetes cluster backend: an Ember deployment as pulumi-kubernetes resources.
+"""Ember's resources on Kubernetes: an Ember deployment (or fine-tuning job) as pulumi-kubernetes resources, beside the
+Ember resource that registers it (the providers then call backends/kubernetes_cluster.py, which waits for them).
 
 `KubernetesDeployment` is a component whose children `pulumi preview` shows: a `Secret` with the store
 credentials, an apps/v1 `Deployment` of the runtime image (GPU requests and limits from the accelerator count,
@@ -39,10 +40,9 @@ from ember.provider.domain.replica_spec import replica_spec, serve_command
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.spec import AcceleratorType, parse
-from ember.provider.domain.store_layout import StoreLayout
-from ember.provider.providers.dataset import DATASET_FILE
+from ember.provider.domain.store_layout import DATASET_FILE, StoreLayout
 from ember.provider.resources import (Dataset, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Model,
-                                      _props, default_id)
+                                      default_id, props_of)
 
 RUNTIME_PORT = 8000
 
@@ -230,7 +230,7 @@ class KubernetesDeployment(pulumi.ComponentResource):
         super().__init__("ember:kubernetes:Deployment", resource_name, None, opts)
         args = replace(args, cluster="kubernetes", deployment_id=args.deployment_id or default_id(resource_name))
         from_resource = isinstance(args.base_model, Model)
-        plain = _props(args) | {"base_model": PLACEHOLDER_BASE if from_resource else args.base_model}
+        plain = props_of(args) | {"base_model": PLACEHOLDER_BASE if from_resource else args.base_model}
         # Validated here with the plain values, so a bad spec fails `pulumi preview` before any object is planned.
         spec = parse(DeploymentSpec, {k: v for k, v in plain.items() if k in DeploymentSpec.model_fields})
         store = StoreLayout(cluster.store_url)
@@ -295,7 +295,7 @@ class KubernetesFineTuningJob(pulumi.ComponentResource):
                              "(its pod reads them from the store by their digest)")
         accelerator = AcceleratorType(accelerator_type)
         job_id = args.job_id or default_id(resource_name)
-        plain = _props(replace(args, job_id=job_id, cluster="kubernetes", training_url="placeholder")) | {
+        plain = props_of(replace(args, job_id=job_id, cluster="kubernetes", training_url="placeholder")) | {
             "base_model": PLACEHOLDER_BASE if isinstance(args.base_model, Model) else args.base_model,
             "dataset": f"accounts/{args.account_id}/datasets/placeholder"}
         plain.pop("evaluation_dataset", None)
