@@ -292,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--refresh", action="store_true",
                            help="refresh first, as `pulumi up --refresh` (restarts replicas that died, reloads addons)")
         p.set_defaults(run=_stack_command)
+    _add_report_commands(sub)
+    _add_runtime_commands(sub)
+    return parser
 
+
+def _add_report_commands(sub) -> None:
+    """What a stack costs: charged (from usage records) and estimated (from a preview)."""
     p = sub.add_parser("usage", help="what each account is charged, per period, from the store's usage records")
     p.add_argument("program", type=Path, nargs="?", default=Path("."),
                    help="a Pulumi program directory (its store is read; see --store)")
@@ -314,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="the offline runner's state, even with the Pulumi CLI")
     p.set_defaults(run=_cost)
 
+
+def _add_runtime_commands(sub) -> None:
+    """The runtime's commands, and the model tools beside it."""
     p = sub.add_parser("serve", help="run a runtime replica: one deployment over the OpenAI API")
     from ember.runtime.__main__ import add_serve_arguments  # argparse only: no torch until it runs
 
@@ -342,7 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_tiny_lora)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
