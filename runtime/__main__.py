@@ -169,7 +169,7 @@ def serve(args: argparse.Namespace) -> int:
     # The engine thread lets go of the GIL around each torch op and takes it back after; behind a thread busy in
     # Python (validating a big request body, building a grammar) each take-back waits out a whole switch interval,
     # 5 ms by default, and a step of a hundred ops stalls every stream for half a second. At 0.5 ms it stays
-    # tens of milliseconds (tests/test_hardening_grammar.py measures it).
+    # tens of milliseconds (tests/runtime/test_hardening_grammar.py measures it).
     sys.setswitchinterval(0.0005)
     process = ProcessOptions(
         limits=Limits(max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,

@@ -8,7 +8,7 @@ the two could differ: a preview hands back the inputs as a dynamic resource's ou
 refresh unless asked, two resources with one URN are refused, resources are deleted dependents first,
 `protect`, `retain_on_delete`, `ignore_changes`, `delete_before_replace`, `depends_on` and `Resource.get`
 mean what they mean to the engine, and `import_` fails as it does under the engine. Each resource's state is
-saved the moment it changes, so an interrupted run converges when run again. tests/test_pulumi_engine.py
+saved the moment it changes, so an interrupted run converges when run again. tests/engine/test_pulumi_engine.py
 runs programs through both and requires the same steps.
 """
 
