@@ -26,7 +26,7 @@ from ember.runtime.model.grammar import CompiledGrammar, Grammars
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.quantized import QUANTIZED, quantize_projections
-from ember.runtime.model.sampling import SamplingParams, TokenLogprob
+from ember.runtime.model.sampling import LogitBias, SamplingParams, TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,6 +80,15 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+
+
+class ContextLengthExceeded(ValueError):
+    """A request that does not fit the model's context: `param` names the field that overflows it (prompt or
+    max_tokens), `detail` says by how much. The server answers it as OpenAI's context_length_exceeded."""
+
+    def __init__(self, param: str, detail: str):
+        super().__init__(f"{param}: {detail}")
+        self.param, self.detail = param, detail
 
 
 class Engine:
@@ -141,6 +150,21 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------
 
+    def room(self, prompt_tokens: int, max_tokens: int | None = None) -> int:
+        """The output tokens a request of `prompt_tokens` gets: `max_tokens` if given, else all the context leaves;
+        ContextLengthExceeded when that does not fit. The one context check: add_request makes it for every
+        request, and the server makes it beforehand to answer a 400 before anything streams."""
+        context = self.max_model_len
+        if prompt_tokens >= context:
+            raise ContextLengthExceeded("prompt", f"the prompt is {prompt_tokens} tokens; this model's context is "
+                                                  f"{context}")
+        if max_tokens is None:
+            return context - prompt_tokens
+        if prompt_tokens + max_tokens > context:
+            raise ContextLengthExceeded("max_tokens", f"the prompt's {prompt_tokens} tokens plus max_tokens "
+                                                      f"{max_tokens} exceed this model's context of {context} tokens")
+        return max_tokens
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     adapter: str | None = None, cache_salt: str = "") -> str:
         """Queue a request; raises ValueError (naming the field, never the text) if it cannot be served.
@@ -155,11 +179,7 @@ class Engine:
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
         if adapter is not None and self.lora is None:
             raise ValueError(f"model: {adapter!r} is an addon, and this deployment serves no addons")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceed "
-                f"the model's context of {self.max_model_len} tokens"
-            )
+        self.room(len(prompt_ids), params.max_tokens)
         if params.grammar is not None and not isinstance(params.grammar, CompiledGrammar):
             # compiling here would hold up every other request's step: Engine.grammars.compile it beforehand
             raise ValueError("grammar: must be compiled (Engine.grammars.compile) before the request is added")
@@ -167,6 +187,7 @@ class Engine:
         if adapter is not None:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
         seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher,
+                       logit_bias=LogitBias.of(params.logit_bias, self.device),
                        cache_namespace=self._cache_namespace(adapter, cache_salt))
         self.requests[request_id] = seq
         self.output.add(seq)

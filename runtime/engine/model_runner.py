@@ -39,7 +39,8 @@ class ModelRunner:
         if not sampled:
             return []
         params = [s.params for s in sampled]
-        logits = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in sampled], self.stop_token_ids)
+        logits = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in sampled],
+                                [s.logit_bias for s in sampled], self.stop_token_ids)
         logits = constrain(logits, [(i, self.grammars.allowed(s.matcher)) for i, s in enumerate(sampled) if s.matcher])
         tokens, logprobs = sample(logits, params, [s.generator for s in sampled])
         for seq, token in zip(sampled, tokens):

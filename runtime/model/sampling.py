@@ -5,6 +5,9 @@ Each request owns a torch.Generator and draws exactly one uniform number per tok
 request produces the same tokens whatever else shares its batch. The logits processors run per row, only on
 the rows of requests that ask for them, in vLLM's order: logit bias, min_tokens, penalties; logprobs are of
 the processed logits, before temperature.
+
+SamplingParams are trusted: the server's request models (serving/protocol.py) validate every value a client
+sends before building them, and library callers (the benchmarks, the tests) are the runtime's own code.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ MAX_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's sampling, as validated at the edge; the engine does not check it again."""
+
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -39,33 +44,6 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
     grammar: CompiledGrammar | None = None  # what the output must follow (structured outputs), compiled beforehand
 
-    def __post_init__(self):
-        def bad(name: str, rule: str):
-            raise ValueError(f"{name}: {getattr(self, name)!r} is invalid: {rule}")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer of at least 1")
-        if not 0 <= self.temperature <= 2:
-            bad("temperature", "must be between 0 and 2")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an integer of at least 0 (0 means no limit)")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                bad(name, "must be between -2 and 2")
-        if not 0 < self.repetition_penalty <= 2:
-            bad("repetition_penalty", "must be in (0, 2]")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            bad("min_tokens", "must be an integer between 0 and max_tokens")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop: every stop string must be a non-empty string")
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -74,6 +52,23 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
                     or self.logit_bias or self.min_tokens)
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """A request's logit_bias in the form a step adds it: its token ids and their biases, on the engine's device.
+    Built once when the request is added (Sequence.logit_bias), not again at every step."""
+
+    token_ids: torch.Tensor  # [n] long
+    biases: torch.Tensor  # [n] float32, as the logits are
+
+    @classmethod
+    def of(cls, pairs: tuple[tuple[int, float], ...], device: torch.device) -> "LogitBias | None":
+        if not pairs:
+            return None
+        ids, biases = zip(*pairs)
+        return cls(torch.tensor(ids, dtype=torch.long, device=device),
+                   torch.tensor(biases, dtype=torch.float32, device=device))
 
 
 @dataclass(frozen=True)
@@ -93,19 +88,18 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
-                   stop_token_ids: set[int]) -> torch.Tensor:
+                   biases: list[LogitBias | None], stop_token_ids: set[int]) -> torch.Tensor:
     """Each row's logits with its request's processors applied: `histories` are the (prompt, output) tokens of each
-    row's request, `stop_token_ids` the model's end tokens."""
+    row's request, `biases` its logit_bias (built once per request), `stop_token_ids` the model's end tokens."""
     if not any(p.processes_logits for p in params):
         return logits
     logits = logits.clone()  # the forward pass's output is an inference-mode tensor: not changed in place
     for i, p in enumerate(params):
         if not p.processes_logits:
             continue
-        row, (prompt, output) = logits[i], histories[i]
-        if p.logit_bias:
-            ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device)
-            row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=row.device, dtype=row.dtype))
+        row, (prompt, output), bias = logits[i], histories[i], biases[i]
+        if bias is not None:
+            row.index_add_(0, bias.token_ids, bias.biases)
         if len(output) < p.min_tokens:
             ends = (set() if p.ignore_eos else set(stop_token_ids)) | set(p.stop_token_ids)
             if ends:

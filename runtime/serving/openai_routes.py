@@ -13,7 +13,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ember.runtime.engine.engine import Engine
+from ember.runtime.engine.engine import ContextLengthExceeded, Engine
 from ember.runtime.model.sampling import SamplingParams
 from ember.runtime.serving.accounting import Accounting
 from ember.runtime.serving.async_engine import Overloaded
@@ -115,22 +115,18 @@ def _check_token_ids(param: str, ids, engine: Engine) -> None:
                        code="invalid_parameter")
 
 
-def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], context: int) -> list[SamplingParams]:
-    """Each choice's sampling parameters, once the (longest) prompt and max_tokens are known to fit the context."""
+def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], engine: Engine) -> list[SamplingParams]:
+    """Each choice's sampling parameters, once the (longest) prompt and max_tokens are known to fit the context
+    (the engine's check, made here so that a request that does not fit is a 400 before anything streams)."""
     chat = isinstance(body, ChatRequest)
     requested = (body.max_completion_tokens or body.max_tokens) if chat else (body.max_tokens or 16)
-    if len(prompt_ids) >= context:
-        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {context}",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
-    max_tokens = requested or context - len(prompt_ids)
-    if len(prompt_ids) + max_tokens > context:
-        raise APIError(400, f"the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceed this "
-                            f"model's context of {context} tokens", param="max_tokens", code="context_length_exceeded")
-    logprobs = body.wanted_logprobs() if chat else body.logprobs
     try:
-        return [body.sampling(max_tokens, logprobs, i) for i in range(body.n)]
-    except ValueError as exc:
-        raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
+        max_tokens = engine.room(len(prompt_ids), requested)
+    except ContextLengthExceeded as exc:
+        param = ("messages" if chat else "prompt") if exc.param == "prompt" else exc.param
+        raise APIError(400, exc.detail, param=param, code="context_length_exceeded") from None
+    logprobs = body.wanted_logprobs() if chat else body.logprobs
+    return [body.sampling(max_tokens, logprobs, i) for i in range(body.n)]
 
 
 async def _serve(request: Request, replica: Replica, chat: bool):
@@ -148,7 +144,7 @@ async def _serve(request: Request, replica: Replica, chat: bool):
                             f"{replica.config.max_queue} requests", param="n", code="invalid_parameter")
     uses = tool_use(body) if chat else None
     prompts = await asyncio.to_thread(_prompts, body, uses, engine)  # templates and tokenizing: off the event loop
-    params = _sampling(body, max(prompts, key=len), engine.max_model_len) * len(prompts)
+    params = _sampling(body, max(prompts, key=len), engine) * len(prompts)
     # Compiled once for every choice, on a grammar worker: a schema that cannot be served is refused before
     # anything streams, and a big one holds up no other request meanwhile.
     # a required tool call's output is the call itself; otherwise the response format's (if any)

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible wire format: request bodies (validated) and the error envelope.
+"""The OpenAI-compatible wire format: request bodies and the error envelope. Each rule on a client's value that
+does not depend on the model is checked here, once; the engine trusts the SamplingParams built from them (the
+vocabulary and the context are the model's: openai_routes and Engine.room check those).
 
 Validation errors name the parameter and the rule, never echo the prompt or messages, so an error body or
 log line cannot leak request text.
@@ -226,7 +228,8 @@ class _Common(_Strict):
         return stops
 
     def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
-        """A choice's parameters; its grammar (compiled once for all choices, off the event loop) is added after."""
+        """A choice's parameters, from values this model has validated (SamplingParams checks none of them again);
+        its grammar (compiled once for all choices, off the event loop) is added after."""
         # With n > 1, each choice gets its own seed so the choices differ but stay reproducible.
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -1,6 +1,7 @@
 """Every request field is applied or refused: the logits processors against a reference computation, and the
 server's strict parsing through the official openai client."""
 
+import json
 import math
 
 import httpx
@@ -9,7 +10,9 @@ import pytest
 import torch
 from tests.runtime.server_helpers import BASE, PIRATE, metrics_text, start
 
-from ember.runtime.model.sampling import SamplingParams, process_logits
+from ember.runtime.model.sampling import LogitBias, SamplingParams, process_logits
+from ember.runtime.serving.bodies import _parse
+from ember.runtime.serving.protocol import APIError, CompletionRequest
 
 
 def reference(logits: list[float], p: SamplingParams, prompt: list[int], output: list[int], ends: set[int]) -> list[float]:
@@ -41,9 +44,21 @@ def test_each_processor_matches_its_reference(params):
     plain = SamplingParams()
     mixed = [params, plain, params]  # a free request between two that process: its row is untouched
     expected = [reference(row.tolist(), p, *h, ends={0}) for row, p, h in zip(logits, mixed, histories)]
-    got = process_logits(logits.clone(), mixed, histories, stop_token_ids={0})
+    biases = [LogitBias.of(p.logit_bias, logits.device) for p in mixed]
+    got = process_logits(logits.clone(), mixed, histories, biases, stop_token_ids={0})
     assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
     assert torch.equal(got[1], logits[1])
+
+
+@pytest.mark.parametrize("param, value", [
+    ("max_tokens", 0), ("temperature", 3.0), ("top_p", 0), ("top_k", -2), ("logprobs", 21), ("stop", [""]),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0), ("min_tokens", -1),
+])
+def test_sampling_values_are_checked_once_at_the_edge(param, value):
+    """The request model is where a sampling value is refused (SamplingParams trusts what it is built from)."""
+    with pytest.raises(APIError) as info:
+        _parse(json.dumps({"model": BASE, "prompt": "x", param: value}).encode(), CompletionRequest)
+    assert info.value.status == 400 and info.value.param == param and info.value.message.startswith(f"{param}: ")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.runtime.runtime_helpers import hf_greedy, hf_model, make
 
-from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.engine.engine import ContextLengthExceeded, Engine, EngineConfig
 from ember.runtime.model.sampling import SamplingParams
 
 pytest.importorskip("transformers")
@@ -151,9 +151,12 @@ def test_stop_tokens_and_eos(model_dir, reference):
 
 def test_requests_that_cannot_fit_are_refused_without_their_text(model_dir):
     eng = engine(model_dir, max_model_len=128)
-    with pytest.raises(ValueError, match="max_tokens: the prompt's 120 tokens plus max_tokens 20 exceed") as info:
+    with pytest.raises(ContextLengthExceeded, match="max_tokens: the prompt's 120 tokens plus max_tokens 20 exceed") as info:
         eng.add_request([42] * 120, SamplingParams(max_tokens=20))
-    assert "42" not in str(info.value)
+    assert "42" not in str(info.value) and info.value.param == "max_tokens"
+    with pytest.raises(ContextLengthExceeded, match="prompt: the prompt is 128 tokens; this model's context is 128"):
+        eng.add_request([42] * 128, SamplingParams(max_tokens=1))
+    assert eng.room(120) == 8 and eng.room(120, 8) == 8 and not eng.requests
     with pytest.raises(ValueError, match="prompt: token ids must be in"):
         eng.add_request([10**6], SamplingParams())
     with pytest.raises(ValueError, match="prompt: is empty"):
@@ -162,11 +165,14 @@ def test_requests_that_cannot_fit_are_refused_without_their_text(model_dir):
         engine(model_dir, kv_cache_tokens=64, max_model_len=128)
 
 
-@pytest.mark.parametrize(
-    "params, message",
-    [({"max_tokens": 0}, "max_tokens: 0"), ({"temperature": 3.0}, "temperature: 3.0"), ({"top_p": 0}, "top_p: 0"),
-     ({"top_k": -1}, "top_k: -1"), ({"logprobs": 21}, "logprobs: 21"), ({"stop": [""]}, "stop:")],
-)
-def test_sampling_params_are_validated(params, message):
-    with pytest.raises(ValueError, match=message):
-        SamplingParams(**params)
+def test_logit_bias_is_built_once_when_the_request_is_added(model_dir):
+    eng = engine(model_dir)
+    request = eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, logit_bias=((9, 100.0),), **GREEDY))
+    bias = eng.requests[request].logit_bias
+    assert bias.token_ids.tolist() == [9] and bias.biases.tolist() == [100.0] and bias.biases.device == eng.device
+    tokens = []
+    while eng.has_unfinished:
+        tokens += [t for out in eng.step() for t in out.token_ids]
+        assert request not in eng.requests or eng.requests[request].logit_bias is bias  # not rebuilt by a step
+    assert tokens == [9, 9, 9]
+    assert eng.requests[eng.add_request([5, 6, 7], SamplingParams(max_tokens=3))].logit_bias is None
