@@ -28,8 +28,8 @@ def _public() -> dict[str, str]:
     from ember.provider.domain.kinds import KINDS
     from ember.provider.tools.args_sdk import arg_classes
 
-    return ({kind.name: "ember.provider.resources" for kind in KINDS} | dict.fromkeys(arg_classes(), "ember.provider.args")
-            | dict.fromkeys(KUBERNETES, "ember.provider.kubernetes"))
+    return ({kind.name: "ember.provider.resources" for kind in KINDS}
+            | dict.fromkeys(arg_classes(), "ember.provider.args") | dict.fromkeys(KUBERNETES, "ember.provider.kubernetes"))
 
 
 def __getattr__(name: str):

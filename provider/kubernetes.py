@@ -35,10 +35,10 @@ from dataclasses import dataclass, field, replace
 import pulumi
 import pulumi_kubernetes as k8s
 
-from ember.provider.domain.names import parse_model_name
-from ember.provider.domain.replica_spec import replica_spec, serve_command
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.replica_spec import replica_spec, serve_command
 from ember.provider.domain.spec import AcceleratorType, parse
 from ember.provider.domain.store_layout import DATASET_FILE, StoreLayout
 from ember.provider.resources import (Dataset, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Model,

@@ -2,8 +2,8 @@
 providers call: the local cluster (processes on this machine, the default) or Kubernetes (pods that
 pulumi-kubernetes resources declare beside the Ember resource, and that read the store themselves).
 
-A provider picks the implementation by the resource's `cluster` input (providers/base.py: `CLUSTERS`) and never asks which one it
-has: what one cluster does itself (Kubernetes restarts pods, its pods poll the store's desired addon set) is a
+A provider picks the implementation by the resource's `cluster` input (providers/base.py: `CLUSTERS`) and never asks
+which one it has: what one cluster does itself (Kubernetes restarts pods, its pods poll the store's desired addon set) is a
 no-op in its implementation, not a branch in the provider.
 """
 

@@ -2,8 +2,8 @@
 only partly known in preview), the domain's vocabulary and limits, field types, and the rules several kinds share.
 
 The kinds themselves (domain/kinds/) are the single source for validation (provider check), for the JSON Schemas in
-schema/ and for the policy pack; LoRAConfig here is the runtime's adapter check. It imports pydantic only: never pulumi, never
-torch. Every error names the offending field and value; `parse` turns pydantic's errors into a
+schema/ and for the policy pack; LoRAConfig here is the runtime's adapter check. It imports pydantic only: never
+pulumi, never torch. Every error names the offending field and value; `parse` turns pydantic's errors into a
 `SpecError` whose `.errors` map straight onto Pulumi check failures.
 """
 

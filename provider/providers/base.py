@@ -32,8 +32,8 @@ from ember.provider.backends.store import Store, StoreError
 from ember.provider.domain import catalog, file_kinds
 from ember.provider.domain.accounts import foreign_model_refusal
 from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
-from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.kinds.model import ModelSpec
+from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.rules import base_model_refusal
 from ember.provider.domain.spec import ModelState, parse, parse_known
 from ember.provider.providers import diff_rules

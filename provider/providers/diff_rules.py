@@ -3,8 +3,8 @@ or nothing.
 
 A change that needs new weights or a new base (a model's source digest, an addon's base model, a
 deployment's accelerators or engine shape, a dataset's content, any setting of a fine-tuning job) replaces
-the resource; replica counts, autoscaling, attached addons and descriptions update in place. Inputs are compared after check normalised them, so a
-reformatted program or a reinstalled package gives no diff.
+the resource; replica counts, autoscaling, attached addons and descriptions update in place. Inputs are compared
+after check normalised them, so a reformatted program or a reinstalled package gives no diff.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The FineTuningJob provider: trains a LoRA on a base model and a dataset, and stores it as an addon model.
 
-create trains on the job's cluster (a child process locally; on Kubernetes it collects what the Job wrote), uploads the PEFT adapter content-addressed,
-writes the output model's manifest (an addon of the base) and the job's record with its metrics, and meters
-the tokens trained. Every input decides the adapter, so any change replaces the job (a new adapter); the
+create trains on the job's cluster (a child process locally; on Kubernetes it collects what the Job wrote), uploads
+the PEFT adapter content-addressed, writes the output model's manifest (an addon of the base) and the job's record
+with its metrics, and meters the tokens trained. Every input decides the adapter, so any change replaces the job (a new adapter); the
 same inputs and seed give the same digest. A failed run leaves nothing in the store.
 """
 
@@ -16,8 +16,8 @@ from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 from ember.provider.backends.cluster import ClusterError
 from ember.provider.backends.records import AddonManifest, BaseModelManifest, FineTuningJobRecord
 from ember.provider.backends.store import StoreError
-from ember.provider.domain.names import parse_fine_tuning_job_name, parse_model_name
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.names import parse_fine_tuning_job_name, parse_model_name
 from ember.provider.domain.rules import dataset_refusal
 from ember.provider.domain.spec import JobState
 from ember.provider.domain.usage import record_training

@@ -13,10 +13,10 @@ from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import source_config
-from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
-from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
+from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.rules import DeploymentFacts, addon_misfits
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source
 

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ember.provider.domain import catalog
-from ember.provider.domain.names import EMBER_TYPE_PREFIX, parse_model_name
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.names import EMBER_TYPE_PREFIX, parse_model_name
 from ember.provider.domain.spec import AcceleratorType
 from ember.provider.providers.base import has_unknown
 from ember.provider.tools.billing import DEFAULT_PRICES, PriceTable

@@ -34,11 +34,11 @@ from pulumi.runtime.settings import ROOT, SETTINGS
 from pulumi.runtime.stack import run_in_stack
 from pulumi.runtime.sync_await import _sync_await
 
+from ember.provider.domain.kinds import BY_NAME
 from ember.provider.domain.names import EMBER_TYPE_PREFIX
 from ember.provider.policy.check import RecordingMonitor, Registration
 from ember.provider.providers import diff_rules
 from ember.provider.providers.base import PROVIDER_KEY, EmberProvider, ProviderConfig, has_unknown
-from ember.provider.domain.kinds import BY_NAME
 
 
 class RunError(RuntimeError):

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from tests.provider.provider_helpers import alive, config, make_models, replica_pids, served_addons, store_entries
 from tests.runtime.server_helpers import BASE, start, usage_records
 
-from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
+from ember.provider.domain.kinds import BY_NAME
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
 from ember.provider.domain.kinds.model import ModelSpec
+from ember.provider.domain.model_files import ModelFilesError, inspect_adapter, inspect_base_model
 from ember.provider.domain.spec import SpecError, parse
-from ember.provider.domain.kinds import BY_NAME
 from ember.provider.tools.runner import OfflineRunner
 from ember.runtime.devtools import tinymodels
 

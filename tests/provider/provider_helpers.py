@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 from ember.provider.backends import processes
-from ember.provider.providers.base import ProviderConfig
 from ember.provider.domain.kinds import BY_NAME
+from ember.provider.providers.base import ProviderConfig
 from ember.runtime.devtools import tinymodels
 
 

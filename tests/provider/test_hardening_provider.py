@@ -25,11 +25,11 @@ from tests.provider.gguf_helpers import write_gguf
 from tests.provider.provider_helpers import config, provider
 
 from ember.provider.domain import spec
-from ember.provider.domain.stack import StackSpec
 from ember.provider.domain.gguf_model import convert_gguf
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
-from ember.provider.policy import policies
 from ember.provider.domain.names import EMBER_TYPE_PREFIX
+from ember.provider.domain.stack import StackSpec
+from ember.provider.policy import policies
 from ember.provider.policy.policies import MODEL, POLICIES
 from ember.provider.tools import cli
 from ember.provider.tools.runner import OfflineRunner, RunError

@@ -11,8 +11,8 @@ from pulumi_policy import PolicyResource, ResourceValidationArgs, StackValidatio
 from pulumi_policy.deserialize import deserialize_properties
 from pulumi_policy.proxy import UNKNOWN_NUMBER_VALUE, UNKNOWN_STRING_VALUE, unknown_checking_proxy
 
-from ember.provider.policy.check import run_pack
 from ember.provider.domain.kinds import BY_NAME, KINDS
+from ember.provider.policy.check import run_pack
 from ember.provider.policy.policies import ADDON, DEPLOYMENT, JOB, MODEL, POLICIES, SPECS
 from ember.provider.tools import cli
 

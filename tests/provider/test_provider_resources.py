@@ -8,13 +8,13 @@ import pytest
 
 import ember.provider
 from ember.provider import RequestLoggingArgs, resources
-from ember.provider.tools import args_sdk
 from ember.provider.domain.kinds.dataset import DatasetOutputs, DatasetSpec
 from ember.provider.domain.kinds.deployment import AutoscalingPolicy, DeploymentOutputs, DeploymentSpec, RequestLogging
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobOutputs, FineTuningJobSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonOutputs, LoRAAddonSpec
 from ember.provider.domain.kinds.model import ModelOutputs, ModelSpec
 from ember.provider.resources import Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs, default_id
+from ember.provider.tools import args_sdk
 
 
 class Recorder(pulumi.runtime.Mocks):

@@ -3,11 +3,11 @@
 import pytest
 
 from ember.provider.domain import catalog, spec
-from ember.provider.domain.stack import StackSpec
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
 from ember.provider.domain.kinds.model import ModelSpec
 from ember.provider.domain.names import deployment_name, model_name, parse_deployment_name, parse_model_name
+from ember.provider.domain.stack import StackSpec
 
 BASE = "accounts/acme/models/my-llama"
 CATALOG_8B = "accounts/platform/models/llama-v3p1-8b-instruct"

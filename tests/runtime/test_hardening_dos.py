@@ -13,8 +13,8 @@ import httpx
 import pytest
 from tests.runtime.server_helpers import BASE, start
 
-from ember.runtime.devtools import tinymodels
 from ember.runtime.__main__ import build_parser
+from ember.runtime.devtools import tinymodels
 from ember.runtime.serving.limits import Limits
 
 MiB = 1024 * 1024

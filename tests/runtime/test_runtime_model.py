@@ -13,10 +13,10 @@ from ember.provider.domain.model_files import ModelFilesError
 from ember.runtime.engine.batch import ScheduledChunk, build
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.model import matmul as matmul_module
+from ember.runtime.model import quantized
 from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
-from ember.runtime.model import quantized
 from ember.runtime.model.quantized import quantize_projections
 
 pytest.importorskip("transformers")

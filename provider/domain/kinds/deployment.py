@@ -53,7 +53,8 @@ class KubernetesWorkload(Spec):
 class DeploymentSpec(Spec):
     """A base model (plus its loaded addons) served on hardware."""
 
-    PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"}
+    PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {
+        "account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct"}
 
     account_id: ResourceId
     deployment_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")

@@ -8,17 +8,17 @@ from pydantic import Field, field_validator, model_validator
 
 from ember.provider.domain.kinds.kind import Kind
 from ember.provider.domain.names import fine_tuning_job_name, model_name, parse_dataset_name
-from ember.provider.domain.spec import (LORA_TARGET_MODULES, JobState, MAX_EPOCHS, MAX_LORA_RANK, DatasetName, DisplayName, FieldError,
-                                        ModelName, ResourceId, Spec, Text, full_name, refuse_foreign_base,
-                                        refuse_reserved_id)
+from ember.provider.domain.spec import (LORA_TARGET_MODULES, MAX_EPOCHS, MAX_LORA_RANK, DatasetName, DisplayName,
+                                        FieldError, JobState, ModelName, ResourceId, Spec, Text, full_name,
+                                        refuse_foreign_base, refuse_reserved_id)
 
 
 class FineTuningJobSpec(Spec):
     """Supervised fine-tuning of a LoRA on a base model; its output is an addon model of that base."""
 
-    PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {"account_id": "unknown", "base_model": "accounts/unknown/models/unknown",
-                                                 "dataset": "accounts/unknown/datasets/unknown", "evaluation_dataset": None,
-                                                 "output_model": "unknown", "training_url": "unknown"}
+    PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {
+        "account_id": "unknown", "base_model": "accounts/unknown/models/unknown", "dataset": "accounts/unknown/datasets/unknown",
+        "evaluation_dataset": None, "output_model": "unknown", "training_url": "unknown"}
 
     account_id: ResourceId
     job_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")

@@ -9,15 +9,16 @@ from pydantic import Field, field_validator, model_validator
 from ember.provider.domain import catalog
 from ember.provider.domain.kinds.kind import Kind
 from ember.provider.domain.names import model_name, parse_deployment_name, parse_model_name
-from ember.provider.domain.spec import (MAX_LORA_RANK, DeploymentName, DisplayName, FieldError, ModelName, ModelState, ResourceId,
-                                        Source, Spec, Text, full_name, refuse_foreign_base, refuse_reserved_id)
+from ember.provider.domain.spec import (MAX_LORA_RANK, DeploymentName, DisplayName, FieldError, ModelName, ModelState,
+                                        ResourceId, Source, Spec, Text, full_name, refuse_foreign_base, refuse_reserved_id)
 
 
 class LoRAAddonSpec(Spec):
     """A LoRA addon of one base model, deployed on that base model's deployments."""
 
-    PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {"account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct",
-                                                 "source": "unknown", "deployments": []}
+    PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {
+        "account_id": "unknown", "base_model": "accounts/unknown/models/llama-v3p1-8b-instruct", "source": "unknown",
+        "deployments": []}
 
     account_id: ResourceId
     model_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")

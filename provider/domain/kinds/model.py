@@ -9,8 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from ember.provider.domain import catalog
 from ember.provider.domain.kinds.kind import Kind
 from ember.provider.domain.names import model_name
-from ember.provider.domain.spec import (DisplayName, FieldError, ModelKind, ModelName, ModelState, ResourceId, Source, Spec, Text,
-                                        full_name, refuse_reserved_id)
+from ember.provider.domain.spec import (DisplayName, FieldError, ModelKind, ModelName, ModelState, ResourceId, Source,
+                                        Spec, Text, full_name, refuse_reserved_id)
 
 
 class ModelSpec(Spec):
