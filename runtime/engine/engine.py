@@ -91,6 +91,15 @@ class ContextLengthExceeded(ValueError):
         self.param, self.detail = param, detail
 
 
+class UnknownTokenId(ValueError):
+    """A token id a request names (in its prompt, logit_bias or stop_token_ids) that the model's vocabulary lacks:
+    `param` names the field. The server answers it as a 400 before anything runs or streams."""
+
+    def __init__(self, param: str, token_id: int, vocab_size: int):
+        super().__init__(f"{param}: token id {token_id} is outside this model's vocabulary of {vocab_size}")
+        self.param = param
+
+
 class Engine:
     def __init__(self, model: Llama, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -165,6 +174,13 @@ class Engine:
                                                       f"{max_tokens} exceed this model's context of {context} tokens")
         return max_tokens
 
+    def check_token_ids(self, param: str, token_ids) -> None:
+        """Raise UnknownTokenId for the first of `token_ids` outside the model's vocabulary."""
+        vocab = self.model.config.vocab_size
+        bad = next((int(t) for t in token_ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise UnknownTokenId(param, bad, vocab)
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     adapter: str | None = None, cache_salt: str = "") -> str:
         """Queue a request; raises ValueError (naming the field, never the text) if it cannot be served.
@@ -174,9 +190,7 @@ class Engine:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         if not prompt_ids:
             raise ValueError("prompt: is empty")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        self.check_token_ids("prompt", prompt_ids)
         if adapter is not None and self.lora is None:
             raise ValueError(f"model: {adapter!r} is an addon, and this deployment serves no addons")
         self.room(len(prompt_ids), params.max_tokens)

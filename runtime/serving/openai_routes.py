@@ -13,7 +13,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ember.runtime.engine.engine import ContextLengthExceeded, Engine
+from ember.runtime.engine.engine import ContextLengthExceeded, Engine, UnknownTokenId
 from ember.runtime.model.sampling import SamplingParams
 from ember.runtime.serving.accounting import Accounting
 from ember.runtime.serving.async_engine import Overloaded
@@ -106,13 +106,12 @@ def _check_length(body: ChatRequest | CompletionRequest, engine: Engine) -> None
 
 
 def _check_token_ids(param: str, ids, engine: Engine) -> None:
-    """Token ids a request names (in its prompt, logit_bias, stop_token_ids) exist in the model's vocabulary:
-    refused before anything runs or streams."""
-    vocab = engine.model.config.vocab_size
-    bad = next((int(t) for t in ids if not 0 <= int(t) < vocab), None)
-    if bad is not None:
-        raise APIError(400, f"{param}: token id {bad} is outside this model's vocabulary of {vocab}", param=param,
-                       code="invalid_parameter")
+    """Token ids a request names (in its prompt, logit_bias, stop_token_ids) exist in the model's vocabulary: the
+    engine's rule, made here so that a bad one is a 400 before anything runs or streams."""
+    try:
+        engine.check_token_ids(param, ids)
+    except UnknownTokenId as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_parameter") from None
 
 
 def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], engine: Engine) -> list[SamplingParams]:
