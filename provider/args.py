@@ -14,6 +14,9 @@ import pulumi
 if TYPE_CHECKING:
     from ember.provider.resources import Dataset, Deployment, FineTuningJob, Model
 
+__all__ = ["ModelArgs", "LoRAAddonArgs", "DeploymentArgs", "DatasetArgs", "FineTuningJobArgs",
+           "AutoscalingPolicyArgs", "KubernetesWorkloadArgs", "RequestLoggingArgs"]
+
 
 @dataclass
 class ModelArgs:

@@ -24,6 +24,8 @@ import pulumi
 from pulumi.dynamic import Resource
 from pulumi.output import UNKNOWN
 
+# Every Args class, so that a program's `from ember.provider.resources import *` finds them beside the resources.
+from ember.provider.args import *  # noqa: F403
 from ember.provider.args import DatasetArgs, DeploymentArgs, FineTuningJobArgs, LoRAAddonArgs, ModelArgs
 from ember.provider.domain.kinds import BY_NAME
 from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,

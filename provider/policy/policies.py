@@ -174,8 +174,8 @@ def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) ->
         targets += [d for d in addon.property_dependencies.get("deployments", []) if d.resource_type == DEPLOYMENT]
         base, rank = _base_of(addon), _adapter_rank(inputs(ADDON, addon.props).get("source"))
         for deployment in {t.urn: t for t in targets if t is not None}.values():
-            for _, message in addon_misfits(base, rank, _deployment_facts(deployment)):
-                report(f"LoRAAddon {addon.name}: {message}", addon.urn)
+            for field, message in addon_misfits(base, rank, _deployment_facts(deployment)):
+                report(f"LoRAAddon {addon.name}: {field}: {message}", addon.urn)
 
 
 def _deployment_facts(deployment: PolicyResource) -> DeploymentFacts:

@@ -103,7 +103,9 @@ def arg_classes() -> list[str]:
 
 
 def generate() -> str:
-    lines, nested = [HEADER.rstrip("\n")], {}
+    names = ", ".join(f'"{name}"' for name in arg_classes())
+    lines, nested = [HEADER.rstrip("\n"), "", "\n".join(textwrap.wrap(f"__all__ = [{names}]", 116,
+                                                                      subsequent_indent="           "))], {}
     for kind in KINDS:
         schema = kind.spec.model_json_schema(mode="validation")
         defs = schema.get("$defs", {})

@@ -141,7 +141,7 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
 
 
 def test_the_real_analyzer_blocks_what_the_offline_policy_check_blocks(tmp_path, capsys):
-    from test_policy import BAD_PROGRAM
+    from tests.provider.test_policy import BAD_PROGRAM
 
     program = tmp_path / "bad"
     models = make_models(program / "models")

@@ -249,7 +249,7 @@ def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 resources, 0 mandatory" in out and "1 resource, 0 mandatory" in out
 
-    from test_kubernetes import run_example
+    from tests.provider.test_kubernetes import run_example
 
     cluster = run_example(preview=True)
     types = {r.type for r in cluster.monitor.registrations}
@@ -318,4 +318,4 @@ def test_an_addon_rank_above_its_deployments_max_lora_rank(tmp_path):
     stack.add(ADDON, "big", {"deployments": [small]}, account_id="acme", model_id="big",
               base_model="accounts/acme/models/b", source=str(big), deployments=[UNKNOWN])
     [(message, _)] = stack_violations("ember-addons-on-their-base-deployments", stack)
-    assert message.startswith("LoRAAddon big: rank 16 is above accounts/acme/deployments/small's max_lora_rank 8")
+    assert message.startswith("LoRAAddon big: source: rank 16 is above accounts/acme/deployments/small's max_lora_rank 8")
