@@ -3,8 +3,8 @@ providers call: the local cluster (processes on this machine, the default) or Ku
 pulumi-kubernetes resources declare beside the Ember resource, and that read the store themselves).
 
 A provider picks the implementation by the resource's `cluster` input (providers/base.py: `CLUSTERS`) and never asks
-which one it has: what one cluster does itself (Kubernetes restarts pods, its pods poll the store's desired addon set) is a
-no-op in its implementation, not a branch in the provider.
+which one it has: what one cluster does itself (Kubernetes restarts pods, its pods poll the store's desired addon
+set) is a no-op in its implementation, not a branch in the provider.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class Cluster(ABC):
         self.ready_timeout_s = ready_timeout_s
         self.progress = progress
 
+    @property
+    def keys_dir(self) -> Path:
+        """Where the provider keeps the API keys it calls replicas with (never in Pulumi state)."""
+        return self.state_dir / "keys"
+
     @classmethod
     def check_supported(cls, spec: DeploymentSpec) -> None:
         """Raise ClusterError, naming the field, for a deployment this cluster cannot run (judged at preview)."""
@@ -59,7 +64,7 @@ class Cluster(ABC):
         return max(spec.min_replicas, 1)
 
     @abstractmethod
-    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store, key: str) -> ReplicaStatus:
+    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store) -> ReplicaStatus:
         """Hand the deployment's replica spec to its replicas, run `replica_count` of them, and wait until they are
         ready (within the timeout), or raise ClusterError saying why not."""
 
@@ -68,9 +73,11 @@ class Cluster(ABC):
         """What runs now. Which addons the replicas serve is the owner's to ask (`key`, the deployment account's)."""
 
     @abstractmethod
-    def reconcile_addons(self, account: str, deployment: str, key: str, wanted: set[str], unwanted: set[str]) -> None:
+    def reconcile_addons(self, store: Store, account: str, deployment: str, wanted: set[str],
+                         unwanted: set[str]) -> None:
         """Have the replicas re-read the store's desired addon set, and check that `wanted` are served and `unwanted`
-        are not; raise ClusterError with a replica's reason when one of `wanted` was refused."""
+        are not; raise ClusterError with a replica's reason when one of `wanted` was refused. A cluster that asks its
+        replicas does so with a key of the deployment's account (`keys_dir`), made if there is none yet."""
 
     @abstractmethod
     def stop(self, account: str, deployment: str) -> None:

@@ -20,7 +20,7 @@ from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 class KubernetesCluster(Cluster):
     name = "kubernetes"
 
-    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store, key: str) -> ReplicaStatus:
+    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store) -> ReplicaStatus:
         """READY once the workload's rollout completed (pulumi-kubernetes does not wait: its wait cannot say why pods
         are not scheduled). The replica spec is in the pods' ConfigMap, and the Deployment or its autoscaler holds
         the count."""
@@ -34,7 +34,8 @@ class KubernetesCluster(Cluster):
     def status(self, account: str, deployment: str, key: str | None = None) -> ReplicaStatus:
         return ReplicaStatus()  # the last rollout's outputs stand; Kubernetes restarts what stops
 
-    def reconcile_addons(self, account: str, deployment: str, key: str, wanted: set[str], unwanted: set[str]) -> None:
+    def reconcile_addons(self, store: Store, account: str, deployment: str, wanted: set[str],
+                         unwanted: set[str]) -> None:
         """Nothing to ask: the pods poll the desired addon set in the store."""
 
     def stop(self, account: str, deployment: str) -> None:

@@ -65,8 +65,12 @@ def http_json(url: str, method: str = "GET", key: str | None = None, timeout: fl
 class LocalCluster(Cluster):
     name = "local"
     restarts_replicas = False
+
     def _record(self, account: str, deployment: str) -> Path:
         return self.state_dir / "replicas" / account / f"{deployment}.json"
+
+    def _spec_file(self, account: str, deployment: str) -> Path:
+        return self.state_dir / "replica-specs" / account / f"{deployment}.json"
 
     def replicas(self, account: str, deployment: str) -> list[ReplicaProcess]:
         path = self._record(account, deployment)
@@ -85,7 +89,6 @@ class LocalCluster(Cluster):
             raise ClusterError(f"accelerator_type: the local cluster runs CPU replicas only, not "
                                f"{spec.accelerator_type.value}; use the Kubernetes backend for GPUs")
 
-
     def health(self, replica: ReplicaProcess) -> dict | None:
         if not alive(replica.pid):
             return None
@@ -94,12 +97,12 @@ class LocalCluster(Cluster):
         except (urllib.error.URLError, OSError, ValueError):
             return None
 
-    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store, key: str) -> ReplicaStatus:
+    def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store) -> ReplicaStatus:
         """Write the replica spec, then start or stop replicas until `replica_count(spec)` healthy ones run; existing
         ones are kept (a changed spec replaces the deployment, so they serve the same one)."""
         request_log = self.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
         request_log.parent.mkdir(parents=True, exist_ok=True)
-        spec_file = self.state_dir / "replica-specs" / spec.account_id / f"{spec.deployment_id}.json"
+        spec_file = self._spec_file(spec.account_id, spec.deployment_id)
         write_replica_spec(replica_spec(spec, str(store.local_path(base.object)), store.urls, str(request_log)),
                            spec_file)
         self._run(spec, serve_command(str(spec_file)))
@@ -204,14 +207,19 @@ class LocalCluster(Cluster):
         for replica in self.replicas(account, deployment):
             self._stop(replica)
         self._record(account, deployment).unlink(missing_ok=True)
+        self._spec_file(account, deployment).unlink(missing_ok=True)
 
-    def reconcile_addons(self, account: str, deployment: str, key: str, wanted: set[str], unwanted: set[str]) -> None:
+    def reconcile_addons(self, store: Store, account: str, deployment: str, wanted: set[str],
+                         unwanted: set[str]) -> None:
         """Ask every replica to re-read the desired addons; check that `wanted` are served and `unwanted`
         are not (other addons may come and go meanwhile). Raises with the replica's reason if one of
         `wanted` was refused."""
         deadline = time.monotonic() + self.ready_timeout_s
-        for replica in self.replicas(account, deployment):
-            self.progress(f"asking the replica on port {replica.port} of {account}/{deployment} to reconcile its addons")
+        replicas = self.replicas(account, deployment)
+        key = store.ensure_key(account, self.keys_dir) if replicas else None
+        if replicas and wanted:
+            self.progress(f"waiting for {account}/{deployment} to serve {', '.join(sorted(wanted))}")
+        for replica in replicas:
             while True:
                 try:
                     result = http_json(f"{replica.url}/admin/reconcile", method="POST", key=key, timeout=30)

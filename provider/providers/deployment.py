@@ -18,7 +18,6 @@ from ember.provider.providers.base import CLUSTERS, EmberError, EmberProvider, b
 
 class DeploymentProvider(EmberProvider):
     spec_cls = DeploymentSpec
-    derived = ("base_model_digest",)
 
     def check_known(self, spec: DeploymentSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
@@ -39,19 +38,18 @@ class DeploymentProvider(EmberProvider):
     def _run(self, spec: DeploymentSpec, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
         store, cluster = self.store, self.cluster_of(spec.cluster)
         base = base_manifest(store, spec.base_model, spec.account_id)
-        key = store.ensure_key(spec.account_id, self.config.state_dir / "keys")
+        store.ensure_key(spec.account_id, self.config.state_dir / "keys")  # the account's own, to call its deployment
         record = DeploymentRecord(name=spec.name, base_model=spec.base_model, max_lora_rank=spec.max_lora_rank,
                                   serverless=spec.deployment_type is DeploymentType.SERVERLESS, cluster=spec.cluster,
                                   created=not creating, inputs=self._inputs(props))
         store.write_deployment_record(record)
         store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)  # replicas read it
-        status = cluster.scale(spec, base, store, key)
+        status = cluster.scale(spec, base, store)
         # The desired addon set outlives a replacement of the deployment (the addons own it): the new replicas
         # load it as they start, and the deployment is ready only once they serve all of it.
         desired = set(store.desired_addons(spec.account_id, spec.deployment_id))
         if desired:
-            progress(f"waiting for {spec.name} to serve its {len(desired)} addons")
-            cluster.reconcile_addons(spec.account_id, spec.deployment_id, key, desired, set())
+            cluster.reconcile_addons(store, spec.account_id, spec.deployment_id, desired, set())
         if creating:
             store.write_deployment_record(record.model_copy(update={"created": True}))
         return self._outputs(spec, base.digest, status)

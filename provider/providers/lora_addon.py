@@ -13,17 +13,16 @@ from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import source_config
-from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.rules import DeploymentFacts, addon_misfits
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source
 
 
 class LoRAAddonProvider(EmberProvider):
     spec_cls = LoRAAddonSpec
-    derived = ("base_model_digest", "source_digest")
 
     def check_known(self, spec: LoRAAddonSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
@@ -51,8 +50,8 @@ class LoRAAddonProvider(EmberProvider):
             facts = (targets or {}).get(name)
             if not isinstance(facts, dict) or has_unknown(facts):
                 continue
-            max_rank = facts.get("max_lora_rank") or DeploymentSpec.model_fields["max_lora_rank"].default
-            deployment = DeploymentFacts(name, facts.get("base_model"), int(max_rank))
+            max_rank = int(facts.get("max_lora_rank") or DEFAULT_MAX_LORA_RANK)
+            deployment = DeploymentFacts(name, facts.get("base_model"), max_rank)
             failures += [(f"deployments[{i}]" if field == "deployments" else field, message)
                          for field, message in addon_misfits(addon_base, rank, deployment)]
         return failures
@@ -100,8 +99,7 @@ class LoRAAddonProvider(EmberProvider):
                 self._withdraw(spec.name, account, deployment)
         for account, deployment, record in targets:
             store.change_desired_addons(account, deployment, lambda d: d.__setitem__(spec.name, manifest.object))
-            key = store.ensure_key(account, self.config.state_dir / "keys")
-            self.cluster_of(record.cluster).reconcile_addons(account, deployment, key, {spec.name}, set())
+            self.cluster_of(record.cluster).reconcile_addons(store, account, deployment, {spec.name}, set())
         return sorted(record.name for _, _, record in targets)
 
     def _withdraw(self, name: str, account: str, deployment: str) -> None:
@@ -111,8 +109,7 @@ class LoRAAddonProvider(EmberProvider):
         if record is None:
             return  # the deployment is gone, and its replicas with it
         try:
-            self.cluster_of(record.cluster).reconcile_addons(
-                account, deployment, store.ensure_key(account, self.config.state_dir / "keys"), set(), {name})
+            self.cluster_of(record.cluster).reconcile_addons(store, account, deployment, set(), {name})
         except ClusterError as exc:
             progress(f"could not unload {name} from {account}/{deployment}: {exc}")
 
