@@ -3,7 +3,7 @@ DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs` (and `Ku
 KubernetesFineTuningJob, KubernetesArgs`).
 
 The public names come from the one list of kinds (ember.provider.domain.kinds) and load on first use, so importing
-`ember.provider.domain` (as a runtime replica does) imports neither pulumi nor the kinds.
+`ember.provider.domain` (as a runtime replica does) never imports pulumi.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _public() -> dict[str, str]:
     from ember.provider.domain.kinds import KINDS
     from ember.provider.tools.args_sdk import arg_classes
 
-    return ({kind.name: "ember.provider.resources" for kind in KINDS}
-            | dict.fromkeys(arg_classes(), "ember.provider.args") | dict.fromkeys(KUBERNETES, "ember.provider.kubernetes"))
+    return ({kind.name: "ember.provider.resources" for kind in KINDS} | dict.fromkeys(arg_classes(), "ember.provider.args")
+            | dict.fromkeys(KUBERNETES, "ember.provider.kubernetes"))
 
 
 def __getattr__(name: str):

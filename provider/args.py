@@ -79,14 +79,14 @@ class DeploymentArgs:
     precision: pulumi.Input[str] | None = None
     min_replicas: pulumi.Input[int] | None = None
     max_replicas: pulumi.Input[int] | None = None
-    autoscaling: AutoscalingPolicyArgs | None = None
+    autoscaling: AutoscalingPolicyArgs | pulumi.Input[dict] | None = None
     # addons active on the accelerator at once (more wait in host memory)
     max_loras: pulumi.Input[int] | None = None
     # one of 8, 16, 32, 64, 128, 256
     max_lora_rank: pulumi.Input[int] | None = None
-    request_logging: RequestLoggingArgs | None = None
+    request_logging: RequestLoggingArgs | pulumi.Input[dict] | None = None
     # cluster='kubernetes': the pods' apps/v1 Deployment, whose rollout create and update wait for
-    kubernetes_workload: KubernetesWorkloadArgs | None = None
+    kubernetes_workload: KubernetesWorkloadArgs | pulumi.Input[dict] | None = None
     display_name: pulumi.Input[str] | None = None
     description: pulumi.Input[str] | None = None
 

@@ -308,10 +308,7 @@ class KubernetesFineTuningJob(pulumi.ComponentResource):
         dataset_url = args.dataset.digest.apply(lambda d: f"{store.object(d)}/{DATASET_FILE}")
         eval_url = (args.evaluation_dataset.digest.apply(lambda d: f"{store.object(d)}/{DATASET_FILE}")
                     if args.evaluation_dataset else None)
-        settings = {"output_dir": "/tmp/adapter", "epochs": spec.epochs, "learning_rate": spec.learning_rate,
-                    "lora_rank": spec.lora_rank, "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
-                    "batch_size": spec.batch_size, "max_context_length": spec.max_context_length,
-                    "early_stop": spec.early_stop, "seed": spec.seed}
+        settings = spec.training_settings | {"output_dir": "/tmp/adapter"}
         job_json = pulumi.Output.all(base_name, base_url, dataset_url, eval_url).apply(lambda v: json.dumps(
             settings | {"base_model": v[0], "base_dir": v[1], "dataset": v[2], "evaluation_dataset": v[3]},
             sort_keys=True))

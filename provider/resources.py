@@ -26,12 +26,11 @@ from pulumi.output import UNKNOWN
 
 # Every Args class, so that a program's `from ember.provider.resources import *` finds them beside the resources.
 from ember.provider.args import *  # noqa: F403
-from ember.provider.args import DatasetArgs, DeploymentArgs, FineTuningJobArgs, LoRAAddonArgs, ModelArgs
 from ember.provider.domain.kinds import BY_NAME
 from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
                                          parse_deployment_name, parse_model_name)
 from ember.provider.domain.rules import Declaration, name_clash
-from ember.provider.domain.spec import normalise_source
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, normalise_source
 
 
 MODEL, LORA_ADDON, DEPLOYMENT, DATASET, FINE_TUNING_JOB = (BY_NAME[name] for name in (
@@ -218,10 +217,10 @@ class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
             props["deployment_id"] = default_id(resource_name)
         self.deployment_name = _name(deployment_name, args.account_id, props["deployment_id"])
         # what an addon on this deployment needs to know at its own check
-        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DEPLOYMENT.spec.model_fields["max_lora_rank"].default,
+        self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DEFAULT_MAX_LORA_RANK,
                        "cluster": args.cluster or "local"}
-        super().__init__(DEPLOYMENT.provider_class(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
-                         _with_dependencies(opts, depends_on))
+        super().__init__(DEPLOYMENT.provider_class(), resource_name,
+                         props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Deployment":
@@ -265,8 +264,8 @@ class LoRAAddon(Resource, module="ember", name=LORA_ADDON.name):
             props["model_id"] = default_id(resource_name)
         self.model_name = _name(model_name, args.account_id, props["model_id"])
         _declare_model("LoRAAddon", resource_name, self.model_name, {"declared": True, "addon": True, "source": None})
-        super().__init__(LORA_ADDON.provider_class(), resource_name, props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
-                         _with_dependencies(opts, depends_on))
+        super().__init__(LORA_ADDON.provider_class(), resource_name,
+                         props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "LoRAAddon":

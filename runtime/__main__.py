@@ -56,7 +56,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     process = p.add_argument_group("this process")
     process.add_argument("--host", default="127.0.0.1")
     process.add_argument("--port", type=int, default=8000)
-    process.add_argument("--reconcile-interval", type=float, default=30.0)
+    process.add_argument("--reconcile-interval", type=float, metavar="SECONDS",
+                         help="how often the desired addon set is re-read (default: ServerConfig's)")
     process.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                          help="a request body larger than this gets 413 (default %(default)s)")
     process.add_argument("--header-timeout", type=float, default=Limits.header_timeout_s, metavar="SECONDS",
@@ -174,7 +175,8 @@ def serve(args: argparse.Namespace) -> int:
     process = ProcessOptions(
         limits=Limits(max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                       body_timeout_s=args.body_timeout, max_connections=args.max_connections),
-        reconcile_interval_s=args.reconcile_interval, compile=args.compile, compile_cache=cache_folder() / "compile")
+        compile=args.compile, compile_cache=cache_folder() / "compile",
+        **({"reconcile_interval_s": args.reconcile_interval} if args.reconcile_interval is not None else {}))
     config = server_config(spec, process)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",

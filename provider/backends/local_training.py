@@ -29,14 +29,12 @@ class TrainingError(RuntimeError):
 def training_job(spec: FineTuningJobSpec, base: BaseModelManifest, store: Store, output_dir: Path) -> dict:
     """The training process's settings (runtime.training.trainer.TrainingJob): the base and the datasets as files of
     this machine's store."""
-    return {"base_model": spec.base_model, "base_dir": str(store.local_path(base.object)),
-            "dataset": _dataset_file(store, spec.dataset, "dataset"),
-            "evaluation_dataset": (_dataset_file(store, spec.evaluation_dataset, "evaluation_dataset")
-                                   if spec.evaluation_dataset else None),
-            "output_dir": str(output_dir), "epochs": spec.epochs, "learning_rate": spec.learning_rate,
-            "lora_rank": spec.lora_rank, "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
-            "batch_size": spec.batch_size, "max_context_length": spec.max_context_length,
-            "early_stop": spec.early_stop, "seed": spec.seed}
+    return spec.training_settings | {
+        "base_model": spec.base_model, "base_dir": str(store.local_path(base.object)),
+        "dataset": _dataset_file(store, spec.dataset, "dataset"),
+        "evaluation_dataset": (_dataset_file(store, spec.evaluation_dataset, "evaluation_dataset")
+                               if spec.evaluation_dataset else None),
+        "output_dir": str(output_dir)}
 
 
 def _dataset_file(store: Store, name: str, field: str) -> str:

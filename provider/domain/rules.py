@@ -63,9 +63,10 @@ def addon_misfits(addon_base: str | None, rank: int | None, deployment: Deployme
     serving = deployment.base_model
     if addon_base is not None and serving is not None and serving != addon_base:
         misfits.append(("deployments", f"{deployment.name} serves base model {serving}, not this addon's base "
-                                       f"{addon_base}"))
+                                       f"{addon_base}; attach it to a deployment of {addon_base}"))
     if rank is not None and deployment.max_lora_rank is not None and rank > deployment.max_lora_rank:
-        misfits.append(("source", f"rank {rank} is above {deployment.name}'s max_lora_rank {deployment.max_lora_rank}"))
+        misfits.append(("source", f"rank {rank} is above {deployment.name}'s max_lora_rank {deployment.max_lora_rank}; "
+                                  f"raise it or train a smaller adapter"))
     return misfits
 
 

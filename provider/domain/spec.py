@@ -14,14 +14,12 @@ from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from ember.provider.domain import catalog
 from ember.provider.domain.accounts import foreign_model_refusal, is_catalog_name
 from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN,
-                                         check_id, dataset_name, deployment_name, fine_tuning_job_name, model_name,
-                                         parse_dataset_name, parse_deployment_name, parse_model_name)
+                                         check_id, parse_dataset_name, parse_deployment_name, parse_model_name)
 
 # ---------------------------------------------------------------------------------------------------
 # Errors

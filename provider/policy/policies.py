@@ -24,10 +24,9 @@ from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
 from ember.provider.domain import catalog, file_kinds
 from ember.provider.domain.kinds import BY_NAME, KINDS
-from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.names import deployment_name, model_name, parse_model_name
 from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, name_clashes
-from ember.provider.domain.spec import AcceleratorType, parse_known
+from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, AcceleratorType, parse_known
 from ember.provider.tools.cost import Resource, estimate
 
 MODEL, DEPLOYMENT, ADDON, JOB = (BY_NAME[k].type_token for k in ("Model", "Deployment", "LoRAAddon", "FineTuningJob"))
@@ -179,8 +178,7 @@ def _addons_on_their_base(args: StackValidationArgs, report: ReportViolation) ->
 
 
 def _deployment_facts(deployment: PolicyResource) -> DeploymentFacts:
-    max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"),
-                       DeploymentSpec.model_fields["max_lora_rank"].default)
+    max_rank = _number(inputs(DEPLOYMENT, deployment.props).get("max_lora_rank"), DEFAULT_MAX_LORA_RANK)
     return DeploymentFacts(_deployment_name(deployment) or deployment.name, _base_of(deployment),
                            None if max_rank is None else int(max_rank))
 
@@ -199,7 +197,7 @@ def _adapter_rank(source: Any) -> int | None:
 
 
 def _unique_model_ids(args: StackValidationArgs, report: ReportViolation) -> None:
-    declared = {}
+    declared: list[tuple[Declaration, PolicyResource]] = []
     for resource in (r for r in args.resources if r.resource_type in (MODEL, ADDON, JOB)):
         data = inputs(resource.resource_type, resource.props)
         trained = resource.resource_type == JOB  # the addon a job trains is a model of the stack too
@@ -211,10 +209,11 @@ def _unique_model_ids(args: StackValidationArgs, report: ReportViolation) -> Non
             name = model_name(account, model_id)
         except ValueError:
             continue  # ember-names reports the ID
-        declared[Declaration(name, f"{KIND[resource.resource_type]} {resource.name}", trained)] = resource
-    for declaration, message in name_clashes(declared):
+        declared.append((Declaration(name, f"{KIND[resource.resource_type]} {resource.name}", trained), resource))
+    urns = {id(declaration): resource.urn for declaration, resource in declared}
+    for declaration, message in name_clashes(d for d, _ in declared):
         field = "output_model" if declaration.trained else "model_id"
-        report(f"{declaration.by}: {field}: {message}", declared[declaration].urn)
+        report(f"{declaration.by}: {field}: {message}", urns[id(declaration)])
 
 
 # ---------------------------------------------------------------------------------------------------------

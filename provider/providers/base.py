@@ -1,10 +1,10 @@
-"""What the three dynamic providers share: configuration, check (spec, references, derived digests), diff,
-and the store and local cluster they work on. One module per resource holds the rest.
+"""What the dynamic providers share: configuration, check (spec, references, derived digests), diff, and the store
+and clusters they work on. One module per kind holds the rest.
 
-check validates with the spec (numbers arrive as floats and are normalised; unknown values during
-preview are tolerated) and touches neither network nor store; diff applies the rules in `diff_rules`.
-create/update/delete write the store and, on the local cluster, start and stop replicas, waiting for
-readiness within the configured timeout. Every failure leaves nothing half-made behind.
+check validates with the kind's spec (numbers arrive as floats and are normalised; unknown values during preview are
+tolerated) and the rules that span resources (domain/rules.py), and touches neither network nor store; diff applies
+the rules in `diff_rules`. create/update/delete write the store and run replicas or training through the resource's
+cluster (`CLUSTERS`), waiting for readiness within the configured timeout. Every failure leaves nothing half-made.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.processes import abandoned, owner
 from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import Store, StoreError
-from ember.provider.domain import catalog, file_kinds
+from ember.provider.domain import file_kinds
 from ember.provider.domain.accounts import foreign_model_refusal
 from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
+from ember.provider.domain.kinds import BY_SPEC
 from ember.provider.domain.kinds.model import ModelSpec
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.rules import base_model_refusal
@@ -90,8 +91,6 @@ def has_unknown(value: Any) -> bool:
 
 class EmberProvider(ResourceProvider):
     spec_cls: type = ModelSpec
-    # inputs the provider derives or receives from other resources, not part of the user's spec
-    derived: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,7 +137,7 @@ class EmberProvider(ResourceProvider):
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         props = {k: v for k, v in news.items() if k != PROVIDER_KEY and v is not None}
         # Derived fields arrive only when the engine copied old values in (ignore_changes): those are kept.
-        derived = {k: props.pop(k) for k in self.derived if k in props}
+        derived = {k: props.pop(k) for k in BY_SPEC[self.spec_cls].derived if k in props}
         references = props.pop(REFERENCES, None)
         references = references if isinstance(references, dict) else {}
         unknown = {k for k, v in props.items() if has_unknown(v)}

@@ -19,7 +19,6 @@ from ember.provider.providers.base import EmberError, EmberProvider, progress
 
 class DatasetProvider(EmberProvider):
     spec_cls = DatasetSpec
-    derived = ("source_digest",)
 
     def check_known(self, spec: DatasetSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         if "source" in unknown or "://" in spec.source:

@@ -14,13 +14,12 @@ from typing import Any
 
 from ember.provider.domain.kinds import BY_SPEC
 
-DERIVED = ("source_digest", "base_model_digest", "dataset_digest", "evaluation_dataset_digest")
 
 
 def compare(spec_cls: type, olds: dict[str, Any], news: dict[str, Any],
             has_unknown: Callable[[Any], bool]) -> tuple[list[str], list[str]]:
     """(changed properties, those among them that force a replacement)."""
-    keys = [k for k in (*spec_cls.model_fields, *DERIVED) if k in olds or k in news]
+    keys = [k for k in (*spec_cls.model_fields, *BY_SPEC[spec_cls].derived) if k in olds or k in news]
     changed = [k for k in keys if has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
     replace = set(BY_SPEC[spec_cls].replace)
     if "source" in changed and not (olds.get("source_digest") and news.get("source_digest")):

@@ -2,8 +2,8 @@
 
 create trains on the job's cluster (a child process locally; on Kubernetes it collects what the Job wrote), uploads
 the PEFT adapter content-addressed, writes the output model's manifest (an addon of the base) and the job's record
-with its metrics, and meters the tokens trained. Every input decides the adapter, so any change replaces the job (a new adapter); the
-same inputs and seed give the same digest. A failed run leaves nothing in the store.
+with its metrics, and meters the tokens trained. Every input decides the adapter, so any change replaces the job
+(a new adapter); the same inputs and seed give the same digest. A failed run leaves nothing in the store.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from ember.provider.providers.base import EmberError, EmberProvider, base_manife
 
 class FineTuningJobProvider(EmberProvider):
     spec_cls = FineTuningJobSpec
-    derived = ("base_model_digest", "dataset_digest", "evaluation_dataset_digest")
 
     def check_known(self, spec: FineTuningJobSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)

@@ -24,7 +24,6 @@ from ember.provider.providers.base import EmberError, EmberProvider, progress, s
 
 class ModelProvider(EmberProvider):
     spec_cls = ModelSpec
-    derived = ("source_digest",)
 
     def check_known(self, spec: ModelSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         if "source" in unknown or spec.source is None or "://" in spec.source:

@@ -47,7 +47,7 @@ def _type(schema: dict[str, Any], defs: dict[str, Any], nested: dict[str, dict])
         name = schema["$ref"].rsplit("/", 1)[1]
         if "properties" in defs[name]:
             nested[name] = defs[name]
-            return f"{name}Args"
+            return f"{name}Args | pulumi.Input[dict]"
         schema = defs[name]
     if schema.get("type") == "array":  # each item may be an Output, as in pulumi-kubernetes' SDK
         return f"Sequence[{_type(schema['items'], defs, nested)}]"
@@ -93,7 +93,7 @@ def _class(title: str, spec: str, schema: dict, defs: dict, nested: dict[str, di
 
 
 def arg_classes() -> list[str]:
-    """The names of the generated Args classes: one per kind, then the nested ones (autoscaling, request logging …)."""
+    """The names of the generated Args classes: one per kind, then the nested ones (autoscaling, request logging)."""
     nested: dict[str, dict] = {}
     for kind in KINDS:
         schema = kind.spec.model_json_schema(mode="validation")

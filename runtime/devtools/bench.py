@@ -70,7 +70,7 @@ def run_transformers(model_dir: Path, work: Workload, dtype: torch.dtype, device
     return Result("transformers+peft" if adapters else "transformers", seconds, work.output_tokens, [seconds] * len(outputs), [seconds] * len(outputs), outputs)
 
 
-async def _http_run(url: str, api_key: str, model: str, work: Workload, concurrency: int) -> tuple[Result, list[float]]:
+async def http_run(url: str, api_key: str, model: str, work: Workload, concurrency: int) -> tuple[Result, list[float]]:
     import httpx  # a dev dependency (the HTTP benchmark's client), not the runtime's
 
     gate = asyncio.Semaphore(concurrency)
@@ -119,7 +119,7 @@ def http_main(args: argparse.Namespace) -> int:
     """Drive a running server: the same workload, streamed, `--concurrency` requests at a time."""
     work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), 256, args.seed)
     progress(f"{args.requests} requests to {args.url} as {args.served_model}, {args.concurrency} at a time")
-    result, gaps = asyncio.run(_http_run(args.url, args.api_key, args.served_model, work, args.concurrency))
+    result, gaps = asyncio.run(http_run(args.url, args.api_key, args.served_model, work, args.concurrency))
 
     report = {"url": args.url, "model": args.served_model, "concurrency": args.concurrency,
               "output_tokens": result.output_tokens, "seconds": round(result.seconds, 3),

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ember.provider.domain.accounts import Accounts
-from ember.runtime.devtools.bench import _http_run
+from ember.runtime.devtools.bench import http_run
 from ember.runtime.devtools.bench_precisions import text_workload
 from ember.runtime.devtools.workload import Workload, percentile, progress
 
@@ -100,7 +100,7 @@ def drive(servers: dict[str, tuple[str, str, str]], workloads: list[Workload], c
             work = next(fresh)
             for name, (url, key, model) in servers.items():
                 progress(f"{name}: concurrency {concurrency}, round {attempt + 1}/{rounds}")
-                result, gaps = asyncio.run(_http_run(url, key, model, work, concurrency))
+                result, gaps = asyncio.run(http_run(url, key, model, work, concurrency))
                 row = summarize(name, concurrency, result, gaps)
                 if row["output_tokens"] != work.output_tokens:
                     raise RuntimeError(f"{name} produced {row['output_tokens']} tokens, not {work.output_tokens}")

@@ -89,7 +89,7 @@ def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
     if nodes > MAX_SCHEMA_NODES:
         raise ValueError(_too_big(nodes))
     if isinstance(schema.get("$schema"), str) and schema["$schema"].rstrip("#").startswith(OLD_DRAFTS):
-        raise ValueError(f"$schema: drafts before draft-04 are not served; use draft 2020-12 (the default)")
+        raise ValueError("$schema: drafts before draft-04 are not served; use draft 2020-12 (the default)")
     try:
         validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
     except exceptions.SchemaError as exc:

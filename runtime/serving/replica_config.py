@@ -20,7 +20,7 @@ class ProcessOptions:
     """What belongs to this process rather than to the deployment it serves."""
 
     limits: Limits = field(default_factory=Limits)
-    reconcile_interval_s: float = 30.0
+    reconcile_interval_s: float = ServerConfig.reconcile_interval_s
     compile: bool = False
     compile_cache: Path | None = None
 

@@ -39,6 +39,7 @@ class DatasetOutputs(Spec):
     source_digest: str | None = Field(None, description="content digest of a local source, derived at check")
 
 
-KIND = Kind("Dataset", DatasetSpec, DatasetOutputs, stack_group="datasets", schema_key="dataset",
+KIND = Kind("Dataset", DatasetSpec, DatasetOutputs, schema_key="dataset",
             provider="ember.provider.providers.dataset:DatasetProvider",
-            replace=frozenset({"account_id", "dataset_id", "source_digest"}))
+            replace=frozenset({"account_id", "dataset_id", "source_digest"}),
+            derived=("source_digest",))

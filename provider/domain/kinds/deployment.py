@@ -148,8 +148,9 @@ class DeploymentOutputs(Spec):
     serving_digest: str | None = Field(None, description="digest of the base weights the replicas serve")
 
 
-KIND = Kind("Deployment", DeploymentSpec, DeploymentOutputs, stack_group="deployments", schema_key="deployment",
+KIND = Kind("Deployment", DeploymentSpec, DeploymentOutputs, schema_key="deployment",
             provider="ember.provider.providers.deployment:DeploymentProvider",
             replace=frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest",
                                "deployment_type", "accelerator_type", "accelerator_count", "precision", "max_loras",
-                               "max_lora_rank", "request_logging"}))
+                               "max_lora_rank", "request_logging"}),
+            derived=("base_model_digest",))

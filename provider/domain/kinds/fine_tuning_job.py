@@ -17,8 +17,9 @@ class FineTuningJobSpec(Spec):
     """Supervised fine-tuning of a LoRA on a base model; its output is an addon model of that base."""
 
     PREVIEW_PLACEHOLDERS: ClassVar[dict[str, Any]] = {
-        "account_id": "unknown", "base_model": "accounts/unknown/models/unknown", "dataset": "accounts/unknown/datasets/unknown",
-        "evaluation_dataset": None, "output_model": "unknown", "training_url": "unknown"}
+        "account_id": "unknown", "base_model": "accounts/unknown/models/unknown",
+        "dataset": "accounts/unknown/datasets/unknown", "evaluation_dataset": None, "output_model": "unknown",
+        "training_url": "unknown"}
 
     account_id: ResourceId
     job_id: ResourceId | None = Field(None, description="user-chosen; generated when omitted")
@@ -50,6 +51,14 @@ class FineTuningJobSpec(Spec):
     @property
     def output_model_name(self) -> str:
         return model_name(self.account_id, self.output_model)
+
+    @property
+    def training_settings(self) -> dict:
+        """The hyperparameters as the training process takes them (runtime.training.trainer.TrainingJob), the same
+        from every cluster; each adds where the base model, the datasets and the output are."""
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "lora_rank": self.lora_rank,
+                "lora_alpha": self.alpha, "target_modules": list(self.target_modules), "batch_size": self.batch_size,
+                "max_context_length": self.max_context_length, "early_stop": self.early_stop, "seed": self.seed}
 
     @property
     def alpha(self) -> float:
@@ -96,8 +105,9 @@ class FineTuningJobOutputs(Spec):
     duration_s: float = Field(0.0, ge=0)
 
 
-KIND = Kind("FineTuningJob", FineTuningJobSpec, FineTuningJobOutputs, stack_group="fine_tuning_jobs",
-            schema_key="fine_tuning_job", provider="ember.provider.providers.fine_tuning_job:FineTuningJobProvider",
+KIND = Kind("FineTuningJob", FineTuningJobSpec, FineTuningJobOutputs, schema_key="fine_tuning_job",
+            provider="ember.provider.providers.fine_tuning_job:FineTuningJobProvider",
             # every input decides the adapter: any change trains a new one
             replace=frozenset(set(FineTuningJobSpec.model_fields) - {"display_name", "description"}
-                              | {"base_model_digest", "dataset_digest", "evaluation_dataset_digest"}))
+                              | {"base_model_digest", "dataset_digest", "evaluation_dataset_digest"}),
+            derived=("base_model_digest", "dataset_digest", "evaluation_dataset_digest"))

@@ -15,10 +15,12 @@ class Kind:
     name: str  # the resource class users declare (`ember.provider.<name>`), and its type token's last part
     spec: type  # the inputs, with every rule on one resource
     outputs: type  # what the provider reports after create, update and read
-    stack_group: str  # its list in a stack file (StackSpec)
     schema_key: str  # its JSON Schemas' file names in schema/
     provider: str  # "module:Class" of its dynamic provider, imported on first use (the domain never imports pulumi)
     replace: frozenset[str]  # the inputs whose change replaces the resource; every other change updates it in place
+    # Inputs that are no field of the spec: content digests check derives from a local source, or that the program
+    # passes from the resources this one references (a base model's), which decide replacements as inputs do.
+    derived: tuple[str, ...] = ()
 
     @property
     def type_token(self) -> str:
@@ -26,5 +28,6 @@ class Kind:
 
     @cached_property
     def provider_class(self) -> type:
+        # Named, not imported: the domain never imports pulumi, and the provider half asks for it when it runs.
         module, _, cls = self.provider.partition(":")
         return getattr(importlib.import_module(module), cls)

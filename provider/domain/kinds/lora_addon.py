@@ -10,7 +10,8 @@ from ember.provider.domain import catalog
 from ember.provider.domain.kinds.kind import Kind
 from ember.provider.domain.names import model_name, parse_deployment_name, parse_model_name
 from ember.provider.domain.spec import (MAX_LORA_RANK, DeploymentName, DisplayName, FieldError, ModelName, ModelState,
-                                        ResourceId, Source, Spec, Text, full_name, refuse_foreign_base, refuse_reserved_id)
+                                        ResourceId, Source, Spec, Text, full_name, refuse_foreign_base,
+                                        refuse_reserved_id)
 
 
 class LoRAAddonSpec(Spec):
@@ -70,6 +71,7 @@ class LoRAAddonOutputs(Spec):
     deployed_on: tuple[DeploymentName, ...] = ()
 
 
-KIND = Kind("LoRAAddon", LoRAAddonSpec, LoRAAddonOutputs, stack_group="addons", schema_key="lora_addon",
+KIND = Kind("LoRAAddon", LoRAAddonSpec, LoRAAddonOutputs, schema_key="lora_addon",
             provider="ember.provider.providers.lora_addon:LoRAAddonProvider",
-            replace=frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}))
+            replace=frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
+            derived=("base_model_digest", "source_digest"))

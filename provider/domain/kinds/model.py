@@ -76,6 +76,7 @@ class ModelOutputs(Spec):
     source_digest: str | None = Field(None, description="content digest of a local source, derived at check")
 
 
-KIND = Kind("Model", ModelSpec, ModelOutputs, stack_group="models", schema_key="model",
+KIND = Kind("Model", ModelSpec, ModelOutputs, schema_key="model",
             provider="ember.provider.providers.model:ModelProvider",
-            replace=frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}))
+            replace=frozenset({"account_id", "model_id", "kind", "catalog_id", "source_digest"}),
+            derived=("source_digest",))
