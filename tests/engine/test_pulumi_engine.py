@@ -3,7 +3,6 @@ which must plan the same step for every resource (the engine is the judge)."""
 
 import json
 import re
-import urllib.request
 from pathlib import Path
 
 import pytest

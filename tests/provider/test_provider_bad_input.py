@@ -192,8 +192,10 @@ def test_check_sees_the_references_a_program_passes(env):
     failures = check_failures(cfg, "LoRAAddon", addon(models, source=str(big), references=refs, deployments=[
         "accounts/acme/deployments/other-base", "accounts/acme/deployments/small-rank"]))
     assert failures["deployments[0]"] == ("accounts/acme/deployments/other-base serves base model "
-                                          "accounts/acme/models/other, not this addon's base accounts/acme/models/base")
-    assert failures["source"] == "rank 16 is above accounts/acme/deployments/small-rank's max_lora_rank 8"
+                                          "accounts/acme/models/other, not this addon's base accounts/acme/models/base; "
+                                          "attach it to a deployment of accounts/acme/models/base")
+    assert failures["source"] == ("rank 16 is above accounts/acme/deployments/small-rank's max_lora_rank 8; raise it or "
+                                  "train a smaller adapter")
     on_addon = check_failures(cfg, "Deployment", deployment(references={"base_model": {"declared": True, "addon": True}}))
     assert on_addon == {"base_model": "accounts/acme/models/base is a LoRA addon, not a base model"}
     # a catalog base needs no declaration; facts that are not known yet are not judged

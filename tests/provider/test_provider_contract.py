@@ -259,7 +259,7 @@ def test_delete_before_replace_false_creates_the_replacement_first(program, monk
 
 def test_import_is_refused_as_the_engine_refuses_it(program, tmp_path):
     """The engine imports a dynamic resource by calling Read without the serialized provider, which the Python
-    SDK's provider server needs (tests/test_pulumi_engine.py sees it fail): the offline runner refuses it too."""
+    SDK's provider server needs (tests/engine/test_pulumi_engine.py sees it fail): the offline runner refuses it too."""
     run, cfg = program
     run({})
     state = cfg.state_dir / "stacks" / "contract-dev.json"

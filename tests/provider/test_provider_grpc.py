@@ -115,7 +115,8 @@ def test_check_judges_the_references_a_program_sends(stub, tmp_path):
                                                     "cluster": "local"}}}}
     response = stub.Check(provider_pb2.CheckRequest(type=f"{TYPE}LoRAAddon", olds=struct({}), news=struct(news)))
     assert {f.property: f.reason for f in response.failures} == {
-        "deployments[0]": f"{target} serves base model accounts/acme/models/b2, not this addon's base accounts/acme/models/base"}
+        "deployments[0]": f"{target} serves base model accounts/acme/models/b2, not this addon's base "
+                          f"accounts/acme/models/base; attach it to a deployment of accounts/acme/models/base"}
     # ignore_changes=["source_digest"]: the engine sends the old digest in the news; check keeps it
     model = {"__provider": serialize_provider(ModelProvider()), "account_id": "acme", "model_id": "base",
              "source": str(models["base"]), "source_digest": "sha256:" + "0" * 64}

@@ -302,6 +302,16 @@ def test_bad_stacks(overrides, field, fragment):
     assert fragment in found[field]
 
 
+def test_a_stack_judges_names_as_the_program_the_pack_and_the_store_do():
+    """Issue 29: one rule (domain/rules.py) for every channel. A name is its account's: two accounts may each have a
+    model `shared` (the store keeps models per account), and one account may not have two."""
+    two_accounts = [{"account_id": a, "model_id": "shared", "source": "w"} for a in ("acme", "globex")]
+    assert len(spec.parse(StackSpec, stack(models=two_accounts)).models) == 2
+    found, _ = errors(StackSpec, stack(models=two_accounts + [two_accounts[0]]))
+    assert found == {"models[2].model_id": "accounts/acme/models/shared is already declared by models[0]; model IDs "
+                                           "are globally unique, base models and addons alike"}
+
+
 def test_catalog_ids_are_valid_and_serverless_addons_only_on_serverless_bases():
     for model in catalog.CATALOG.values():
         assert spec.parse(ModelSpec, {"account_id": "p", "catalog_id": model.model_id}).model_id == model.model_id

@@ -1,6 +1,5 @@
 """No prompt or output text anywhere a server writes — logs, usage, metrics, errors — unless opted in."""
 
-import httpx
 import pytest
 from tests.runtime.server_helpers import BASE, PIRATE, metrics_text, start
 
