@@ -26,7 +26,7 @@ from ember.runtime.model.grammar import CompiledGrammar, Grammars
 from ember.runtime.model.llama import Llama
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.quantized import QUANTIZED, quantize_projections
-from ember.runtime.model.sampling import LogitBias, SamplingParams, TokenLogprob
+from ember.runtime.model.sampling import LogitTensors, SamplingParams, TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,6 +121,7 @@ class Engine:
             self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                                     max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
         stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
+        self.stop_token_ids = stop_token_ids
         self.grammars = Grammars(tokenizer, c.vocab_size, stop_token_ids)
         compiled = None
         if config.compile:
@@ -128,7 +129,7 @@ class Engine:
                 use_cache_folder(config.compile_cache)
             compiled = CompiledDecode(model, self.cache)
             compiled.warm_up()
-        self.runner = ModelRunner(model, self.cache, self.lora, stop_token_ids, self.grammars, compiled)
+        self.runner = ModelRunner(model, self.cache, self.lora, self.grammars, compiled)
         self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -201,7 +202,7 @@ class Engine:
         if adapter is not None:
             self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
         seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher,
-                       logit_bias=LogitBias.of(params.logit_bias, self.device),
+                       logit_tensors=LogitTensors.of(params, self.stop_token_ids, self.device),
                        cache_namespace=self._cache_namespace(adapter, cache_salt))
         self.requests[request_id] = seq
         self.output.add(seq)

@@ -15,9 +15,9 @@ from ember.runtime.model.sampling import TokenLogprob, process_logits, sample
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None, stop_token_ids: set[int],
-                 grammars: Grammars, compiled: CompiledDecode | None = None):
-        self.model, self.cache, self.lora, self.stop_token_ids = model, cache, lora, stop_token_ids
+    def __init__(self, model: Llama, cache: KVCache, lora: LoRAManager | None, grammars: Grammars,
+                 compiled: CompiledDecode | None = None):
+        self.model, self.cache, self.lora = model, cache, lora
         self.grammars, self.compiled = grammars, compiled
         self.lora_hook = BatchedLoRA(lora.device_slots) if lora else None
         model.lora = self.lora_hook
@@ -40,7 +40,7 @@ class ModelRunner:
             return []
         params = [s.params for s in sampled]
         logits = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in sampled],
-                                [s.logit_bias for s in sampled], self.stop_token_ids)
+                                [s.logit_tensors for s in sampled])
         logits = constrain(logits, [(i, self.grammars.allowed(s.matcher)) for i, s in enumerate(sampled) if s.matcher])
         tokens, logprobs = sample(logits, params, [s.generator for s in sampled])
         for seq, token in zip(sampled, tokens):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ember.runtime.model.sampling import LogitBias, SamplingParams, TokenLogprob, make_generator
+from ember.runtime.model.sampling import LogitTensors, SamplingParams, TokenLogprob, make_generator
 
 
 class Status(Enum):
@@ -36,7 +36,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     matcher: Any = None  # llguidance's matcher of a constrained request: its next allowed tokens
-    logit_bias: LogitBias | None = None  # params.logit_bias as tensors on the engine's device, built when added
+    logit_tensors: LogitTensors | None = None  # what its logits processors add and mask, built when it is added
     cache_namespace: bytes = b""  # whose K/V its blocks hold: the base model's, or one addon's
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, for prefix caching
     num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache

@@ -55,20 +55,24 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class LogitBias:
-    """A request's logit_bias in the form a step adds it: its token ids and their biases, on the engine's device.
-    Built once when the request is added (Sequence.logit_bias), not again at every step."""
+class LogitTensors:
+    """What a request's logits processors add and mask that does not change as it runs, as tensors on the engine's
+    device: built once when the request is added (Sequence.logit_tensors), not again at every step."""
 
-    token_ids: torch.Tensor  # [n] long
-    biases: torch.Tensor  # [n] float32, as the logits are
+    bias_ids: torch.Tensor | None = None  # logit_bias: its token ids, [n] long
+    biases: torch.Tensor | None = None  # and their biases, [n] float32 as the logits are
+    # the end tokens min_tokens masks: the request's, and the model's unless ignore_eos
+    held_back: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, pairs: tuple[tuple[int, float], ...], device: torch.device) -> "LogitBias | None":
-        if not pairs:
+    def of(cls, params: SamplingParams, model_ends: set[int], device: torch.device) -> "LogitTensors | None":
+        ends = sorted((set() if params.ignore_eos else set(model_ends)) | set(params.stop_token_ids))
+        held_back = torch.tensor(ends, dtype=torch.long, device=device) if params.min_tokens and ends else None
+        if not params.logit_bias and held_back is None:
             return None
-        ids, biases = zip(*pairs)
-        return cls(torch.tensor(ids, dtype=torch.long, device=device),
-                   torch.tensor(biases, dtype=torch.float32, device=device))
+        ids, biases = zip(*params.logit_bias) if params.logit_bias else ((), ())
+        return cls(torch.tensor(ids, dtype=torch.long, device=device) if ids else None,
+                   torch.tensor(biases, dtype=torch.float32, device=device) if ids else None, held_back)
 
 
 @dataclass(frozen=True)
@@ -88,22 +92,20 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
-                   biases: list[LogitBias | None], stop_token_ids: set[int]) -> torch.Tensor:
+                   tensors: list[LogitTensors | None]) -> torch.Tensor:
     """Each row's logits with its request's processors applied: `histories` are the (prompt, output) tokens of each
-    row's request, `biases` its logit_bias (built once per request), `stop_token_ids` the model's end tokens."""
+    row's request, `tensors` what it adds and masks (built once per request)."""
     if not any(p.processes_logits for p in params):
         return logits
     logits = logits.clone()  # the forward pass's output is an inference-mode tensor: not changed in place
     for i, p in enumerate(params):
         if not p.processes_logits:
             continue
-        row, (prompt, output), bias = logits[i], histories[i], biases[i]
-        if bias is not None:
-            row.index_add_(0, bias.token_ids, bias.biases)
-        if len(output) < p.min_tokens:
-            ends = (set() if p.ignore_eos else set(stop_token_ids)) | set(p.stop_token_ids)
-            if ends:
-                row[torch.tensor(sorted(ends), device=row.device)] = float("-inf")
+        row, (prompt, output), fixed = logits[i], histories[i], tensors[i] or LogitTensors()
+        if fixed.bias_ids is not None:
+            row.index_add_(0, fixed.bias_ids, fixed.biases)
+        if len(output) < p.min_tokens and fixed.held_back is not None:
+            row[fixed.held_back] = float("-inf")
         if p.repetition_penalty != 1:
             seen = torch.tensor(sorted(set(prompt) | set(output)), device=row.device)
             values = row[seen]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests.runtime.server_helpers import BASE, PIRATE, metrics_text, start
 
-from ember.runtime.model.sampling import LogitBias, SamplingParams, process_logits
+from ember.runtime.model.sampling import LogitTensors, SamplingParams, process_logits
 from ember.runtime.serving.bodies import _parse
 from ember.runtime.serving.protocol import APIError, CompletionRequest
 
@@ -44,8 +44,8 @@ def test_each_processor_matches_its_reference(params):
     plain = SamplingParams()
     mixed = [params, plain, params]  # a free request between two that process: its row is untouched
     expected = [reference(row.tolist(), p, *h, ends={0}) for row, p, h in zip(logits, mixed, histories)]
-    biases = [LogitBias.of(p.logit_bias, logits.device) for p in mixed]
-    got = process_logits(logits.clone(), mixed, histories, biases, stop_token_ids={0})
+    tensors = [LogitTensors.of(p, {0}, logits.device) for p in mixed]
+    got = process_logits(logits.clone(), mixed, histories, tensors)
     assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
     assert torch.equal(got[1], logits[1])
 

@@ -165,14 +165,16 @@ def test_requests_that_cannot_fit_are_refused_without_their_text(model_dir):
         engine(model_dir, kv_cache_tokens=64, max_model_len=128)
 
 
-def test_logit_bias_is_built_once_when_the_request_is_added(model_dir):
+def test_a_requests_logit_tensors_are_built_once_when_it_is_added(model_dir):
     eng = engine(model_dir)
-    request = eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, logit_bias=((9, 100.0),), **GREEDY))
-    bias = eng.requests[request].logit_bias
-    assert bias.token_ids.tolist() == [9] and bias.biases.tolist() == [100.0] and bias.biases.device == eng.device
+    params = SamplingParams(max_tokens=3, logit_bias=((9, 100.0),), min_tokens=2, stop_token_ids=(4,), **GREEDY)
+    request = eng.add_request([5, 6, 7], params)
+    fixed = eng.requests[request].logit_tensors
+    assert fixed.bias_ids.tolist() == [9] and fixed.biases.tolist() == [100.0] and fixed.biases.device == eng.device
+    assert fixed.held_back.tolist() == sorted((set() if params.ignore_eos else eng.stop_token_ids) | {4})
     tokens = []
     while eng.has_unfinished:
         tokens += [t for out in eng.step() for t in out.token_ids]
-        assert request not in eng.requests or eng.requests[request].logit_bias is bias  # not rebuilt by a step
+        assert request not in eng.requests or eng.requests[request].logit_tensors is fixed  # not rebuilt by a step
     assert tokens == [9, 9, 9]
-    assert eng.requests[eng.add_request([5, 6, 7], SamplingParams(max_tokens=3))].logit_bias is None
+    assert eng.requests[eng.add_request([5, 6, 7], SamplingParams(max_tokens=3))].logit_tensors is None
