@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,10 +26,13 @@ from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
                                         SpecError, parse)
 from ember.provider.domain.store_layout import StoreLayout
 
-__all__ = ["DEFAULT_MAX_LORAS", "DEFAULT_MAX_LORA_RANK", "DEFAULT_MAX_QUEUE", "ReplicaSpec", "RequestLogTarget",
-           "read_replica_spec", "replica_spec", "serve_command", "write_replica_spec"]
+__all__ = ["DEFAULT_MAX_LORAS", "DEFAULT_MAX_LORA_RANK", "DEFAULT_MAX_QUEUE", "REPLICA_SPEC_VERSION", "ReplicaSpec",
+           "RequestLogTarget", "read_replica_spec", "replica_spec", "serve_command", "write_replica_spec"]
 
 DEFAULT_MAX_QUEUE = 64  # waiting requests a replica holds before it answers 429
+# The document's version: a runtime refuses a spec of another by saying so, not by naming a field it does not know
+# (on Kubernetes the runtime image and the provider that writes the spec are upgraded apart).
+REPLICA_SPEC_VERSION = 1
 
 
 class _Frozen(BaseModel):
@@ -43,6 +47,10 @@ class RequestLogTarget(_Frozen):
 
 
 class ReplicaSpec(_Frozen):
+    """What one replica serves and how: written by the provider (or built from `serve`'s hand flags), read by
+    `ember serve --replica-spec`. schema/replica_spec.json is its JSON Schema."""
+
+    version: Literal[1] = Field(REPLICA_SPEC_VERSION, description="the document's version")
     # whom it serves, and what
     model: str = Field(min_length=1, description="the base weights: a Hugging Face directory's path or store URL")
     deployment: DeploymentName
@@ -111,4 +119,8 @@ def read_replica_spec(url: str) -> ReplicaSpec:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SpecError("ReplicaSpec", [("", f"is not JSON: {exc}")]) from None
+    version = data.get("version", REPLICA_SPEC_VERSION) if isinstance(data, dict) else REPLICA_SPEC_VERSION
+    if version != REPLICA_SPEC_VERSION:
+        raise SpecError("ReplicaSpec", [("version", f"this runtime reads replica spec version {REPLICA_SPEC_VERSION}, "
+                                                    f"not {version!r}: run a runtime as new as the provider that wrote it")])
     return parse(ReplicaSpec, data)

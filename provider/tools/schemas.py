@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ember.provider.domain.kinds import KINDS
+from ember.provider.domain.replica_spec import ReplicaSpec
 from ember.provider.domain.spec import Spec
 from ember.provider.domain.stack import StackSpec
 
@@ -29,6 +30,7 @@ def generate() -> dict[str, dict]:
         schemas[f"{kind.schema_key}.args.json"] = _schema(kind.spec, kind.spec.__name__, "validation")
         schemas[f"{kind.schema_key}.outputs.json"] = _schema(kind.outputs, kind.outputs.__name__, "serialization")
     schemas["stack.json"] = _schema(StackSpec, "StackSpec", "validation")
+    schemas["replica_spec.json"] = _schema(ReplicaSpec, "ReplicaSpec", "validation")
     return schemas
 
 

@@ -79,6 +79,9 @@ def test_hand_flags_and_a_spec_file_give_the_same_configs(tmp_path):
     ({"max_lora": 8}, "max_lora: is not a known property (got 8)"),
     ({"deployment": "acme/tiny"}, "deployment: "),
     ({"request_log": {"url": "/l", "retention_days": 400}}, "request_log.retention_days: "),
+    # a provider newer than this runtime: said so, before any field it does not know is named
+    ({"version": 2, "autoscale": True}, "version: this runtime reads replica spec version 1, not 2: run a runtime as "
+                                        "new as the provider that wrote it"),
 ])
 def test_a_bad_spec_file_is_refused_naming_the_field_and_value(tmp_path, capsys, change, said):
     path = tmp_path / "replica.json"
