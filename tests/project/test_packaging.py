@@ -47,4 +47,5 @@ def test_non_editable_install_imports(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     for path in out.stdout.split():
         assert path.startswith(str(target)), path
-    assert (target / "ember" / "provider" / "domain" / "spec.py").exists() and (target / "ember" / "runtime" / "tinymodels.py").exists()
+    for module in ("provider/domain/spec.py", "provider/domain/kinds/deployment.py", "runtime/devtools/tinymodels.py"):
+        assert (target / "ember" / module).exists(), module
