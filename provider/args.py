@@ -5,7 +5,7 @@ defaults and says what is wrong, naming the field and value."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,8 +14,9 @@ import pulumi
 if TYPE_CHECKING:
     from ember.provider.resources import Dataset, Deployment, FineTuningJob, Model
 
-__all__ = ["ModelArgs", "LoRAAddonArgs", "DeploymentArgs", "DatasetArgs", "FineTuningJobArgs",
-           "AutoscalingPolicyArgs", "KubernetesWorkloadArgs", "RequestLoggingArgs"]
+__all__ = ["ModelArgs", "LoRAAddonArgs", "DeploymentArgs", "DatasetArgs", "FineTuningJobArgs", "GatewayArgs",
+           "AccountRateLimitsArgs", "AutoscalingPolicyArgs", "KubernetesWorkloadArgs", "RateLimitsArgs",
+           "RequestLoggingArgs"]
 
 
 @dataclass
@@ -144,6 +145,43 @@ class FineTuningJobArgs:
 
 
 @dataclass
+class GatewayArgs:
+    """The platform's one endpoint: routes requests by model name to the deployments of its store."""
+
+    # the platform team's account: its keys read the gateway's /metrics
+    account_id: pulumi.Input[str]
+    # user-chosen; generated when omitted
+    gateway_id: pulumi.Input[str] | None = None
+    # local: a process on this machine; kubernetes: pods (ember.provider.KubernetesGateway); one of local, kubernetes
+    cluster: pulumi.Input[str] | None = None
+    # local: the loopback port it listens on; when omitted, one is picked at the first up and kept
+    port: pulumi.Input[int] | None = None
+    # gateway processes behind the endpoint (1 on the local cluster, at least 2 on Kubernetes, the default there);
+    # each holds an account to its share of the limits
+    replicas: pulumi.Input[int] | None = None
+    rate_limits: RateLimitsArgs | pulumi.Input[dict] | None = None
+    # per-account overrides of rate_limits, by account ID
+    account_rate_limits: Mapping[str, AccountRateLimitsArgs | pulumi.Input[dict]] | None = None
+    # replicas a request is tried on when one refuses the connection, drains, or answers 503 or 429 before its first
+    # byte
+    max_attempts: pulumi.Input[int] | None = None
+    # kubernetes: where clients reach it (its Ingress, route or Service), set by KubernetesGateway
+    advertised_url: pulumi.Input[str] | None = None
+    # cluster='kubernetes': the gateway pods' apps/v1 Deployment, whose rollout create and update wait for
+    kubernetes_workload: KubernetesWorkloadArgs | pulumi.Input[dict] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class AccountRateLimitsArgs:
+    """One account's own limits; a limit left out is the gateway's."""
+
+    requests_per_minute: pulumi.Input[int] | None = None
+    tokens_per_minute: pulumi.Input[int] | None = None
+
+
+@dataclass
 class AutoscalingPolicyArgs:
     # load must stay high this long before scaling up
     scale_up_window_s: pulumi.Input[int] | None = None
@@ -157,7 +195,8 @@ class AutoscalingPolicyArgs:
 
 @dataclass
 class KubernetesWorkloadArgs:
-    """The apps/v1 Deployment whose rollout a Kubernetes deployment waits for (set by KubernetesDeployment)."""
+    """The apps/v1 Deployment whose rollout a Kubernetes deployment or gateway waits for (set by KubernetesDeployment
+and KubernetesGateway)."""
 
     namespace: pulumi.Input[str]
     name: pulumi.Input[str]
@@ -166,6 +205,17 @@ class KubernetesWorkloadArgs:
     # a kubeconfig file's path; the ambient kubeconfig (KUBECONFIG, ~/.kube/config, or the pod's service account) when
     # omitted
     kubeconfig: pulumi.Input[str] | None = None
+
+
+@dataclass
+class RateLimitsArgs:
+    """What one account may send through the gateway: token buckets holding a minute's worth, refilled evenly."""
+
+    # requests an account may send a minute
+    requests_per_minute: pulumi.Input[int] | None = None
+    # prompt and completion tokens an account may use a minute: a request is counted when it is admitted (its prompt's
+    # characters / 4, plus max_tokens for each choice) and settled at its usage
+    tokens_per_minute: pulumi.Input[int] | None = None
 
 
 @dataclass

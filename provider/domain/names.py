@@ -18,6 +18,9 @@ DEPLOYMENT_NAME_PATTERN = (
     r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/deployments/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
 DATASET_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/datasets/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+GATEWAY_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/gateways/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# A request's `model` may pin the deployment that answers it: accounts/<a>/models/<m>#accounts/<a>/deployments/<d>
+PIN = "#"
 
 # The Pulumi type token of every Ember resource starts so (Pulumi's dynamic provider, then ember:<Kind>).
 EMBER_TYPE_PREFIX = "pulumi-python:dynamic/ember:"
@@ -35,7 +38,7 @@ class ResourceName:
     """A parsed `accounts/<account_id>/<collection>/<resource_id>` name."""
 
     account_id: str
-    collection: str  # "models", "deployments", "datasets" or "fineTuningJobs"
+    collection: str  # "models", "deployments", "datasets", "fineTuningJobs" or "gateways"
     resource_id: str
 
     def __str__(self) -> str:
@@ -86,3 +89,22 @@ def fine_tuning_job_name(account_id: str, job_id: str) -> str:
 
 def parse_fine_tuning_job_name(value: str) -> ResourceName:
     return ResourceName.parse(value, "fineTuningJobs")
+
+
+def gateway_name(account_id: str, gateway_id: str) -> str:
+    return str(ResourceName(check_id(account_id, "account ID"), "gateways", check_id(gateway_id, "gateway ID")))
+
+
+def parse_gateway_name(value: str) -> ResourceName:
+    return ResourceName.parse(value, "gateways")
+
+
+def split_pinned(model: str) -> tuple[str, str | None]:
+    """A request's `model` as (model name, the deployment it pins or None): `accounts/a/models/m` or
+    `accounts/a/models/m#accounts/a/deployments/d`. Each part is checked as a name; raises ValueError naming it."""
+    name, pin, deployment = model.partition(PIN)
+    parse_model_name(name)
+    if not pin:
+        return name, None
+    parse_deployment_name(deployment)
+    return name, deployment

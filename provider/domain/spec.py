@@ -18,8 +18,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ember.provider.domain import catalog
 from ember.provider.domain.accounts import foreign_model_refusal, is_catalog_name
-from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN,
-                                         check_id, parse_dataset_name, parse_deployment_name, parse_model_name)
+from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN, GATEWAY_NAME_PATTERN,
+                                         ID_PATTERN, MODEL_NAME_PATTERN, check_id, parse_dataset_name,
+                                         parse_deployment_name, parse_gateway_name, parse_model_name)
 
 # ---------------------------------------------------------------------------------------------------
 # Errors
@@ -51,6 +52,8 @@ class SpecError(ValueError):
 def _path(loc: tuple) -> str:
     path = ""
     for part in loc:
+        if part == "[key]":  # pydantic's mark of a mapping's key: the key itself is the part before it
+            continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
 
@@ -234,6 +237,11 @@ DeploymentName = Annotated[
     str,
     AfterValidator(_check_name(parse_deployment_name)),
     _json_string(DEPLOYMENT_NAME_PATTERN, "accounts/<ACCOUNT_ID>/deployments/<DEPLOYMENT_ID>"),
+]
+GatewayName = Annotated[
+    str,
+    AfterValidator(_check_name(parse_gateway_name)),
+    _json_string(GATEWAY_NAME_PATTERN, "accounts/<ACCOUNT_ID>/gateways/<GATEWAY_ID>"),
 ]
 Text = Annotated[str, Field(max_length=1000)]
 DisplayName = Annotated[str, Field(min_length=1, max_length=128)]

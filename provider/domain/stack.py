@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from ember.provider.domain.kinds.dataset import DatasetSpec
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.kinds.gateway import GatewaySpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
 from ember.provider.domain.kinds.model import ModelSpec
 from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, base_model_refusal, name_clashes
@@ -21,6 +22,7 @@ class StackSpec(Spec):
     deployments: tuple[DeploymentSpec, ...] = ()
     datasets: tuple[DatasetSpec, ...] = ()
     fine_tuning_jobs: tuple[FineTuningJobSpec, ...] = ()
+    gateways: tuple[GatewaySpec, ...] = Field((), max_length=1, description="a store has one gateway")
 
     @model_validator(mode="after")
     def _cross_references(self) -> "StackSpec":

@@ -7,6 +7,8 @@ Layout under the store root:
     models/<account>/<model_id>.json            its manifest: kind, digest, architecture, parameters …
     deployments/<account>/<deployment>/addons.json   {addon name: object URL}: what replicas must serve
     deployments/<account>/<deployment>/deployment.json   its record: base model, max_lora_rank, cluster …
+    replicas/<account>/<deployment>/<replica>.json   a running replica's registration: its URL, the addons it holds
+    gateways/<account>/<gateway_id>.json        the store's gateway: its settings (rate limits, retries)
     datasets/<account>/<dataset_id>.json        a dataset's record: digest of its object (holding DATASET_FILE), counts
     fine-tuning-jobs/<account>/<job_id>.json    a finished job's record: the addon it trained, its metrics
     fine-tuning-runs/<account>/<job_id>/<key>/  what a Kubernetes training pod wrote: adapter/, result.json
@@ -48,6 +50,17 @@ class StoreLayout:
 
     def deployment_record(self, account: str, deployment: str) -> str:
         return f"{self.deployment(account, deployment)}/deployment.json"
+
+    def replicas(self, account: str, deployment: str) -> str:
+        """The registrations of a deployment's running replicas (beside its record, not under it: a replica that
+        drains after its deployment was deleted must not bring the deployment's folder back)."""
+        return self._join("replicas", account, deployment)
+
+    def replica(self, account: str, deployment: str, replica: str) -> str:
+        return f"{self.replicas(account, deployment)}/{replica}.json"
+
+    def gateway(self, account: str, gateway_id: str) -> str:
+        return self._join("gateways", account, f"{gateway_id}.json")
 
     def dataset(self, account: str, dataset_id: str) -> str:
         return self._join("datasets", account, f"{dataset_id}.json")

@@ -40,7 +40,8 @@ class RequestLogging(Spec):
 
 
 class KubernetesWorkload(Spec):
-    """The apps/v1 Deployment whose rollout a Kubernetes deployment waits for (set by KubernetesDeployment)."""
+    """The apps/v1 Deployment whose rollout a Kubernetes deployment or gateway waits for (set by KubernetesDeployment
+    and KubernetesGateway)."""
 
     namespace: str = Field(min_length=1, max_length=63)
     name: str = Field(min_length=1, max_length=63)

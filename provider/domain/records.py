@@ -1,5 +1,7 @@
-"""What the store keeps about each model, addon and deployment, typed: a manifest per model or addon, a
-record per deployment. Defaults come from the spec, so an older document reads the way the spec reads."""
+"""What the store keeps about each model, addon, deployment and gateway, typed: a manifest per model or addon, a
+record per deployment and gateway, and each running replica's registration. Defaults come from the spec, so an older
+document reads the way the spec reads. The provider writes them, replicas and the gateway read them (the domain, so
+both halves share one definition)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.gateway import GatewaySpec
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, JobState, ModelKind, ModelState
 
 
@@ -86,3 +89,38 @@ class FineTuningJobRecord(_Document):
     outputs: dict[str, Any] = {}
     created: float = 0.0
     inputs: dict[str, Any] = {}
+
+
+class GatewayRecord(_Document):
+    """A store's gateway: its settings (a GatewaySpec, which the gateway re-reads, so a new limit needs no restart)."""
+
+    name: str  # accounts/<account>/gateways/<id>
+    spec: dict[str, Any]  # the GatewaySpec, as JSON
+    created: bool = True  # as a deployment record's: False until a create has finished
+    inputs: dict[str, Any] = {}
+
+    def settings(self) -> GatewaySpec:
+        return GatewaySpec.model_validate(self.spec)
+
+
+# A replica rewrites its registration this often; the gateway takes one older than the TTL for a replica that died
+# without saying so (killed), and stops routing to it.
+REGISTRATION_INTERVAL_S = 2.0
+REGISTRATION_TTL_S = 15.0
+
+
+class ReplicaRegistration(_Document):
+    """A running replica as it announces itself for the gateway: where it answers, and which addons it holds. Written
+    once it is ready, again every REGISTRATION_INTERVAL_S, as draining when it is told to stop, and removed as it
+    exits."""
+
+    replica: str  # its own id, as in its usage records
+    deployment: str  # accounts/<account>/deployments/<id>
+    url: str  # where the gateway reaches it: http://<address>:<port>
+    state: Literal["ready", "draining"] = "ready"
+    served: tuple[str, ...] = ()  # addons it can answer now (in host memory)
+    slots: tuple[str, ...] = ()  # those of them in a device slot: no load before the first step
+    last_seen: float = 0.0
+
+    def fresh(self, now: float) -> bool:
+        return now - self.last_seen <= REGISTRATION_TTL_S
