@@ -1,6 +1,6 @@
 """Ember's Pulumi resources: `from ember.provider import Model, ModelArgs, LoRAAddon, LoRAAddonArgs, Deployment,
-DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs` (and `KubernetesDeployment,
-KubernetesFineTuningJob, KubernetesArgs`).
+DeploymentArgs, Dataset, DatasetArgs, FineTuningJob, FineTuningJobArgs, Gateway, GatewayArgs` (and
+`KubernetesDeployment, KubernetesFineTuningJob, KubernetesGateway, KubernetesArgs, KubernetesGatewayArgs`).
 
 The public names come from the one list of kinds (ember.provider.domain.kinds) and load on first use, so importing
 `ember.provider.domain` (as a runtime replica does) never imports pulumi.
@@ -12,13 +12,16 @@ import importlib
 from functools import cache
 from typing import TYPE_CHECKING
 
-KUBERNETES = ("KubernetesDeployment", "KubernetesArgs", "KubernetesFineTuningJob")
+KUBERNETES = ("KubernetesDeployment", "KubernetesArgs", "KubernetesFineTuningJob", "KubernetesGateway",
+              "KubernetesGatewayArgs")
 
 if TYPE_CHECKING:
-    from ember.provider.args import (AutoscalingPolicyArgs, DatasetArgs, DeploymentArgs, FineTuningJobArgs,
-                                     KubernetesWorkloadArgs, LoRAAddonArgs, ModelArgs, RequestLoggingArgs)
-    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment, KubernetesFineTuningJob
-    from ember.provider.resources import Dataset, Deployment, FineTuningJob, LoRAAddon, Model
+    from ember.provider.args import (AccountRateLimitsArgs, AutoscalingPolicyArgs, DatasetArgs, DeploymentArgs,
+                                     FineTuningJobArgs, GatewayArgs, KubernetesWorkloadArgs, LoRAAddonArgs, ModelArgs,
+                                     RateLimitsArgs, RequestLoggingArgs)
+    from ember.provider.kubernetes import (KubernetesArgs, KubernetesDeployment, KubernetesFineTuningJob,
+                                           KubernetesGateway, KubernetesGatewayArgs)
+    from ember.provider.resources import Dataset, Deployment, FineTuningJob, Gateway, LoRAAddon, Model
 
 
 @cache

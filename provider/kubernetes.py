@@ -37,14 +37,16 @@ import pulumi_kubernetes as k8s
 
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.kinds.gateway import GatewaySpec
 from ember.provider.domain.names import parse_model_name
 from ember.provider.domain.replica_spec import replica_spec, serve_command
 from ember.provider.domain.spec import AcceleratorType, parse
 from ember.provider.domain.store_layout import DATASET_FILE, StoreLayout
-from ember.provider.resources import (Dataset, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Model,
-                                      default_id, props_of)
+from ember.provider.resources import (Dataset, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Gateway,
+                                      GatewayArgs, Model, default_id, props_of)
 
 RUNTIME_PORT = 8000
+GATEWAY_PORT = 8080
 
 # Node labels published by NVIDIA's GPU feature discovery and AMD's GPU operator.
 NODE_SELECTORS: dict[AcceleratorType, dict[str, str]] = {
@@ -119,6 +121,8 @@ REPLICA_SPEC_DIR, REPLICA_SPEC_FILE = "/etc/ember", "replica.json"
 # Endpoints stop routing to a stopping pod a moment after it is marked terminating; the pre-stop wait covers
 # that moment so no new request reaches a replica that has begun to drain.
 PRE_STOP_S = 10
+# The pod's own address, from the downward API.
+POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
 def writable_volumes(names: Sequence[str]) -> tuple[list[dict], list[dict]]:
@@ -139,11 +143,13 @@ def container(spec: DeploymentSpec, cluster: KubernetesArgs, secret_name, spec_m
         "name": "runtime",
         "image": cluster.image,
         "command": ["python", "-m", "ember.runtime"],
-        "args": serve_command(f"{REPLICA_SPEC_DIR}/{REPLICA_SPEC_FILE}") + ["--host", "0.0.0.0", "--port",
-                                                                            str(RUNTIME_PORT)],
+        # The replica registers in the store at its pod's address, where the gateway reaches it ($(POD_IP) is
+        # expanded by the kubelet from the environment below).
+        "args": serve_command(f"{REPLICA_SPEC_DIR}/{REPLICA_SPEC_FILE}") + [
+            "--host", "0.0.0.0", "--port", str(RUNTIME_PORT), "--advertise-url", f"http://$(POD_IP):{RUNTIME_PORT}"],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT}],
         "envFrom": [{"secretRef": {"name": secret_name}}],
-        "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}],
+        "env": [{"name": "EMBER_CACHE_DIR", "value": "/var/cache/ember"}, POD_IP],
         "resources": container_resources(spec.accelerator_type, spec.accelerator_count, cluster.cpu, cluster.memory),
         # Loading weights takes a while: the startup probe allows it, then liveness takes over.
         "startupProbe": {**probe, "failureThreshold": 120},
@@ -339,3 +345,127 @@ class KubernetesFineTuningJob(pulumi.ComponentResource):
                                                         training_url=training_url),
                                  pulumi.ResourceOptions(parent=self, depends_on=[workload]))
         self.register_outputs({"job": self.job.name})
+
+
+@dataclass
+class KubernetesGatewayArgs:
+    """How clients outside the cluster reach the gateway, besides its Service: an Ingress, or a Gateway API HTTPRoute
+    on a Gateway the cluster already has. Neither by default."""
+
+    ingress_host: str | None = None  # an Ingress for this host name
+    ingress_class: str | None = None  # its ingressClassName (the cluster's default class when None)
+    tls_secret: str | None = None  # a TLS Secret for the Ingress host: the URL is then https://
+    # A Gateway API Gateway ({"name": …, "namespace": …}) to attach an HTTPRoute to, with the host names it answers
+    route_parent: Mapping[str, str] | None = None
+    route_hostnames: Sequence[str] = ()
+    cpu: str = "1"  # requests per gateway pod: it routes and relays, nothing heavy
+    memory: str = "1Gi"
+
+
+def gateway_container(spec: GatewaySpec, cluster: KubernetesArgs, secret_name, exposure: KubernetesGatewayArgs) -> dict:
+    probe = {"httpGet": {"path": "/health", "port": GATEWAY_PORT}, "periodSeconds": 5, "timeoutSeconds": 3}
+    return {
+        "name": "gateway",
+        "image": cluster.image,
+        "command": ["python", "-m", "ember.runtime"],
+        "args": ["gateway", "--store", cluster.store_url, "--gateway", spec.name, "--host", "0.0.0.0",
+                 "--port", str(GATEWAY_PORT)],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
+        "envFrom": [{"secretRef": {"name": secret_name}}],
+        "resources": {"requests": {"cpu": exposure.cpu, "memory": exposure.memory},
+                      "limits": {"cpu": exposure.cpu, "memory": exposure.memory}},
+        # /health fails while the store cannot be read: such a pod takes no traffic
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": writable_volumes(["tmp"])[1],
+    }
+
+
+def gateway_network_policy_spec(selector: dict, cluster: KubernetesArgs) -> dict:
+    """In: the gateway's port, from anywhere. Out: DNS, the store, and the runtime pods' port."""
+    return {
+        "podSelector": {"matchLabels": selector},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}],
+        "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                   {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cluster.store_cidrs],
+                    "ports": [{"protocol": "TCP", "port": cluster.store_port}]},
+                   {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ember-runtime"}}}],
+                    "ports": [{"protocol": "TCP", "port": RUNTIME_PORT}]}],
+    }
+
+
+class KubernetesGateway(pulumi.ComponentResource):
+    """The store's gateway on Kubernetes: at least two pods of the runtime image running `ember gateway`, a Service, a
+    PodDisruptionBudget that keeps one up, a NetworkPolicy, the same restricted pod security as the replicas, and an
+    Ingress or HTTPRoute where asked; and the Ember Gateway (its settings in the store), which waits for the rollout."""
+
+    url: pulumi.Output[str]
+    gateway: Gateway
+
+    def __init__(self, resource_name: str, args: GatewayArgs, cluster: KubernetesArgs,
+                 exposure: KubernetesGatewayArgs | None = None, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ember:kubernetes:Gateway", resource_name, None, opts)
+        exposure = exposure or KubernetesGatewayArgs()
+        args = replace(args, cluster="kubernetes", gateway_id=args.gateway_id or default_id(resource_name))
+        # Validated here with the plain values, so a bad spec fails `pulumi preview` before any object is planned.
+        spec = parse(GatewaySpec, {k: v for k, v in props_of(args).items() if k in GatewaySpec.model_fields})
+        name = f"ember-gw-{spec.account_id}-{spec.gateway_id}"[:63].rstrip("-")
+        selector = {"app.kubernetes.io/name": "ember-gateway", "ember.dev/gateway": spec.gateway_id}
+        metadata = {"name": name, "namespace": cluster.namespace,
+                    "labels": selector | {"app.kubernetes.io/managed-by": "ember", "ember.dev/account": spec.account_id}}
+        child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
+        secret = store_secret(resource_name, metadata, cluster, child)
+        template = {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": metadata["labels"]}, "spec": {
+                "containers": [gateway_container(spec, cluster, secret.metadata["name"], exposure)],
+                "volumes": writable_volumes(["tmp"])[0], "securityContext": POD_SECURITY,
+                "automountServiceAccountToken": False,  # it reads the store, never the API server
+                "terminationGracePeriodSeconds": PRE_STOP_S + cluster.drain_s}},  # streams it relays finish
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        }
+        workload = k8s.apps.v1.Deployment(resource_name, metadata={**metadata, "annotations": {
+            "pulumi.com/skipAwait": "true"}}, spec=template, opts=child)
+        service = k8s.core.v1.Service(f"{resource_name}-service", metadata=metadata, spec={
+            "selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": GATEWAY_PORT}]}, opts=child)
+        k8s.policy.v1.PodDisruptionBudget(f"{resource_name}-pdb", metadata=metadata, spec={
+            "selector": {"matchLabels": selector}, "minAvailable": 1}, opts=child)
+        k8s.networking.v1.NetworkPolicy(f"{resource_name}-network", metadata=metadata,
+                                        spec=gateway_network_policy_spec(selector, cluster), opts=child)
+        self.url = self._expose(resource_name, metadata, service, exposure, child)
+        # Its record is in the store before the Ember Gateway waits for the rollout: the pods read it to get ready.
+        target = pulumi.Output.all(cluster.namespace, workload.metadata["name"], template).apply(
+            lambda v: {"namespace": v[0], "name": v[1], "kubeconfig": cluster.kubeconfig,
+                       "template_digest": digest_of(json.dumps(v[2], sort_keys=True))})
+        self.gateway = Gateway(resource_name, replace(args, kubernetes_workload=target, advertised_url=self.url),
+                               pulumi.ResourceOptions(parent=self, depends_on=[workload]))
+        self.register_outputs({"url": self.url})
+
+    @staticmethod
+    def _expose(resource_name: str, metadata: dict, service, exposure: KubernetesGatewayArgs,
+                child: pulumi.ResourceOptions) -> pulumi.Output[str]:
+        """The Ingress or HTTPRoute asked for, and the URL clients use: theirs, else the Service's in-cluster one."""
+        backend = {"name": service.metadata["name"], "port": {"number": 80}}
+        if exposure.ingress_host:
+            rule = {"host": exposure.ingress_host, "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": backend}}]}}
+            spec = {"rules": [rule]} | ({"ingressClassName": exposure.ingress_class} if exposure.ingress_class else {})
+            if exposure.tls_secret:
+                spec["tls"] = [{"hosts": [exposure.ingress_host], "secretName": exposure.tls_secret}]
+            k8s.networking.v1.Ingress(f"{resource_name}-ingress", metadata=metadata, spec=spec, opts=child)
+            return pulumi.Output.from_input(f"{'https' if exposure.tls_secret else 'http'}://{exposure.ingress_host}")
+        if exposure.route_parent:
+            k8s.apiextensions.CustomResource(
+                f"{resource_name}-route", api_version="gateway.networking.k8s.io/v1", kind="HTTPRoute",
+                metadata=metadata, spec={"parentRefs": [dict(exposure.route_parent)],
+                                         "hostnames": list(exposure.route_hostnames),
+                                         "rules": [{"backendRefs": [{"name": service.metadata["name"], "port": 80}]}]},
+                opts=child)
+            if exposure.route_hostnames:
+                return pulumi.Output.from_input(f"http://{exposure.route_hostnames[0]}")
+        return pulumi.Output.concat("http://", service.metadata["name"], ".", metadata["namespace"],
+                                    ".svc.cluster.local")

@@ -1,4 +1,4 @@
-"""Model, LoRAAddon, Deployment, Dataset and FineTuningJob as Pulumi resources; their typed Args (args.py) are
+"""Model, LoRAAddon, Deployment, Dataset, FineTuningJob and Gateway as Pulumi resources; their typed Args (args.py) are
 generated from the kinds' specs.
 
     base = Model("tiny-llama", ModelArgs(account_id="acme", source="models/tiny-llama"))
@@ -7,6 +7,7 @@ generated from the kinds' specs.
     data = Dataset("chats", DatasetArgs(account_id="acme", source="chats.jsonl"))
     job = FineTuningJob("tune", FineTuningJobArgs(account_id="acme", base_model=base, dataset=data, output_model="v1"))
     LoRAAddon("tuned", LoRAAddonArgs(account_id="acme", base_model=base, source=job, deployments=[prod]))
+    front = Gateway("front", GatewayArgs(account_id="platform"))    # one endpoint for every deployment of the store
 
 Passing a resource where a name is expected (base_model=base, deployments=[prod]) also makes the
 dependency explicit and carries the base model's digest, so new base weights replace what runs on them.
@@ -27,14 +28,13 @@ from pulumi.output import UNKNOWN
 # Every Args class, so that a program's `from ember.provider.resources import *` finds them beside the resources.
 from ember.provider.args import *  # noqa: F403
 from ember.provider.domain.kinds import BY_NAME
-from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, model_name,
-                                         parse_deployment_name, parse_model_name)
+from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, gateway_name, model_name,
+                                         parse_deployment_name, parse_gateway_name, parse_model_name)
 from ember.provider.domain.rules import Declaration, name_clash
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, normalise_source
 
-
-MODEL, LORA_ADDON, DEPLOYMENT, DATASET, FINE_TUNING_JOB = (BY_NAME[name] for name in (
-    "Model", "LoRAAddon", "Deployment", "Dataset", "FineTuningJob"))
+MODEL, LORA_ADDON, DEPLOYMENT, DATASET, FINE_TUNING_JOB, GATEWAY = (BY_NAME[name] for name in (
+    "Model", "LoRAAddon", "Deployment", "Dataset", "FineTuningJob", "Gateway"))
 
 
 class ProgramError(pulumi.RunError, ValueError):
@@ -59,8 +59,17 @@ def props_of(args: Any) -> dict[str, Any]:
     for f in fields(args):
         value = getattr(args, f.name)
         if value is not None:
-            props[f.name] = props_of(value) if is_dataclass(value) else value
+            props[f.name] = _prop(value)
     return props
+
+
+def _prop(value: Any) -> Any:
+    """An input as a property: nested Args (alone, or the values of a mapping) become dicts."""
+    if is_dataclass(value):
+        return props_of(value)
+    if isinstance(value, dict):
+        return {k: _prop(v) for k, v in value.items()}
+    return value
 
 
 def _plain(*values: Any) -> bool:
@@ -90,6 +99,7 @@ class _Declared:
 
     def __init__(self) -> None:
         self.models: dict[str, tuple[Declaration, dict[str, Any]]] = {}  # model name → (who, its facts)
+        self.gateway: str | None = None  # the resource name of the program's gateway
 
 
 _DECLARED: "weakref.WeakKeyDictionary[Any, _Declared]" = weakref.WeakKeyDictionary()
@@ -158,10 +168,10 @@ def _with_dependencies(opts: pulumi.ResourceOptions | None, depends_on: list) ->
 
 
 def _get(cls, resource_name: str, id: "pulumi.Input[str]", opts: pulumi.ResourceOptions | None, provider,
-         collection: str, id_field: str, outputs: list[str]):
+         parse_name, id_field: str, outputs: list[str]):
     """Adopt an existing store entry by its full name (`accounts/<a>/<collection>/<id>`)."""
     try:
-        name = parse_deployment_name(id) if collection == "deployments" else parse_model_name(id)
+        name = parse_name(id)
     except ValueError as exc:
         raise ProgramError(cls.__name__, resource_name, "id", str(exc)) from None
     props = {"account_id": name.account_id, id_field: name.resource_id} | dict.fromkeys(outputs)
@@ -193,7 +203,8 @@ class Model(Resource, module="ember", name=MODEL.name):
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Model":
         """An existing model (`accounts/<a>/models/<id>`), read from the store; Deployments may then name it."""
-        model, name = _get(Model, resource_name, id, opts, MODEL.provider_class(), "models", "model_id", Model._OUTPUTS)
+        model, name = _get(Model, resource_name, id, opts, MODEL.provider_class(), parse_model_name, "model_id",
+                           Model._OUTPUTS)
         model._source = model._catalog_id = None
         model.model_name = name
         _declare_model("Model", resource_name, name, {"declared": True, "source": None})
@@ -225,7 +236,7 @@ class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Deployment":
         """An existing deployment (`accounts/<a>/deployments/<id>`), read from the store."""
-        deployment, name = _get(Deployment, resource_name, id, opts, DEPLOYMENT.provider_class(), "deployments",
+        deployment, name = _get(Deployment, resource_name, id, opts, DEPLOYMENT.provider_class(), parse_deployment_name,
                                 "deployment_id", Deployment._OUTPUTS)
         deployment.deployment_name, deployment._facts = name, None
         return deployment
@@ -270,8 +281,8 @@ class LoRAAddon(Resource, module="ember", name=LORA_ADDON.name):
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "LoRAAddon":
         """An existing LoRA addon (`accounts/<a>/models/<id>`), read from the store."""
-        addon, name = _get(LoRAAddon, resource_name, id, opts, LORA_ADDON.provider_class(), "models", "model_id",
-                           LoRAAddon._OUTPUTS)
+        addon, name = _get(LoRAAddon, resource_name, id, opts, LORA_ADDON.provider_class(), parse_model_name,
+                           "model_id", LoRAAddon._OUTPUTS)
         addon.model_name = name
         return addon
 
@@ -338,3 +349,33 @@ class FineTuningJob(Resource, module="ember", name=FINE_TUNING_JOB.name):
         self._facts = {"rank": rank, "base_model": props["base_model"]}
         super().__init__(FINE_TUNING_JOB.provider_class(), resource_name,
                          props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))
+
+
+class Gateway(Resource, module="ember", name=GATEWAY.name):
+    name: pulumi.Output[str]  # accounts/<account>/gateways/<gateway_id>
+    state: pulumi.Output[str]
+    message: pulumi.Output[str | None]
+    url: pulumi.Output[str]  # the one endpoint: OpenAI's base URL is <url>/v1
+    ready_replicas: pulumi.Output[int]
+
+    _OUTPUTS = list(GATEWAY.outputs.model_fields)
+
+    def __init__(self, resource_name: str, args: GatewayArgs, opts: pulumi.ResourceOptions | None = None):
+        props = props_of(args)
+        if args.gateway_id is None:
+            props["gateway_id"] = default_id(resource_name)
+        declared = _declared()
+        if declared.gateway is not None:  # a store has one gateway, in front of all of its deployments
+            raise ProgramError("Gateway", resource_name, "gateway_id", f"this program declares a gateway already, "
+                               f"{declared.gateway}: a store has one (another stack names it with Gateway.get)")
+        declared.gateway = resource_name
+        self.gateway_name = _name(gateway_name, args.account_id, props["gateway_id"])
+        super().__init__(GATEWAY.provider_class(), resource_name, props | dict.fromkeys(self._OUTPUTS), opts)
+
+    @staticmethod
+    def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Gateway":
+        """The store's gateway (`accounts/<a>/gateways/<id>`), read from the store: a tenant's stack exports its URL."""
+        gateway, name = _get(Gateway, resource_name, id, opts, GATEWAY.provider_class(), parse_gateway_name,
+                             "gateway_id", Gateway._OUTPUTS)
+        gateway.gateway_name = name
+        return gateway

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ember.provider.domain.replica_spec import ReplicaSpec, read_replica_spec
 from ember.provider.domain.spec import Precision, SpecError, parse
+from ember.runtime.gateway.config import GatewayConfig
 from ember.runtime.serving.limits import Limits
 
 
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve a deployment over the OpenAI API")
     add_serve_arguments(p)
+    p = sub.add_parser("gateway", help="the store's gateway: one endpoint routing by model name to its deployments")
+    add_gateway_arguments(p)
     p = sub.add_parser("add-key", help="create an API key for an account; stores only its hash")
     p.add_argument("--keys", required=True, help="keys file (path or fsspec URL)")
     p.add_argument("--account", required=True)
@@ -56,6 +59,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     process = p.add_argument_group("this process")
     process.add_argument("--host", default="127.0.0.1")
     process.add_argument("--port", type=int, default=8000)
+    process.add_argument("--advertise-url", metavar="URL",
+                         help="where the gateway reaches this replica, which registers in the store's replicas/ "
+                              "(default: http://HOST:PORT when --host is an address; a Kubernetes pod is given its IP)")
     process.add_argument("--reconcile-interval", type=float, metavar="SECONDS",
                          help="how often the desired addon set is re-read (default: ServerConfig's)")
     process.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
@@ -72,6 +78,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                          help="decode steps through torch.compile, compiled before the replica is ready and cached "
                               "under EMBER_CACHE_DIR (default on; EMBER_COMPILE=0 turns it off): --no-compile runs "
                               "eagerly")
+
+
+def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, metavar="URL", help="the model store (a path or fsspec URL)")
+    p.add_argument("--gateway", metavar="NAME", help="accounts/<a>/gateways/<id>: the Gateway whose settings (rate "
+                                                     "limits, retries) it reads from the store; default: the store's "
+                                                     "one gateway, or the spec's defaults when it has none")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--refresh-interval", type=float, default=GatewayConfig.refresh_interval_s, metavar="SECONDS",
+                   help="how often the store is read again (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                   help="a request body larger than this gets 413 (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                   help="requests on connections beyond this many open ones get 503 (default %(default)s)")
 
 
 def _add_spec_flags(add) -> None:
@@ -158,11 +179,11 @@ def serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     import torch
-    import uvicorn
 
     from ember.runtime.fetch import cache_folder
     from ember.runtime.serving.app import create_app
-    from ember.runtime.serving.connections import connection_protocol
+    from ember.runtime.serving.connections import run_server
+    from ember.runtime.serving.registration import advertised_url
     from ember.runtime.serving.replica_config import ProcessOptions, server_config
 
     if args.threads:
@@ -176,16 +197,32 @@ def serve(args: argparse.Namespace) -> int:
         limits=Limits(max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                       body_timeout_s=args.body_timeout, max_connections=args.max_connections),
         compile=args.compile, compile_cache=cache_folder() / "compile",
+        advertise_url=advertised_url(args.host, args.port, args.advertise_url),
         **({"reconcile_interval_s": args.reconcile_interval} if args.reconcile_interval is not None else {}))
     config = server_config(spec, process)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
-                http=connection_protocol(config.limits))
+    app = create_app(config)
+    run_server(app, args.host, args.port, config.limits, on_stop=app.state.replica.drain)
+    return 0
+
+
+def serve_gateway(args: argparse.Namespace) -> int:
+    from ember.runtime.gateway.app import create_gateway_app
+    from ember.runtime.serving.connections import run_server
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_connections=args.max_connections)
+    config = GatewayConfig(store_url=args.store, gateway=args.gateway, limits=limits,
+                           refresh_interval_s=args.refresh_interval)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_gateway_app(config)
+    run_server(app, args.host, args.port, limits, counted=app.state.gateway.metrics.open_connections.set)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "gateway":
+        return serve_gateway(args)
     if args.command == "add-key":
         from ember.provider.domain.accounts import Accounts
 

@@ -1,5 +1,5 @@
-"""The cluster a deployment's replicas and a fine-tuning job's training run on, behind the one interface the
-providers call: the local cluster (processes on this machine, the default) or Kubernetes (pods that
+"""The cluster a deployment's replicas, a fine-tuning job's training and the store's gateway run on, behind the one
+interface the providers call: the local cluster (processes on this machine, the default) or Kubernetes (pods that
 pulumi-kubernetes resources declare beside the Ember resource, and that read the store themselves).
 
 A provider picks the implementation by the resource's `cluster` input (providers/base.py: `CLUSTERS`) and never asks
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import Store
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.kinds.gateway import GatewaySpec
+from ember.provider.domain.records import BaseModelManifest
 
 
 class ClusterError(RuntimeError):
@@ -36,6 +37,14 @@ class ReplicaStatus:
     def serves(self, addon: str) -> bool:
         """Whether the replicas serve `addon`, as far as this cluster can tell (unobserved: the store says)."""
         return self.serving is None or bool(self.ready) and addon in self.serving
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    """What a cluster observed of a gateway."""
+
+    url: str | None = None
+    ready: int | None = None  # None: the cluster does not count them here (Kubernetes between rollouts)
 
 
 class Cluster(ABC):
@@ -82,6 +91,20 @@ class Cluster(ABC):
     @abstractmethod
     def stop(self, account: str, deployment: str) -> None:
         """Stop every replica of the deployment."""
+
+    @abstractmethod
+    def serve_gateway(self, spec: GatewaySpec, store: Store) -> GatewayStatus:
+        """Run the gateway (the process or pods it already has are kept while they serve the same address; its settings
+        are in the store, which it re-reads) and wait until it answers ready, or raise ClusterError saying why not: a
+        gateway that cannot read the store says so."""
+
+    @abstractmethod
+    def gateway_status(self, spec: GatewaySpec) -> GatewayStatus:
+        """What serves the gateway now."""
+
+    @abstractmethod
+    def stop_gateway(self, account: str, gateway_id: str) -> None:
+        """Stop the gateway's processes."""
 
     @abstractmethod
     def train(self, spec: FineTuningJobSpec, base: BaseModelManifest, store: Store, workdir: Path,

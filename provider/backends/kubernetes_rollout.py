@@ -13,11 +13,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ember.provider.domain.kinds.deployment import DeploymentSpec, KubernetesWorkload
+from ember.provider.domain.kinds.deployment import KubernetesWorkload
 
 
 class RolloutError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """A workload to wait for: what its pods are, as the Ember resource that declared them knows them."""
+
+    workload: KubernetesWorkload
+    minimum: int  # replicas it must reach (an autoscaler's floor, where the manifest leaves the count out)
+    asks: str  # what each pod asks for, said as the user declared it ("1 x NVIDIA_H100_80GB (nvidia.com/gpu: 1)")
+    unschedulable_field: str  # the input to change when no node can take a pod
 
 
 @dataclass(frozen=True)
@@ -48,23 +58,24 @@ def api_client(workload: KubernetesWorkload):
         return client.ApiClient()
 
 
-def observe(apps, spec: DeploymentSpec) -> Rollout | None:
+def observe(apps, target: Target) -> Rollout | None:
     """The rollout as the deployment controller reports it; None until it has seen the latest template."""
-    workload = spec.kubernetes_workload
+    workload = target.workload
     deployment = apps.read_namespaced_deployment(workload.name, workload.namespace)
     status = deployment.status
     if (status.observed_generation or 0) < deployment.metadata.generation:
         return None
     # With an autoscaler the manifest leaves replicas out, and the API server defaults it to 1: the autoscaler
     # raises it to min_replicas only on its next pass, so the rollout is complete at min_replicas, not before.
-    wanted = max(deployment.spec.replicas if deployment.spec.replicas is not None else 1, spec.min_replicas)
+    wanted = max(deployment.spec.replicas if deployment.spec.replicas is not None else 1, target.minimum)
     updated, total = status.updated_replicas or 0, status.replicas or 0
     return Rollout(wanted=wanted, updated=updated, ready=min(status.ready_replicas or 0, updated),
                    old=max(total - updated, 0))
 
 
-def why_not_ready(core, apps, workload: KubernetesWorkload, spec: DeploymentSpec) -> tuple[str, str]:
+def why_not_ready(core, apps, target: Target) -> tuple[str, str]:
     """(the field to change, what stops the pods): unschedulable, refused by admission, or not starting."""
+    workload = target.workload
     deployment = apps.read_namespaced_deployment(workload.name, workload.namespace)
     for condition in deployment.status.conditions or []:
         if condition.type == "ReplicaFailure" and condition.status == "True":
@@ -80,21 +91,18 @@ def why_not_ready(core, apps, workload: KubernetesWorkload, spec: DeploymentSpec
             waiting = container.state.waiting if container.state else None
             if waiting and waiting.reason not in (None, "ContainerCreating"):
                 reasons.append(f"container {container.name}: {waiting.reason}: {waiting.message or ''}".rstrip(": "))
-    asked = (f"{spec.accelerator_count} x {spec.accelerator_type.value}"
-             f" ({spec.accelerator_type.vendor}.com/gpu: {spec.accelerator_count})" if spec.accelerator_type.vendor
-             else spec.accelerator_type.value)
     detail = "; ".join(dict.fromkeys(reasons)) or "its pods are not ready"
-    return ("accelerator_count" if unschedulable else "kubernetes_workload"), f"each replica asks for {asked}; {detail}"
+    field = target.unschedulable_field if unschedulable else "kubernetes_workload"
+    return field, f"each replica asks for {target.asks}; {detail}"
 
 
-def wait_for_rollout(spec: DeploymentSpec, timeout_s: float, progress: Callable[[str], None],
-                     poll_s: float = 1.0) -> Rollout:
+def wait_for_rollout(target: Target, timeout_s: float, progress: Callable[[str], None], poll_s: float = 1.0) -> Rollout:
     from kubernetes import client, config
 
-    workload = spec.kubernetes_workload
+    workload = target.workload
     try:
         with api_client(workload) as api:
-            return _wait(spec, client.AppsV1Api(api), client.CoreV1Api(api), timeout_s, progress, poll_s)
+            return _wait(target, client.AppsV1Api(api), client.CoreV1Api(api), timeout_s, progress, poll_s)
     except config.ConfigException as exc:
         raise RolloutError(f"kubernetes_workload.kubeconfig: {exc}") from None
     except client.ApiException as exc:
@@ -102,20 +110,19 @@ def wait_for_rollout(spec: DeploymentSpec, timeout_s: float, progress: Callable[
                            f"failed: {exc.status} {exc.reason}") from None
 
 
-def _wait(spec: DeploymentSpec, apps, core, timeout_s: float, progress: Callable[[str], None],
-          poll_s: float) -> Rollout:
-    workload = spec.kubernetes_workload
+def _wait(target: Target, apps, core, timeout_s: float, progress: Callable[[str], None], poll_s: float) -> Rollout:
+    workload = target.workload
     deadline, shown = time.monotonic() + timeout_s, None
     name = f"{workload.namespace}/{workload.name}"
     while True:
-        rollout = observe(apps, spec)
+        rollout = observe(apps, target)
         if rollout is not None and rollout.complete:
             return rollout
         if str(rollout) != shown:
             progress(f"waiting for the rollout of {name}: {rollout or 'not observed yet'}")
             shown = str(rollout)
         if time.monotonic() >= deadline:
-            field, why = why_not_ready(core, apps, workload, spec)
+            field, why = why_not_ready(core, apps, target)
             raise RolloutError(f"{field}: the rollout of {name} did not complete within {timeout_s:.0f} s "
                                f"({rollout or 'not observed'}): {why}")
         time.sleep(poll_s)

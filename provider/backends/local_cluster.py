@@ -1,65 +1,41 @@
-"""The local cluster (the embedded default): a deployment's replicas are runtime processes on this machine, and a
-fine-tuning job trains in a child process.
+"""The local cluster (the embedded default): a deployment's replicas and the store's gateway are runtime processes on
+this machine, and a fine-tuning job trains in a child process.
 
 Each replica is `python -m ember.runtime serve --replica-spec <state>/replica-specs/<account>/<deployment>.json` on a
 free loopback port, detached from the provider (its own session, its log in the state directory), recorded in
-`<state>/replicas/<account>/<deployment>.json`. Nothing restarts a replica behind the user's back: a dead one shows up
-in `read` as drift and the next `up` starts it again.
+`<state>/replicas/<account>/<deployment>.json`. The gateway is `python -m ember.runtime gateway --store URL --gateway
+NAME` on its own port, recorded in `<state>/gateways/<account>/<gateway>.json`. Nothing restarts a process behind the
+user's back: a dead one shows up in `read` as drift and the next `up` starts it again.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from ember.provider.backends.cluster import Cluster, ClusterError, ReplicaStatus
+from ember.provider.backends import local_processes
+from ember.provider.backends.cluster import Cluster, ClusterError, GatewayStatus, ReplicaStatus
+from ember.provider.backends.local_processes import LocalProcess, ProcessError, free_port, http_json
 from ember.provider.backends.local_training import TrainingError, run_training, training_job
 from ember.provider.backends.processes import alive
-from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import Store
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
+from ember.provider.domain.kinds.gateway import GatewaySpec
+from ember.provider.domain.records import BaseModelManifest
 from ember.provider.domain.replica_spec import replica_spec, serve_command, write_replica_spec
 from ember.provider.domain.spec import AcceleratorType
 
 
-@dataclass(frozen=True)
-class ReplicaProcess:
-    pid: int
-    port: int
-    log: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+def _replica_failed(health: dict) -> str | None:
+    # /health says only that; the reason is in the replica's own log
+    return "failed to load" if health.get("status") == "failed" else None
 
 
-def _free_port(preferred: int = 0) -> int:
-    """`preferred` if it can be bound now, else any free loopback port."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the replica's server binds it
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url: str, method: str = "GET", key: str | None = None, timeout: float = 5.0) -> dict:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+def _gateway_failing(health: dict) -> str | None:
+    return f"cannot serve: {health['reason']}" if health.get("status") == "failing" and health.get("reason") else None
 
 
 class LocalCluster(Cluster):
@@ -72,30 +48,17 @@ class LocalCluster(Cluster):
     def _spec_file(self, account: str, deployment: str) -> Path:
         return self.state_dir / "replica-specs" / account / f"{deployment}.json"
 
-    def replicas(self, account: str, deployment: str) -> list[ReplicaProcess]:
-        path = self._record(account, deployment)
-        return [ReplicaProcess(**r) for r in json.loads(path.read_text())] if path.exists() else []
+    def replicas(self, account: str, deployment: str) -> list[LocalProcess]:
+        return local_processes.load(self._record(account, deployment))
 
-    def _save(self, account: str, deployment: str, replicas: list[ReplicaProcess]) -> None:
-        path = self._record(account, deployment)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([r.__dict__ for r in replicas]))
-        tmp.replace(path)
+    def _save(self, account: str, deployment: str, replicas: list[LocalProcess]) -> None:
+        local_processes.save(self._record(account, deployment), replicas)
 
     @classmethod
     def check_supported(cls, spec: DeploymentSpec) -> None:
         if spec.accelerator_type is not AcceleratorType.CPU:
             raise ClusterError(f"accelerator_type: the local cluster runs CPU replicas only, not "
                                f"{spec.accelerator_type.value}; use the Kubernetes backend for GPUs")
-
-    def health(self, replica: ReplicaProcess) -> dict | None:
-        if not alive(replica.pid):
-            return None
-        try:
-            return http_json(f"{replica.url}/health", timeout=2.0)
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
 
     def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store) -> ReplicaStatus:
         """Write the replica spec, then start or stop replicas until `replica_count(spec)` healthy ones run; existing
@@ -113,7 +76,7 @@ class LocalCluster(Cluster):
         replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
         wanted = self.replica_count(spec)
         while len(replicas) > wanted:
-            self._stop(replicas.pop())
+            local_processes.stop(replicas.pop())
         started = []
         try:
             while len(replicas) + len(started) < wanted:
@@ -121,91 +84,45 @@ class LocalCluster(Cluster):
                 # recorded before the wait: an `up` killed meanwhile leaves no process the next one cannot see
                 self._save(account, deployment, replicas + started)
             for replica in replicas + started:  # kept ones too: one an interrupted `up` started may still load
-                self._wait_ready(replica)
+                local_processes.wait_ready(replica, "replica", self.ready_timeout_s, self.progress, _replica_failed)
+        except ProcessError as exc:
+            self._abandon(spec, replicas, started)
+            raise ClusterError(str(exc)) from None
         except Exception:
-            for replica in started:
-                self._stop(replica)
-            self._save(account, deployment, replicas)
+            self._abandon(spec, replicas, started)
             raise
         self._save(account, deployment, replicas + started)
 
-    def _ports(self, account: str, deployment: str) -> Path:
-        # Kept when replicas stop: a restarted or replaced deployment keeps its endpoints.
-        return self.state_dir / "ports" / account / f"{deployment}.json"
+    def _abandon(self, spec: DeploymentSpec, kept: list[LocalProcess], started: list[LocalProcess]) -> None:
+        for replica in started:
+            local_processes.stop(replica)
+        self._save(spec.account_id, spec.deployment_id, kept)
 
-    def _port(self, spec: DeploymentSpec, index: int) -> int:
-        path = self._ports(spec.account_id, spec.deployment_id)
+    def _port(self, path: Path, index: str, what: str, fixed: int | None = None) -> int:
+        """A process's port: `fixed` (the user's), else the one it had (kept across restarts and replacements, so its
+        endpoint stays) while that is free, else any free one. The choice is kept in `path`."""
         ports = json.loads(path.read_text()) if path.exists() else {}
-        previous = ports.get(str(index))
-        port = _free_port(previous or 0)
+        previous = fixed or ports.get(index)
+        port = free_port(previous or 0)
+        if fixed and port != fixed:
+            raise ClusterError(f"port: {fixed} is taken by another process on this machine")
         if previous and port != previous:
-            self.progress(f"port {previous} of replica {index} of {spec.account_id}/{spec.deployment_id} is taken by "
-                          f"another process: its endpoint moves to port {port}")
+            self.progress(f"port {previous} of {what} is taken by another process: its endpoint moves to port {port}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(ports | {str(index): port}))
+        path.write_text(json.dumps(ports | {index: port}))
         return port
 
-    def _start(self, spec: DeploymentSpec, command: list[str], index: int) -> ReplicaProcess:
-        port = self._port(spec, index)
-        log_dir = self.state_dir / "logs" / spec.account_id
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log = log_dir / f"{spec.deployment_id}-{index}-{port}.log"
-        with log.open("w") as out:
-            process = subprocess.Popen([sys.executable, "-m", "ember.runtime", *command, "--port", str(port)],
-                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        self.progress(f"started replica {index} of {spec.account_id}/{spec.deployment_id} on port {port} (pid {process.pid})")
-        return ReplicaProcess(process.pid, port, str(log))
-
-    def _wait_ready(self, replica: ReplicaProcess) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if not alive(replica.pid):
-                raise ClusterError(f"replica on port {replica.port} exited while starting: {self._tail(replica)}")
-            health = self.health(replica)
-            if health and health.get("status") == "ready":
-                self.progress(f"replica on port {replica.port} is ready")
-                return
-            if health is None:
-                try:
-                    http_json(f"{replica.url}/health", timeout=2.0)
-                except urllib.error.HTTPError as exc:
-                    # /health says only that; the reason is in the replica's own log
-                    if json.loads(exc.read() or b"{}").get("status") == "failed":
-                        raise ClusterError(f"replica on port {replica.port} failed to load: {self._tail(replica)}") from None
-                except (urllib.error.URLError, OSError, ValueError):
-                    pass
-            time.sleep(0.2)
-        raise ClusterError(f"replica on port {replica.port} was not ready within {self.ready_timeout_s:.0f} s: "
-                           f"{self._tail(replica)}")
-
-    @staticmethod
-    def _tail(replica: ReplicaProcess) -> str:
-        try:
-            return " | ".join(Path(replica.log).read_text().strip().splitlines()[-3:])
-        except OSError:
-            return "(no log)"
-
-    def _stop(self, replica: ReplicaProcess) -> None:
-        if not alive(replica.pid):
-            return
-        try:
-            os.killpg(replica.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + 10
-        while alive(replica.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(replica.pid):
-            os.killpg(replica.pid, signal.SIGKILL)
-        try:  # reap it if it is our child
-            os.waitpid(replica.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    def _start(self, spec: DeploymentSpec, command: list[str], index: int) -> LocalProcess:
+        what = f"replica {index} of {spec.account_id}/{spec.deployment_id}"
+        port = self._port(self.state_dir / "ports" / spec.account_id / f"{spec.deployment_id}.json", str(index), what)
+        log = self.state_dir / "logs" / spec.account_id / f"{spec.deployment_id}-{index}-{port}.log"
+        replica = local_processes.spawn(command, port, log)
+        self.progress(f"started {what} on port {port} (pid {replica.pid})")
+        return replica
 
     def stop(self, account: str, deployment: str) -> None:
         for replica in self.replicas(account, deployment):
-            self._stop(replica)
+            local_processes.stop(replica)
         self._record(account, deployment).unlink(missing_ok=True)
         self._spec_file(account, deployment).unlink(missing_ok=True)
 
@@ -238,16 +155,59 @@ class LocalCluster(Cluster):
                                    f"{sorted(wanted)} and not {sorted(unwanted)}")
 
     def status(self, account: str, deployment: str, key: str | None = None) -> ReplicaStatus:
-        healthy = [r for r in self.replicas(account, deployment) if (h := self.health(r)) and h.get("status") == "ready"]
+        healthy = [r for r in self.replicas(account, deployment) if local_processes.ready(r)]
         serving = set.intersection(*(self._served(r, key) for r in healthy)) if healthy and key else set()
         return ReplicaStatus(tuple(r.url for r in healthy), len(healthy), frozenset(serving))
 
     @staticmethod
-    def _served(replica: ReplicaProcess, key: str) -> set[str]:
+    def _served(replica: LocalProcess, key: str) -> set[str]:
         try:
             return set(http_json(f"{replica.url}/admin/adapters", key=key, timeout=5.0).get("served", []))
         except (urllib.error.URLError, OSError, ValueError):
             return set()
+
+    # -- the gateway -------------------------------------------------------------------------------------------
+
+    def _gateway_record(self, account: str, gateway_id: str) -> Path:
+        return self.state_dir / "gateways" / account / f"{gateway_id}.json"
+
+    def _gateway(self, account: str, gateway_id: str) -> LocalProcess | None:
+        found = local_processes.load(self._gateway_record(account, gateway_id))
+        return found[0] if found else None
+
+    def serve_gateway(self, spec: GatewaySpec, store: Store) -> GatewayStatus:
+        """One process on a loopback port: the user's `port`, else the one it had, else a free one (kept). A running
+        one on that port is kept: it re-reads its settings from the store."""
+        account, gateway_id = spec.account_id, spec.gateway_id
+        running = self._gateway(account, gateway_id)
+        if running and alive(running.pid) and spec.port in (None, running.port) and local_processes.ready(running):
+            return self.gateway_status(spec)
+        if running:
+            local_processes.stop(running)
+        what = f"gateway {spec.name}"
+        port = self._port(self.state_dir / "gateway-ports" / f"{account}.json", gateway_id, what, spec.port)
+        process = local_processes.spawn(["gateway", "--store", store.url, "--gateway", spec.name], port,
+                                        self.state_dir / "logs" / account / f"gateway-{gateway_id}-{port}.log")
+        local_processes.save(self._gateway_record(account, gateway_id), [process])
+        self.progress(f"started {what} on port {port} (pid {process.pid})")
+        try:
+            local_processes.wait_ready(process, "the gateway", self.ready_timeout_s, self.progress, _gateway_failing)
+        except ProcessError as exc:
+            self.stop_gateway(account, gateway_id)
+            raise ClusterError(str(exc)) from None
+        return self.gateway_status(spec)
+
+    def gateway_status(self, spec: GatewaySpec) -> GatewayStatus:
+        process = self._gateway(spec.account_id, spec.gateway_id)
+        if process is None or not local_processes.ready(process):
+            return GatewayStatus(process.url if process else None, 0)
+        return GatewayStatus(process.url, 1)
+
+    def stop_gateway(self, account: str, gateway_id: str) -> None:
+        process = self._gateway(account, gateway_id)
+        if process:
+            local_processes.stop(process)
+        self._gateway_record(account, gateway_id).unlink(missing_ok=True)
 
     def train(self, spec: FineTuningJobSpec, base: BaseModelManifest, store: Store, workdir: Path,
               adapter: Path) -> dict:

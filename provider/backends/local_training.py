@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ember.provider.backends.cluster import ClusterError
-from ember.provider.backends.records import BaseModelManifest, DatasetRecord
 from ember.provider.backends.store import Store
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.names import parse_dataset_name
+from ember.provider.domain.records import BaseModelManifest, DatasetRecord
 from ember.provider.domain.store_layout import DATASET_FILE
 
 

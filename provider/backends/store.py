@@ -23,11 +23,12 @@ from typing import Any
 import fsspec
 
 from ember.provider.backends.processes import abandoned, owner
-from ember.provider.backends.records import MANIFEST, DatasetRecord, DeploymentRecord, FineTuningJobRecord, Manifest
 from ember.provider.domain.accounts import Accounts
 from ember.provider.domain.digests import OBJECT_MARKER, file_digests, tree_digest
 from ember.provider.domain.names import (parse_dataset_name, parse_deployment_name, parse_fine_tuning_job_name,
-                                         parse_model_name)
+                                         parse_gateway_name, parse_model_name)
+from ember.provider.domain.records import (MANIFEST, DatasetRecord, DeploymentRecord, FineTuningJobRecord,
+                                           GatewayRecord, Manifest)
 from ember.provider.domain.store_layout import StoreLayout
 
 
@@ -207,6 +208,30 @@ class Store:
                     self.fs.rm(record)
             elif self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
+
+    def delete_registrations(self, account: str, deployment: str) -> None:
+        """Remove the registrations of a deployment's replicas, once they are stopped: one that was killed cannot."""
+        path = self.paths.replicas(account, deployment)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    # -- gateways ------------------------------------------------------------------------------------------
+
+    def read_gateway_record(self, account: str, gateway_id: str) -> GatewayRecord | None:
+        return self._read_json(self.paths.gateway(account, gateway_id), GatewayRecord.model_validate)
+
+    def gateway_records(self) -> Iterator[GatewayRecord]:
+        return self._read_all(self.paths.gateway("*", "*"), GatewayRecord.model_validate)
+
+    def write_gateway_record(self, record: GatewayRecord) -> None:
+        name = parse_gateway_name(record.name)
+        self._write_json(self.paths.gateway(name.account_id, name.resource_id), record.to_json())
+
+    @contextmanager
+    def gateway_lock(self) -> Iterator[None]:
+        """Held while a gateway is created, so that two creates side by side cannot both find the store without one."""
+        with self._locked("gateway"):
+            yield
 
     # -- datasets and fine-tuning jobs ---------------------------------------------------------------------
 

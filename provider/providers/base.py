@@ -27,7 +27,6 @@ from ember.provider.backends.cluster import Cluster
 from ember.provider.backends.kubernetes_cluster import KubernetesCluster
 from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.processes import abandoned, owner
-from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import Store, StoreError
 from ember.provider.domain import file_kinds
 from ember.provider.domain.accounts import foreign_model_refusal
@@ -35,6 +34,7 @@ from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
 from ember.provider.domain.kinds import BY_SPEC
 from ember.provider.domain.kinds.model import ModelSpec
 from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.records import BaseModelManifest
 from ember.provider.domain.rules import base_model_refusal
 from ember.provider.domain.spec import ModelState, parse, parse_known
 from ember.provider.providers import diff_rules

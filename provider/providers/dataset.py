@@ -7,11 +7,11 @@ from typing import Any
 
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
-from ember.provider.backends.records import DatasetRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.datasets import DatasetError, parse_dataset_bytes, read_dataset, read_dataset_bytes
 from ember.provider.domain.kinds.dataset import DatasetSpec
 from ember.provider.domain.names import parse_dataset_name
+from ember.provider.domain.records import DatasetRecord
 from ember.provider.domain.spec import ModelState
 from ember.provider.domain.store_layout import DATASET_FILE
 from ember.provider.providers.base import EmberError, EmberProvider, progress

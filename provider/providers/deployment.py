@@ -8,10 +8,10 @@ from typing import Any
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.cluster import ClusterError, ReplicaStatus
-from ember.provider.backends.records import DeploymentRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.names import parse_deployment_name
+from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.spec import DeploymentState, DeploymentType
 from ember.provider.providers.base import CLUSTERS, EmberError, EmberProvider, base_manifest, has_unknown, progress
 
@@ -107,4 +107,6 @@ class DeploymentProvider(EmberProvider):
 
     def _remove(self, spec: DeploymentSpec) -> None:
         self.cluster_of(spec.cluster).stop(spec.account_id, spec.deployment_id)
+        # A replica stopped cleanly removed its own registration; one that was killed could not.
+        self.store.delete_registrations(spec.account_id, spec.deployment_id)
         self.store.delete_deployment(spec.account_id, spec.deployment_id)

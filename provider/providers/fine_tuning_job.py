@@ -14,10 +14,10 @@ from typing import Any
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.cluster import ClusterError
-from ember.provider.backends.records import AddonManifest, BaseModelManifest, FineTuningJobRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.names import parse_fine_tuning_job_name, parse_model_name
+from ember.provider.domain.records import AddonManifest, BaseModelManifest, FineTuningJobRecord
 from ember.provider.domain.rules import dataset_refusal
 from ember.provider.domain.spec import JobState
 from ember.provider.domain.usage import record_training

@@ -9,13 +9,13 @@ from typing import Any
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
 from ember.provider.backends.cluster import ClusterError
-from ember.provider.backends.records import AddonManifest, DeploymentRecord
 from ember.provider.backends.store import StoreError
 from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import source_config
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.records import AddonManifest, DeploymentRecord
 from ember.provider.domain.rules import DeploymentFacts, addon_misfits
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK
 from ember.provider.providers.base import EmberError, EmberProvider, base_manifest, has_unknown, progress, staged_source

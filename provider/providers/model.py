@@ -11,13 +11,13 @@ from typing import Any
 import fsspec
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
-from ember.provider.backends.records import BaseModelManifest
 from ember.provider.backends.store import StoreError
 from ember.provider.domain import file_kinds
 from ember.provider.domain.gguf_model import convert_gguf, is_gguf, read_gguf
 from ember.provider.domain.kinds.model import ModelSpec
 from ember.provider.domain.model_files import ModelFilesError, inspect_base_model
 from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.records import BaseModelManifest
 from ember.provider.domain.spec import ModelState
 from ember.provider.providers.base import EmberError, EmberProvider, progress, staged_source
 

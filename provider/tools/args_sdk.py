@@ -29,7 +29,7 @@ defaults and says what is wrong, naming the field and value."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,9 @@ def _type(schema: dict[str, Any], defs: dict[str, Any], nested: dict[str, dict])
         schema = defs[name]
     if schema.get("type") == "array":  # each item may be an Output, as in pulumi-kubernetes' SDK
         return f"Sequence[{_type(schema['items'], defs, nested)}]"
+    if schema.get("type") == "object":  # a mapping by key (an account ID): its values' schema is the one pattern's
+        (values,) = schema["patternProperties"].values()
+        return f"Mapping[str, {_type(values, defs, nested)}]"
     return f"pulumi.Input[{SCALARS[schema['type']]}]"
 
 

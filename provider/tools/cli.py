@@ -133,8 +133,9 @@ def _stack_command(args: argparse.Namespace) -> int:
         print("outputs:")
         for key, value in sorted(outputs.items()):
             print(f"  {key}: {json.dumps(value)}")
-        if not args.no_demo and outputs.get("endpoint") and outputs.get("models"):
-            _demo(outputs, state_dir)
+        endpoint = outputs.get("gateway") or outputs.get("endpoint")
+        if not args.no_demo and endpoint and outputs.get("models"):
+            _demo(endpoint, outputs["models"], state_dir)
     return 0
 
 
@@ -170,17 +171,17 @@ def _report_policies(pack: Path, registrations, config_path: Path | None) -> int
     return 1 if mandatory else 0
 
 
-def _demo(outputs: dict, state_dir: Path) -> None:
-    """A chat completion from each model the stack exports, through its endpoint."""
+def _demo(endpoint: str, models: list[str], state_dir: Path) -> None:
+    """A chat completion from each model the stack exports, through its gateway (or its deployment's endpoint)."""
     import urllib.request
 
-    print(f"asking each model, through {outputs['endpoint']}: {DEMO_QUESTION}")
-    for model in outputs["models"]:
+    print(f"asking each model, through {endpoint}: {DEMO_QUESTION}")
+    for model in models:
         # the deployment's account calls it: a model name says which (accounts/<account>/models/<id>)
         key = (state_dir / "keys" / f"{parse_model_name(model).account_id}.key").read_text().strip()
         body = json.dumps({"model": model, "max_tokens": 32, "temperature": 0,
                            "messages": [{"role": "user", "content": DEMO_QUESTION}]}).encode()
-        request = urllib.request.Request(f"{outputs['endpoint']}/v1/chat/completions", data=body,
+        request = urllib.request.Request(f"{endpoint}/v1/chat/completions", data=body,
                                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
@@ -257,6 +258,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from ember.runtime.__main__ import serve_gateway
+
+    return serve_gateway(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="LLM serving infrastructure as code.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -328,6 +335,12 @@ def _add_runtime_commands(sub) -> None:
 
     add_serve_arguments(p)
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("gateway", help="run the store's gateway by hand: one endpoint routing by model name")
+    from ember.runtime.__main__ import add_gateway_arguments  # argparse only
+
+    add_gateway_arguments(p)
+    p.set_defaults(run=_gateway)
 
     p = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face model directory (as an upload does)")
     p.add_argument("file", type=Path, help="a .gguf file (llama, qwen2)")

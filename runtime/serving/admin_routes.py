@@ -7,7 +7,8 @@ from fastapi import APIRouter, Depends, Request
 from ember.runtime.engine.engine import Engine
 from ember.runtime.lora.adapters import AdapterError
 from ember.runtime.serving.bodies import documented_body, parse_body
-from ember.runtime.serving.protocol import AdapterLoadRequest, APIError
+from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.protocol import AdapterLoadRequest
 from ember.runtime.serving.replica import Replica, replica_of
 
 router = APIRouter(prefix="/admin")

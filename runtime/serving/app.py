@@ -17,9 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ember.provider.domain.records import REGISTRATION_INTERVAL_S
 from ember.runtime.serving import admin_routes, openai_routes
 from ember.runtime.serving.body_limits import BodyLimits
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 from ember.runtime.serving.replica import Replica, ServerConfig
 
 log = logging.getLogger("ember.server")
@@ -41,15 +42,36 @@ async def _background(replica: Replica) -> None:
                 log.warning("reconcile failed: %s", type(exc).__name__)
 
 
+async def _announce(replica: Replica) -> None:
+    """Keep this replica's registration in the store fresh once it is ready (the gateway routes by it)."""
+    registration = replica.registration
+    await asyncio.to_thread(registration.sweep)
+    while replica.engine is None:
+        await asyncio.sleep(0.2)
+    while not replica.draining:
+        engine = replica.engine.engine
+        try:
+            await asyncio.to_thread(registration.write, list(engine.served_addons),
+                                    list(engine.lora.slots) if engine.lora else [])
+        except Exception as exc:  # a store hiccup must not stop the replica; the next write comes soon
+            log.warning("registration failed: %s", type(exc).__name__)
+        await asyncio.sleep(REGISTRATION_INTERVAL_S)
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     replica = Replica(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=replica.load, name="ember-load", daemon=True).start()
-        task = asyncio.create_task(_background(replica))
+        tasks = [asyncio.create_task(_background(replica))]
+        if replica.registration:
+            tasks.append(asyncio.create_task(_announce(replica)))
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
+        if replica.registration:
+            await asyncio.to_thread(replica.registration.remove)
         if replica.engine:
             replica.engine.stop()
         replica.meter.heartbeat()

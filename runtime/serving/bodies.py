@@ -11,7 +11,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 
 
 def _validation_error(exc: ValidationError) -> APIError:

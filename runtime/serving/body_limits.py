@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

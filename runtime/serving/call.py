@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from ember.runtime.engine.engine import RequestOutput
 from ember.runtime.model.sampling import SamplingParams
 from ember.runtime.serving.async_engine import AsyncEngine, Overloaded
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 
 
 class Call:

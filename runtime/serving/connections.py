@@ -1,5 +1,6 @@
 """uvicorn's h11 connection, with what uvicorn leaves out: a timeout for a request's head, and a cap on open
-connections (the oldest idle one makes room; only when all are busy is a new one refused, in OpenAI's format).
+connections (the oldest idle one makes room; only when all are busy is a new one refused, in OpenAI's format); and the
+server that runs an app on it (a replica's or the gateway's), saying when it is told to stop.
 
 uvicorn times out only an idle kept-alive connection: one that opens and sends nothing, or sends its head a
 byte at a time, is held for ever. Here the head must be whole within the header timeout, counted from the
@@ -10,13 +11,15 @@ connection's opening or from the first byte of the next request on a kept-alive 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import h11
+import uvicorn
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ember.runtime.serving.errors import APIError
 from ember.runtime.serving.limits import Limits
-from ember.runtime.serving.protocol import APIError
 
 log = logging.getLogger("ember.server")
 
@@ -27,12 +30,14 @@ def _refusal(max_connections: int):
     return JSONResponse(error.body(), status_code=503, headers={"Retry-After": "1", "Connection": "close"})
 
 
-def connection_protocol(limits: Limits) -> type[H11Protocol]:
-    """The protocol class to give uvicorn (`http=`): the limits are the class's, as uvicorn makes one per connection."""
+def connection_protocol(limits: Limits, counted: Callable[[int], None] = lambda _: None) -> type[H11Protocol]:
+    """The protocol class to give uvicorn (`http=`): the limits are the class's, as uvicorn makes one per connection.
+    `counted` hears the number of open connections as it changes (a gauge)."""
 
     class Connection(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            counted(len(self.connections))
             self._head_timer = None
             self._opened = self.loop.time()
             # At the cap, the oldest connection with no request in flight (one still awaiting its head, or idle
@@ -68,6 +73,7 @@ def connection_protocol(limits: Limits) -> type[H11Protocol]:
         def connection_lost(self, exc) -> None:
             self._stop_waiting()
             super().connection_lost(exc)
+            counted(len(self.connections))
 
         def _await_head(self) -> None:
             self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_too_slow)
@@ -85,3 +91,18 @@ def connection_protocol(limits: Limits) -> type[H11Protocol]:
                 self.transport.close()
 
     return Connection
+
+
+def run_server(app, host: str, port: int, limits: Limits, on_stop: Callable[[], None] = lambda: None,
+               counted: Callable[[int], None] = lambda _: None) -> None:
+    """uvicorn with the connection above. `on_stop` runs when the server is told to stop (SIGTERM, SIGINT), before it
+    stops listening and finishes what it runs: a replica tells the gateway it drains."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                on_stop()
+            super().handle_exit(sig, frame)
+
+    protocol = connection_protocol(limits, counted)
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info", http=protocol)).run()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ember.runtime.model.grammar import CompiledGrammar, Grammars
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 
 # A request's wait for its grammar, queueing for a worker included; a compile within LIMITS takes well under it.
 COMPILE_TIMEOUT_S = 5.0

@@ -19,8 +19,9 @@ from ember.runtime.serving.accounting import Accounting
 from ember.runtime.serving.async_engine import Overloaded
 from ember.runtime.serving.bodies import documented_body, parse_body
 from ember.runtime.serving.call import Call
+from ember.runtime.serving.errors import APIError
 from ember.runtime.serving.grammars import compile_grammar
-from ember.runtime.serving.protocol import APIError, ChatRequest, CompletionRequest
+from ember.runtime.serving.protocol import ChatRequest, CompletionRequest
 from ember.runtime.serving.replica import Replica, replica_of
 from ember.runtime.serving.responses import Responses
 from ember.runtime.serving.tools import ToolUse, template_messages, tool_use
@@ -134,7 +135,8 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     runner = replica.ready()
     engine = runner.engine
     body = await parse_body(request, ChatRequest if chat else CompletionRequest)
-    adapter = replica.resolve_model(body.model, account, engine)
+    model = replica.served_name(body.model)
+    adapter = replica.resolve_model(model, account, engine)
     _check_token_ids("logit_bias", body.logit_bias, engine)
     _check_token_ids("stop_token_ids", body.stop_token_ids, engine)
     choices = body.n * (len(body.prompts()) if not chat else 1)
@@ -155,10 +157,10 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     if replica.request_log:
         logged_prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
     echoes = [engine.tokenizer.decode(p) for p in prompts for _ in range(body.n)] if not chat and body.echo else None
-    responses = Responses(chat, body.model, engine.tokenizer, params[0].logprobs is not None,
+    responses = Responses(chat, model, engine.tokenizer, params[0].logprobs is not None,
                           bool(body.stream_options and body.stream_options.include_usage), echoes,
                           uses if uses is not None and uses.parsed else None)
-    accounting = Accounting(replica, account, body.model, started, responses.id, body.user or "", logged_prompt)
+    accounting = Accounting(replica, account, model, started, responses.id, body.user or "", logged_prompt)
     try:
         call = Call(runner, prompts, params, adapter, accounting, account)
     except Overloaded:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import fsspec
 from fastapi import Request
 
 from ember.provider.domain.accounts import Accounts, DeploymentAccess, foreign_model_refusal, is_catalog_name
-from ember.provider.domain.names import parse_model_name
+from ember.provider.domain.names import PIN, parse_model_name
 from ember.provider.domain.replica_spec import DEFAULT_MAX_QUEUE
 from ember.provider.domain.spec import ModelKind
 from ember.provider.domain.store_layout import StoreLayout
@@ -21,9 +22,10 @@ from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.fetch import local_copy
 from ember.runtime.lora.adapters import AdapterError
 from ember.runtime.serving.async_engine import AsyncEngine
+from ember.runtime.serving.errors import APIError
 from ember.runtime.serving.limits import Limits
 from ember.runtime.serving.metrics import Metrics
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.registration import Registration
 from ember.runtime.serving.request_log import RequestLog
 
 log = logging.getLogger("ember.server")
@@ -47,6 +49,7 @@ class ServerConfig:
     retention_days: int | None = None
     accelerator_type: str = "CPU"
     accelerator_count: int = 1
+    advertise_url: str | None = None  # where the gateway reaches it: it registers in the store (with store_url)
 
 
 class Replica:
@@ -63,6 +66,9 @@ class Replica:
         self.failure: str | None = None
         self.adapter_failures: dict[str, str] = {}
         self.started = time.time()
+        self.draining = False
+        self.registration = (Registration(config.store_url, config.deployment.name, self.meter.replica,
+                                          config.advertise_url) if config.store_url and config.advertise_url else None)
 
     def load(self) -> None:
         try:
@@ -77,6 +83,19 @@ class Replica:
         except Exception as exc:  # reported by /health; the message names files, never request text
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.failure)
+
+    def drain(self) -> None:
+        """Told to stop (SIGTERM): the gateway is told first, so that it sends nothing new here while the server finishes
+        what it runs. Called from the signal handler: the store write runs on a thread of its own."""
+        self.draining = True
+        if self.registration:
+            threading.Thread(target=self._announce_drain, name="ember-drain", daemon=True).start()
+
+    def _announce_drain(self) -> None:
+        try:
+            self.registration.drain()
+        except Exception as exc:  # the registration goes stale instead, and the gateway stops routing here then
+            log.warning("could not announce the drain: %s", type(exc).__name__)
 
     def ready(self) -> AsyncEngine:
         if self.engine is None:
@@ -224,6 +243,15 @@ class Replica:
             raise APIError(403, f"only account {self.config.deployment.account_id!r} administers this deployment",
                            type="permission_error", code="forbidden")
         return account
+
+    def served_name(self, model: str) -> str:
+        """A request's `model` without the pin of this deployment (`…#accounts/<a>/deployments/<d>`, which the gateway
+        routes by); a pin of another deployment is answered as an unknown model."""
+        name, pin, deployment = model.partition(PIN)
+        if pin and deployment != self.config.deployment.name:
+            raise APIError(404, f"model {model!r} is not served by this deployment", type="not_found_error",
+                           param="model", code="model_not_found")
+        return name
 
     def resolve_model(self, model: str, account: str, engine: Engine) -> str | None:
         """The adapter a request's `model` names (None for the base model), checked against the account."""

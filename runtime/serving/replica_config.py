@@ -23,6 +23,7 @@ class ProcessOptions:
     reconcile_interval_s: float = ServerConfig.reconcile_interval_s
     compile: bool = False
     compile_cache: Path | None = None
+    advertise_url: str | None = None  # where the gateway reaches this replica (registration.advertised_url)
 
 
 def engine_config(spec: ReplicaSpec, process: ProcessOptions) -> EngineConfig:
@@ -54,4 +55,5 @@ def server_config(spec: ReplicaSpec, process: ProcessOptions) -> ServerConfig:
         retention_days=log.retention_days if log else None,
         accelerator_type=spec.accelerator_type.value,
         accelerator_count=spec.accelerator_count,
+        advertise_url=process.advertise_url,
     )

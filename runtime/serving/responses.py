@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from ember.runtime.model.sampling import TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
 from ember.runtime.serving.call import Call
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 from ember.runtime.serving.tools import ToolUse
 
 
