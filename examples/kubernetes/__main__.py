@@ -4,6 +4,7 @@
     pulumi config set --secret storeAccessKey …; pulumi config set --secret storeSecretKey …
     pulumi config set kubeconfig ~/.kube/config                       # optional: the ambient one otherwise
     pulumi config set namespace ember                                 # labelled for Pod Security `restricted`
+    pulumi config set gatewayHost ember.example.com                   # optional: an Ingress for the gateway
     pulumi up
 
 `ember quickstart` puts the model and the poet addon under ../quickstart/models first, and
@@ -15,8 +16,9 @@ up addons without a restart.
 import pulumi
 import pulumi_kubernetes as k8s
 
-from ember.provider import (Dataset, DatasetArgs, DeploymentArgs, FineTuningJobArgs, KubernetesArgs,
-                            KubernetesDeployment, KubernetesFineTuningJob, LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
+from ember.provider import (Dataset, DatasetArgs, DeploymentArgs, FineTuningJobArgs, GatewayArgs, KubernetesArgs,
+                            KubernetesDeployment, KubernetesFineTuningJob, KubernetesGateway, KubernetesGatewayArgs,
+                            LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
 
 config = pulumi.Config()
 ACCOUNT = "quickstart"
@@ -50,5 +52,11 @@ addons = [LoRAAddon("smollm2-pirate", LoRAAddonArgs(account_id=ACCOUNT, base_mod
           LoRAAddon("smollm2-poet", LoRAAddonArgs(account_id=ACCOUNT, base_model=base, deployments=[gpu.deployment],
                                                   source="../quickstart/models/smollm2-poet"))]
 
+# The one endpoint applications call, in front of every deployment of the store: two pods behind a Service (and an
+# Ingress where `gatewayHost` is set).
+gateway = KubernetesGateway("gateway", GatewayArgs(account_id=ACCOUNT), cluster,
+                            KubernetesGatewayArgs(ingress_host=config.get("gatewayHost")))
+
+pulumi.export("gateway", gateway.url)
 pulumi.export("endpoint", gpu.endpoint)
 pulumi.export("models", pulumi.Output.all(base.name, *[a.name for a in addons]))

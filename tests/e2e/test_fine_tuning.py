@@ -264,7 +264,7 @@ def test_a_kubernetes_jobs_pod_output_is_stored_as_the_local_cluster_would(train
 
     from tests.provider.provider_helpers import config, provider
 
-    from ember.provider.backends.records import BaseModelManifest
+    from ember.provider.domain.records import BaseModelManifest
 
     job, _ = trained
     settings = {k: v for k, v in dataclasses.asdict(job).items() if k != "device"}

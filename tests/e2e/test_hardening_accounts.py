@@ -12,11 +12,11 @@ from tests.engine.engine_helpers import EngineStack, requires_pulumi
 from tests.provider.provider_helpers import config, provider
 from tests.runtime.server_helpers import PIRATE, POET, start, write_addon_manifest
 
-from ember.provider.backends.records import BaseModelManifest
 from ember.provider.domain.accounts import DeploymentAccess
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.kinds.lora_addon import LoRAAddonSpec
+from ember.provider.domain.records import BaseModelManifest
 from ember.provider.domain.spec import SpecError, parse, parse_known
 from ember.provider.providers.base import EmberError, base_manifest
 from ember.provider.tools.runner import OfflineRunner, RunError

@@ -98,8 +98,9 @@ def cluster():
 
 def test_the_example_declares_its_objects(cluster):
     kinds = sorted(o["kind"] for o in cluster.objects.values())
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "PodDisruptionBudget", "Secret",
-                     "Secret", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
+                     "NetworkPolicy", "PodDisruptionBudget", "PodDisruptionBudget", "Secret", "Secret", "Secret",
+                     "Service", "Service"]
 
 
 def test_gpus_nodes_probes_and_labels(cluster):
@@ -120,13 +121,15 @@ def test_gpus_nodes_probes_and_labels(cluster):
 
 
 def test_the_runtime_serves_the_replica_spec_of_a_config_map(cluster):
-    from ember.provider.kubernetes import digest_of
     from ember.provider.domain.replica_spec import ReplicaSpec
+    from ember.provider.kubernetes import digest_of
 
     template = cluster.objects["Deployment/smollm2-gpu"]["spec"]["template"]
     container = template["spec"]["containers"][0]
     assert container["args"] == ["serve", "--replica-spec", "/etc/ember/replica.json", "--host", "0.0.0.0",
-                                 "--port", "8000"]
+                                 "--port", "8000", "--advertise-url", "http://$(POD_IP):8000"]
+    # the replica registers at its pod's address, which the downward API gives it
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
     config_map = cluster.objects["ConfigMap/smollm2-gpu-replica"]
     text = config_map["data"]["replica.json"]
     spec = ReplicaSpec.model_validate_json(text)
@@ -183,8 +186,8 @@ def test_amd_and_cpu_pods():
 
 
 def test_scale_to_zero_is_refused_on_kubernetes():
-    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
     from ember.provider.args import AutoscalingPolicyArgs, DeploymentArgs
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
 
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_mocks(Cluster(), project="p", stack="s", preview=False)
@@ -232,3 +235,74 @@ def test_the_network_policy_admits_the_service_port_and_lets_out_only_dns_and_th
     dns, store = policy["egress"]
     assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
     assert store == {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+
+
+def test_the_gateway_runs_two_restricted_pods_behind_a_service_and_a_disruption_budget(cluster):
+    workload = cluster.objects["Deployment/gateway"]
+    assert workload["spec"]["replicas"] == 2 and workload["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}
+    pod = workload["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["gateway", "--store", "s3://ember-models/store", "--gateway",
+                                 "accounts/quickstart/gateways/gateway", "--host", "0.0.0.0", "--port", "8080"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8080}
+    assert not any("gpu" in k for k in container["resources"]["limits"])
+    # the replicas' own restricted profile: non-root, no escalation, no capabilities, read-only root, no API token
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["envFrom"] == [{"secretRef": {"name": "ember-gw-quickstart-gateway-store"}}]
+    selector = workload["spec"]["selector"]["matchLabels"]
+    assert cluster.objects["Service/gateway-service"]["spec"]["selector"] == selector
+    assert cluster.objects["Service/gateway-service"]["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 8080}]
+    assert cluster.objects["PodDisruptionBudget/gateway-pdb"]["spec"] == {"selector": {"matchLabels": selector},
+                                                                          "minAvailable": 1}
+    policy = cluster.objects["NetworkPolicy/gateway-network"]["spec"]
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    runtime = policy["egress"][2]  # besides DNS and the store: the runtime pods' port, where it forwards requests
+    assert runtime == {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ember-runtime"}}}],
+                       "ports": [{"protocol": "TCP", "port": 8000}]}
+    ember = cluster.ember["gateway"]
+    assert ember["cluster"] == "kubernetes" and ember["kubernetes_workload"]["name"] == "ember-gw-quickstart-gateway"
+    assert ember["advertised_url"] == "http://ember-gw-quickstart-gateway.ember.svc.cluster.local"
+    assert not any(k.startswith("Ingress/") for k in cluster.objects)  # only where it is asked for
+
+
+def test_the_gateway_gets_an_ingress_or_an_http_route_where_asked():
+    exposed = run_example({"gatewayHost": "ember.example.com"})
+    ingress = exposed.objects["Ingress/gateway-ingress"]["spec"]
+    assert ingress["rules"] == [{"host": "ember.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
+        "service": {"name": "ember-gw-quickstart-gateway", "port": {"number": 80}}}}]}}]
+    assert exposed.ember["gateway"]["advertised_url"] == "http://ember.example.com"
+
+    from ember.provider.args import GatewayArgs
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesGateway, KubernetesGatewayArgs
+
+    routed = Cluster()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(routed, project="p", stack="s", preview=False)
+
+    @pulumi.runtime.test
+    def program():
+        KubernetesGateway("front", GatewayArgs(account_id="platform", replicas=3),
+                          KubernetesArgs(image="img", store_url="s3://b/s", namespace="ember"),
+                          KubernetesGatewayArgs(route_parent={"name": "public", "namespace": "infra"},
+                                                route_hostnames=["api.example.com"]))
+
+    program()
+    route = routed.objects["HTTPRoute/front-route"]
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "infra"}]
+    assert route["spec"]["rules"] == [{"backendRefs": [{"name": "ember-gw-platform-front", "port": 80}]}]
+    assert routed.objects["Deployment/front"]["spec"]["replicas"] == 3
+    assert routed.ember["front"]["advertised_url"] == "http://api.example.com"
+
+
+def test_a_kubernetes_gateway_of_one_pod_is_refused():
+    from ember.provider.args import GatewayArgs
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesGateway
+
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(Cluster(), project="p", stack="s", preview=False)
+    with pytest.raises(SpecError, match="replicas: 1 is too few on Kubernetes"):
+        KubernetesGateway("g", GatewayArgs(account_id="a", replicas=1), KubernetesArgs(image="img", store_url="s3://b/s"))

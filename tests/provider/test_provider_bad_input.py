@@ -9,7 +9,7 @@ import pytest
 from tests.provider.file_edits import edit_json
 from tests.provider.provider_helpers import config, make_models, provider, store_entries
 
-from ember.provider.backends.records import DeploymentRecord
+from ember.provider.domain.records import DeploymentRecord
 from ember.provider.backends.store import Store
 from ember.provider.providers.base import EmberError
 from ember.runtime.devtools import tinymodels

@@ -15,7 +15,7 @@ import pytest
 from tests.provider.provider_helpers import alive, config, make_models, provider, store_entries
 from pulumi.dynamic import DiffResult
 
-from ember.provider.backends.records import DeploymentRecord
+from ember.provider.domain.records import DeploymentRecord
 from ember.provider.backends.store import Store
 from ember.provider.providers.base import EmberError
 from ember.provider.providers.lora_addon import LoRAAddonProvider

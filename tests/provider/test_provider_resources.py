@@ -170,8 +170,9 @@ def test_the_public_api_is_every_kind_its_args_and_the_kubernetes_components():
     public = {name for name in namespace if not name.startswith("__")}
     assert public == set(ember.provider.__all__) == {
         "Model", "ModelArgs", "LoRAAddon", "LoRAAddonArgs", "Deployment", "DeploymentArgs", "Dataset", "DatasetArgs",
-        "FineTuningJob", "FineTuningJobArgs", "AutoscalingPolicyArgs", "RequestLoggingArgs", "KubernetesWorkloadArgs",
-        "KubernetesDeployment", "KubernetesArgs", "KubernetesFineTuningJob"}
+        "FineTuningJob", "FineTuningJobArgs", "Gateway", "GatewayArgs", "AutoscalingPolicyArgs", "RequestLoggingArgs",
+        "KubernetesWorkloadArgs", "RateLimitsArgs", "AccountRateLimitsArgs", "KubernetesDeployment", "KubernetesArgs",
+        "KubernetesFineTuningJob", "KubernetesGateway", "KubernetesGatewayArgs"}
 
 
 @pytest.mark.parametrize("resource, outputs", [(resources.Model, ModelOutputs), (resources.Deployment, DeploymentOutputs),

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from ember.provider.backends.records import AddonManifest
 from ember.provider.backends.store import Store, StoreError
 from ember.provider.domain.digests import file_digests, tree_digest
+from ember.provider.domain.records import AddonManifest
 
 
 @pytest.fixture

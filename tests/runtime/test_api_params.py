@@ -12,7 +12,8 @@ from tests.runtime.server_helpers import BASE, PIRATE, metrics_text, start
 
 from ember.runtime.model.sampling import LogitTensors, SamplingParams, process_logits
 from ember.runtime.serving.bodies import _parse
-from ember.runtime.serving.protocol import APIError, CompletionRequest
+from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.protocol import CompletionRequest
 
 
 def reference(logits: list[float], p: SamplingParams, prompt: list[int], output: list[int], ends: set[int]) -> list[float]:

@@ -18,7 +18,7 @@ from ember.runtime.model.finite_schema import has_finite_instance
 from ember.runtime.model.grammar import json_grammar
 from ember.runtime.model.sampling import SamplingParams
 from ember.runtime.serving import grammars as serving_grammars
-from ember.runtime.serving.protocol import APIError
+from ember.runtime.serving.errors import APIError
 
 # The most another account's stream may wait for a token while a huge schema is refused beside it. Before the
 # grammar moved off the event loop and the engine thread it waited 4.6 s (this test's first run); now about 0.1 s
