@@ -142,9 +142,14 @@ class LocalCluster(Cluster):
                     result = http_json(f"{replica.url}/admin/reconcile", method="POST", key=key, timeout=30)
                     break
                 except (urllib.error.URLError, OSError) as exc:
+                    if not alive(replica.pid):  # a dead replica never answers: the drift a refresh reports
+                        result = None
+                        break
                     if time.monotonic() > deadline:
                         raise ClusterError(f"replica on port {replica.port} did not reconcile: {exc}") from None
                     time.sleep(0.2)
+            if result is None:
+                continue
             refused = {n: why for n, why in result.get("failed", {}).items() if n in wanted}
             if refused:
                 name, why = next(iter(refused.items()))

@@ -4,9 +4,9 @@ request → auth (the store's hashed keys) → body (bounded; its JSON read, not
 route (by `model`: deployments the account may use) → a replica (balanced, retried while nothing was sent) → the
 replica's response, passed through as it comes → metrics, and the account's tokens settled at the response's usage.
 
-What it knows of the store is a snapshot read on a worker thread every `refresh_interval_s` (and at once, at most every
-MISS_REFRESH_S, when a request names a key, a model or a deployment the snapshot lacks: a deployment just created
-answers at once). No prompt, completion or key reaches its logs or metrics.
+What it knows of the store is a snapshot read on a worker thread every `refresh_interval_s`, and again when a request
+names a key, a model or a deployment the snapshot lacks (snapshots.py): a deployment just created answers at once. No
+prompt, completion or key reaches its logs or metrics.
 """
 
 from __future__ import annotations
@@ -25,87 +25,60 @@ from starlette.requests import ClientDisconnect
 from ember.runtime.gateway.balancer import Balancer, affinity_key
 from ember.runtime.gateway.bodies import parse_json_object
 from ember.runtime.gateway.config import GatewayConfig
-from ember.runtime.gateway.directory import Directory, DirectoryError, read_directory
+from ember.runtime.gateway.directory import Directory
 from ember.runtime.gateway.metrics import GatewayMetrics
 from ember.runtime.gateway.proxy import (ATTEMPTS_HEADER, DEPLOYMENT_HEADER, ClientGone, Forwarder, PassThrough,
                                          Upstream, request_headers, usage_tokens)
 from ember.runtime.gateway.rate_limits import Admission, RateLimiter, estimate_tokens
 from ember.runtime.gateway.routing import Route, models, route
+from ember.runtime.gateway.snapshots import Snapshots
 from ember.runtime.serving.body_limits import BodyLimits
 from ember.runtime.serving.errors import APIError
 
 log = logging.getLogger("ember.gateway")
-MISS_REFRESH_S = 0.25
 
 
 class GatewayState:
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.directory: Directory | None = None
-        self.failure: str | None = None  # why the last read of the store failed, in words that name nothing in it
         self.metrics = GatewayMetrics()
         self.balancer = Balancer()
         self.limiter = RateLimiter()
+        self.store = Snapshots(config, self._read)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.upstream_timeout_s, connect=config.connect_timeout_s),
             # every client connection may hold a replica connection while its request runs
             limits=httpx.Limits(max_connections=config.limits.max_connections,
                                 max_keepalive_connections=config.limits.max_connections))
         self.forwarder = Forwarder(self.client, self.balancer, self.metrics)
-        self._refreshing: asyncio.Task | None = None
 
-    async def refresh(self) -> None:
-        """Read the store again (one read at a time: callers during a read share it)."""
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._read())
-        await asyncio.shield(self._refreshing)
-
-    async def _read(self) -> None:
-        try:
-            directory = await asyncio.to_thread(read_directory, self.config.store_url, self.config.gateway)
-        except DirectoryError as exc:
-            if exc.reason != self.failure:
-                log.warning("%s", exc)
-            self.failure = exc.reason
-            return
-        self.directory, self.failure = directory, None
+    def _read(self, directory: Directory) -> None:
         self.limiter.share = directory.settings.replicas
         self.balancer.forget({r.url for d in directory.deployments.values() for r in d.replicas})
 
-    async def refresh_if_older(self, age_s: float) -> Directory:
-        if self.directory is None or time.monotonic() - self.directory.read_at > age_s:
-            await self.refresh()
-        return self.current()
-
-    def current(self) -> Directory:
-        if self.directory is None:
-            raise APIError(503, "the gateway has not read its store yet", type="service_unavailable",
-                           code="store_unavailable", headers={"Retry-After": "1"})
-        return self.directory
-
-    async def account(self, request: Request) -> str:
+    async def account(self, request: Request, arrived: float) -> str:
         header = request.headers.get("authorization", "")
         if not header:
             raise APIError(401, "missing API key: send Authorization: Bearer <key>", type="authentication_error",
                            code="missing_api_key")
         scheme, _, key = header.partition(" ")
         key = key.strip() if scheme.lower() == "bearer" else None
-        account = self.current().accounts.authenticate(key)
+        account = self.store.current().accounts.authenticate(key)
         if account is None and key:  # a key made since the last read (a new tenant) works at once
-            account = (await self.refresh_if_older(MISS_REFRESH_S)).accounts.authenticate(key)
+            account = (await self.store.since(arrived)).accounts.authenticate(key)
         if account is None:
             raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
         return account
 
-    async def route(self, account: str, model: object) -> Route:
+    async def route(self, account: str, model: object, arrived: float) -> Route:
         try:
-            found = route(self.current(), account, model)
+            found = route(self.store.current(), account, model)
         except APIError as exc:
             if exc.status != 404:
                 raise
-            found = route(await self.refresh_if_older(MISS_REFRESH_S), account, model)  # a deployment just made
+            found = route(await self.store.since(arrived), account, model)  # a deployment made a moment ago
         if not any(d.replicas for d in found.deployments):
-            found = route(await self.refresh_if_older(MISS_REFRESH_S), account, model)  # replicas just ready
+            found = route(await self.store.since(arrived), account, model)  # replicas ready a moment ago
         return found
 
 
@@ -115,7 +88,7 @@ def gateway_of(request: Request) -> GatewayState:
 
 async def _refresh_forever(gateway: GatewayState) -> None:
     while True:
-        await gateway.refresh()
+        await gateway.store.refresh()
         await asyncio.sleep(gateway.config.refresh_interval_s)
 
 
@@ -163,32 +136,34 @@ async def _method_not_allowed(request: Request, exc) -> JSONResponse:
 async def _health(request: Request) -> JSONResponse:
     # Unauthenticated (probes and balancers ask it): whether it can route, and why not, naming no tenant.
     gateway = gateway_of(request)
-    directory = gateway.directory
-    if directory is None or time.monotonic() - directory.read_at > gateway.config.stale_after_s:
-        reason = gateway.failure or "has not read the store yet"
+    store = gateway.store
+    if store.directory is None or time.monotonic() - store.directory.read_at > gateway.config.stale_after_s:
+        reason = store.failure or "has not read the store yet"
         return JSONResponse({"status": "failing", "reason": reason}, status_code=503)
-    return JSONResponse({"status": "ready"} | ({"store": "the last read failed"} if gateway.failure else {}))
+    return JSONResponse({"status": "ready"} | ({"store": "the last read failed"} if store.failure else {}))
 
 
 async def _metrics(request: Request) -> Response:
     # The platform team's (the Gateway's account): its series name every tenant's addons and every account it limited.
     gateway = gateway_of(request)
-    account = await gateway.account(request)
-    if account != gateway.current().owner:
+    account = await gateway.account(request, time.monotonic())
+    if account != gateway.store.current().owner:
         raise APIError(403, "only the gateway's own account reads its metrics", type="permission_error",
                        code="forbidden")
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _models(request: Request) -> dict:
-    gateway = gateway_of(request)
-    account = await gateway.account(request)
-    return {"object": "list", "data": list(models(gateway.current(), account).values())}
+    # A list has no miss to notice: it is read from a snapshot begun after the request came (a model deployed a moment
+    # ago is in it, as a request for it would find it).
+    gateway, arrived = gateway_of(request), time.monotonic()
+    account = await gateway.account(request, arrived)
+    return {"object": "list", "data": list(models(await gateway.store.since(arrived), account).values())}
 
 
 async def _model(model: str, request: Request) -> dict:
-    gateway = gateway_of(request)
-    listed = models(gateway.current(), await gateway.account(request))
+    gateway, arrived = gateway_of(request), time.monotonic()
+    listed = models(await gateway.store.since(arrived), await gateway.account(request, arrived))
     if model not in listed:
         raise APIError(404, f"the model {model!r} does not exist or you do not have access to it",
                        type="not_found_error", param="model", code="model_not_found")
@@ -204,36 +179,37 @@ async def _chat_completions(request: Request):
 
 
 async def _forward(request: Request, chat: bool):
-    gateway = gateway_of(request)
-    account = await gateway.account(request)
+    gateway, arrived = gateway_of(request), time.monotonic()
+    account = await gateway.account(request, arrived)
     try:
         raw = await request.body()  # bounded in size and time by BodyLimits
     except ClientDisconnect:  # the client left half-way through its body
         raise APIError(499, "the client closed the request", code="client_closed_request") from None
     body = await parse_json_object(raw)
-    directory = gateway.current()
+    settings = gateway.store.current().settings
     try:
-        admission = gateway.limiter.admit(account, directory.settings.limits_of(account), estimate_tokens(body, chat))
+        admission = gateway.limiter.admit(account, settings.limits_of(account), estimate_tokens(body, chat))
     except APIError:
         gateway.metrics.rate_limited.labels(account).inc()
         raise
     request.state.headers = admission.headers
-    found = await gateway.route(account, body.get("model"))
+    found = await gateway.route(account, body.get("model"), arrived)
     request.state.labels = (found.model, found.deployments[0].name)
     affinity = affinity_key(account, found.model, body, chat)
 
     async def send(to: Route) -> Upstream:
         return await gateway.forwarder.send(to, request.url.path, raw, request_headers(request.headers), affinity,
-                                            directory.settings.max_attempts, request.receive)
+                                            settings.max_attempts, request.receive)
 
     try:
         try:
             upstream = await send(found)
         except APIError as exc:
-            # Every replica it knew was gone: one replaced a moment ago may be in the store already.
-            if exc.code != "no_ready_replica" or time.monotonic() - gateway.current().read_at <= MISS_REFRESH_S:
+            # Every replica it knew was gone: one that replaced them a moment ago may be in the store already.
+            fresh = gateway.store.current().read_at >= arrived
+            if exc.code != "no_ready_replica" or fresh:
                 raise
-            upstream = await send(route(await gateway.refresh_if_older(MISS_REFRESH_S), account, body.get("model")))
+            upstream = await send(route(await gateway.store.since(arrived), account, body.get("model")))
     except ClientGone:
         raise APIError(499, "the client closed the request", code="client_closed_request") from None
     request.state.labels = (found.model, upstream.deployment.name)

@@ -65,7 +65,7 @@ class Directory:
     accounts: Accounts = field(default_factory=lambda: Accounts([]))
     settings: GatewaySpec = HAND_RUN
     owner: str | None = None  # the account whose keys read /metrics: the Gateway resource's
-    read_at: float = 0.0  # time.monotonic() of the read
+    read_at: float = 0.0  # time.monotonic() when the read began (the store was at least this new)
 
 
 def _documents(fs, pattern: str, parse: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
@@ -119,7 +119,7 @@ def read_directory(store_url: str, gateway: str | None) -> Directory:
         raise
     except (OSError, ValueError) as exc:  # the store's words name paths, never a request's text
         raise DirectoryError(f"cannot read the store: {type(exc).__name__}: {exc}") from None
-    return Directory(deployments, accounts, settings, owner, time.monotonic())
+    return Directory(deployments, accounts, settings, owner)
 
 
 def _read_addons(fs, path: str) -> dict[str, str]:

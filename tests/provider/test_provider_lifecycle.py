@@ -126,6 +126,8 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         assert cli.main(["up", str(program), "--offline"]) == 0
         printed = capsys.readouterr().out
         assert printed.count("answer from accounts/quickstart/models/") == 3
+        gateway = json.loads(printed.split("  gateway: ", 1)[1].splitlines()[0])
+        assert f"asking each model, through {gateway}:" in printed  # the demo asks through the gateway
         cfg = OfflineRunner(program, log=lambda _: None).config
         key = (cfg.state_dir / "keys" / "quickstart.key").read_text()
         state_text = "".join(p.read_text() for p in (cfg.state_dir / "stacks").glob("*.json"))
@@ -149,7 +151,7 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         assert "drift" not in capsys.readouterr().out
         assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0
         assert {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")} - \
-            {"same", "endpoint:", "models:", "account:"} == set()
+            {"same", "endpoint:", "models:", "account:", "gateway:"} == set()
     finally:
         assert cli.main(["destroy", str(program), "--offline"]) == 0
     assert store_entries(OfflineRunner(program, log=lambda _: None).config) == []

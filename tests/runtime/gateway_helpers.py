@@ -209,7 +209,7 @@ class Front:
 
 
 def start_gateway(store: FakeStore, limits: Limits | None = None, refresh_interval_s: float = 0.1,
-                  wait: Callable[[object], bool] = lambda state: state.directory is not None) -> Front:
+                  wait: Callable[[object], bool] = lambda state: state.store.directory is not None) -> Front:
     app = create_gateway_app(GatewayConfig(store_url=store.url, refresh_interval_s=refresh_interval_s,
                                            limits=limits or Limits(), connect_timeout_s=1.0))
     front = Front(store, ThreadServer(app, limits), app)

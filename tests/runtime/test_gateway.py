@@ -10,6 +10,7 @@ import httpx
 import pytest
 from tests.runtime.gateway_helpers import FakeStore, StandIn, free_port, start_gateway
 
+from ember.runtime.gateway import directory, snapshots
 from ember.runtime.gateway.balancer import affinity_key
 from ember.runtime.serving.limits import Limits
 
@@ -148,7 +149,7 @@ def test_a_shared_prompt_prefix_keeps_to_one_replica_while_it_is_not_overloaded(
         assert answer.status_code == 200
     assert sorted([len(first.seen), len(second.seen)]) == [0, 6]
     # other accounts with the same prompt are hashed apart from acme's (their cached blocks are their own)
-    placed = {front.state.balancer.pick(front.state.current().deployments[ACME_PROD].replicas, None,
+    placed = {front.state.balancer.pick(front.state.store.current().deployments[ACME_PROD].replicas, None,
                                         affinity_key(account, ACME_BASE, {"prompt": system}, False)).url
               for account in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell")}
     assert placed == {first.url, second.url}
@@ -219,7 +220,7 @@ def test_streams_pass_through_as_they_come_and_a_leaving_client_aborts_the_repli
     while not slow.seen[0].aborted and time.monotonic() < deadline:
         time.sleep(0.05)
     assert slow.seen[0].aborted and not slow.seen[0].finished
-    assert front.state.balancer.outstanding(front.state.current().deployments[ACME_PROD].replicas[0]) == 0
+    assert front.state.balancer.outstanding(front.state.store.current().deployments[ACME_PROD].replicas[0]) == 0
 
 
 def test_a_client_leaving_before_the_response_began_aborts_the_request_too(store, replicas):
@@ -313,23 +314,39 @@ def test_metrics_are_the_platforms_and_hold_no_key_or_text(store, replicas, capl
         assert secret not in everything
 
 
-def test_a_new_deployment_answers_without_a_restart(tmp_path, replicas):
+def test_a_new_deployment_answers_at_once_and_misses_read_the_store_at_most_every_quarter_second(
+        tmp_path, replicas, monkeypatch):
+    reads = []
+    monkeypatch.setattr(snapshots, "read_directory",
+                        lambda *a: reads.append(time.monotonic()) or directory.read_directory(*a))
     store = FakeStore(tmp_path / "store")
     store.gateway()
     front = start_gateway(store, refresh_interval_s=30)  # the periodic read will not come in this test
     assert complete(front, "acme", ACME_BASE).status_code == 404
     store.deployment(ACME_PROD, ACME_BASE)
     store.register(ACME_PROD, replicas())
-    time.sleep(0.3)  # a miss reads the store again at most every 0.25 s
-    assert complete(front, "acme", ACME_BASE).status_code == 200
+    assert complete(front, "acme", ACME_BASE).status_code == 200  # no restart, no wait: the miss read the store
     assert httpx.get(f"{front.url}/health").json() == {"status": "ready"}
+
+    async def misses() -> list[int]:
+        async with httpx.AsyncClient(timeout=10, headers=front.headers("acme")) as client:
+            answers = await asyncio.gather(*[client.post(f"{front.url}/v1/completions", json={
+                "model": f"accounts/acme/models/unknown-{i}", "prompt": "x"}) for i in range(40)])
+        return [a.status_code for a in answers]
+
+    before, started = len(reads), time.monotonic()
+    assert set(asyncio.run(misses())) == {404}
+    spent = time.monotonic() - started
+    assert len(reads) - before <= spent / 0.25 + 2  # 40 misses, a few reads of the store
+    gaps = [b - a for a, b in zip(reads[before:], reads[before + 1:])]
+    assert all(gap >= 0.24 for gap in gaps), gaps
 
 
 def test_health_says_when_the_store_cannot_be_read_and_names_no_tenant(tmp_path):
     store = FakeStore(tmp_path / "store")
     store.deployment(ACME_PROD, ACME_BASE)
     (tmp_path / "store" / "keys.json").write_text("{not json")  # a store the gateway cannot read
-    front = start_gateway(store, wait=lambda state: state.failure is not None)
+    front = start_gateway(store, wait=lambda state: state.store.failure is not None)
     health = httpx.get(f"{front.url}/health")
     assert health.status_code == 503 and health.json() == {"status": "failing", "reason": "cannot read the store"}
     assert complete(front, "acme", ACME_BASE).status_code == 503
