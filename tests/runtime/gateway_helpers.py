@@ -39,7 +39,14 @@ def free_port() -> int:
 
 
 class ThreadServer:
-    """An ASGI app served by uvicorn on a thread, on a loopback port."""
+    """An ASGI app served by uvicorn on a thread, on a loopback port. `stop_all` stops every one still running."""
+
+    running: list["ThreadServer"] = []
+
+    @classmethod
+    def stop_all(cls) -> None:
+        while cls.running:
+            cls.running.pop().stop()
 
     def __init__(self, app, limits: Limits | None = None, port: int | None = None):
         self.port = port or free_port()
@@ -53,10 +60,13 @@ class ThreadServer:
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
+        self.running.append(self)
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        if self in self.running:
+            self.running.remove(self)
 
 
 def completion(model: str, total_tokens: int = 12) -> dict:

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from tests.runtime.gateway_helpers import FakeStore, StandIn, free_port, start_gateway
+from tests.runtime.gateway_helpers import FakeStore, StandIn, ThreadServer, free_port, start_gateway
 
 from ember.runtime.gateway import directory, snapshots
 from ember.runtime.gateway.balancer import affinity_key
@@ -23,6 +23,13 @@ CATALOG = "accounts/platform/models/llama-v3p1-8b-instruct"
 GLOBEX_ADDON = "accounts/globex/models/legal"
 
 
+@pytest.fixture(autouse=True)
+def servers():
+    """Every gateway and stand-in replica a test starts stops with it."""
+    yield
+    ThreadServer.stop_all()
+
+
 @pytest.fixture
 def store(tmp_path):
     store = FakeStore(tmp_path / "store")
@@ -32,16 +39,10 @@ def store(tmp_path):
 
 @pytest.fixture
 def replicas():
-    started = []
-
     def start(*answers, port=None) -> StandIn:
-        replica = StandIn(list(answers) or ["ok"]).start(port)
-        started.append(replica)
-        return replica
+        return StandIn(list(answers) or ["ok"]).start(port)
 
-    yield start
-    for replica in started:
-        replica.stop()
+    return start
 
 
 def complete(front, account: str, model: str, **extra) -> httpx.Response:
