@@ -44,14 +44,21 @@ class LocalProcess:
             return "(no log)"
 
 
-def free_port(preferred: int = 0) -> int:
-    """`preferred` if it can be bound now, else any free loopback port."""
+def free_port(preferred: int = 0, patience_s: float = 1.0) -> int:
+    """`preferred` if it can be bound within `patience_s` (a process killed a moment ago may still hold it), else any
+    free loopback port."""
+    deadline = time.monotonic() + patience_s
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the process's server binds it
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
+        while preferred:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 

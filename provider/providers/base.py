@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pulumi.dynamic import CheckFailure, CheckResult, ConfigureRequest, DiffResult, ReadResult, ResourceProvider
+from pulumi.dynamic import (CheckFailure, CheckResult, ConfigureRequest, CreateResult, DiffResult, ReadResult,
+                            ResourceProvider, UpdateResult)
 from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
-from ember.provider.backends.cluster import Cluster
+from ember.provider.backends.cluster import Cluster, ClusterError
 from ember.provider.backends.kubernetes_cluster import KubernetesCluster
 from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.processes import abandoned, owner
@@ -217,6 +218,36 @@ class EmberProvider(ResourceProvider):
         if props.get("name") is None:
             return None, True
         return self._spec(props), False
+
+
+class ClusterProvider(EmberProvider):
+    """A resource its cluster runs (a deployment's replicas, the gateway): create runs it and, when that fails, removes
+    what it made; update runs it again; delete removes it. Each kind says how (`_run`, `_remove`)."""
+
+    def _run(self, spec, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
+        """Write the resource's records to the store and have its cluster run it; its outputs."""
+        raise NotImplementedError
+
+    def _remove(self, spec) -> None:
+        raise NotImplementedError
+
+    def _create(self, spec, props: dict[str, Any]) -> CreateResult:
+        try:
+            outputs = self._run(spec, props, creating=True)
+        except (ClusterError, StoreError, EmberError) as exc:
+            self._remove(spec)  # only what this create (or the interrupted one it resumes) made, under its own name
+            raise EmberError(str(exc)) from None
+        return CreateResult(spec.name, props | outputs)
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        try:
+            outputs = self._run(self._spec(news), news)
+        except (ClusterError, StoreError) as exc:
+            raise EmberError(str(exc)) from None
+        return UpdateResult(news | outputs)
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        self._remove(self._spec(props))
 
 
 def local_digest(source: str, cache_dir: Path) -> str | None:

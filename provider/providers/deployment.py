@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
+from pulumi.dynamic import CreateResult, ReadResult
 
 from ember.provider.backends.cluster import ClusterError, ReplicaStatus
-from ember.provider.backends.store import StoreError
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.names import parse_deployment_name
 from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.spec import DeploymentState, DeploymentType
-from ember.provider.providers.base import CLUSTERS, EmberError, EmberProvider, base_manifest, has_unknown, progress
+from ember.provider.providers.base import CLUSTERS, ClusterProvider, EmberError, base_manifest, has_unknown, progress
 
 
-class DeploymentProvider(EmberProvider):
+class DeploymentProvider(ClusterProvider):
     spec_cls = DeploymentSpec
 
     def check_known(self, spec: DeploymentSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
@@ -74,20 +73,7 @@ class DeploymentProvider(EmberProvider):
             raise EmberError(f"deployment_id: {spec.name} already exists")
         if existing:
             progress(f"resuming the interrupted create of {spec.name}")
-        try:
-            outputs = self._run(spec, props, creating=True)
-        except (ClusterError, StoreError, EmberError) as exc:
-            self._remove(spec)  # only what this create (or the interrupted one it resumed) made
-            raise EmberError(str(exc)) from None
-        return CreateResult(spec.name, props | outputs)
-
-    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        spec: DeploymentSpec = self._spec(news)
-        try:
-            outputs = self._run(spec, news)
-        except (ClusterError, StoreError) as exc:
-            raise EmberError(str(exc)) from None
-        return UpdateResult(news | outputs)
+        return self._create(spec, props)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec, by_id = self._read_spec(id_, props)
@@ -101,9 +87,6 @@ class DeploymentProvider(EmberProvider):
         # a cluster that does not count replicas here leaves the last rollout's outputs as they are
         outputs = props if status.ready is None else props | self._outputs(spec, props.get("serving_digest"), status)
         return ReadResult(spec.name, outputs, props if by_id else None)
-
-    def delete(self, _id: str, props: dict[str, Any]) -> None:
-        self._remove(self._spec(props))
 
     def _remove(self, spec: DeploymentSpec) -> None:
         self.cluster_of(spec.cluster).stop(spec.account_id, spec.deployment_id)

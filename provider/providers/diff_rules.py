@@ -15,7 +15,6 @@ from typing import Any
 from ember.provider.domain.kinds import BY_SPEC
 
 
-
 def compare(spec_cls: type, olds: dict[str, Any], news: dict[str, Any],
             has_unknown: Callable[[Any], bool]) -> tuple[list[str], list[str]]:
     """(changed properties, those among them that force a replacement)."""

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
+from pulumi.dynamic import CreateResult, ReadResult
 
-from ember.provider.backends.cluster import ClusterError, GatewayStatus
-from ember.provider.backends.store import Store, StoreError
+from ember.provider.backends.cluster import GatewayStatus
+from ember.provider.backends.store import Store
 from ember.provider.domain.kinds.gateway import GatewaySpec
 from ember.provider.domain.names import parse_gateway_name
 from ember.provider.domain.records import GatewayRecord
 from ember.provider.domain.spec import DeploymentState
-from ember.provider.providers.base import CLUSTERS, EmberError, EmberProvider, has_unknown
+from ember.provider.providers.base import CLUSTERS, ClusterProvider, EmberError, has_unknown
 
 
-class GatewayProvider(EmberProvider):
+class GatewayProvider(ClusterProvider):
     spec_cls = GatewaySpec
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
@@ -59,20 +59,7 @@ class GatewayProvider(EmberProvider):
         existing = self.store.read_gateway_record(name.account_id, name.resource_id)
         if existing and existing.created:  # another stack's: refused before anything is touched
             raise EmberError(f"gateway_id: {spec.name} already exists")
-        try:
-            outputs = self._run(spec, props, creating=True)
-        except (ClusterError, StoreError, EmberError) as exc:
-            self._remove(spec)  # only what this create made (under its own name: another's gateway is never touched)
-            raise EmberError(str(exc)) from None
-        return CreateResult(spec.name, props | outputs)
-
-    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        spec: GatewaySpec = self._spec(news)
-        try:
-            outputs = self._run(spec, news)
-        except (ClusterError, StoreError) as exc:
-            raise EmberError(str(exc)) from None
-        return UpdateResult(news | outputs)
+        return self._create(spec, props)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec, by_id = self._read_spec(id_, props)
@@ -84,9 +71,6 @@ class GatewayProvider(EmberProvider):
             spec, props = self._spec(record.inputs), record.inputs
         status = self.cluster_of(spec.cluster).gateway_status(spec)
         return ReadResult(spec.name, props | self._outputs(spec, status), props if by_id else None)
-
-    def delete(self, _id: str, props: dict[str, Any]) -> None:
-        self._remove(self._spec(props))
 
     def _remove(self, spec: GatewaySpec) -> None:
         self.cluster_of(spec.cluster).stop_gateway(spec.account_id, spec.gateway_id)

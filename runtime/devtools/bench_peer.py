@@ -31,7 +31,7 @@ from ember.runtime.devtools.workload import Workload, percentile, progress
 BASE_MODEL = "accounts/bench/models/base"  # the name Ember serves the model under (llama-server ignores it)
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     import httpx  # a dev dependency (the HTTP benchmark's client), not the runtime's
 
     deadline = time.time() + timeout
@@ -47,7 +47,7 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float =
     raise RuntimeError(f"the server was not ready in {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +56,7 @@ def _free_port() -> int:
 def start_ember(model_dir: Path, dtype: str, threads: int, root: Path,
                 compile: bool = True) -> tuple[subprocess.Popen, str, str]:
     key = Accounts.add_key(root / "keys.json", "bench")
-    port = _free_port()
+    port = free_port()
     args = [sys.executable, "-m", "ember.runtime", "serve", "--model-dir", str(model_dir),
             "--deployment", "accounts/bench/deployments/peer", "--base-model", BASE_MODEL,
             "--keys", str(root / "keys.json"), "--usage", str(root / "usage"), "--port", str(port),
@@ -65,18 +65,18 @@ def start_ember(model_dir: Path, dtype: str, threads: int, root: Path,
     log = root / "ember.log"
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, process, log)
+    wait_ready(url, process, log)
     return process, url, key
 
 
 def start_peer(server: Path, gguf: Path, threads: int, slots: int, root: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     args = [str(server), "-m", str(gguf), "-t", str(threads), "-np", str(slots), "-c", str(2048 * slots),
             "--host", "127.0.0.1", "--port", str(port)]
     log = root / "llama-server.log"
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, process, log)
+    wait_ready(url, process, log)
     return process, url
 
 

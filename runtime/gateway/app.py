@@ -33,7 +33,7 @@ from ember.runtime.gateway.rate_limits import Admission, RateLimiter, estimate_t
 from ember.runtime.gateway.routing import Route, models, route
 from ember.runtime.gateway.snapshots import Snapshots
 from ember.runtime.serving.body_limits import BodyLimits
-from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.errors import APIError, bearer_key, invalid_key, method_not_allowed, not_found
 
 log = logging.getLogger("ember.gateway")
 
@@ -57,17 +57,12 @@ class GatewayState:
         self.balancer.forget({r.url for d in directory.deployments.values() for r in d.replicas})
 
     async def account(self, request: Request, arrived: float) -> str:
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise APIError(401, "missing API key: send Authorization: Bearer <key>", type="authentication_error",
-                           code="missing_api_key")
-        scheme, _, key = header.partition(" ")
-        key = key.strip() if scheme.lower() == "bearer" else None
+        key = bearer_key(request)
         account = self.store.current().accounts.authenticate(key)
         if account is None and key:  # a key made since the last read (a new tenant) works at once
             account = (await self.store.since(arrived)).accounts.authenticate(key)
         if account is None:
-            raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+            raise invalid_key()
         return account
 
     async def route(self, account: str, model: object, arrived: float) -> Route:
@@ -106,8 +101,8 @@ def create_gateway_app(config: GatewayConfig) -> FastAPI:
     app.state.gateway = gateway
     app.add_exception_handler(APIError, _api_error)
     app.add_middleware(BodyLimits, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
-    app.add_exception_handler(404, _not_found)
-    app.add_exception_handler(405, _method_not_allowed)
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, method_not_allowed)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
@@ -122,15 +117,6 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     gateway_of(request).metrics.requests.labels(model, deployment, str(exc.status)).inc()
     headers = getattr(request.state, "headers", {}) | exc.headers
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-
-async def _not_found(request: Request, exc) -> JSONResponse:
-    return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
-
-
-async def _method_not_allowed(request: Request, exc) -> JSONResponse:
-    error = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
-    return JSONResponse(error.body(), status_code=405, headers=getattr(exc, "headers", None) or {})
 
 
 async def _health(request: Request) -> JSONResponse:

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ember.provider.domain.records import REGISTRATION_INTERVAL_S
 from ember.runtime.serving import admin_routes, openai_routes
 from ember.runtime.serving.body_limits import BodyLimits
-from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.errors import APIError, method_not_allowed, not_found
 from ember.runtime.serving.replica import Replica, ServerConfig
 
 log = logging.getLogger("ember.server")
@@ -80,8 +80,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.replica = replica
     app.add_exception_handler(APIError, _api_error)
     app.add_middleware(BodyLimits, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
-    app.add_exception_handler(404, _not_found)
-    app.add_exception_handler(405, _method_not_allowed)
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, method_not_allowed)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.include_router(openai_routes.router)
@@ -93,15 +93,6 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     # refused requests count too (by status; a refused request may name no model it is allowed to see)
     request.app.state.replica.metrics.requests.labels("", str(exc.status)).inc()
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def _not_found(request: Request, exc) -> JSONResponse:
-    return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
-
-
-async def _method_not_allowed(request: Request, exc) -> JSONResponse:
-    error = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
-    return JSONResponse(error.body(), status_code=405, headers=getattr(exc, "headers", None) or {})
 
 
 async def _health(request: Request) -> JSONResponse:

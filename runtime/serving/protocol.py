@@ -17,7 +17,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from ember.runtime.model.grammar import json_grammar
 from ember.runtime.model.sampling import MAX_LOGPROBS, SamplingParams
-from ember.runtime.serving.errors import APIError
 
 
 class _Strict(BaseModel):

@@ -22,7 +22,7 @@ from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.fetch import local_copy
 from ember.runtime.lora.adapters import AdapterError
 from ember.runtime.serving.async_engine import AsyncEngine
-from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.errors import APIError, bearer_key, invalid_key
 from ember.runtime.serving.limits import Limits
 from ember.runtime.serving.metrics import Metrics
 from ember.runtime.serving.registration import Registration
@@ -201,18 +201,13 @@ class Replica:
     # -- access --------------------------------------------------------------------------------------------
 
     def account(self, request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise APIError(401, "missing API key: send Authorization: Bearer <key>", type="authentication_error",
-                           code="missing_api_key")
-        scheme, _, key = header.partition(" ")
-        key = key.strip() if scheme.lower() == "bearer" else None
+        key = bearer_key(request)
         account = self.accounts.authenticate(key)
         if account is None and key and self.reload_keys():
             # a key made since the last reload (a new tenant of a serverless deployment) works at once
             account = self.accounts.authenticate(key)
         if account is None:
-            raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+            raise invalid_key()
         if not self.config.deployment.may_use_deployment(account):
             raise APIError(403, f"account {account!r} may not use deployment {self.config.deployment.name!r}",
                            type="permission_error", code="forbidden")

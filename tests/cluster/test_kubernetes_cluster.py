@@ -16,9 +16,16 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from tests.cluster.cluster_helpers import HostKubelet, cluster, install_plugin, kubernetes_bin, requires_go
 from tests.engine.engine_helpers import EngineStack, requires_pulumi
+from tests.runtime.gateway_helpers import StandIn, ThreadServer
+
+from ember.provider.domain.records import ReplicaRegistration
+from ember.provider.domain.store_layout import StoreLayout
+from ember.runtime.gateway.app import create_gateway_app
+from ember.runtime.gateway.config import GatewayConfig
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ember"
@@ -72,9 +79,14 @@ def objects(api, namespace: str, kind: str, group: str = "api/v1") -> list[dict]
     return api.items(f"/{group}/namespaces/{namespace}/{kind}?labelSelector=app.kubernetes.io/managed-by%3Dember")
 
 
-def runtime_pods(api, namespace: str) -> list[dict]:
-    pods = api.items(f"/api/v1/namespaces/{namespace}/pods?labelSelector=app.kubernetes.io/name%3Dember-runtime")
+def runtime_pods(api, namespace: str, name: str = "ember-runtime") -> list[dict]:
+    pods = api.items(f"/api/v1/namespaces/{namespace}/pods?labelSelector=app.kubernetes.io/name%3D{name}")
     return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def named(items: list[dict], name: str) -> dict:
+    (found,) = [item for item in items if item["metadata"]["name"] == name]
+    return found
 
 
 def wait_for(condition, what: str, timeout_s: float = 90.0):
@@ -111,11 +123,14 @@ def test_up_creates_every_object_and_the_api_server_accepts_them(kube, stack):
              "networkpolicies": "apis/networking.k8s.io/v1", "jobs": "apis/batch/v1"}
     found = {kind: sorted(o["metadata"]["name"] for o in objects(kube, NAMESPACE, kind, group))
              for kind, group in kinds.items()}
-    assert found == {"secrets": ["ember-ft-quickstart-smollm2-pirate-sft-store", "ember-quickstart-smollm2-gpu-store"],
-                     "services": ["ember-quickstart-smollm2-gpu"], "deployments": ["ember-quickstart-smollm2-gpu"],
-                     "poddisruptionbudgets": ["ember-quickstart-smollm2-gpu"],
+    gateway = "ember-gw-quickstart-gateway"
+    assert found == {"secrets": ["ember-ft-quickstart-smollm2-pirate-sft-store", f"{gateway}-store",
+                                 "ember-quickstart-smollm2-gpu-store"],
+                     "services": [gateway, "ember-quickstart-smollm2-gpu"],
+                     "deployments": [gateway, "ember-quickstart-smollm2-gpu"],
+                     "poddisruptionbudgets": [gateway, "ember-quickstart-smollm2-gpu"],
                      "horizontalpodautoscalers": ["ember-quickstart-smollm2-gpu"],
-                     "networkpolicies": ["ember-quickstart-smollm2-gpu"],
+                     "networkpolicies": [gateway, "ember-quickstart-smollm2-gpu"],
                      "jobs": ["ember-ft-quickstart-smollm2-pirate-sft"]}
     # The fine-tuning Job's pod (run here by the stand-in kubelet) trained the addon the stack deploys.
     assert list(stack.kubelet.ran.values()) == [0]
@@ -135,7 +150,7 @@ def test_pods_run_on_nodes_of_the_accelerator_and_ember_reports_ready_after_the_
         (container,) = pod["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert pod["status"]["phase"] == "Running"
-    workload = objects(kube, NAMESPACE, "deployments", "apis/apps/v1")[0]
+    workload = named(objects(kube, NAMESPACE, "deployments", "apis/apps/v1"), "ember-quickstart-smollm2-gpu")
     assert workload["status"]["readyReplicas"] == workload["status"]["replicas"] == 1
     ember = ember_state(stack, "smollm2-gpu")
     # The Ember Deployment comes after the workload and waited for its rollout through the API.
@@ -165,6 +180,50 @@ def test_a_pod_the_restricted_profile_refuses_is_refused(kube, stack):
     with pytest.raises(cluster.ClusterError, match=r"violates PodSecurity .*restricted:latest"):
         kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "escalating"}, "spec": spec})
+
+
+def test_the_gateway_pods_are_admitted_under_restricted_security_and_route_to_the_examples_deployment(kube, stack):
+    """Two gateway pods the restricted namespace admitted, behind a Service; and the gateway, reading the store the
+    stack wrote, routes the example's models to its deployment: here to a stand-in for the replica a kubelet would run
+    (kwok runs none), registered as a pod registers itself."""
+    pods = runtime_pods(kube, NAMESPACE, "ember-gateway")
+    assert len(pods) == 2 and all(p["status"]["phase"] == "Running" for p in pods)
+    for pod in pods:
+        [container] = pod["spec"]["containers"]
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+        assert "nodeSelector" not in pod["spec"] or not pod["spec"]["nodeSelector"]  # no GPU: any node
+    service = named(objects(kube, NAMESPACE, "services"), "ember-gw-quickstart-gateway")
+    assert all(service["spec"]["selector"].items() <= p["metadata"]["labels"].items() for p in pods)
+    gateway = next(r for r in json.loads(stack.pulumi("stack", "export").stdout)["deployment"]["resources"]
+                   if r["type"].endswith("ember:Gateway"))
+    assert gateway["outputs"]["state"] == "READY" and gateway["outputs"]["ready_replicas"] == 2
+    assert stack.pulumi("stack", "output", "gateway").stdout.strip() == \
+        "http://ember-gw-quickstart-gateway.ember.svc.cluster.local"
+
+    store_url = stack.env["EMBER_STORE_URL"]
+    key = (Path(stack.env["EMBER_STATE_DIR"]) / "keys" / "quickstart.key").read_text().strip()
+    replica = StandIn(["ok"]).start()
+    front = ThreadServer(create_gateway_app(GatewayConfig(store_url=store_url,
+                                                          gateway="accounts/quickstart/gateways/gateway")))
+    try:
+        registration = ReplicaRegistration(replica="pod-0", deployment="accounts/quickstart/deployments/smollm2-gpu",
+                                           url=replica.url, last_seen=time.time())
+        path = Path(StoreLayout(store_url.removeprefix("file://")).replica("quickstart", "smollm2-gpu", "pod-0"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(registration.to_json()))
+        auth = {"Authorization": f"Bearer {key}"}
+        listed = {m["id"] for m in httpx.get(f"{front.url}/v1/models", headers=auth, timeout=10).json()["data"]}
+        assert {"accounts/quickstart/models/smollm2-135m-instruct", "accounts/quickstart/models/smollm2-poet",
+                "accounts/quickstart/models/smollm2-pirate"} <= listed
+        answer = httpx.post(f"{front.url}/v1/completions", headers=auth, timeout=10, json={
+            "model": "accounts/quickstart/models/smollm2-pirate", "prompt": "Ahoy", "max_tokens": 4})
+        assert answer.status_code == 200
+        assert answer.headers["x-ember-deployment"] == "accounts/quickstart/deployments/smollm2-gpu"
+        assert replica.seen[-1].body["model"] == "accounts/quickstart/models/smollm2-pirate"
+        path.unlink()
+    finally:
+        front.stop()
+        replica.stop()
 
 
 def test_refresh_after_up_shows_no_change(stack):
@@ -198,14 +257,15 @@ def test_raising_min_replicas_scales_the_deployment(kube, stack):
 
 
 def test_changing_the_accelerator_rolls_the_pods_and_keeps_the_service(kube, stack):
-    service = objects(kube, NAMESPACE, "services")[0]["metadata"]["uid"]
+    service = named(objects(kube, NAMESPACE, "services"), "ember-quickstart-smollm2-gpu")["metadata"]["uid"]
     stack.pulumi("config", "set", "acceleratorType", "NVIDIA_A100_80GB")
     stack.up()
     # `up` returned once the rollout completed: every replica already runs on an A100 node, none on an H100.
     pods = runtime_pods(kube, NAMESPACE)
     assert pods and {p["spec"]["nodeName"] for p in pods} <= A100_NODES
-    assert objects(kube, NAMESPACE, "services")[0]["metadata"]["uid"] == service
-    template = objects(kube, NAMESPACE, "deployments", "apis/apps/v1")[0]["spec"]["template"]["spec"]
+    assert named(objects(kube, NAMESPACE, "services"), "ember-quickstart-smollm2-gpu")["metadata"]["uid"] == service
+    template = named(objects(kube, NAMESPACE, "deployments", "apis/apps/v1"),
+                     "ember-quickstart-smollm2-gpu")["spec"]["template"]["spec"]
     assert template["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
 
 
@@ -216,6 +276,8 @@ def test_destroy_removes_every_object(kube, stack):
                         "poddisruptionbudgets": "apis/policy/v1",
                         "horizontalpodautoscalers": "apis/autoscaling/v2"}.items():
         assert objects(kube, NAMESPACE, kind, group) == [], kind
+    store = Path(stack.env["EMBER_STORE_URL"].removeprefix("file://"))
+    assert not (store / "gateways").exists() or not list((store / "gateways").rglob("*.json"))
     wait_for(lambda: kube.items(f"/api/v1/namespaces/{NAMESPACE}/pods") == [], "the pods to be gone")
 
 

@@ -5,9 +5,11 @@ import json
 import re
 from pathlib import Path
 
+import openai
 import pytest
 from tests.engine.engine_helpers import EngineStack, Twin, copy_program, requires_pulumi
-from tests.provider.provider_helpers import alive, make_models, replica_pids, served_addons, store_entries
+from tests.provider.provider_helpers import (alive, gateway_pid, make_models, replica_pids, served_addons,
+                                             store_entries)
 
 from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools import cli
@@ -23,7 +25,8 @@ GUARDRAILS = ["--policy-pack", str(REPO / "provider/policy"),
 PROGRAM = '''
 import json
 import pulumi
-from ember.provider import Deployment, DeploymentArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs
+from ember.provider import (Deployment, DeploymentArgs, Gateway, GatewayArgs, LoRAAddon, LoRAAddonArgs, Model,
+                            ModelArgs)
 
 s = json.load(open("settings.json"))
 base = Model("base", ModelArgs(account_id="acme", model_id=s["model_id"], source=s["base_source"],
@@ -37,20 +40,23 @@ if s["second_deployment"]:
     targets.append(Deployment("second", DeploymentArgs(account_id="acme", base_model=base, max_loras=2)))
 for name, source in s["addons"].items():
     LoRAAddon(name, LoRAAddonArgs(account_id="acme", base_model=base, source=source, deployments=targets))
+front = Gateway("front", GatewayArgs(account_id="platform", rate_limits={"requests_per_minute": s["gateway_rpm"]}))
 pulumi.export("endpoint", local.endpoints.apply(lambda e: e[0] if e else None))
+pulumi.export("gateway", front.url)
 pulumi.export("names", pulumi.Output.all(base.name, *[t.name for t in targets]))
 pulumi.export("serving", local.serving_digest)
 '''
 SETTINGS = {"model_id": "base", "base_source": "models/base", "description": "first", "replicas": 1,
             "max_lora_rank": 64, "accelerator": "CPU", "precision": "fp32", "deployment_type": "dedicated",
-            "second_deployment": False, "addons": {"pirate": "models/pirate", "poet": "models/poet"}}
+            "second_deployment": False, "addons": {"pirate": "models/pirate", "poet": "models/poet"}, "gateway_rpm": 600}
 # (edit, the step each resource gets, or the check failure both must refuse it with)
 EDITS = [
     ({"description": "second"}, {"base": "update", "local": "same", "pirate": "same", "poet": "same"}),
     ({"addons": {"pirate": "models/pirate-r16", "poet": "models/poet"}}, {"pirate": "replace", "poet": "same"}),
     ({"addons": {"pirate": "models/pirate-r16"}}, {"pirate": "same", "poet": "delete"}),
     ({"addons": {"pirate": "models/pirate-r16", "poet": "models/poet"}}, {"poet": "create"}),
-    ({"replicas": 2}, {"base": "same", "local": "update", "pirate": "same"}),
+    ({"replicas": 2}, {"base": "same", "local": "update", "pirate": "same", "front": "same"}),
+    ({"gateway_rpm": 60}, {"front": "update", "local": "same"}),
     ({"accelerator": "NVIDIA_H100_80GB"}, "the local cluster runs CPU replicas only"),
     ({"precision": "bf16"}, {"local": "replace", "pirate": "same", "poet": "same"}),
     ({"deployment_type": "serverless"}, "only catalog models are served serverless"),
@@ -105,9 +111,10 @@ def test_every_edit_gets_the_same_step_from_the_engine_and_the_offline_runner(tm
                     shown = twin.stack.pulumi("preview", "--diff").stdout
                     assert re.search(rf"~ {field} *: ", shown), f"{edit}:\n{shown}"
             engine_outputs, offline_outputs = twin.up()
-            # the same outputs, but for the port each side's replica listens on
-            assert engine_outputs.pop("endpoint").startswith("http://127.0.0.1:")
-            assert offline_outputs.pop("endpoint").startswith("http://127.0.0.1:")
+            # the same outputs, but for the ports each side's replica and gateway listen on
+            for outputs in (engine_outputs, offline_outputs):
+                assert outputs.pop("endpoint").startswith("http://127.0.0.1:")
+                assert outputs.pop("gateway").startswith("http://127.0.0.1:")
             assert engine_outputs == offline_outputs and engine_outputs["serving"].startswith("sha256:"), edit
             settings |= edit
             assert set(twin.stack.preview().values()) == {"same"}, edit  # converged
@@ -126,6 +133,16 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         endpoint = stack.pulumi("stack", "output", "endpoint").stdout.strip()
         assert served_addons(endpoint, cfg, "quickstart") == {
             "accounts/quickstart/models/smollm2-pirate", "accounts/quickstart/models/smollm2-poet"}
+        # the base and both addons answer through the gateway, with the official client
+        gateway = stack.pulumi("stack", "output", "gateway").stdout.strip()
+        client = openai.OpenAI(base_url=f"{gateway}/v1", max_retries=0,
+                               api_key=(cfg.state_dir / "keys" / "quickstart.key").read_text().strip())
+        names = json.loads(stack.pulumi("stack", "output", "models", "--json").stdout)
+        for name in names:
+            answer = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
+                {"role": "user", "content": "What is the capital of France?"}])
+            assert answer.choices[0].message.content
+        gateway_process = gateway_pid(cfg, "quickstart", "gateway")
         stack.pulumi("up", "--yes", "--expect-no-changes")  # a second up changes nothing
         stack.pulumi("refresh", "--yes", "--expect-no-changes")
         policy = stack.pulumi("preview", *GUARDRAILS)
@@ -133,7 +150,7 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         pids = replica_pids(cfg, "quickstart", "smollm2-local")
         assert pids and all(alive(p) for p in pids)
         stack.pulumi("destroy", "--yes")
-        assert not any(alive(p) for p in pids)
+        assert not any(alive(p) for p in [*pids, gateway_process])
         assert store_entries(cfg) == []
     finally:
         stack.pulumi("destroy", "--yes", check=False)
@@ -250,11 +267,13 @@ def test_serverless_platform_and_tenants_as_real_stacks(tmp_path):
     addons = {"acme": "accounts/acme/models/support-bot", "globex": "accounts/globex/models/legal-drafts"}
     try:
         assert "ember@v0.1.0" in platform.pulumi("up", "--yes", "--skip-preview", *GUARDRAILS).stdout
-        endpoint = platform.pulumi("stack", "output", "endpoint").stdout.strip()
+        endpoint = platform.pulumi("stack", "output", "gateway").stdout.strip()  # the one endpoint, for every account
         for account, stack in tenants.items():
             assert "ember@v0.1.0" in stack.pulumi("up", "--yes", "--skip-preview", *GUARDRAILS).stdout
             outputs = json.loads(stack.pulumi("stack", "output", "--json").stdout)
-            assert outputs == {"model": addons[account], "deployed_on": ["accounts/platform/deployments/llama-8b-serverless"]}
+            # the tenant's stack reads the platform's gateway (Gateway.get) and exports its URL
+            assert outputs == {"model": addons[account], "gateway": endpoint,
+                               "deployed_on": ["accounts/platform/deployments/llama-8b-serverless"]}
         for account, addon in addons.items():  # each tenant's addon answers its own account only
             key = (root / ".ember" / "keys" / f"{account}.key").read_text().strip()
             auth = {"Authorization": f"Bearer {key}"}

@@ -39,6 +39,11 @@ def store_entries(cfg: ProviderConfig) -> list[str]:
 alive = processes.alive
 
 
+def gateway_pid(cfg: ProviderConfig, account: str, gateway_id: str) -> int | None:
+    path = cfg.state_dir / "gateways" / account / f"{gateway_id}.json"
+    return json.loads(path.read_text())[0]["pid"] if path.exists() else None
+
+
 def replica_pids(cfg: ProviderConfig, account: str, deployment: str) -> list[int]:
     path = cfg.state_dir / "replicas" / account / f"{deployment}.json"
     return [r["pid"] for r in json.loads(path.read_text())] if path.exists() else []
