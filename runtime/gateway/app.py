@@ -46,7 +46,8 @@ class GatewayState:
         self.limiter = RateLimiter()
         self.store = Snapshots(config, self._read)
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.upstream_timeout_s, connect=config.connect_timeout_s),
+            timeout=httpx.Timeout(config.upstream_timeout_s, connect=config.connect_timeout_s,
+                                  pool=config.connect_timeout_s),
             # every client connection may hold a replica connection while its request runs
             limits=httpx.Limits(max_connections=config.limits.max_connections,
                                 max_keepalive_connections=config.limits.max_connections))

@@ -22,6 +22,7 @@ import httpx
 from starlette.responses import Response
 
 from ember.runtime.gateway.balancer import Balancer
+from ember.runtime.gateway.bodies import PARSE_ON_THE_LOOP_BYTES
 from ember.runtime.gateway.directory import Deployment, Replica
 from ember.runtime.gateway.metrics import GatewayMetrics
 from ember.runtime.gateway.routing import Route
@@ -35,14 +36,16 @@ DEPLOYMENT_HEADER = "x-ember-deployment"
 RETRYABLE_STATUSES = frozenset({429, 503})
 # The connection failed before a response began: nothing of the request ran to an answer, so another replica may take it.
 RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-                    httpx.WriteError, httpx.PoolTimeout)
+                    httpx.WriteError)
 # Headers of one connection, not of the request or response they carry (RFC 9110 §7.6.1), and those httpx sets itself.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length"})
 # What the gateway's server sets on every response itself, besides the connection's own.
 OWN_RESPONSE_HEADERS = (HOP_BY_HOP - {"content-length"}) | {"date", "server"}
 USAGE_TAIL_BYTES = 8192  # a stream's usage chunk is in its last few hundred bytes
-MAX_SETTLED_BODY = 1 << 20  # a whole (non-streamed) response read for its usage; a larger one keeps the estimate
+# A whole (non-streamed) response is read for its usage up to the size a body is parsed on the event loop at (a larger
+# one keeps the estimate).
+MAX_SETTLED_BODY = PARSE_ON_THE_LOOP_BYTES
 
 
 class ClientGone(Exception):
@@ -91,6 +94,10 @@ class Forwarder:
             sent_at = time.perf_counter()
             try:
                 response = await self._send_unless_gone(replica, path, body, headers, receive)
+            except httpx.PoolTimeout:  # the gateway's own limit, not the replica's fault
+                self._release(replica, deployment)
+                raise APIError(503, "the gateway has no connection to spare; retry shortly", type="service_unavailable",
+                               code="overloaded", headers={"Retry-After": "1"}) from None
             except RETRYABLE_ERRORS as exc:
                 self._release(replica, deployment)
                 self.balancer.down(replica)
