@@ -1,14 +1,17 @@
 """The gateway's cost and its balancing, over HTTP, in one invocation:
 
-    python -m ember.runtime.devtools.bench_gateway                       # bench-100m, 1 thread a replica
-    python -m ember.runtime.devtools.bench_gateway --model DIR --replica-threads 2 --plot gateway.png
+    ember import-gguf "$(python -c 'from ember.provider.tools import quickstart; print(quickstart.smollm2_gguf())')" \
+        .ember/bench/smollm2                                             # SmolLM2-135M-Instruct, once
+    python -m ember.runtime.devtools.bench_gateway --model .ember/bench/smollm2 --plot gateway.png
 
 A store is written here with one deployment, whose replicas are started by hand (`serve`, registering in the store as
 the clusters' replicas do) beside a gateway (`ember gateway`). The same streamed /v1/completions workload (token-id
-prompts, greedy, EOS ignored) is then sent:
+prompts cut from a fixed English text, as bench_peer sends, greedy, EOS ignored) is then sent:
 
 1. straight to one replica and through the gateway, at `--concurrency` (16), alternating `--repeat` times: the gateway's
-   cost in time to first token (p50, milliseconds) and in throughput (a ratio);
+   cost in time to first token (p50, milliseconds) and in throughput (a ratio). At that concurrency the time to first
+   token is mostly queueing, which varies from run to run by more than the gateway adds; so the same is measured with
+   one request at a time (short prompts, two tokens each), where the difference is the gateway's own time;
 2. through the gateway to one replica and to two, at twice that concurrency: what balancing across replicas gains.
    Each replica has `--replica-threads` CPU threads in both, so two replicas have twice the cores where the machine
    has them (it says how many it has).
@@ -32,9 +35,10 @@ from pathlib import Path
 from ember.provider.domain.accounts import Accounts
 from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.store_layout import StoreLayout
-from ember.runtime.devtools.bench import ensure_model, http_run
+from ember.runtime.devtools.bench import http_run
 from ember.runtime.devtools.bench_peer import free_port, wait_ready
-from ember.runtime.devtools.workload import Workload, make_workload, percentile, progress
+from ember.runtime.devtools.bench_precisions import text_workload
+from ember.runtime.devtools.workload import Workload, percentile, progress
 
 DEPLOYMENT = "accounts/bench/deployments/gateway"
 BASE_MODEL = "accounts/bench/models/base"
@@ -100,6 +104,17 @@ def overhead(replica: str, gateway: str, key: str, work: Workload, args: argpars
             "throughput_ratio": round(statistics.median(ratio), 4)}
 
 
+def alone(replica: str, gateway: str, key: str, work: Workload, args: argparse.Namespace) -> dict:
+    """Time to first token of one request at a time, straight and through the gateway, alternating."""
+    direct, through = [], []
+    for attempt in range(args.repeat):
+        progress(f"round {attempt + 1}/{args.repeat}: one request at a time")
+        for url, ttfts in ((replica, direct), (gateway, through))[:: 1 if attempt % 2 == 0 else -1]:
+            ttfts.append(run(url, key, work, 1)["ttft_p50_ms"])
+    return {"direct_ttft_p50_ms": direct, "gateway_ttft_p50_ms": through,
+            "ttft_p50_added_ms": round(statistics.median(t - d for t, d in zip(through, direct)), 2)}
+
+
 def scaling(gateway: str, key: str, work: Workload, args: argparse.Namespace, start_second) -> dict:
     concurrency = 2 * args.concurrency
     progress(f"one replica through the gateway, concurrency {concurrency}")
@@ -135,8 +150,8 @@ def plot(report: dict, path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ember.runtime.devtools.bench_gateway")
-    parser.add_argument("--model", help="a Hugging Face model directory (default: generate --preset)")
-    parser.add_argument("--preset", default="bench-100m")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="a Hugging Face model directory (SmolLM2's, from ember import-gguf: see above)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "int4"])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
@@ -155,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model_dir = ensure_model(args)
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    work = make_workload(args.requests, tuple(args.prompt_len), tuple(args.output_len), vocab, args.seed)
+    model_dir = args.model
+    work = text_workload(model_dir, args.requests, tuple(args.prompt_len), tuple(args.output_len), args.seed)
+    warm_up = [text_workload(model_dir, n, (8, 16), (4, 4), args.seed + n) for n in (4, 8)]
+    singles = text_workload(model_dir, 16, (8, 16), (2, 2), args.seed + 16)
     processes = []
     with tempfile.TemporaryDirectory(prefix="ember-bench-gateway-") as tmp:
         store = Path(tmp) / "store"
@@ -168,16 +184,17 @@ def main(argv: list[str] | None = None) -> int:
             gateway, gateway_url = start(["gateway", "--store", str(store)], Path(tmp) / "gateway.log")
             processes += [replica, gateway]
             wait_routed(store, gateway_url, key, 1)
-            run(gateway_url, key, make_workload(4, (8, 16), (4, 4), vocab, args.seed + 1), 4)  # warm-up
+            run(gateway_url, key, warm_up[0], 4)
 
             def start_second():
                 progress("starting a second replica")
                 processes.append(start_replica(model_dir, store, 1, args)[0])
                 wait_routed(store, gateway_url, key, 2)
-                run(gateway_url, key, make_workload(8, (8, 16), (4, 4), vocab, args.seed + 2), 8)  # warm both
+                run(gateway_url, key, warm_up[1], 8)  # both warm
 
             report = {"model": str(model_dir), "cores": os.cpu_count(), "replica_threads": args.replica_threads,
                       "requests": args.requests, "concurrency": args.concurrency,
+                      "alone": alone(replica_url, gateway_url, key, singles, args),
                       "overhead": overhead(replica_url, gateway_url, key, work, args),
                       "scaling": scaling(gateway_url, key, work, args, start_second)}
         finally:
@@ -202,8 +219,10 @@ def print_report(report: dict) -> None:
         for name, r in pair.items():
             print(f"{i:<7}{name:<10}{r['tokens_per_s']:>10.1f}{r['ttft_p50_ms']:>14.1f}{r['ttft_p90_ms']:>14.1f}")
     overhead_ = report["overhead"]
-    print(f"through the gateway at concurrency {report['concurrency']}: p50 TTFT +{overhead_['ttft_p50_added_ms']:.1f} ms, "
+    print(f"through the gateway at concurrency {report['concurrency']}: p50 TTFT {overhead_['ttft_p50_added_ms']:+.1f} ms, "
           f"throughput {overhead_['throughput_ratio']:.3f}x direct (medians)")
+    print(f"through the gateway, one request at a time: p50 TTFT {report['alone']['ttft_p50_added_ms']:+.2f} ms "
+          f"(median of the rounds' differences)")
     scale = report["scaling"]
     print(f"through the gateway at concurrency {scale['concurrency']}: one replica {scale['one']['tokens_per_s']:.1f} "
           f"tok/s, two {scale['two']['tokens_per_s']:.1f} tok/s: {scale['ratio']:.2f}x")

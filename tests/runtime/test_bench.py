@@ -105,3 +105,20 @@ def test_the_gpu_check_runs_its_correctness_checks_on_the_cpu(tmp_path):
     checks = json.loads(report_path.read_text())["checks"]
     assert [c["ok"] for c in checks] == [True, True, True] and "bench" not in json.loads(report_path.read_text())
     assert checks[2]["compiled_steps"] > 0 and checks[2]["greedy_equal"] == "12/12"
+
+
+@pytest.mark.slow
+def test_the_gateway_benchmark_runs_direct_through_the_gateway_and_on_two_replicas(tmp_path, tiny_model, capsys):
+    from ember.runtime.devtools import bench_gateway
+
+    report_path, plot = tmp_path / "gateway.json", tmp_path / "gateway.png"
+    assert bench_gateway.main(["--model", str(tiny_model), "--requests", "6", "--prompt-len", "8", "24",
+                               "--output-len", "4", "12", "--concurrency", "2", "--repeat", "2", "--no-compile",
+                               "--json", str(report_path), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert "through the gateway at concurrency 2: p50 TTFT" in printed and plot.stat().st_size > 0
+    report = json.loads(report_path.read_text())
+    runs = [run for pair in report["overhead"]["runs"] for run in pair.values()]
+    runs += [report["scaling"]["one"], report["scaling"]["two"]]
+    assert len(runs) == 6 and all(run["tokens_per_s"] > 0 and run["ttft_p50_ms"] > 0 for run in runs)
+    assert report["overhead"]["throughput_ratio"] > 0 and report["scaling"]["ratio"] > 0
