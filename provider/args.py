@@ -156,8 +156,8 @@ class GatewayArgs:
     cluster: pulumi.Input[str] | None = None
     # local: the loopback port it listens on; when omitted, one is picked at the first up and kept
     port: pulumi.Input[int] | None = None
-    # gateway processes behind the endpoint (1 on the local cluster, at least 2 on Kubernetes, the default there);
-    # each holds an account to its share of the limits
+    # gateway processes behind the endpoint (1 on the local cluster; at least 2, the default, on Kubernetes); each
+    # holds an account to its share of the limits
     replicas: pulumi.Input[int] | None = None
     rate_limits: RateLimitsArgs | pulumi.Input[dict] | None = None
     # per-account overrides of rate_limits, by account ID

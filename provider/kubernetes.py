@@ -414,8 +414,8 @@ class KubernetesGateway(pulumi.ComponentResource):
         spec = parse(GatewaySpec, {k: v for k, v in props_of(args).items() if k in GatewaySpec.model_fields})
         name = f"ember-gw-{spec.account_id}-{spec.gateway_id}"[:63].rstrip("-")
         selector = {"app.kubernetes.io/name": "ember-gateway", "ember.dev/gateway": spec.gateway_id}
-        metadata = {"name": name, "namespace": cluster.namespace,
-                    "labels": selector | {"app.kubernetes.io/managed-by": "ember", "ember.dev/account": spec.account_id}}
+        owner = {"app.kubernetes.io/managed-by": "ember", "ember.dev/account": spec.account_id}
+        metadata = {"name": name, "namespace": cluster.namespace, "labels": selector | owner}
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
         secret = store_secret(resource_name, metadata, cluster, child)
         template = {

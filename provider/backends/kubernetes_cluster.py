@@ -29,8 +29,9 @@ class KubernetesCluster(Cluster):
         if not spec.kubernetes_workload:
             return ReplicaStatus()
         accelerator = spec.accelerator_type
-        asks = (f"{spec.accelerator_count} x {accelerator.value} ({accelerator.vendor}.com/gpu: {spec.accelerator_count})"
-                if accelerator.vendor else accelerator.value)
+        count = spec.accelerator_count
+        asks = (f"{count} x {accelerator.value} ({accelerator.vendor}.com/gpu: {count})" if accelerator.vendor
+                else accelerator.value)
         return ReplicaStatus(ready=self._rollout(Target(spec.kubernetes_workload, spec.min_replicas, asks,
                                                         "accelerator_count")))
 

@@ -219,8 +219,8 @@ def print_report(report: dict) -> None:
         for name, r in pair.items():
             print(f"{i:<7}{name:<10}{r['tokens_per_s']:>10.1f}{r['ttft_p50_ms']:>14.1f}{r['ttft_p90_ms']:>14.1f}")
     overhead_ = report["overhead"]
-    print(f"through the gateway at concurrency {report['concurrency']}: p50 TTFT {overhead_['ttft_p50_added_ms']:+.1f} ms, "
-          f"throughput {overhead_['throughput_ratio']:.3f}x direct (medians)")
+    print(f"through the gateway at concurrency {report['concurrency']}: p50 TTFT "
+          f"{overhead_['ttft_p50_added_ms']:+.1f} ms, throughput {overhead_['throughput_ratio']:.3f}x direct (medians)")
     print(f"through the gateway, one request at a time: p50 TTFT {report['alone']['ttft_p50_added_ms']:+.2f} ms "
           f"(median of the rounds' differences)")
     scale = report["scaling"]

@@ -32,9 +32,11 @@ log = logging.getLogger("ember.gateway")
 
 ATTEMPTS_HEADER = "x-ember-attempts"
 DEPLOYMENT_HEADER = "x-ember-deployment"
-# A replica's "not now": its queue is full (429), or it is loading or at its connection cap (503). Another may have room.
+# A replica's "not now": its queue is full (429), or it is loading or at its connection cap (503). Another may have
+# room.
 RETRYABLE_STATUSES = frozenset({429, 503})
-# The connection failed before a response began: nothing of the request ran to an answer, so another replica may take it.
+# The connection failed before a response began: nothing of the request ran to an answer, so another replica may take
+# it.
 RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                     httpx.WriteError)
 # Headers of one connection, not of the request or response they carry (RFC 9110 §7.6.1), and those httpx sets itself.
@@ -66,7 +68,6 @@ class Upstream:
     replica: Replica
     deployment: Deployment
     attempts: int
-    sent_at: float
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Forwarder:
                 self._release(replica, deployment)
                 self.metrics.retries.labels(deployment.name, str(response.status_code)).inc()
                 continue
-            return Upstream(response, replica, deployment, attempts, sent_at)
+            return Upstream(response, replica, deployment, attempts)
         if refusal is not None:  # every replica there was said "not now": the last one's answer, as it gave it
             raise _refusal_error(refusal, attempts)
         names = ", ".join(d.name for d in route.deployments)

@@ -79,7 +79,8 @@ class RateLimiter:
     def admit(self, account: str, limits: RateLimits, tokens: int) -> Admission:
         """Count one request of `tokens` against `account`'s limits, or raise a 429 saying which limit and when."""
         now = time.monotonic()
-        capacity = {"requests": limits.requests_per_minute / self.share, "tokens": limits.tokens_per_minute / self.share}
+        capacity = {"requests": limits.requests_per_minute / self.share,
+                    "tokens": limits.tokens_per_minute / self.share}
         wanted = {"requests": 1, "tokens": tokens}
         buckets = {kind: self._bucket(account, kind, capacity[kind], now) for kind in wanted}
         if tokens > capacity["tokens"]:

@@ -1,6 +1,6 @@
 """A replica's registration in the store, which is how the gateway finds it: written once the replica is ready, again
-every REGISTRATION_INTERVAL_S (with the addons it holds, so the gateway prefers a replica that has a request's addon in a
-device slot), as draining when it is told to stop, and removed as it exits. A replica killed without a word leaves its
+every REGISTRATION_INTERVAL_S (with the addons it holds, so the gateway prefers a replica that has a request's addon
+in a device slot), as draining when it is told to stop, and removed as it exits. A replica killed without a word leaves its
 registration to go stale: the gateway ignores one older than REGISTRATION_TTL_S, and the next replica of the deployment
 to start removes those long dead.
 

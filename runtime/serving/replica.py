@@ -85,8 +85,8 @@ class Replica:
             log.error("model failed to load: %s", self.failure)
 
     def drain(self) -> None:
-        """Told to stop (SIGTERM): the gateway is told first, so that it sends nothing new here while the server finishes
-        what it runs. Called from the signal handler: the store write runs on a thread of its own."""
+        """Told to stop (SIGTERM): the gateway is told first, so that it sends nothing new here while the server
+        finishes what it runs. Called from the signal handler: the store write runs on a thread of its own."""
         self.draining = True
         if self.registration:
             threading.Thread(target=self._announce_drain, name="ember-drain", daemon=True).start()

@@ -49,8 +49,8 @@ class GatewaySpec(Spec):
     port: int | None = Field(None, ge=1024, le=65535, description="local: the loopback port it listens on; when "
                                                                   "omitted, one is picked at the first up and kept")
     replicas: int | None = Field(None, ge=1, le=64, description="gateway processes behind the endpoint (1 on the local "
-                                                                "cluster, at least 2 on Kubernetes, the default there); "
-                                                                "each holds an account to its share of the limits")
+                                                                "cluster; at least 2, the default, on Kubernetes); each "
+                                                                "holds an account to its share of the limits")
     rate_limits: RateLimits = RateLimits()
     account_rate_limits: dict[ResourceId, AccountRateLimits] = Field(
         default_factory=dict, max_length=10_000, description="per-account overrides of rate_limits, by account ID",
