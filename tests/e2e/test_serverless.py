@@ -40,25 +40,27 @@ def test_two_accounts_share_a_serverless_base_and_pay_for_their_own_tokens(tmp_p
     runners = [OfflineRunner(platform, **quiet), OfflineRunner(tenant, "acme", **quiet),
                OfflineRunner(tenant, "globex", **quiet)]
     try:
-        endpoint = runners[0].up()["endpoint"]
+        platform_outputs = runners[0].up()
+        endpoint, gateway = platform_outputs["endpoint"], platform_outputs["gateway"]
         shared = "accounts/platform/deployments/llama-8b-serverless"
         for runner, (account, addon) in zip(runners[1:], ADDONS.items()):
-            outputs = runner.up()
-            assert outputs == {"model": addon, "deployed_on": [shared]}
+            outputs = runner.up()  # a tenant's stack exports the platform's gateway, which it reads (Gateway.get)
+            assert outputs == {"model": addon, "gateway": gateway, "deployed_on": [shared]}
         cfg = runners[0].config
         assert all(r.config.state_dir == cfg.state_dir for r in runners)  # one store, from ember:stateDir
         keys = {a: (cfg.state_dir / "keys" / f"{a}.key").read_text().strip() for a in ADDONS}
 
         used = {account: 0 for account in ADDONS}
-        for account, own in ADDONS.items():
+        for account, own in ADDONS.items():  # through the platform's gateway, the one endpoint tenants call
             for model, n in ((own, 5), (BASE, 3)):
-                answer = complete(endpoint, keys[account], model, n)
+                answer = complete(gateway, keys[account], model, n)
                 assert answer.status_code == 200, answer.text
                 used[account] += answer.json()["usage"]["total_tokens"]
             other = next(a for a in ADDONS.values() if a != own)
-            refused = complete(endpoint, keys[account], other, 2)
-            assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
-            listed = httpx.get(f"{endpoint}/v1/models", headers={"Authorization": f"Bearer {keys[account]}"}).json()
+            for url in (gateway, endpoint):  # the gateway and the replica answer it alike: as an unknown model
+                refused = complete(url, keys[account], other, 2)
+                assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
+            listed = httpx.get(f"{gateway}/v1/models", headers={"Authorization": f"Bearer {keys[account]}"}).json()
             assert {m["id"] for m in listed["data"]} == {BASE, own}
 
         for account in ADDONS:  # each account reads its own usage over HTTP, and only its own
