@@ -214,6 +214,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
     config = GatewayConfig(store_url=args.store, gateway=args.gateway, limits=limits,
                            refresh_interval_s=args.refresh_interval)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request is uvicorn's access log's job
     app = create_gateway_app(config)
     run_server(app, args.host, args.port, limits, counted=app.state.gateway.metrics.open_connections.set)
     return 0

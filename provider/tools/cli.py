@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -135,7 +136,11 @@ def _stack_command(args: argparse.Namespace) -> int:
             print(f"  {key}: {json.dumps(value)}")
         endpoint = outputs.get("gateway") or outputs.get("endpoint")
         if not args.no_demo and endpoint and outputs.get("models"):
-            _demo(endpoint, outputs["models"], state_dir)
+            try:
+                _demo(endpoint, outputs["models"], state_dir)
+            except DemoError as exc:
+                print(f"ember up: {exc}", file=sys.stderr)
+                return 1
     return 0
 
 
@@ -171,6 +176,34 @@ def _report_policies(pack: Path, registrations, config_path: Path | None) -> int
     return 1 if mandatory else 0
 
 
+class DemoError(RuntimeError):
+    """The stack is up, but a model did not answer the demo's question; the message says which and why."""
+
+
+def _error_message(exc) -> str:
+    try:
+        return json.loads(exc.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return exc.reason
+
+
+def _ask(request, what: str, attempts: int = 3) -> dict:
+    """The answer, asked again (as the openai client does) after the Retry-After of a 503 or 429."""
+    import urllib.error
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            attempts -= 1
+            wait = exc.headers.get("retry-after", "")
+            if exc.code not in (429, 503) or not attempts or not wait.isdigit() or int(wait) > 10:
+                raise DemoError(f"{what} failed: HTTP {exc.code}: {_error_message(exc)}") from None
+            time.sleep(int(wait))
+
+
 def _demo(endpoint: str, models: list[str], state_dir: Path) -> None:
     """A chat completion from each model the stack exports, through its gateway (or its deployment's endpoint)."""
     import urllib.request
@@ -183,8 +216,7 @@ def _demo(endpoint: str, models: list[str], state_dir: Path) -> None:
                            "messages": [{"role": "user", "content": DEMO_QUESTION}]}).encode()
         request = urllib.request.Request(f"{endpoint}/v1/chat/completions", data=body,
                                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
+        answer = _ask(request, f"asking {model} through {endpoint}")
         text = answer["choices"][0]["message"]["content"]
         one_line = text.replace("\n", "\\n")
         print(f"answer from {model} ({answer['usage']['completion_tokens']} tokens): {one_line}")

@@ -118,6 +118,8 @@ class Forwarder:
         if refusal is not None:  # every replica there was said "not now": the last one's answer, as it gave it
             raise _refusal_error(refusal, attempts)
         names = ", ".join(d.name for d in route.deployments)
+        log.warning("no ready replica of %s after %d attempts (%d registered)", names, attempts,
+                    sum(len(d.replicas) for d in route.deployments))
         raise APIError(503, f"no replica of {names} is ready for {route.model!r}; retry shortly",
                        type="service_unavailable", code="no_ready_replica",
                        headers={"Retry-After": "5" if not attempts else "1", ATTEMPTS_HEADER: str(attempts)})

@@ -45,7 +45,10 @@ async def _background(replica: Replica) -> None:
 async def _announce(replica: Replica) -> None:
     """Keep this replica's registration in the store fresh once it is ready (the gateway routes by it)."""
     registration = replica.registration
-    await asyncio.to_thread(registration.sweep)
+    try:
+        await asyncio.to_thread(registration.sweep)
+    except Exception as exc:  # the dead ones' entries wait for the next replica; this one registers regardless
+        log.warning("sweeping stale registrations failed: %s", type(exc).__name__)
     while replica.engine is None:
         await asyncio.sleep(0.2)
     while not replica.draining:

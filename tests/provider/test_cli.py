@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from ember.provider.tools import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,3 +81,28 @@ def test_a_policy_pack_path_that_is_not_a_pack_is_named(tmp_path, capsys):
     assert cli.main(["preview", str(tmp_path), "--offline", "--policy-pack", "provider/nope"]) == 1
     assert "has no PulumiPolicy.yaml (paths are relative to where you run ember; `--policy-pack ember`" in \
         capsys.readouterr().err
+
+
+def test_the_demo_waits_out_a_retry_after_and_says_why_a_model_did_not_answer():
+    import urllib.request
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from tests.runtime.gateway_helpers import ThreadServer
+
+    answers = [JSONResponse({"error": {"message": "no replica is ready"}}, status_code=503, headers={"Retry-After": "1"}),
+               JSONResponse({"choices": []}),
+               JSONResponse({"error": {"message": "the model 'x' does not exist"}}, status_code=404)]
+
+    async def answer(request):
+        return answers.pop(0)
+
+    server = ThreadServer(Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])]))
+    try:
+        request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=b"{}")
+        assert cli._ask(request, "asking x") == {"choices": []}  # after the 503's Retry-After, as the openai client
+        with pytest.raises(cli.DemoError, match="asking x failed: HTTP 404: the model 'x' does not exist"):
+            cli._ask(request, "asking x")
+    finally:
+        server.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.provider.provider_helpers import alive, config, gateway_pid, provider, store_entries
+from tests.runtime.gateway_helpers import free_port
 
 from ember.provider.providers.base import EmberError
 
@@ -74,9 +75,15 @@ def test_a_local_gateway_runs_keeps_its_process_across_updates_and_is_one_per_st
         # Gateway.get reads it by name
         got = gateways.read("accounts/platform/gateways/front", {"account_id": "platform", "gateway_id": "front"})
         assert got.outs["url"] == url
+        # a port of the user's: the gateway moves there (an update, with a restart)
+        port = free_port()
+        moved = gateways.update("x", again.outs, checked(cfg, {"account_id": "platform", "gateway_id": "front",
+                                                                "port": port}))
+        assert moved.outs["url"] == f"http://127.0.0.1:{port}" and httpx.get(f"{moved.outs['url']}/health").is_success
+        created, pid = moved, gateway_pid(cfg, "platform", "front")
     finally:
         gateways.delete("x", created.outs)
-    assert store_entries(cfg) == [] and not alive(gateway_pid(cfg, "platform", "front") or pid)
+    assert store_entries(cfg) == [] and gateway_pid(cfg, "platform", "front") is None and not alive(pid)
 
 
 @pytest.mark.slow
