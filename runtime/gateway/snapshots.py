@@ -60,10 +60,11 @@ class Snapshots:
     async def _read(self, began: float) -> None:
         try:
             directory = await asyncio.to_thread(read_directory, self.config.store_url, self.config.gateway)
-        except DirectoryError as exc:
-            if exc.reason != self.failure:
-                log.warning("%s", exc)
-            self.failure = exc.reason
+        except Exception as exc:  # a document the store holds that Ember cannot read, too: the last snapshot stands
+            failure = exc if isinstance(exc, DirectoryError) else DirectoryError(f"reading the store failed: {exc!r}")
+            if failure.reason != self.failure:
+                log.warning("%s", failure)
+            self.failure = failure.reason
             return
         self.directory, self.failure = dataclasses.replace(directory, read_at=began), None
         self.on_read(self.directory)

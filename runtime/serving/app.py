@@ -43,22 +43,17 @@ async def _background(replica: Replica) -> None:
 
 
 async def _announce(replica: Replica) -> None:
-    """Keep this replica's registration in the store fresh once it is ready (the gateway routes by it)."""
+    """Keep this replica's registration in the store fresh (the gateway routes by it)."""
     registration = replica.registration
     try:
         await asyncio.to_thread(registration.sweep)
     except Exception as exc:  # the dead ones' entries wait for the next replica; this one registers regardless
         log.warning("sweeping stale registrations failed: %s", type(exc).__name__)
-    while replica.engine is None:
-        await asyncio.sleep(0.2)
-    while not replica.draining:
-        engine = replica.engine.engine
-        try:
-            await asyncio.to_thread(registration.write, list(engine.served_addons),
-                                    list(engine.lora.slots) if engine.lora else [])
-        except Exception as exc:  # a store hiccup must not stop the replica; the next write comes soon
-            log.warning("registration failed: %s", type(exc).__name__)
+    while replica.engine is None:  # the load registers it first, before it is ready
         await asyncio.sleep(REGISTRATION_INTERVAL_S)
+    while not replica.draining:
+        await asyncio.sleep(REGISTRATION_INTERVAL_S)
+        await asyncio.to_thread(replica.announce, replica.engine.engine)
 
 
 def create_app(config: ServerConfig) -> FastAPI:

@@ -78,11 +78,21 @@ class Replica:
                 self._add_adapter(engine, name, source)
             if self.config.desired_addons_url:
                 self._reconcile(engine)
-            self.engine = AsyncEngine(engine, self.config.max_queue)
+            runner = AsyncEngine(engine, self.config.max_queue)
+            if self.registration:  # registered before it says it is ready: a cluster that waits for ready, and
+                self.announce(engine)  # then calls the gateway, finds it routed to
+            self.engine = runner
             self.count_adapters(engine)
         except Exception as exc:  # reported by /health; the message names files, never request text
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.failure)
+
+    def announce(self, engine: Engine) -> None:
+        """Write this replica's registration in the store: where it answers, the addons it holds."""
+        try:
+            self.registration.write(list(engine.served_addons), list(engine.lora.slots) if engine.lora else [])
+        except Exception as exc:  # a store hiccup must not stop the replica; the next write comes soon
+            log.warning("registration failed: %s", type(exc).__name__)
 
     def drain(self) -> None:
         """Told to stop (SIGTERM): the gateway is told first, so that it sends nothing new here while the server
