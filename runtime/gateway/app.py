@@ -32,8 +32,8 @@ from ember.runtime.gateway.proxy import (ATTEMPTS_HEADER, DEPLOYMENT_HEADER, Cli
 from ember.runtime.gateway.rate_limits import Admission, RateLimiter, estimate_tokens
 from ember.runtime.gateway.routing import Route, models, route
 from ember.runtime.gateway.snapshots import Snapshots
-from ember.runtime.serving.body_limits import BodyLimits
-from ember.runtime.serving.errors import APIError, bearer_key, invalid_key, method_not_allowed, not_found
+from ember.runtime.serving.errors import APIError, bearer_key, invalid_key
+from ember.runtime.serving.frame import api_app
 
 log = logging.getLogger("ember.gateway")
 
@@ -98,12 +98,8 @@ def create_gateway_app(config: GatewayConfig) -> FastAPI:
         task.cancel()
         await gateway.client.aclose()
 
-    app = FastAPI(title="Ember gateway", version="0.1.0", lifespan=lifespan)
+    app = api_app("Ember gateway", lifespan, config.limits, _api_error)
     app.state.gateway = gateway
-    app.add_exception_handler(APIError, _api_error)
-    app.add_middleware(BodyLimits, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
-    app.add_exception_handler(404, not_found)
-    app.add_exception_handler(405, method_not_allowed)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
@@ -150,7 +146,8 @@ async def _models(request: Request) -> dict:
 
 async def _model(model: str, request: Request) -> dict:
     gateway, arrived = gateway_of(request), time.monotonic()
-    listed = models(await gateway.store.since(arrived), await gateway.account(request, arrived))
+    account = await gateway.account(request, arrived)  # first: an unauthenticated request reads nothing of the store
+    listed = models(await gateway.store.since(arrived), account)
     if model not in listed:
         raise APIError(404, f"the model {model!r} does not exist or you do not have access to it",
                        type="not_found_error", param="model", code="model_not_found")

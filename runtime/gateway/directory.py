@@ -14,7 +14,7 @@ import fsspec
 
 from ember.provider.domain.accounts import Accounts, DeploymentAccess
 from ember.provider.domain.kinds.gateway import GatewaySpec
-from ember.provider.domain.names import parse_gateway_name
+from ember.provider.domain.names import parse_deployment_name, parse_gateway_name
 from ember.provider.domain.records import DeploymentRecord, GatewayRecord, ReplicaRegistration
 from ember.provider.domain.store_layout import StoreLayout
 
@@ -100,7 +100,7 @@ def read_directory(store_url: str, gateway: str | None) -> Directory:
         fs, root = fsspec.core.url_to_fs(store_url)
         layout = StoreLayout(root)
         settings, owner = _settings(fs, layout, gateway)
-        accounts = Accounts.load(store_url.rstrip("/") + "/keys.json") if fs.exists(layout.keys) else Accounts([])
+        accounts = Accounts.load(StoreLayout(store_url).keys) if fs.exists(layout.keys) else Accounts([])
         now = time.time()
         live: dict[str, list[Replica]] = {}
         for _, registration in _documents(fs, layout.replica("*", "*", "*"), ReplicaRegistration.model_validate):
@@ -111,7 +111,7 @@ def read_directory(store_url: str, gateway: str | None) -> Directory:
         for path, record in _documents(fs, layout.deployment_record("*", "*"), DeploymentRecord.model_validate):
             if not record.created:
                 continue
-            account = record.name.split("/")[1]
+            account = parse_deployment_name(record.name).account_id
             addons = _read_addons(fs, path.rsplit("/", 1)[0] + "/addons.json")
             access = DeploymentAccess(record.name, account, record.base_model, record.serverless)
             deployments[record.name] = Deployment(access, frozenset(addons), tuple(live.get(record.name, ())))

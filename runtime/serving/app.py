@@ -19,8 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ember.provider.domain.records import REGISTRATION_INTERVAL_S
 from ember.runtime.serving import admin_routes, openai_routes
-from ember.runtime.serving.body_limits import BodyLimits
-from ember.runtime.serving.errors import APIError, method_not_allowed, not_found
+from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.frame import api_app
 from ember.runtime.serving.replica import Replica, ServerConfig
 
 log = logging.getLogger("ember.server")
@@ -74,12 +74,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             replica.engine.stop()
         replica.meter.heartbeat()
 
-    app = FastAPI(title="Ember runtime", version="0.1.0", lifespan=lifespan)
+    app = api_app("Ember runtime", lifespan, config.limits, _api_error)
     app.state.replica = replica
-    app.add_exception_handler(APIError, _api_error)
-    app.add_middleware(BodyLimits, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
-    app.add_exception_handler(404, not_found)
-    app.add_exception_handler(405, method_not_allowed)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.include_router(openai_routes.router)

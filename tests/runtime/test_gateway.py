@@ -341,6 +341,11 @@ def test_a_new_deployment_answers_at_once_and_misses_read_the_store_at_most_ever
     assert len(reads) - before <= spent / 0.25 + 2  # 40 misses, a few reads of the store
     gaps = [b - a for a, b in zip(reads[before:], reads[before + 1:])]
     assert all(gap >= 0.24 for gap in gaps), gaps
+    time.sleep(0.3)
+    before = len(reads)
+    for path in ("/v1/models", f"/v1/models/{ACME_BASE}"):  # unauthenticated: refused before reading the store
+        assert httpx.get(f"{front.url}{path}").status_code == 401
+    assert len(reads) == before
 
 
 def test_health_says_when_the_store_cannot_be_read_and_names_no_tenant(tmp_path):
