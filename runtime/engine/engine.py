@@ -8,6 +8,7 @@ keeps prompt or output text beyond the life of a request.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,11 +125,14 @@ class Engine:
         self.stop_token_ids = stop_token_ids
         self.grammars = Grammars(tokenizer, c.vocab_size, stop_token_ids)
         compiled = None
+        self.warm_up_s = 0.0  # compiling the decode steps (from the cache after the first start): part of a cold start
         if config.compile:
             if config.compile_cache is not None:
                 use_cache_folder(config.compile_cache)
+            began = time.monotonic()
             compiled = CompiledDecode(model, self.cache)
             compiled.warm_up()
+            self.warm_up_s = time.monotonic() - began
         self.runner = ModelRunner(model, self.cache, self.lora, self.grammars, compiled)
         self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
@@ -199,23 +203,24 @@ class Engine:
             # compiling here would hold up every other request's step: Engine.grammars.compile it beforehand
             raise ValueError("grammar: must be compiled (Engine.grammars.compile) before the request is added")
         matcher = params.grammar.matcher() if params.grammar else None
-        if adapter is not None:
-            self.lora.acquire(adapter)  # refuses an adapter that is not (or no longer) served
-        seq = Sequence(request_id, list(prompt_ids), params, adapter, matcher=matcher,
+        # From here on the request holds the addon's current version, not its name: weights loaded under the
+        # name while it runs serve only later requests. Refuses an adapter that is not (or no longer) served.
+        version = self.lora.acquire(adapter) if adapter is not None else None
+        seq = Sequence(request_id, list(prompt_ids), params, version, matcher=matcher,
                        logit_tensors=LogitTensors.of(params, self.stop_token_ids, self.device),
-                       cache_namespace=self._cache_namespace(adapter, cache_salt))
+                       cache_namespace=self._cache_namespace(version, cache_salt))
         self.requests[request_id] = seq
         self.output.add(seq)
         self.scheduler.add(seq)
         return request_id
 
-    def _cache_namespace(self, adapter: str | None, salt: str) -> bytes:
+    def _cache_namespace(self, version: str | None, salt: str) -> bytes:
         """Cached K/V are shared only between requests of one salt (one account: a cached prefix answers
         sooner, which would tell one tenant what another sent) and the same weights: the base model's, or one
-        addon version's. An addon changes K/V even when it leaves k_proj and v_proj alone: any LoRA module of
-        a layer changes the hidden states every later layer's K and V are computed from."""
-        weights = "" if adapter is None else f"{adapter}#{self.lora.version(adapter)}"
-        return f"{salt}\n{weights}".encode()
+        addon version's (`version` is the manager's key of it, new at each load). An addon changes K/V even
+        when it leaves k_proj and v_proj alone: any LoRA module of a layer changes the hidden states every
+        later layer's K and V are computed from."""
+        return f"{salt}\n{version or ''}".encode()
 
     def abort(self, request_id: str) -> bool:
         """Drop a request (its client went away); frees its cache at once. False if it was not in flight."""

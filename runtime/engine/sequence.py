@@ -26,7 +26,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # the LoRA addon's model name, None for the base model
+    adapter: str | None = None  # the LoRA addon version it runs on (`name#version`: LoRAManager.acquire), None for the base
     tokens: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache

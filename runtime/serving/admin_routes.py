@@ -47,7 +47,7 @@ async def unload_adapter(name: str, request: Request, replica: Replica = Depends
     replica.owner(request)
 
     def remove(engine: Engine) -> list[str]:
-        if engine.lora is None or name not in engine.lora.sources:
+        if engine.lora is None or not engine.lora.loaded(name):
             raise APIError(404, f"addon {name!r} is not loaded", param="name", code="model_not_found")
         engine.lora.remove(name)
         replica.count_adapters(engine)

@@ -92,14 +92,65 @@ def test_hot_load_and_unload_during_generation_lose_nothing(base, adapters):
             third = eng.add_request(work[2], GREEDY, adapter=TERSE)
         if step == 5:
             eng.lora.remove(PIRATE)  # hot unload while its request still runs
-            assert PIRATE not in eng.lora.served and PIRATE in eng.lora.sources
+            assert PIRATE not in eng.lora.served and eng.lora.loaded(PIRATE)
             with pytest.raises(ValueError, match="is not an addon loaded on this deployment"):
                 eng.add_request(work[0], GREEDY, adapter=PIRATE)
         for out in eng.step():
             got.setdefault(out.request_id, []).extend(out.token_ids)
     assert not eng.has_unfinished
     assert [got[first], got[second], got[third]] == expected
-    assert PIRATE not in eng.lora.sources and PIRATE not in eng.lora.slots  # dropped once its request ended
+    assert not eng.lora.loaded(PIRATE) and PIRATE not in eng.lora.slots  # dropped once its request ended
+
+
+def test_new_weights_under_a_served_name_leave_running_requests_on_the_old(base, adapters):
+    """Version 2 of an addon (POET's weights under PIRATE's name) loads beside version 1: the request running
+    on version 1 ends with exactly its tokens alone, one added after the swap gets version 2's, and version 1
+    is dropped from host memory and the device slots when its request ends."""
+    work = prompts(2, seed=4)
+    v1 = engine(base, {PIRATE: adapters[PIRATE]}).generate(work, GREEDY, [PIRATE, PIRATE])
+    v2 = engine(base, {PIRATE: adapters[POET]}).generate(work, GREEDY, [PIRATE, PIRATE])
+    assert v1[0].token_ids != v2[0].token_ids  # a swap in place would show in the first request's tokens
+
+    eng = engine(base, {PIRATE: adapters[PIRATE]})
+    first = eng.add_request(work[0], GREEDY, adapter=PIRATE)
+    old = eng.requests[first].adapter
+    got, dropped_at_finish = {}, None
+    for step in range(40):
+        if step == 3:
+            eng.lora.add(PIRATE, adapters[POET])
+            assert eng.lora.served == [PIRATE]  # the name answers throughout
+            second = eng.add_request(work[1], GREEDY, adapter=PIRATE)
+            assert eng.requests[second].adapter != old
+            assert eng.requests[second].cache_namespace != eng.requests[first].cache_namespace
+        if step == 4:
+            assert eng.lora.slots.count(PIRATE) == 2  # both versions on the device for this step
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.request_id == first and out.finished:
+                dropped_at_finish = old not in eng.lora.host and old not in eng.lora.device_slots.names
+    assert not eng.has_unfinished
+    assert got[first] == v1[0].token_ids and got[second] == v2[1].token_ids
+    assert dropped_at_finish and list(eng.lora.versions) == [eng.lora.current[PIRATE]]
+    assert eng.lora.slots.count(PIRATE) == 1 and list(eng.lora.host) == [eng.lora.current[PIRATE]]
+
+
+def test_a_bad_new_version_leaves_the_old_one_serving(base, adapters, tmp_path):
+    work = prompts(2, seed=5)
+    expected = engine(base, {PIRATE: adapters[PIRATE]}).generate(work, GREEDY, [PIRATE, PIRATE])
+    eng = engine(base, {PIRATE: adapters[PIRATE]})
+    running = eng.add_request(work[0], GREEDY, adapter=PIRATE)
+    got = {running: [t for out in eng.step() for t in out.token_ids]}
+    bad = shutil.copytree(adapters[POET], tmp_path / "bad")
+    (bad / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterError, match="no safetensors header"):
+        eng.lora.add(PIRATE, bad)
+    assert list(eng.lora.reconcile({PIRATE: bad})) == [PIRATE]
+    assert eng.lora.served == [PIRATE] and len(eng.lora.versions) == 1
+    later = eng.add_request(work[1], GREEDY, adapter=PIRATE)
+    while eng.has_unfinished:
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    assert [got[running], got[later]] == [c.token_ids for c in expected]
 
 
 def test_more_adapters_than_slots_and_host_memory(base, adapters, tmp_path):
