@@ -81,6 +81,9 @@ class DeploymentArgs:
     min_replicas: pulumi.Input[int] | None = None
     max_replicas: pulumi.Input[int] | None = None
     autoscaling: AutoscalingPolicyArgs | pulumi.Input[dict] | None = None
+    # its share of the gateway's traffic for its base model and addons against the account's other dedicated
+    # deployments of that model (90 and 10: a canary); 0 takes none unless no other can answer
+    traffic_weight: pulumi.Input[int] | None = None
     # addons active on the accelerator at once (more wait in host memory)
     max_loras: pulumi.Input[int] | None = None
     # one of 8, 16, 32, 64, 128, 256
@@ -183,6 +186,8 @@ class AccountRateLimitsArgs:
 
 @dataclass
 class AutoscalingPolicyArgs:
+    """How the gateway moves a deployment's replica count with its measured load (requests in flight per replica)."""
+
     # load must stay high this long before scaling up
     scale_up_window_s: pulumi.Input[int] | None = None
     # load must stay low this long before scaling down

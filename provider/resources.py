@@ -53,6 +53,12 @@ def default_id(resource_name: str) -> str:
     return slug or "resource"
 
 
+def resource_owner(resource_name: str) -> str:
+    """The resource as its stack knows it (project, stack, name): the same across its replacements, another stack's
+    differs."""
+    return f"{pulumi.get_project()}/{pulumi.get_stack()}/{resource_name}"
+
+
 def props_of(args: Any) -> dict[str, Any]:
     """A dataclass of inputs as a property dict (no deep copy: inputs may be Outputs)."""
     props = {}
@@ -222,7 +228,8 @@ class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
     _OUTPUTS = list(DEPLOYMENT.outputs.model_fields)
 
     def __init__(self, resource_name: str, args: DeploymentArgs, opts: pulumi.ResourceOptions | None = None):
-        props, refs, depends_on = props_of(args), {}, []
+        # whose it is: a replacement's create (made before the old one is deleted) takes over its own name only
+        props, refs, depends_on = props_of(args), {"owner": resource_owner(resource_name)}, []
         _base(props, args.base_model, refs, depends_on)
         if args.deployment_id is None:
             props["deployment_id"] = default_id(resource_name)

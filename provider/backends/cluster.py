@@ -68,9 +68,13 @@ class Cluster(ABC):
         """Raise ClusterError, naming the field, for a deployment this cluster cannot run (judged at preview)."""
 
     @classmethod
-    def replica_count(cls, spec: DeploymentSpec) -> int:
-        """The replicas a deployment runs while nothing scales it: the floor of its range, and at least one."""
-        return max(spec.min_replicas, 1)
+    def replica_count(cls, spec: DeploymentSpec, running: int | None = None) -> int:
+        """The replicas an `up` leaves running: those `running` (the autoscaler's count, zero included) brought within
+        the deployment's range; when none ran before (a create), the floor of the range and at least one, so that a
+        create proves the replicas load."""
+        if running is None:
+            return max(spec.min_replicas, 1)
+        return min(max(running, spec.min_replicas), spec.max_replicas)
 
     @abstractmethod
     def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store) -> ReplicaStatus:

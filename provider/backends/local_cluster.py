@@ -10,6 +10,7 @@ user's back: a dead one shows up in `read` as drift and the next `up` starts it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.error
@@ -24,9 +25,13 @@ from ember.provider.backends.store import Store
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.kinds.gateway import GatewaySpec
+from ember.provider.domain.digests import tree_digest
 from ember.provider.domain.records import BaseModelManifest
 from ember.provider.domain.replica_spec import replica_spec, serve_command, write_replica_spec
 from ember.provider.domain.spec import AcceleratorType
+
+# How long a replica that is scaled down or replaced may take to finish what it runs before it is killed.
+DRAIN_GRACE_S = 120.0
 
 
 def _replica_failed(health: dict) -> str | None:
@@ -60,71 +65,116 @@ class LocalCluster(Cluster):
             raise ClusterError(f"accelerator_type: the local cluster runs CPU replicas only, not "
                                f"{spec.accelerator_type.value}; use the Kubernetes backend for GPUs")
 
+    def _lock(self, account: str, deployment: str) -> Path:
+        return self.state_dir / "replicas" / account / f"{deployment}.lock"
+
     def scale(self, spec: DeploymentSpec, base: BaseModelManifest, store: Store) -> ReplicaStatus:
-        """Write the replica spec, then start or stop replicas until `replica_count(spec)` healthy ones run; existing
-        ones are kept (a changed spec replaces the deployment, so they serve the same one)."""
+        """Write the replica spec, then run `replica_count` healthy replicas of it. Those already serving this spec are
+        kept; those serving another (the deployment was replaced) are drained and stopped only once the new ones are
+        ready, so that the gateway always has a replica to send requests to."""
         request_log = self.state_dir / "request-logs" / spec.account_id / f"{spec.deployment_id}.jsonl"
         request_log.parent.mkdir(parents=True, exist_ok=True)
+        served = replica_spec(spec, str(store.local_path(base.object)), store.urls, str(request_log))
         spec_file = self._spec_file(spec.account_id, spec.deployment_id)
-        write_replica_spec(replica_spec(spec, str(store.local_path(base.object)), store.urls, str(request_log)),
-                           spec_file)
-        self._run(spec, serve_command(str(spec_file)))
+        with local_processes.locked(self._lock(spec.account_id, spec.deployment_id)):
+            write_replica_spec(served, spec_file)
+            self._roll(spec, serve_command(str(spec_file)), tree_digest({"spec": served.to_json()}))
         return self.status(spec.account_id, spec.deployment_id)
 
-    def _run(self, spec: DeploymentSpec, command: list[str]) -> None:
+    def _roll(self, spec: DeploymentSpec, command: list[str], generation: str) -> None:
         account, deployment = spec.account_id, spec.deployment_id
-        replicas = [r for r in self.replicas(account, deployment) if alive(r.pid)]
-        wanted = self.replica_count(spec)
-        while len(replicas) > wanted:
-            local_processes.stop(replicas.pop())
+        record = self._record(account, deployment)
+        running = [r for r in self.replicas(account, deployment) if alive(r.pid)]
+        current = [r for r in running if r.generation == generation]
+        old = [r for r in running if r.generation != generation]
+        # an autoscaler may have moved the count: kept within the range (a replacement keeps the old one's count)
+        wanted = self.replica_count(spec, len(running) if record.exists() else None)
+        while len(current) > wanted:
+            self._drain(current.pop())
         started = []
         try:
-            while len(replicas) + len(started) < wanted:
-                started.append(self._start(spec, command, len(replicas) + len(started)))
+            while len(current) + len(started) < wanted:
+                taken = {r.port for r in running + started}
+                started.append(self._spawn(account, deployment, command, len(current) + len(started), generation,
+                                           taken))
                 # recorded before the wait: an `up` killed meanwhile leaves no process the next one cannot see
-                self._save(account, deployment, replicas + started)
-            for replica in replicas + started:  # kept ones too: one an interrupted `up` started may still load
+                self._save(account, deployment, old + current + started)
+            for replica in current + started:  # kept ones too: one an interrupted `up` started may still load
                 local_processes.wait_ready(replica, "replica", self.ready_timeout_s, self.progress, _replica_failed)
         except ProcessError as exc:
-            self._abandon(spec, replicas, started)
+            self._abandon(spec, old + current, started)
             raise ClusterError(str(exc)) from None
         except Exception:
-            self._abandon(spec, replicas, started)
+            self._abandon(spec, old + current, started)
             raise
-        self._save(account, deployment, replicas + started)
+        self._save(account, deployment, current + started)
+        for replica in old:  # the new generation serves: the old one finishes what it runs, then stops
+            self.progress(f"draining the replaced replica on port {replica.port} of {account}/{deployment}")
+            self._drain(replica)
+
+    @staticmethod
+    def _drain(replica: LocalProcess) -> None:
+        local_processes.stop(replica, DRAIN_GRACE_S)
 
     def _abandon(self, spec: DeploymentSpec, kept: list[LocalProcess], started: list[LocalProcess]) -> None:
         for replica in started:
             local_processes.stop(replica)
         self._save(spec.account_id, spec.deployment_id, kept)
 
-    def _port(self, path: Path, index: str, what: str, fixed: int | None = None) -> int:
-        """A process's port: `fixed` (the user's), else the one it had (kept across restarts and replacements, so its
-        endpoint stays) while that is free, else any free one. The choice is kept in `path`."""
+    def _port(self, path: Path, index: str, what: str, fixed: int | None = None, taken: frozenset[int] = frozenset()
+              ) -> int:
+        """A process's port: `fixed` (the user's), else the one it had (kept across restarts, so its endpoint stays)
+        while that is free and not `taken` by a replica it starts beside, else any free one. The choice is kept in
+        `path`."""
         ports = json.loads(path.read_text()) if path.exists() else {}
         previous = fixed or ports.get(index)
-        port = free_port(previous or 0)
+        port = free_port(0 if previous in taken else previous or 0)
         if fixed and port != fixed:
             raise ClusterError(f"port: {fixed} is taken by another process on this machine")
-        if previous and port != previous:
+        if previous and port != previous and previous not in taken:
             self.progress(f"port {previous} of {what} is taken by another process: its endpoint moves to port {port}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ports | {index: port}))
         return port
 
-    def _start(self, spec: DeploymentSpec, command: list[str], index: int) -> LocalProcess:
-        what = f"replica {index} of {spec.account_id}/{spec.deployment_id}"
-        port = self._port(self.state_dir / "ports" / spec.account_id / f"{spec.deployment_id}.json", str(index), what)
-        log = self.state_dir / "logs" / spec.account_id / f"{spec.deployment_id}-{index}-{port}.log"
-        replica = local_processes.spawn(command, port, log)
+    def _spawn(self, account: str, deployment: str, command: list[str], index: int, generation: str,
+               taken: set[int]) -> LocalProcess:
+        what = f"replica {index} of {account}/{deployment}"
+        port = self._port(self.state_dir / "ports" / account / f"{deployment}.json", str(index), what,
+                          taken=frozenset(taken))
+        log = self.state_dir / "logs" / account / f"{deployment}-{index}-{port}.log"
+        replica = dataclasses.replace(local_processes.spawn(command, port, log), generation=generation)
         self.progress(f"started {what} on port {port} (pid {replica.pid})")
         return replica
 
+    def resize(self, account: str, deployment: str, count: int) -> int:
+        """The autoscaler's change (the gateway's, between `up`s): start or drain replicas of the deployment's current
+        spec until `count` run, without waiting for new ones to get ready (the gateway routes to them once they
+        register). Returns the count now running. Raises Busy while an `up` is changing the deployment."""
+        spec_file = self._spec_file(account, deployment)
+        with local_processes.locked(self._lock(account, deployment), wait=False):
+            if not spec_file.exists():
+                return 0  # deleted meanwhile
+            generation = tree_digest({"spec": spec_file.read_text()})
+            running = [r for r in self.replicas(account, deployment) if alive(r.pid)]
+            leaving = []
+            while len(running) > count:
+                leaving.append(running.pop())  # the newest first
+            while len(running) < count:
+                running.append(self._spawn(account, deployment, serve_command(str(spec_file)), len(running),
+                                           generation, {r.port for r in running}))
+            self._save(account, deployment, running)
+        for replica in leaving:  # outside the lock: a drain may take a while
+            self.progress(f"draining the replica on port {replica.port} of {account}/{deployment}")
+            self._drain(replica)
+        return len(running)
+
     def stop(self, account: str, deployment: str) -> None:
-        for replica in self.replicas(account, deployment):
-            local_processes.stop(replica)
-        self._record(account, deployment).unlink(missing_ok=True)
-        self._spec_file(account, deployment).unlink(missing_ok=True)
+        with local_processes.locked(self._lock(account, deployment)):
+            for replica in self.replicas(account, deployment):
+                local_processes.stop(replica)
+            self._record(account, deployment).unlink(missing_ok=True)
+            self._spec_file(account, deployment).unlink(missing_ok=True)
 
     def reconcile_addons(self, store: Store, account: str, deployment: str, wanted: set[str],
                          unwanted: set[str]) -> None:
@@ -160,7 +210,10 @@ class LocalCluster(Cluster):
                                    f"{sorted(wanted)} and not {sorted(unwanted)}")
 
     def status(self, account: str, deployment: str, key: str | None = None) -> ReplicaStatus:
-        healthy = [r for r in self.replicas(account, deployment) if local_processes.ready(r)]
+        replicas = self.replicas(account, deployment)
+        healthy = [r for r in replicas if local_processes.ready(r)]
+        if not replicas and self._record(account, deployment).exists():
+            return ReplicaStatus((), 0, None)  # scaled to zero: the next one loads what the store says
         serving = set.intersection(*(self._served(r, key) for r in healthy)) if healthy and key else set()
         return ReplicaStatus(tuple(r.url for r in healthy), len(healthy), frozenset(serving))
 
@@ -191,7 +244,8 @@ class LocalCluster(Cluster):
             local_processes.stop(running)
         what = f"gateway {spec.name}"
         port = self._port(self.state_dir / "gateway-ports" / f"{account}.json", gateway_id, what, spec.port)
-        process = local_processes.spawn(["gateway", "--store", store.url, "--gateway", spec.name], port,
+        process = local_processes.spawn(["gateway", "--store", store.url, "--gateway", spec.name,
+                                         "--state-dir", str(self.state_dir)], port,
                                         self.state_dir / "logs" / account / f"gateway-{gateway_id}-{port}.log")
         local_processes.save(self._gateway_record(account, gateway_id), [process])
         self.progress(f"started {what} on port {port} (pid {process.pid})")

@@ -4,6 +4,7 @@ with SIGTERM (it drains: finishes what it runs) before SIGKILL."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -13,7 +14,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ class LocalProcess:
     pid: int
     port: int
     log: str
+    generation: str = ""  # a replica's: the digest of the spec it serves (a replacement starts a new generation)
 
     @property
     def url(self) -> str:
@@ -119,14 +122,15 @@ def wait_ready(process: LocalProcess, what: str, timeout_s: float, progress: Cal
     raise ProcessError(f"{what} on port {process.port} was not ready within {timeout_s:.0f} s: {process.tail()}")
 
 
-def stop(process: LocalProcess) -> None:
+def stop(process: LocalProcess, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL if it has not drained within `grace_s`."""
     if not alive(process.pid):
         return
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         return
-    deadline = time.monotonic() + STOP_GRACE_S
+    deadline = time.monotonic() + grace_s
     while alive(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if alive(process.pid):
@@ -147,3 +151,23 @@ def save(path: Path, processes: list[LocalProcess]) -> None:
 
 def load(path: Path) -> list[LocalProcess]:
     return [LocalProcess(**p) for p in json.loads(path.read_text())] if path.exists() else []
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock (an `up`, or the gateway scaling)."""
+
+
+@contextmanager
+def locked(path: Path, wait: bool = True) -> Iterator[None]:
+    """The lock of one process list: an `up` and the gateway's autoscaler change a deployment's replicas one at a time.
+    `wait=False` raises Busy instead of waiting (the autoscaler tries again on its next tick)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(str(path)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.domain.kinds.deployment import AutoscalingPolicy, DeploymentSpec, KubernetesWorkload
 from ember.provider.domain.kinds.gateway import GatewaySpec
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, JobState, ModelKind, ModelState
 
@@ -62,6 +62,13 @@ class DeploymentRecord(_Document):
     # while a deployment another stack finished creating is never taken over.
     created: bool = True
     inputs: dict[str, Any] = {}
+    owner: str | None = None  # the stack's resource that made it (project/stack/name), which may replace it
+    # what the gateway routes and scales by
+    min_replicas: int = DeploymentSpec.model_fields["min_replicas"].default
+    max_replicas: int = DeploymentSpec.model_fields["max_replicas"].default
+    autoscaling: AutoscalingPolicy = AutoscalingPolicy()
+    traffic_weight: int = DeploymentSpec.model_fields["traffic_weight"].default
+    kubernetes_workload: KubernetesWorkload | None = None
 
 
 class DatasetRecord(_Document):

@@ -178,13 +178,23 @@ class EmberProvider(ResourceProvider):
 
     # -- diff ----------------------------------------------------------------------------------------------
 
+    # A replacement deletes the old resource before it creates the new one, which takes its name (globally unique).
+    delete_before_replace = True
+
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         changed, replaces = diff_rules.compare(self.spec_cls, olds, news, has_unknown)
+        if replaces and (note := self.interruption(replaces)):
+            progress(f"{olds.get('name') or _id}: {note}")  # the engine shows a provider's stderr with the preview
         drift = self.drifted(olds, news)
-        return DiffResult(changes=bool(changed or drift), replaces=replaces, delete_before_replace=True)
+        return DiffResult(changes=bool(changed or drift), replaces=replaces,
+                          delete_before_replace=self.delete_before_replace)
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
         return False
+
+    def interruption(self, replaces: list[str]) -> str | None:
+        """What a replacement for these changed inputs does to clients, where they see it (None: nothing)."""
+        return None
 
     def _spec(self, props: dict[str, Any]):
         return parse(self.spec_cls, {k: v for k, v in props.items()

@@ -8,11 +8,24 @@ from typing import Any
 from pulumi.dynamic import CreateResult, ReadResult
 
 from ember.provider.backends.cluster import ClusterError, ReplicaStatus
-from ember.provider.domain.kinds.deployment import DeploymentSpec
+from ember.provider.backends.store import StoreError
+from ember.provider.domain.kinds.deployment import KIND, DeploymentSpec
 from ember.provider.domain.names import parse_deployment_name
 from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.spec import DeploymentState, DeploymentType
-from ember.provider.providers.base import CLUSTERS, ClusterProvider, EmberError, base_manifest, has_unknown, progress
+from ember.provider.providers.base import (CLUSTERS, REFERENCES, ClusterProvider, EmberError, base_manifest, has_unknown,
+                                           progress)
+
+
+def _identity(inputs: dict[str, Any]) -> dict[str, Any]:
+    """What a replacement changes: the spec's fields and the digests derived from what it references."""
+    return {k: inputs.get(k) for k in (*DeploymentSpec.model_fields, *KIND.derived)}
+
+
+def _owner(props: dict[str, Any]) -> str | None:
+    references = props.get(REFERENCES)
+    owner = references.get("owner") if isinstance(references, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 class DeploymentProvider(ClusterProvider):
@@ -27,12 +40,18 @@ class DeploymentProvider(ClusterProvider):
                 failures.append(("accelerator_type", str(exc).removeprefix("accelerator_type: ")))
         return failures
 
+    # A replacement starts the new replicas before the old ones drain (the gateway always has one to send to): the
+    # engine creates the new resource under the same name, then deletes the old one, which leaves the new one be.
+    delete_before_replace = False
+
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
-        # A refresh that found replicas down makes the next `up` start them again, where the cluster does not.
+        # A refresh that found replicas down makes the next `up` start them again, where the cluster does not. Fewer
+        # than declared only: the autoscaler's count (zero included, for a deployment that may reach it) is no drift.
         ready, wanted = olds.get("ready_replicas"), news.get("min_replicas")
         if ready is None or has_unknown(wanted) or has_unknown(news.get("cluster")):
             return False
-        return not CLUSTERS[news.get("cluster") or "local"].restarts_replicas and ready < max(int(wanted or 1), 1)
+        floor = DeploymentSpec.model_fields["min_replicas"].default if wanted is None else int(wanted)
+        return not CLUSTERS[news.get("cluster") or "local"].restarts_replicas and ready < floor
 
     def _run(self, spec: DeploymentSpec, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
         store, cluster = self.store, self.cluster_of(spec.cluster)
@@ -40,7 +59,10 @@ class DeploymentProvider(ClusterProvider):
         store.ensure_key(spec.account_id, self.config.state_dir / "keys")  # the account's own, to call its deployment
         record = DeploymentRecord(name=spec.name, base_model=spec.base_model, max_lora_rank=spec.max_lora_rank,
                                   serverless=spec.deployment_type is DeploymentType.SERVERLESS, cluster=spec.cluster,
-                                  created=not creating, inputs=self._inputs(props))
+                                  created=not creating, inputs=self._inputs(props), owner=_owner(props),
+                                  min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
+                                  autoscaling=spec.autoscaling, traffic_weight=spec.traffic_weight,
+                                  kubernetes_workload=spec.kubernetes_workload)
         store.write_deployment_record(record)
         store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)  # replicas read it
         status = cluster.scale(spec, base, store)
@@ -55,11 +77,12 @@ class DeploymentProvider(ClusterProvider):
 
     @staticmethod
     def _outputs(spec: DeploymentSpec, base_digest: str | None, status: ReplicaStatus) -> dict[str, Any]:
-        wanted = CLUSTERS[spec.cluster].replica_count(spec)
-        short = status.ready is not None and status.ready < wanted
+        short = status.ready is not None and status.ready < spec.min_replicas
+        message = f"{status.ready} of {spec.min_replicas} replicas are ready" if short else \
+            "scaled to zero: the gateway starts a replica for the next request" if status.ready == 0 else None
         return {"name": spec.name, "state": (DeploymentState.FAILED if short else DeploymentState.READY).value,
-                "message": f"{status.ready} of {wanted} replicas are ready" if short else None,
-                "endpoints": list(status.endpoints), "ready_replicas": status.ready, "serving_digest": base_digest}
+                "message": message, "endpoints": list(status.endpoints), "ready_replicas": status.ready,
+                "serving_digest": base_digest}
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         spec: DeploymentSpec = self._spec(props)
@@ -69,11 +92,21 @@ class DeploymentProvider(ClusterProvider):
         except ClusterError as exc:
             raise EmberError(str(exc)) from None
         existing = self.store.read_deployment_record(spec.account_id, spec.deployment_id)
-        if existing and existing.created:
+        if existing and existing.created and (existing.owner is None or existing.owner != _owner(props)):
             raise EmberError(f"deployment_id: {spec.name} already exists")
+        if existing and existing.created:
+            progress(f"replacing {spec.name}: new replicas start beside the old ones, which drain once they are ready")
+            return self._replace(spec, props)
         if existing:
             progress(f"resuming the interrupted create of {spec.name}")
         return self._create(spec, props)
+
+    def _replace(self, spec: DeploymentSpec, props: dict[str, Any]) -> CreateResult:
+        # What fails leaves the old replicas serving: nothing here is undone but the new replicas (the cluster's).
+        try:
+            return CreateResult(spec.name, props | self._run(spec, props))
+        except (ClusterError, StoreError) as exc:
+            raise EmberError(str(exc)) from None
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec, by_id = self._read_spec(id_, props)
@@ -84,9 +117,22 @@ class DeploymentProvider(ClusterProvider):
         if by_id:
             spec, props = self._spec(record.inputs), record.inputs
         status = self.cluster_of(spec.cluster).status(spec.account_id, spec.deployment_id)
-        # a cluster that does not count replicas here leaves the last rollout's outputs as they are
-        outputs = props if status.ready is None else props | self._outputs(spec, props.get("serving_digest"), status)
+        # A cluster that does not count replicas here leaves the last rollout's outputs as they are, and so does a
+        # count the autoscaler chose within the range (it moves with the load; it is no drift).
+        within = status.ready is not None and spec.min_replicas <= status.ready <= spec.max_replicas
+        outputs = props if status.ready is None or within and not by_id else \
+            props | self._outputs(spec, props.get("serving_digest"), status)
         return ReadResult(spec.name, outputs, props if by_id else None)
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        spec: DeploymentSpec = self._spec(props)
+        record = self.store.read_deployment_record(spec.account_id, spec.deployment_id)
+        if record is not None and record.created and _identity(record.inputs) != _identity(props):
+            # The old resource of a replacement: its replicas were drained as the new ones became ready; the name and
+            # what runs under it are the new resource's.
+            progress(f"{spec.name}: the replaced deployment's replicas have drained; the new ones serve")
+            return
+        self._remove(spec)
 
     def _remove(self, spec: DeploymentSpec) -> None:
         self.cluster_of(spec.cluster).stop(spec.account_id, spec.deployment_id)

@@ -113,21 +113,27 @@ class LoRAAddonProvider(EmberProvider):
         except ClusterError as exc:
             progress(f"could not unload {name} from {account}/{deployment}: {exc}")
 
-    def create(self, props: dict[str, Any]) -> CreateResult:
-        spec: LoRAAddonSpec = self._spec(props)
+    def _upload(self, spec: LoRAAddonSpec, props: dict[str, Any]) -> AddonManifest:
+        """The adapter's files in the store, checked against its base, as the manifest of one version (not written)."""
         store = self.store
         base = base_manifest(store, spec.base_model, spec.account_id)
-        if store.read_manifest(spec.account_id, spec.model_id) is not None:
-            raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
         source = staged_source(spec.source)
         try:
             info = inspect_adapter(source, base.config)
         except ModelFilesError as exc:
             raise EmberError(f"source: {exc}") from None
         digest, _ = store.put_directory(source, progress)
-        manifest = AddonManifest(name=spec.name, digest=digest, object=store.urls.object(digest), base_model=spec.base_model,
-                                 rank=info.rank, target_modules=list(info.target_modules), created=time.time(),
-                                 inputs=self._inputs(props))
+        return AddonManifest(name=spec.name, digest=digest, object=store.urls.object(digest), base_model=spec.base_model,
+                             rank=info.rank, target_modules=list(info.target_modules), created=time.time(),
+                             inputs=self._inputs(props))
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        spec: LoRAAddonSpec = self._spec(props)
+        store = self.store
+        base_manifest(store, spec.base_model, spec.account_id)
+        if store.read_manifest(spec.account_id, spec.model_id) is not None:
+            raise EmberError(f"model_id: {spec.name} already exists in the store (model IDs are globally unique)")
+        manifest = self._upload(spec, props)
         store.write_manifest(manifest)
         try:
             deployed = self._apply(spec, manifest, [])
@@ -150,20 +156,47 @@ class LoRAAddonProvider(EmberProvider):
 
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         old_spec, spec = self._spec(olds), self._spec(news)
-        manifest = self.store.read_manifest(spec.account_id, spec.model_id)
+        store = self.store
+        manifest = store.read_manifest(spec.account_id, spec.model_id)
         if manifest is None:
             raise EmberError(f"{spec.name} is missing from the store; run `refresh` and `up` to recreate it")
         try:
             previous = self._targets(old_spec)
         except EmberError:  # an old target was deleted meanwhile: nothing to withdraw from it
             previous = []
+        old_version = manifest
+        if news.get("source_digest") != olds.get("source_digest") or spec.source != old_spec.source:
+            manifest = self._upload(spec, news)  # new weights: a new version, under the same name
+        manifest = manifest.model_copy(update={"inputs": self._inputs(news)})
+        # The manifest names the new object first: a replica loads only the object its addon's manifest names.
+        store.write_manifest(manifest)
         try:
             deployed = self._apply(spec, manifest, previous)
-        except (ClusterError, StoreError) as exc:
+        except (EmberError, ClusterError, StoreError) as exc:
+            if manifest.digest != old_version.digest:
+                self._restore(spec, old_version, manifest.digest, previous)
             raise EmberError(str(exc)) from None
-        manifest = manifest.model_copy(update={"inputs": self._inputs(news)})
-        self.store.write_manifest(manifest)
+        if manifest.digest != old_version.digest:
+            # Every replica now serves the new version (those running a request on the old one finish it from memory).
+            store.delete_object(old_version.digest)
         return UpdateResult(news | self._outputs(manifest, deployed))
+
+    def _restore(self, spec: LoRAAddonSpec, old_version: AddonManifest, new_digest: str,
+                 previous: list[tuple[str, str, DeploymentRecord]]) -> None:
+        """A new version refused (by a deployment's rank, or a replica): the old one serves where it served."""
+        store = self.store
+        store.write_manifest(old_version)
+        was = {(a, d) for a, d, _ in previous}
+        for account, deployment, desired in list(store.desired_addon_sets()):
+            if spec.name in desired and (account, deployment) not in was:  # a target this update added
+                self._withdraw(spec.name, account, deployment)
+        for account, deployment, record in previous:
+            store.change_desired_addons(account, deployment, lambda d: d.__setitem__(spec.name, old_version.object))
+            try:
+                self.cluster_of(record.cluster).reconcile_addons(store, account, deployment, {spec.name}, set())
+            except ClusterError as exc:
+                progress(f"could not restore the previous version of {spec.name} on {account}/{deployment}: {exc}")
+        store.delete_object(new_digest)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec, by_id = self._read_spec(id_, props)

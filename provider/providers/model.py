@@ -25,6 +25,11 @@ from ember.provider.providers.base import EmberError, EmberProvider, progress, s
 class ModelProvider(EmberProvider):
     spec_cls = ModelSpec
 
+    def interruption(self, replaces: list[str]) -> str | None:
+        # Their names come from the model's: they are replaced with it, delete first (a model name is unique).
+        return ("replacing the model replaces every deployment and addon on it: clients get model_not_found until "
+                "the new ones are ready")
+
     def check_known(self, spec: ModelSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         if "source" in unknown or spec.source is None or "://" in spec.source:
             return []

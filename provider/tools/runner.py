@@ -229,6 +229,8 @@ class OfflineRunner:
                            f"set protect=False first")
         old = previous["outputs"]
         detail = "(" + ", ".join(f"{k}: {_shown(old.get(k))} → {_shown(inputs.get(k))}" for k in diff.replaces) + ")"
+        if note := provider.interruption(diff.replaces):
+            detail += f" — {note}"
         if preview:
             self._record(Step("replace", kind, name, detail))
             return previous["id"], inputs

@@ -52,7 +52,7 @@ SETTINGS = {"model_id": "base", "base_source": "models/base", "description": "fi
 # (edit, the step each resource gets, or the check failure both must refuse it with)
 EDITS = [
     ({"description": "second"}, {"base": "update", "local": "same", "pirate": "same", "poet": "same"}),
-    ({"addons": {"pirate": "models/pirate-r16", "poet": "models/poet"}}, {"pirate": "replace", "poet": "same"}),
+    ({"addons": {"pirate": "models/pirate-r16", "poet": "models/poet"}}, {"pirate": "update", "poet": "same"}),
     ({"addons": {"pirate": "models/pirate-r16"}}, {"pirate": "same", "poet": "delete"}),
     ({"addons": {"pirate": "models/pirate-r16", "poet": "models/poet"}}, {"poet": "create"}),
     ({"replicas": 2}, {"base": "same", "local": "update", "pirate": "same", "front": "same"}),

@@ -194,6 +194,8 @@ def test_a_replace_names_the_field_and_its_old_and_new_value(program):
     _, _, steps = run({"source": "models-b/base"}, preview=True)
     op, detail = steps["base"]
     assert op == "replace" and detail.startswith('(source_digest: "sha256:') and " → " in detail
+    assert detail.endswith("replacing the model replaces every deployment and addon on it: clients get "
+                           "model_not_found until the new ones are ready")
 
 
 def test_duplicate_urns_and_ids_are_refused(program):

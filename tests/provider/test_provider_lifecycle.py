@@ -74,11 +74,13 @@ def _lifecycle(up, cfg):
     with pytest.raises(RunError, match="accelerator_type: the local cluster runs CPU replicas only"):
         up(accelerator="NVIDIA_H100_80GB")
     assert alive(first_pid)
-    # Issue 12 item 2: a replacement of the deployment serves its addons again in the same up, on the same port
+    # Issue 12 item 2: a replacement of the deployment serves its addons again in the same up; its new replica starts
+    # on a new port beside the old one, which then drains and stops (issue 31)
     runner, outputs, steps = up(accelerator=None, max_loras=2)
     assert steps[("Deployment", "local")] == "replace"
     assert steps[("LoRAAddon", "pirate")] == steps[("LoRAAddon", "poet")] == steps[("Model", "base")] == "same"
-    assert outputs["endpoint"] == endpoint
+    assert outputs["endpoint"] != endpoint and not alive(first_pid)
+    endpoint = outputs["endpoint"]
     assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
     [first_pid] = replica_pids(cfg, "acme", "local")
     assert [s.detail for s in runner.refresh()] == [""] * 4

@@ -60,7 +60,9 @@ def test_resources_carry_type_tokens_ids_and_dependencies(mocks):
         assert inputs["base_model"] == "accounts/acme/models/my-base-model"
         assert inputs["base_model_digest"] == "sha256:" + "a" * 64
         assert inputs["request_logging"] == {"enabled": True, "retention_days": 7}
-        assert inputs["references"] == {"base_model": {"declared": True, "source": "models/base"}}
+        # the resource as its stack knows it: a replacement takes over only its own stack's name
+        assert inputs["references"] == {"base_model": {"declared": True, "source": "models/base"},
+                                        "owner": f"{pulumi.get_project()}/{pulumi.get_stack()}/local"}
         typ, inputs = mocks.resources["pirate"]
         assert typ == "pulumi-python:dynamic/ember:LoRAAddon" and inputs["model_id"] == "pirate"
         assert addon_deployments == [deployment_name] == ["accounts/acme/deployments/local"]

@@ -217,7 +217,7 @@ def test_serverless_catalog_deployment_and_scale_to_zero():
         ({"min_replicas": 0}, "autoscaling.scale_to_zero_window_s", "required when min_replicas is 0"),
         ({"autoscaling": {"scale_to_zero_window_s": 600}}, "autoscaling.scale_to_zero_window_s", "600 given"),
         ({"autoscaling": {"target_concurrent_requests": 0}}, "autoscaling.target_concurrent_requests", "(got 0)"),
-        ({"autoscaling": {"scale_down_window_s": 5}}, "autoscaling.scale_down_window_s", "(got 5)"),
+        ({"autoscaling": {"scale_down_window_s": 4}}, "autoscaling.scale_down_window_s", "(got 4)"),
         ({"precision": "int3"}, "precision", "'int3'"),
         ({"max_lora_rank": 48}, "max_lora_rank", "48 is not one of"),
         ({"max_loras": 0}, "max_loras", "(got 0)"),

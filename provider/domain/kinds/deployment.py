@@ -16,10 +16,13 @@ from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 
 
 class AutoscalingPolicy(Spec):
+    """How the gateway moves a deployment's replica count with its measured load (requests in flight per replica)."""
+
     scale_up_window_s: int = Field(30, ge=0, le=3600, description="load must stay high this long before scaling up")
-    scale_down_window_s: int = Field(600, ge=60, le=86400, description="load must stay low this long before scaling down")
+    # at least a few seconds: a replica started for a burst is not stopped in the lull between two requests
+    scale_down_window_s: int = Field(600, ge=5, le=86400, description="load must stay low this long before scaling down")
     scale_to_zero_window_s: int | None = Field(
-        None, ge=300, le=86400, description="idle time before the last replica stops; needs min_replicas=0"
+        None, ge=5, le=86400, description="idle time before the last replica stops; needs min_replicas=0"
     )
     target_concurrent_requests: float = Field(8.0, gt=0, le=1024, description="load target per replica")
 
@@ -73,6 +76,10 @@ class DeploymentSpec(Spec):
     min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
     max_replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     autoscaling: AutoscalingPolicy = AutoscalingPolicy()
+    traffic_weight: int = Field(
+        100, ge=0, le=10000, description="its share of the gateway's traffic for its base model and addons against "
+        "the account's other dedicated deployments of that model (90 and 10: a canary); 0 takes none unless no other "
+        "can answer")
     max_loras: int = Field(DEFAULT_MAX_LORAS, ge=1, le=128, description="addons active on the accelerator at once (more wait in host memory)")
     max_lora_rank: int = Field(DEFAULT_MAX_LORA_RANK, json_schema_extra={"enum": list(LORA_RANK_BUCKETS)})
     request_logging: RequestLogging = RequestLogging()
@@ -107,10 +114,8 @@ class DeploymentSpec(Spec):
             raise FieldError("min_replicas", f"{self.min_replicas} is more than max_replicas {self.max_replicas}")
         if self.kubernetes_workload is not None and self.cluster != "kubernetes":
             raise FieldError("kubernetes_workload", f"is set, but cluster is {self.cluster!r}")
+        # On Kubernetes too: the gateway scales the Deployment from and to zero, the HPA from 1 up.
         to_zero = self.autoscaling.scale_to_zero_window_s
-        if self.cluster == "kubernetes" and to_zero is not None:
-            raise FieldError("autoscaling.scale_to_zero_window_s", f"{to_zero} given, but a Kubernetes "
-                             f"HorizontalPodAutoscaler cannot scale to zero: set min_replicas >= 1")
         if self.min_replicas == 0 and to_zero is None:
             raise FieldError("autoscaling.scale_to_zero_window_s", "is required when min_replicas is 0")
         if self.min_replicas > 0 and to_zero is not None:

@@ -73,5 +73,7 @@ class LoRAAddonOutputs(Spec):
 
 KIND = Kind("LoRAAddon", LoRAAddonSpec, LoRAAddonOutputs, schema_key="lora_addon",
             provider="ember.provider.providers.lora_addon:LoRAAddonProvider",
-            replace=frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest", "source_digest"}),
+            # new weights (source_digest) are a new version of the same addon, loaded in place before the old one
+            # leaves: the name answers throughout
+            replace=frozenset({"account_id", "model_id", "kind", "base_model", "base_model_digest"}),
             derived=("base_model_digest", "source_digest"))
