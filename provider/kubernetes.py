@@ -22,7 +22,9 @@ pod restart.
 
 HPA requirements: the autoscaler scales on the pods metric `ember_running_requests` (each replica's
 /metrics), so the cluster needs a metrics pipeline that serves pod custom metrics (for example
-Prometheus with prometheus-adapter). It cannot scale to zero; the spec refuses scale_to_zero_window_s here.
+Prometheus with prometheus-adapter). An HPA does not scale to zero (it leaves a Deployment at 0 replicas alone): with
+min_replicas 0 the gateway does, through the Deployment's `scale` subresource (runtime/gateway/kubernetes_scaler.py),
+as a service account that `KubernetesGatewayArgs.scales` allows exactly that, and the HPA moves it from 1 up.
 """
 
 from __future__ import annotations
@@ -179,16 +181,23 @@ def workload_spec(spec: DeploymentSpec, cluster: KubernetesArgs, selector: dict,
             "ember.dev/replica-spec": spec_digest}}, "spec": pod_spec},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
     }
-    if not spec.max_replicas > spec.min_replicas:
-        workload["replicas"] = spec.min_replicas  # with an HPA, the autoscaler owns the count
+    if spec.min_replicas > 0 and not autoscaled(spec):
+        workload["replicas"] = spec.min_replicas
+    # Otherwise an autoscaler owns the count (the HPA from 1 up, the gateway between 0 and 1): a count here would be
+    # applied again by every `up`, undoing theirs. A new Deployment starts at the API server's default of 1.
     return workload
+
+
+def autoscaled(spec: DeploymentSpec) -> bool:
+    """Whether an HPA moves the count: a range above one replica, where the gateway takes over below (from zero)."""
+    return spec.max_replicas > max(spec.min_replicas, 1)
 
 
 def autoscaler_spec(spec: DeploymentSpec, workload_name: pulumi.Input[str]) -> dict:
     policy = spec.autoscaling
     return {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": workload_name},
-        "minReplicas": spec.min_replicas,
+        "minReplicas": max(spec.min_replicas, 1),  # an HPA's floor is 1; below it the gateway scales
         "maxReplicas": spec.max_replicas,
         "metrics": [{"type": "Pods", "pods": {
             "metric": {"name": "ember_running_requests"},
@@ -230,6 +239,7 @@ def store_secret(resource_name: str, metadata: dict, cluster: KubernetesArgs, op
 class KubernetesDeployment(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]  # the Service's in-cluster URL
     deployment: Deployment
+    workload: k8s.apps.v1.Deployment  # the replicas' apps/v1 Deployment (a KubernetesGateway may scale it)
 
     def __init__(self, resource_name: str, args: DeploymentArgs, cluster: KubernetesArgs,
                  opts: pulumi.ResourceOptions | None = None):
@@ -266,7 +276,7 @@ class KubernetesDeployment(pulumi.ComponentResource):
         # The Ember Deployment waits for the rollout (pulumi-kubernetes does not: its wait cannot say why pods
         # are not scheduled), and is READY once Kubernetes runs the replicas. Pods started before it read an
         # empty addon set until it is registered.
-        workload = k8s.apps.v1.Deployment(resource_name, metadata={**metadata, "annotations": {
+        workload = self.workload = k8s.apps.v1.Deployment(resource_name, metadata={**metadata, "annotations": {
             "pulumi.com/skipAwait": "true"}}, spec=template, opts=child)
         target = pulumi.Output.all(cluster.namespace, workload.metadata["name"], template).apply(
             lambda v: {"namespace": v[0], "name": v[1], "kubeconfig": cluster.kubeconfig,
@@ -281,7 +291,7 @@ class KubernetesDeployment(pulumi.ComponentResource):
         }, opts=child)
         k8s.networking.v1.NetworkPolicy(f"{resource_name}-network", metadata=metadata,
                                         spec=network_policy_spec(selector, cluster), opts=child)
-        if spec.max_replicas > spec.min_replicas:
+        if autoscaled(spec):
             k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{resource_name}-hpa", metadata=metadata,
                                                        spec=autoscaler_spec(spec, workload.metadata["name"]), opts=child)
         self.endpoint = pulumi.Output.concat("http://", service.metadata["name"], ".", cluster.namespace,
@@ -360,6 +370,14 @@ class KubernetesGatewayArgs:
     route_hostnames: Sequence[str] = ()
     cpu: str = "1"  # requests per gateway pod: it routes and relays, nothing heavy
     memory: str = "1Gi"
+    # The deployments whose count the gateway changes between 0 and 1 (those with min_replicas 0; the HPA moves them
+    # from 1 up). Its pods then get a service account allowed only get and patch of these Deployments' `scale`, and
+    # may reach the API server; with none, they mount no token.
+    scales: Sequence[KubernetesDeployment] = ()
+    # Where the API server is, as the NetworkPolicy sees it: its endpoints' addresses, after the `kubernetes` Service's
+    # address translation (port 443 on most managed clusters, 6443 on kubeadm's). Narrow to the control plane's range.
+    api_server_cidrs: Sequence[str] = ("0.0.0.0/0",)
+    api_server_ports: Sequence[int] = (443, 6443)
 
 
 def gateway_container(spec: GatewaySpec, cluster: KubernetesArgs, secret_name, exposure: KubernetesGatewayArgs) -> dict:
@@ -383,18 +401,35 @@ def gateway_container(spec: GatewaySpec, cluster: KubernetesArgs, secret_name, e
     }
 
 
-def gateway_network_policy_spec(selector: dict, cluster: KubernetesArgs) -> dict:
-    """In: the gateway's port, from anywhere. Out: DNS, the store, and the runtime pods' port."""
+def gateway_network_policy_spec(selector: dict, cluster: KubernetesArgs,
+                                exposure: KubernetesGatewayArgs | None = None) -> dict:
+    """In: the gateway's port, from anywhere. Out: DNS, the store, the runtime pods' port, and the API server when it
+    scales deployments."""
+    egress = [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+              {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cluster.store_cidrs],
+               "ports": [{"protocol": "TCP", "port": cluster.store_port}]},
+              {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ember-runtime"}}}],
+               "ports": [{"protocol": "TCP", "port": RUNTIME_PORT}]}]
+    if exposure is not None and exposure.scales:
+        egress.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in exposure.api_server_cidrs],
+                       "ports": [{"protocol": "TCP", "port": port} for port in exposure.api_server_ports]})
     return {
         "podSelector": {"matchLabels": selector},
         "policyTypes": ["Ingress", "Egress"],
         "ingress": [{"ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}],
-        "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
-                   {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cluster.store_cidrs],
-                    "ports": [{"protocol": "TCP", "port": cluster.store_port}]},
-                   {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ember-runtime"}}}],
-                    "ports": [{"protocol": "TCP", "port": RUNTIME_PORT}]}],
+        "egress": egress,
     }
+
+
+# What the gateway may do to a Deployment it scales: read and set the count of its `scale` subresource (a merge patch),
+# nothing of its pods, template or anything else. `update` (a PUT of the whole Scale) is not needed.
+SCALE_VERBS = ("get", "patch")
+
+
+def scale_role_rules(workload_name: pulumi.Input[str]) -> list[dict]:
+    """A Role's rules that allow scaling the one apps/v1 Deployment `workload_name` (resourceNames), and only that."""
+    return [{"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": [workload_name],
+             "verbs": list(SCALE_VERBS)}]
 
 
 class KubernetesGateway(pulumi.ComponentResource):
@@ -418,14 +453,17 @@ class KubernetesGateway(pulumi.ComponentResource):
         metadata = {"name": name, "namespace": cluster.namespace, "labels": selector | owner}
         child = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
         secret = store_secret(resource_name, metadata, cluster, child)
+        pod = {"containers": [gateway_container(spec, cluster, secret.metadata["name"], exposure)],
+               "volumes": writable_volumes(["tmp"])[0], "securityContext": POD_SECURITY,
+               "automountServiceAccountToken": False,  # it reads the store, and the API server only to scale
+               "terminationGracePeriodSeconds": PRE_STOP_S + cluster.drain_s}  # streams it relays finish
+        if exposure.scales:
+            account = self._scaling_rights(resource_name, metadata, exposure.scales, child)
+            pod |= {"serviceAccountName": account.metadata["name"], "automountServiceAccountToken": True}
         template = {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": metadata["labels"]}, "spec": {
-                "containers": [gateway_container(spec, cluster, secret.metadata["name"], exposure)],
-                "volumes": writable_volumes(["tmp"])[0], "securityContext": POD_SECURITY,
-                "automountServiceAccountToken": False,  # it reads the store, never the API server
-                "terminationGracePeriodSeconds": PRE_STOP_S + cluster.drain_s}},  # streams it relays finish
+            "template": {"metadata": {"labels": metadata["labels"]}, "spec": pod},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
         }
         workload = k8s.apps.v1.Deployment(resource_name, metadata={**metadata, "annotations": {
@@ -435,7 +473,7 @@ class KubernetesGateway(pulumi.ComponentResource):
         k8s.policy.v1.PodDisruptionBudget(f"{resource_name}-pdb", metadata=metadata, spec={
             "selector": {"matchLabels": selector}, "minAvailable": 1}, opts=child)
         k8s.networking.v1.NetworkPolicy(f"{resource_name}-network", metadata=metadata,
-                                        spec=gateway_network_policy_spec(selector, cluster), opts=child)
+                                        spec=gateway_network_policy_spec(selector, cluster, exposure), opts=child)
         self.url = self._expose(resource_name, metadata, service, exposure, child)
         # Its record is in the store before the Ember Gateway waits for the rollout: the pods read it to get ready.
         target = pulumi.Output.all(cluster.namespace, workload.metadata["name"], template).apply(
@@ -444,6 +482,28 @@ class KubernetesGateway(pulumi.ComponentResource):
         self.gateway = Gateway(resource_name, replace(args, kubernetes_workload=target, advertised_url=self.url),
                                pulumi.ResourceOptions(parent=self, depends_on=[workload]))
         self.register_outputs({"url": self.url})
+
+    @staticmethod
+    def _scaling_rights(resource_name: str, metadata: dict, scales: Sequence[KubernetesDeployment],
+                        child: pulumi.ResourceOptions) -> k8s.core.v1.ServiceAccount:
+        """The pods' ServiceAccount, and for each deployment it scales a Role in that deployment's namespace allowing
+        get and patch of its Deployment's scale (by name), bound to the account: nothing else, anywhere."""
+        for scaled in scales:
+            if not isinstance(scaled, KubernetesDeployment):
+                raise ValueError(f"scales: {scaled!r} is not a KubernetesDeployment (the gateway scales the apps/v1 "
+                                 f"Deployment that one declares)")
+        account = k8s.core.v1.ServiceAccount(f"{resource_name}-account", metadata=metadata, opts=child)
+        subject = {"kind": "ServiceAccount", "name": account.metadata["name"], "namespace": metadata["namespace"]}
+        for scaled in scales:
+            target = scaled.workload.metadata
+            # Named after both ends: several gateways may scale one deployment, one gateway several.
+            role_meta = {"name": pulumi.Output.concat(metadata["name"], "-scales-", target["name"]),
+                         "namespace": target["namespace"], "labels": metadata["labels"]}
+            key = f"{resource_name}-scales-{scaled.pulumi_resource_name}"
+            role = k8s.rbac.v1.Role(key, metadata=role_meta, rules=scale_role_rules(target["name"]), opts=child)
+            k8s.rbac.v1.RoleBinding(key, metadata=role_meta, subjects=[subject], role_ref={
+                "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role.metadata["name"]}, opts=child)
+        return account
 
     @staticmethod
     def _expose(resource_name: str, metadata: dict, service, exposure: KubernetesGatewayArgs,

@@ -93,6 +93,9 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request body larger than this gets 413 (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=Limits.max_connections,
                    help="requests on connections beyond this many open ones get 503 (default %(default)s)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="the local cluster's state directory (the provider's): the gateway then scales its "
+                        "deployments' replicas with their load, to zero and back")
 
 
 def _add_spec_flags(add) -> None:
@@ -212,7 +215,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_connections=args.max_connections)
     config = GatewayConfig(store_url=args.store, gateway=args.gateway, limits=limits,
-                           refresh_interval_s=args.refresh_interval)
+                           refresh_interval_s=args.refresh_interval, state_dir=args.state_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request is uvicorn's access log's job
     app = create_gateway_app(config)

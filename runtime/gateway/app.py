@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 
 import httpx
@@ -22,15 +23,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from ember.runtime.gateway.autoscaler import Autoscaler, scale_forever
 from ember.runtime.gateway.balancer import Balancer, affinity_key
 from ember.runtime.gateway.bodies import parse_json_object
 from ember.runtime.gateway.config import GatewayConfig
-from ember.runtime.gateway.directory import Directory
+from ember.runtime.gateway.directory import Deployment, Directory
+from ember.runtime.gateway.kubernetes_scaler import kubernetes_scalers
 from ember.runtime.gateway.metrics import GatewayMetrics
 from ember.runtime.gateway.proxy import (ATTEMPTS_HEADER, DEPLOYMENT_HEADER, ClientGone, Forwarder, PassThrough,
                                          Upstream, request_headers, usage_tokens)
 from ember.runtime.gateway.rate_limits import Admission, RateLimiter, estimate_tokens
 from ember.runtime.gateway.routing import Route, models, route
+from ember.runtime.gateway.scalers import LocalScaler, Scaler
 from ember.runtime.gateway.snapshots import Snapshots
 from ember.runtime.serving.errors import APIError, bearer_key, invalid_key
 from ember.runtime.serving.frame import api_app
@@ -52,6 +56,13 @@ class GatewayState:
             limits=httpx.Limits(max_connections=config.limits.max_connections,
                                 max_keepalive_connections=config.limits.max_connections))
         self.forwarder = Forwarder(self.client, self.balancer, self.metrics)
+        self.autoscaler = Autoscaler(scalers_for(config), self._load, self._scaled)
+
+    def _load(self, deployment: Deployment) -> int:
+        return sum(self.balancer.outstanding(r) for r in deployment.replicas)
+
+    def _scaled(self, deployment: str, before: int, after: int) -> None:
+        self.metrics.scaled.labels(deployment, "up" if after > before else "down").inc()
 
     def _read(self, directory: Directory) -> None:
         self.limiter.share = directory.settings.replicas
@@ -66,16 +77,56 @@ class GatewayState:
             raise invalid_key()
         return account
 
-    async def route(self, account: str, model: object, arrived: float) -> Route:
+    async def route(self, account: str, model: object, arrived: float, stale: bool = False) -> Route:
+        """`stale`: the current snapshot failed this request (its replicas were gone): read one begun after `arrived`."""
+        draw = random.random()  # the same split for every read of this request
         try:
-            found = route(self.store.current(), account, model)
+            found = route(await self.store.since(arrived) if stale else self.store.current(), account, model, draw)
         except APIError as exc:
             if exc.status != 404:
                 raise
-            found = route(await self.store.since(arrived), account, model)  # a deployment made a moment ago
+            found = route(await self.store.since(arrived), account, model, draw)  # a deployment made a moment ago
         if not any(d.replicas for d in found.deployments):
-            found = route(await self.store.since(arrived), account, model)  # replicas ready a moment ago
+            found = route(await self.store.since(arrived), account, model, draw)  # replicas ready a moment ago
+        if not any(d.replicas for d in found.deployments):
+            asleep = next((d for d in found.deployments if self.autoscaler.wakeable(d)), None)
+            if asleep is not None:
+                found = await self._cold_start(asleep, account, model, draw)
         return found
+
+    async def _cold_start(self, deployment: Deployment, account: str, model: object, draw: float) -> Route:
+        """Hold the request while a replica of `deployment` (scaled to zero) starts: the route once one is ready, or a
+        503 when the queue of held requests is full or none is ready in time."""
+        config, held = self.config, self.autoscaler.held
+        if held[deployment.name] >= config.max_held_requests:
+            raise APIError(503, f"{deployment.name} is starting and has {held[deployment.name]} requests waiting; retry "
+                                f"shortly", type="service_unavailable", code="cold_start_queue_full",
+                           headers={"Retry-After": "5"})
+        held[deployment.name] += 1
+        self.metrics.held.labels(deployment.name).inc()
+        deadline = time.monotonic() + config.cold_start_timeout_s
+        try:
+            await self.autoscaler.wake(deployment)
+            while time.monotonic() < deadline:
+                found = route(await self.store.since(time.monotonic()), account, model, draw)
+                if any(d.replicas for d in found.deployments):
+                    return found
+        finally:
+            held[deployment.name] -= 1
+            self.metrics.held.labels(deployment.name).dec()
+        raise APIError(503, f"no replica of {deployment.name} was ready within {config.cold_start_timeout_s:.0f} s of "
+                            f"starting; retry shortly", type="service_unavailable", code="cold_start_timeout",
+                       headers={"Retry-After": "5"})
+
+
+    def deployments(self) -> list[Deployment]:
+        return list(self.store.directory.deployments.values()) if self.store.directory else []
+
+
+def scalers_for(config: GatewayConfig) -> list[Scaler]:
+    """The clusters whose replicas this gateway scales: the local one it runs beside, Kubernetes from inside it."""
+    scalers: list[Scaler] = [LocalScaler(config.state_dir)] if config.state_dir else []
+    return scalers + kubernetes_scalers()
 
 
 def gateway_of(request: Request) -> GatewayState:
@@ -93,9 +144,11 @@ def create_gateway_app(config: GatewayConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_refresh_forever(gateway))
+        tasks = [asyncio.create_task(_refresh_forever(gateway)),
+                 asyncio.create_task(scale_forever(gateway.autoscaler, gateway.deployments))]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         await gateway.client.aclose()
 
     app = api_app("Ember gateway", lifespan, config.limits, _api_error)
@@ -193,10 +246,11 @@ async def _forward(request: Request, chat: bool):
             fresh = gateway.store.current().read_at >= arrived
             if exc.code != "no_ready_replica" or fresh:
                 raise
-            upstream = await send(route(await gateway.store.since(arrived), account, body.get("model")))
+            upstream = await send(await gateway.route(account, body.get("model"), arrived, stale=True))
     except ClientGone:
         raise APIError(499, "the client closed the request", code="client_closed_request") from None
     request.state.labels = (found.model, upstream.deployment.name)
+    gateway.autoscaler.requested(upstream.deployment)
     headers = admission.headers | {ATTEMPTS_HEADER: str(upstream.attempts), DEPLOYMENT_HEADER: upstream.deployment.name}
     return PassThrough(upstream, headers, _finish(gateway, found, upstream, admission))
 

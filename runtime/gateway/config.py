@@ -19,3 +19,8 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     # the longest a replica may take to answer, or between two chunks of a stream (a long queue included)
     upstream_timeout_s: float = 600.0
+    # the local cluster's state directory, when the gateway runs beside its replicas: it then scales them
+    state_dir: str | None = None
+    # a request for a deployment scaled to zero waits this long for a replica to start, among at most this many
+    cold_start_timeout_s: float = 180.0
+    max_held_requests: int = 256

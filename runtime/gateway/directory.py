@@ -44,6 +44,11 @@ class Deployment:
     access: DeploymentAccess  # its name, owner, base model and whether it is serverless
     addons: frozenset[str]  # what the store says it serves besides its base (its desired addon set)
     replicas: tuple[Replica, ...]  # ready, and registered within the TTL
+    record: DeploymentRecord | None = None  # its cluster, replica range, autoscaling and traffic weight
+
+    @property
+    def traffic_weight(self) -> int:
+        return self.record.traffic_weight if self.record else DeploymentRecord.model_fields["traffic_weight"].default
 
     @property
     def name(self) -> str:
@@ -114,7 +119,7 @@ def read_directory(store_url: str, gateway: str | None) -> Directory:
             account = parse_deployment_name(record.name).account_id
             addons = _read_addons(fs, path.rsplit("/", 1)[0] + "/addons.json")
             access = DeploymentAccess(record.name, account, record.base_model, record.serverless)
-            deployments[record.name] = Deployment(access, frozenset(addons), tuple(live.get(record.name, ())))
+            deployments[record.name] = Deployment(access, frozenset(addons), tuple(live.get(record.name, ())), record)
     except DirectoryError:
         raise
     except (OSError, ValueError) as exc:  # the store's words name paths, never a request's text

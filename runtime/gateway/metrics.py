@@ -23,5 +23,9 @@ class GatewayMetrics:
                                     ["account"], registry=self.registry)
         self.open_connections = Gauge("ember_gateway_open_connections", "Client connections open",
                                       registry=self.registry)
+        self.scaled = Counter("ember_gateway_scaled", "Replica count changes the autoscaler made, by deployment and "
+                              "direction (up, down)", ["deployment", "direction"], registry=self.registry)
+        self.held = Gauge("ember_gateway_held_requests", "Requests waiting for a replica of a deployment scaled to zero",
+                          ["deployment"], registry=self.registry)
         self.outstanding = Gauge("ember_gateway_outstanding_requests", "Requests sent to replicas and not yet answered",
                                  ["deployment"], registry=self.registry)

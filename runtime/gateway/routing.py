@@ -32,9 +32,10 @@ def _unknown(model: str) -> APIError:
                     type="not_found_error", param="model", code="model_not_found")
 
 
-def route(directory: Directory, account: str, requested: object) -> Route:
+def route(directory: Directory, account: str, requested: object, draw: float = 0.0) -> Route:
     """The deployments that may answer `account`'s request for `requested` (the body's `model`), or an APIError: 400
-    for a name that is not one, 404 for a model or pinned deployment that does not serve it to this account."""
+    for a name that is not one, 404 for a model or pinned deployment that does not serve it to this account. `draw`
+    (uniform in [0, 1)) picks the first among the account's own deployments of the model by their traffic weights."""
     if not isinstance(requested, str):
         raise APIError(400, "model: is required, as a string: accounts/<account>/models/<model>", param="model",
                        code="invalid_parameter")
@@ -54,8 +55,26 @@ def route(directory: Directory, account: str, requested: object) -> Route:
         raise _unknown(model)
     # Its own dedicated deployments first (it pays for them), then the shared serverless ones; within each, those with
     # replicas ready, then by name, so that the order is the same on every gateway replica.
-    usable.sort(key=lambda d: (d.access.serverless, not d.replicas, d.name))
+    # One that takes no traffic (weight 0) answers only when no other can.
+    usable.sort(key=lambda d: (d.traffic_weight == 0, d.access.serverless, not d.replicas, d.name))
+    first = _weighted([d for d in usable if not d.access.serverless and d.traffic_weight > 0], draw)
+    if first is not None:
+        usable.remove(first)
+        usable.insert(0, first)
     return Route(model, tuple(usable))
+
+
+def _weighted(own: list[Deployment], draw: float) -> Deployment | None:
+    """A canary's split: one of the account's own deployments of the model, each as likely as its traffic weight says
+    (among those with a replica ready, when any has one: a deployment scaled to zero is woken only when none is)."""
+    candidates = [d for d in own if d.replicas] or own
+    total = sum(d.traffic_weight for d in candidates)
+    point = draw * total
+    for deployment in candidates:
+        point -= deployment.traffic_weight
+        if point < 0:
+            return deployment
+    return candidates[-1] if candidates else None
 
 
 def models(directory: Directory, account: str) -> dict[str, dict]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import fsspec
 from fastapi import Request
@@ -52,6 +54,16 @@ class ServerConfig:
     advertise_url: str | None = None  # where the gateway reaches it: it registers in the store (with store_url)
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (its interpreter and imports included), from the kernel's clock."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 class Replica:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -72,8 +84,10 @@ class Replica:
 
     def load(self) -> None:
         try:
+            began = time.monotonic()
             self._check_base()
             engine = Engine.from_dir(local_copy(self.config.model_dir), self.config.engine)
+            weights = time.monotonic()
             for name, source in self.config.addons.items():
                 self._add_adapter(engine, name, source)
             if self.config.desired_addons_url:
@@ -83,6 +97,11 @@ class Replica:
                 self.announce(engine)  # then calls the gateway, finds it routed to
             self.engine = runner
             self.count_adapters(engine)
+            # what a cold start is made of (bench_changes reads this line)
+            age, done = process_age_s(), time.monotonic()
+            log.info("ready %.2f s after the process started: start-up %.2f s, weights %.2f s, compiling %.2f s, "
+                     "addons %.2f s", age, age - (done - began), weights - began - engine.warm_up_s, engine.warm_up_s,
+                     done - weights)
         except Exception as exc:  # reported by /health; the message names files, never request text
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.failure)

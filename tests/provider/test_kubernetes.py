@@ -185,16 +185,98 @@ def test_amd_and_cpu_pods():
     assert not any("gpu" in k for k in pod["containers"][0]["resources"]["limits"]) and "tolerations" not in pod
 
 
-def test_scale_to_zero_is_refused_on_kubernetes():
-    from ember.provider.args import AutoscalingPolicyArgs, DeploymentArgs
-    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment
+def scale_to_zero_program(min_replicas: int = 0, max_replicas: int = 3, window: int | None = 600,
+                          scales: tuple[str, ...] = ("chat", "solo")) -> Cluster:
+    """Two deployments that scale to zero in the namespace `models` (chat up to `max_replicas` with an HPA, solo up to
+    1), and a gateway in `ember` that scales those named in `scales`."""
+    from ember.provider.args import AutoscalingPolicyArgs, DeploymentArgs, GatewayArgs
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesDeployment, KubernetesGateway, KubernetesGatewayArgs
+
+    recorded = Cluster()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(recorded, project="p", stack="s", preview=False)
+
+    @pulumi.runtime.test
+    def program():
+        models = KubernetesArgs(image="img", store_url="s3://b/s", namespace="models")
+        policy = AutoscalingPolicyArgs(scale_to_zero_window_s=window)
+        deployments = {name: KubernetesDeployment(name, DeploymentArgs(
+            account_id="acme", base_model="accounts/acme/models/m", min_replicas=min_replicas, max_replicas=top,
+            autoscaling=policy), models) for name, top in (("chat", max_replicas), ("solo", 1))}
+        KubernetesGateway("front", GatewayArgs(account_id="acme"), KubernetesArgs(
+            image="img", store_url="s3://b/s", namespace="ember"), KubernetesGatewayArgs(
+            scales=[deployments[name] for name in scales], api_server_cidrs=["10.0.0.0/24"]))
+
+    program()
+    return recorded
+
+
+def test_scale_to_zero_on_kubernetes_leaves_the_count_to_the_gateway_and_the_hpa_from_one():
+    recorded = scale_to_zero_program()
+    chat, solo = recorded.objects["Deployment/chat"]["spec"], recorded.objects["Deployment/solo"]["spec"]
+    # no count in the manifest: `up` applies none over the gateway's (or the HPA's), and a new one starts at 1
+    assert "replicas" not in chat and "replicas" not in solo
+    hpa = recorded.objects["HorizontalPodAutoscaler/chat-hpa"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3)  # an HPA's floor is 1; from 0 the gateway starts one
+    assert "HorizontalPodAutoscaler/solo-hpa" not in recorded.objects  # 0..1 is the gateway's alone: no HPA to feed
+    ember = recorded.ember["chat"]
+    assert ember["min_replicas"] == 0 and ember["autoscaling"]["scale_to_zero_window_s"] == 600
+    assert ember["kubernetes_workload"]["name"] == "ember-acme-chat"  # what the gateway's scaler patches
+    # a new window, or a higher ceiling, is no new pod template (no rollout) and still no count
+    later = scale_to_zero_program(max_replicas=5, window=900)
+    assert later.objects["Deployment/chat"] == recorded.objects["Deployment/chat"]
+    assert later.ember["chat"]["kubernetes_workload"] == ember["kubernetes_workload"]
+    # with a fixed count (no autoscaler at all) the manifest holds it, as before
+    fixed = scale_to_zero_program(min_replicas=1, max_replicas=1, window=None)
+    assert fixed.objects["Deployment/chat"]["spec"]["replicas"] == 1 and not any(
+        k.startswith("HorizontalPodAutoscaler/") for k in fixed.objects)
+
+
+def test_the_gateway_may_scale_exactly_the_deployments_it_is_given():
+    recorded = scale_to_zero_program()
+    account = recorded.objects["ServiceAccount/front-account"]
+    assert account["metadata"]["name"] == "ember-gw-acme-front" and account["metadata"]["namespace"] == "ember"
+    pod = recorded.objects["Deployment/front"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ember-gw-acme-front" and pod["automountServiceAccountToken"] is True
+    for name in ("chat", "solo"):
+        role = recorded.objects[f"Role/front-scales-{name}"]
+        assert role["metadata"]["namespace"] == "models"  # the deployment's namespace, not the gateway's
+        assert role["metadata"]["name"] == f"ember-gw-acme-front-scales-ember-acme-{name}"
+        assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments/scale"],
+                                  "resourceNames": [f"ember-acme-{name}"], "verbs": ["get", "patch"]}]
+        binding = recorded.objects[f"RoleBinding/front-scales-{name}"]
+        assert binding["metadata"]["namespace"] == "models"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ember-gw-acme-front", "namespace": "ember"}]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+    kinds = [k.split("/")[0] for k in recorded.objects]
+    assert kinds.count("Role") == kinds.count("RoleBinding") == 2
+    assert not {"ClusterRole", "ClusterRoleBinding"} & set(kinds)  # nothing cluster-wide
+    # its NetworkPolicy lets it reach the API server (as configured) besides DNS, the store and the replicas
+    egress = recorded.objects["NetworkPolicy/front-network"]["spec"]["egress"]
+    assert egress[3] == {"to": [{"ipBlock": {"cidr": "10.0.0.0/24"}}],
+                         "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
+    # one deployment fewer: its Role and binding go, the other's stay as they were
+    fewer = scale_to_zero_program(scales=("chat",))
+    assert "Role/front-scales-solo" not in fewer.objects and "RoleBinding/front-scales-solo" not in fewer.objects
+    assert fewer.objects["Role/front-scales-chat"] == recorded.objects["Role/front-scales-chat"]
+    # none: no account, no token, no way to the API server
+    none = scale_to_zero_program(scales=())
+    assert not any(k.split("/")[0] in ("ServiceAccount", "Role", "RoleBinding") for k in none.objects)
+    pod = none.objects["Deployment/front"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+    assert len(none.objects["NetworkPolicy/front-network"]["spec"]["egress"]) == 3
+
+
+def test_a_gateway_scales_only_kubernetes_deployments():
+    from ember.provider.args import GatewayArgs
+    from ember.provider.kubernetes import KubernetesArgs, KubernetesGateway, KubernetesGatewayArgs
 
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_mocks(Cluster(), project="p", stack="s", preview=False)
-    with pytest.raises(SpecError, match="cannot scale to zero"):
-        KubernetesDeployment("z", DeploymentArgs(account_id="a", base_model="accounts/a/models/m", min_replicas=0,
-                                                 max_replicas=2, autoscaling=AutoscalingPolicyArgs(scale_to_zero_window_s=600)),
-                             KubernetesArgs(image="img", store_url="s3://b/s"))
+    with pytest.raises(ValueError, match="scales: 'chat' is not a KubernetesDeployment"):
+        KubernetesGateway("g", GatewayArgs(account_id="a"), KubernetesArgs(image="img", store_url="s3://b/s"),
+                          KubernetesGatewayArgs(scales=["chat"]))
 
 
 def test_a_fine_tuning_job_trains_as_a_kubernetes_job_on_a_gpu(cluster):
@@ -250,7 +332,8 @@ def test_the_gateway_runs_two_restricted_pods_behind_a_service_and_a_disruption_
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}}
-    assert pod["automountServiceAccountToken"] is False
+    # it scales no deployment here (KubernetesGatewayArgs.scales): no service account, no token
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
     assert container["envFrom"] == [{"secretRef": {"name": "ember-gw-quickstart-gateway-store"}}]
     selector = workload["spec"]["selector"]["matchLabels"]
     assert cluster.objects["Service/gateway-service"]["spec"]["selector"] == selector

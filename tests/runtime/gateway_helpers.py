@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -175,10 +177,12 @@ class FakeStore:
             self.keys[account] = Accounts.add_key(self.root / "keys.json", account)
         return self.keys[account]
 
-    def deployment(self, name: str, base_model: str, addons: tuple[str, ...] = (), serverless: bool = False) -> None:
+    def deployment(self, name: str, base_model: str, addons: tuple[str, ...] = (), serverless: bool = False,
+                   **record) -> None:
+        """`record`: more of its DeploymentRecord (replica range, autoscaling, traffic weight)."""
         _, account, _, deployment = name.split("/")
         self._write(self.layout.deployment_record(account, deployment),
-                    DeploymentRecord(name=name, base_model=base_model, serverless=serverless).to_json())
+                    DeploymentRecord(name=name, base_model=base_model, serverless=serverless, **record).to_json())
         self._write(self.layout.desired_addons(account, deployment), {a: f"objects/{a}" for a in addons})
 
     def register(self, deployment: str, replica: StandIn | str, slots: tuple[str, ...] = (),
@@ -219,12 +223,38 @@ class Front:
 
 
 def start_gateway(store: FakeStore, limits: Limits | None = None, refresh_interval_s: float = 0.1,
-                  wait: Callable[[object], bool] = lambda state: state.store.directory is not None) -> Front:
+                  wait: Callable[[object], bool] = lambda state: state.store.directory is not None,
+                  scalers: tuple = (), **config) -> Front:
+    """`scalers`: what the gateway's autoscaler changes replica counts with (none: it scales nothing)."""
     app = create_gateway_app(GatewayConfig(store_url=store.url, refresh_interval_s=refresh_interval_s,
-                                           limits=limits or Limits(), connect_timeout_s=1.0))
+                                           limits=limits or Limits(), connect_timeout_s=1.0, **config))
+    app.state.gateway.autoscaler.scalers.extend(scalers)
     front = Front(store, ThreadServer(app, limits), app)
     deadline = time.monotonic() + 10
     while not wait(front.state):
         assert time.monotonic() < deadline, "the gateway never read its store"
         time.sleep(0.02)
     return front
+
+
+@pytest.fixture(autouse=True)
+def servers():
+    """Every gateway and stand-in replica a test starts stops with it (a test module imports this fixture)."""
+    yield
+    ThreadServer.stop_all()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store with the platform's Gateway record in it (a test module imports this fixture)."""
+    store = FakeStore(tmp_path / "store")
+    store.gateway()
+    return store
+
+
+async def concurrent_completions(front: Front, model: str, count: int, account: str = "acme") -> list[httpx.Response]:
+    """`count` completions sent at once through the gateway."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(client.post(
+            f"{front.url}/v1/completions", headers=front.headers(account),
+            json={"model": model, "prompt": "hello", "max_tokens": 4}) for _ in range(count)))

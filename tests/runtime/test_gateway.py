@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from tests.runtime.gateway_helpers import FakeStore, StandIn, ThreadServer, free_port, start_gateway
+from tests.runtime.gateway_helpers import FakeStore, StandIn, free_port, servers, start_gateway, store
 
 from ember.runtime.gateway import directory, snapshots
 from ember.runtime.gateway.balancer import affinity_key
@@ -21,20 +21,7 @@ ACME_CANARY = "accounts/acme/deployments/canary"
 SHARED = "accounts/platform/deployments/shared"
 CATALOG = "accounts/platform/models/llama-v3p1-8b-instruct"
 GLOBEX_ADDON = "accounts/globex/models/legal"
-
-
-@pytest.fixture(autouse=True)
-def servers():
-    """Every gateway and stand-in replica a test starts stops with it."""
-    yield
-    ThreadServer.stop_all()
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = FakeStore(tmp_path / "store")
-    store.gateway()
-    return store
+__all__ = ["servers", "store"]  # the fixtures every test here uses
 
 
 @pytest.fixture

@@ -1,0 +1,158 @@
+"""The gateway's part in changes without downtime: traffic split by weights (a canary), the autoscaler's decisions, and
+a request for a deployment scaled to zero held while a replica starts (stand-in replicas and scalers: milliseconds)."""
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+import httpx
+from tests.runtime.gateway_helpers import FakeStore, StandIn, concurrent_completions, servers, start_gateway, store
+
+from ember.provider.domain.kinds.deployment import AutoscalingPolicy
+from ember.provider.domain.records import DeploymentRecord
+from ember.runtime.gateway.autoscaler import Plan
+from ember.runtime.gateway.directory import Deployment
+from ember.runtime.gateway.routing import route
+
+__all__ = ["servers", "store"]  # the fixtures every test here uses
+BASE = "accounts/acme/models/base"
+BLUE, GREEN = "accounts/acme/deployments/blue", "accounts/acme/deployments/green"
+IDLE = "accounts/acme/deployments/idle"
+TO_ZERO = {"min_replicas": 0, "max_replicas": 2,
+           "autoscaling": AutoscalingPolicy(scale_to_zero_window_s=30, scale_up_window_s=5, scale_down_window_s=20,
+                                            target_concurrent_requests=4)}
+
+
+def complete(front, model: str = BASE) -> httpx.Response:
+    return httpx.post(f"{front.url}/v1/completions", headers=front.headers("acme"), timeout=30,
+                      json={"model": model, "prompt": "hello", "max_tokens": 4})
+
+
+def test_a_canary_takes_its_weight_of_the_traffic_and_weight_zero_drains_it(store):
+    blue, green = StandIn(["ok"]).start(), StandIn(["ok"]).start()
+    store.deployment(BLUE, BASE, traffic_weight=90)
+    store.deployment(GREEN, BASE, traffic_weight=10)
+    store.register(BLUE, blue)
+    store.register(GREEN, green)
+    front = start_gateway(store)
+    sides = Counter(complete(front).headers["x-ember-deployment"] for _ in range(200))
+    assert sides[BLUE] + sides[GREEN] == 200 and 8 <= sides[GREEN] <= 40, sides  # 20 expected; 1e-4 odds outside
+    metrics = httpx.get(f"{front.url}/metrics", headers=front.headers("platform")).text
+    for side in (BLUE, GREEN):  # the metrics show each side
+        series = f'ember_gateway_requests_total{{deployment="{side}",model="{BASE}",status="200"}}'
+        assert f"{series} {sides[side]}.0" in metrics
+    store.deployment(GREEN, BASE, traffic_weight=0)  # 100/0: green takes no new request
+    time.sleep(0.3)
+    assert {complete(front).headers["x-ember-deployment"] for _ in range(50)} == {BLUE}
+    blue.stop()  # ... unless no other deployment can answer
+    store.register(BLUE, blue, last_seen=0)
+    time.sleep(0.3)
+    assert complete(front).headers["x-ember-deployment"] == GREEN
+
+
+def test_the_split_is_by_weight_among_deployments_with_a_replica(store):
+    def deployment(name: str, weight: int, replicas: int) -> Deployment:
+        from ember.provider.domain.accounts import DeploymentAccess
+        from ember.runtime.gateway.directory import Replica
+
+        record = DeploymentRecord(name=name, base_model=BASE, traffic_weight=weight)
+        return Deployment(DeploymentAccess(name, "acme", BASE, False), frozenset(),
+                          tuple(Replica(f"http://{name}/{i}") for i in range(replicas)), record)
+
+    from ember.runtime.gateway.directory import Directory
+
+    directory = Directory({BLUE: deployment(BLUE, 75, 1), GREEN: deployment(GREEN, 25, 1)})
+    firsts = Counter(route(directory, "acme", BASE, draw=i / 100).deployments[0].name for i in range(100))
+    assert firsts == {BLUE: 75, GREEN: 25}
+    asleep = Directory({BLUE: deployment(BLUE, 75, 0), GREEN: deployment(GREEN, 25, 1)})
+    assert {route(asleep, "acme", BASE, draw=i / 10).deployments[0].name for i in range(10)} == {GREEN}
+
+
+def test_the_autoscaler_moves_after_its_windows_and_reaches_zero_only_when_idle():
+    record = DeploymentRecord(name=IDLE, base_model=BASE, **TO_ZERO)
+    deployment = Deployment(None, frozenset(), (), record)
+    plan = Plan(running=1, last_request=0.0)
+    assert plan.decide(deployment, 9, 0.0) is None  # 9 in flight wants 3, capped at max 2: after the up window
+    assert plan.decide(deployment, 9, 4.0) is None
+    assert plan.decide(deployment, 9, 5.0) == 2
+    plan.running = 2
+    assert plan.decide(deployment, 1, 6.0) is None  # wants 1: after the down window of low load
+    assert plan.decide(deployment, 6, 10.0) is None  # load back: the down window starts again
+    assert plan.decide(deployment, 1, 11.0) is None and plan.decide(deployment, 1, 30.0) is None
+    assert plan.decide(deployment, 1, 31.0) == 1
+    plan.running = 1
+    assert plan.decide(deployment, 0, 40.0) is None  # idle since the request seen at 31 s: zero at 61 s
+    assert plan.decide(deployment, 0, 61.0) == 0
+    plan.running = 0
+    assert plan.decide(deployment, 0, 70.0) is None and plan.decide(deployment, 1, 71.0) == 1  # a held request wakes
+    floor = DeploymentRecord(name=IDLE, base_model=BASE, min_replicas=1, max_replicas=2)
+    kept = Plan(running=1, last_request=0.0)
+    assert kept.decide(Deployment(None, frozenset(), (), floor), 0, 1e6) is None  # min 1 never reaches zero
+    assert Plan(running=1, last_request=0.0).decide(deployment, 9, 100.0, follows_load=False) is None  # HPA's part
+
+
+class StandInScaler:
+    """A cluster whose replicas are stand-ins: a start registers one after `start_s`."""
+
+    follows_load = True
+
+    def __init__(self, store: FakeStore, start_s: float = 0.5, starts: bool = True):
+        self.store, self.start_s, self.starts = store, start_s, starts
+        self.replicas: list[StandIn] = []
+        self.resizes: list[int] = []
+
+    def handles(self, deployment) -> bool:
+        return deployment.name == IDLE
+
+    def running(self, deployment) -> int:
+        return len(self.replicas)
+
+    def resize(self, deployment, count: int) -> int:
+        self.resizes.append(count)
+        while len(self.replicas) < count:
+            replica = StandIn(["ok"])
+            self.replicas.append(replica)
+            if self.starts:
+                threading.Timer(self.start_s, self._ready, (replica,)).start()
+        while len(self.replicas) > count:
+            replica = self.replicas.pop()
+            self.store.register(IDLE, replica, state="draining")
+            replica.stop()
+        return len(self.replicas)
+
+    def _ready(self, replica: StandIn) -> None:
+        replica.start()
+        self.store.register(IDLE, replica)
+
+
+def test_a_deployment_at_zero_is_woken_by_a_request_that_waits_for_it_and_goes_back_when_idle(store):
+    store.deployment(IDLE, BASE, **(TO_ZERO | {"autoscaling": AutoscalingPolicy(scale_to_zero_window_s=5)}))
+    scaler = StandInScaler(store)
+    front = start_gateway(store, scalers=(scaler,))
+
+    began = time.monotonic()
+    answers = asyncio.run(concurrent_completions(front, BASE, 8))
+    assert [a.status_code for a in answers] == [200] * 8 and time.monotonic() - began >= 0.5
+    assert scaler.resizes == [1]  # one start for the eight held requests
+    assert 'ember_gateway_scaled_total{deployment="accounts/acme/deployments/idle",direction="up"} 1.0' in \
+        httpx.get(f"{front.url}/metrics", headers=front.headers("platform")).text
+    deadline = time.monotonic() + 15  # idle for its window: back to zero
+    while scaler.replicas and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scaler.resizes == [1, 0]
+    time.sleep(0.3)
+    assert complete(front).status_code == 200 and scaler.resizes == [1, 0, 1]  # and woken again
+
+
+def test_held_requests_are_bounded_in_number_and_time(store):
+    store.deployment(IDLE, BASE, **TO_ZERO)
+    front = start_gateway(store, scalers=(StandInScaler(store, starts=False),), cold_start_timeout_s=1.0,
+                          max_held_requests=2)
+
+    began = time.monotonic()
+    answers = asyncio.run(concurrent_completions(front, BASE, 3))
+    assert time.monotonic() - began < 5
+    codes = sorted(a.json()["error"]["code"] for a in answers)
+    assert codes == ["cold_start_queue_full", "cold_start_timeout", "cold_start_timeout"]
+    assert all(a.status_code == 503 and a.headers["retry-after"] == "5" for a in answers)
