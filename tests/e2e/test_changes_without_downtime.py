@@ -69,6 +69,17 @@ def write_program(root: Path) -> Path:
     return program
 
 
+def live_replicas(cfg) -> list[int]:
+    return [p for p in replica_pids(cfg, "acme", "prod") if alive(p)]
+
+
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
 def key(cfg, account: str) -> str:
     return (cfg.state_dir / "keys" / f"{account}.key").read_text().strip()
 
@@ -91,8 +102,12 @@ def test_every_edit_of_a_live_stack_fails_no_request_and_meters_each_once(tmp_pa
             report.append(f"{what}: {steps}, {len(answers)} requests, {len(failures(answers))} failed, "
                           f"{time.monotonic() - began:.1f} s")
             assert not failures(answers), (what, Counter(a.detail for a in failures(answers)))
-        answers = loop.across(lambda: None, minimum=50)  # and after the last one
+        # Two clients against a target of one request per replica: the gateway starts a second replica, and drains it
+        # when the load has been gone for the down window; no request fails meanwhile.
+        answers = loop.across(lambda: wait_for(lambda: len(live_replicas(cfg)) == 2, "a second replica"), minimum=50)
         assert not failures(answers)
+        wait_for(lambda: len(live_replicas(cfg)) == 1, "the scale-down")
+        report.append(f"autoscaled 1 → 2 → 1 under and after {len(answers)} requests, 0 failed")
     finally:
         runner.destroy()  # replicas drain and flush their usage records
         print("\n".join(report))
@@ -140,10 +155,7 @@ def test_a_deployment_scales_to_zero_when_idle_and_the_next_requests_wake_it(tmp
     (program / "settings.json").write_text(json.dumps(settings))
     try:
         outputs = runner.up()
-        deadline = time.monotonic() + 60
-        while any(alive(p) for p in replica_pids(cfg, "acme", "prod")) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not any(alive(p) for p in replica_pids(cfg, "acme", "prod")), "still running after its window"
+        wait_for(lambda: not live_replicas(cfg), "scaling to zero after the idle window")
         refreshed = runner.refresh()
         assert refreshed and all("drift" not in s.detail for s in refreshed), refreshed  # zero is no drift
         loop = TrafficLoop(outputs["gateway"], key(cfg, "acme"), [BASE, PIRATE])
@@ -151,7 +163,7 @@ def test_a_deployment_scales_to_zero_when_idle_and_the_next_requests_wake_it(tmp
         first = loop.across(lambda: None, minimum=1)
         cold_start = time.monotonic() - began
         answers = first + loop.across(lambda: None, minimum=200)
-        assert not failures(answers) and len(replica_pids(cfg, "acme", "prod")) == 1
+        assert not failures(answers) and len(live_replicas(cfg)) == 1
         print(f"scale from zero: first answer after {cold_start:.1f} s, {len(answers)} requests, 0 failed")
     finally:
         runner.destroy()

@@ -15,12 +15,14 @@ import pytest
 from tests.provider.provider_helpers import alive, config, make_models, provider, store_entries
 from pulumi.dynamic import DiffResult
 
+from ember.provider.domain.digests import file_digests, tree_digest
 from ember.provider.domain.records import DeploymentRecord
 from ember.provider.backends.store import Store
 from ember.provider.providers.base import EmberError
 from ember.provider.providers.lora_addon import LoRAAddonProvider
 from ember.provider.tools.automation import run_with_pulumi
 from ember.provider.tools.runner import OfflineRunner, RunError
+from ember.runtime.devtools import tinymodels
 
 BASE = "accounts/acme/models/base"
 
@@ -298,3 +300,34 @@ def test_get_reads_an_entry_the_stack_does_not_own(program):
     with pytest.raises(Exception, match="accounts/acme/models/gone does not exist"):
         run({"get": "accounts/acme/models/gone"}, preview=True)
 
+
+
+# -- issue 31: an addon's new weights are a new version of it, in place ---------------------------------------
+
+
+def test_new_addon_weights_are_an_update_and_a_version_a_deployment_refuses_leaves_the_old_one(tmp_path):
+    cfg = config(tmp_path)
+    models = make_models(tmp_path / "models")
+    wide = tinymodels.make_lora(models["base"], tmp_path / "models" / "wide", rank=16, seed=5)
+    m, a = provider("Model", cfg), provider("LoRAAddon", cfg)
+    m.create(checked(m, {"account_id": "acme", "model_id": "base", "source": str(models["base"])}))
+    store = Store(cfg.store_url, cfg.state_dir / "locks")
+    store.write_deployment_record(DeploymentRecord(name="accounts/acme/deployments/prod", base_model=BASE,
+                                                   max_lora_rank=8))  # no replica runs: the store says what it serves
+    addon = {"account_id": "acme", "model_id": "pirate", "base_model": BASE,
+             "deployments": ["accounts/acme/deployments/prod"]}
+    v1 = a.create(checked(a, addon | {"source": str(models["pirate"])})).outs
+    news = checked(a, addon | {"source": str(models["poet"])})
+    diff = a.diff(v1["name"], v1, news)
+    assert diff.changes and not diff.replaces  # the name answers throughout: no delete, no create
+    v2 = a.update(v1["name"], v1, news).outs
+    assert v2["digest"] != v1["digest"] and v2["rank"] == 8 and v2["deployed_on"] == ["accounts/acme/deployments/prod"]
+    assert store.desired_addons("acme", "prod") == {v1["name"]: store.urls.object(v2["digest"])}
+    assert not store.fs.exists(store.paths.object(v1["digest"]))  # the old version's files are gone with it
+    refused = checked(a, addon | {"source": str(wide)})
+    with pytest.raises(EmberError, match="max_lora_rank"):  # rank 16 on a deployment of max_lora_rank 8
+        a.update(v2["name"], v2, refused)
+    assert store.read_manifest("acme", "pirate").digest == v2["digest"]
+    assert store.desired_addons("acme", "prod") == {v1["name"]: store.urls.object(v2["digest"])}
+    assert store.fs.exists(store.paths.object(v2["digest"]))
+    assert not store.fs.exists(store.paths.object(tree_digest(file_digests(wide))))  # the refused one is not kept
