@@ -128,6 +128,9 @@ class ReplicaRegistration(_Document):
     served: tuple[str, ...] = ()  # addons it can answer now (in host memory)
     slots: tuple[str, ...] = ()  # those of them in a device slot: no load before the first step
     last_seen: float = 0.0
+    # when it last began a request (wall clock): a deployment is idle only when no gateway sent it one, which every
+    # gateway pod reads here
+    last_request: float = 0.0
 
     def fresh(self, now: float) -> bool:
         return now - self.last_seen <= REGISTRATION_TTL_S

@@ -106,7 +106,13 @@ class GatewayState:
         self.metrics.held.labels(deployment.name).inc()
         deadline = time.monotonic() + config.cold_start_timeout_s
         try:
-            await self.autoscaler.wake(deployment)
+            try:
+                await self.autoscaler.wake(deployment)
+            except Exception as exc:  # the cluster refused (its API's words name it: they go to the log, not the caller)
+                log.warning("could not start a replica of %s: %s", deployment.name, exc)
+                raise APIError(503, f"could not start a replica of {deployment.name}; retry shortly",
+                               type="service_unavailable", code="cold_start_failed",
+                               headers={"Retry-After": "5"}) from None
             while time.monotonic() < deadline:
                 found = route(await self.store.since(time.monotonic()), account, model, draw)
                 if any(d.replicas for d in found.deployments):

@@ -38,8 +38,10 @@ class Plan:
     wanted_fewer_since: float | None = None
     last_request: float = field(default_factory=time.monotonic)
 
-    def decide(self, deployment: Deployment, load: int, now: float, follows_load: bool = True) -> int | None:
-        """The count to change to now, or None to leave it. Without `follows_load`, only to zero and back."""
+    def decide(self, deployment: Deployment, load: int, now: float, follows_load: bool = True,
+               idle_elsewhere_s: float = math.inf) -> int | None:
+        """The count to change to now, or None to leave it. Without `follows_load`, only to zero and back.
+        `idle_elsewhere_s`: since its replicas last began a request from any gateway (other gateway pods too)."""
         record, running = deployment.record, self.running
         if record is None or running is None:
             return None
@@ -47,8 +49,8 @@ class Plan:
         floor = max(record.min_replicas, 1)
         if load:
             self.last_request = now
-        if running == 0:
-            return 1 if load else None  # woken by a held request; the load then moves it on
+        if running == 0:  # woken by a held request (the load then moves it on), or a floor raised from zero
+            return 1 if load or record.min_replicas else None
         wanted = min(max(math.ceil(load / policy.target_concurrent_requests), floor), record.max_replicas)
         if not follows_load:
             wanted = running
@@ -58,7 +60,8 @@ class Plan:
             return wanted if now - self.wanted_more_since >= policy.scale_up_window_s else None
         self.wanted_more_since = None
         to_zero = policy.scale_to_zero_window_s
-        if record.min_replicas == 0 and to_zero is not None and not load and now - self.last_request >= to_zero:
+        idle = min(now - self.last_request, idle_elsewhere_s)
+        if record.min_replicas == 0 and to_zero is not None and not load and idle >= to_zero:
             return 0
         if wanted < running:
             self.wanted_fewer_since = self.wanted_fewer_since if self.wanted_fewer_since is not None else now
@@ -92,7 +95,7 @@ class Autoscaler:
             plan = self.plans.setdefault(deployment.name, Plan())
             plan.running = await asyncio.to_thread(scaler.running, deployment)
             count = plan.decide(deployment, self.load(deployment) + self.held[deployment.name], now,
-                                scaler.follows_load)
+                                scaler.follows_load, time.time() - deployment.last_request)
             if count is not None and count != plan.running:
                 await self._resize(scaler, deployment, plan, count)
 

@@ -37,6 +37,7 @@ class Replica:
     url: str
     served: frozenset[str] = frozenset()
     slots: frozenset[str] = frozenset()
+    last_request: float = 0.0  # when it last began a request (wall clock), whichever gateway sent it
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class Deployment:
     addons: frozenset[str]  # what the store says it serves besides its base (its desired addon set)
     replicas: tuple[Replica, ...]  # ready, and registered within the TTL
     record: DeploymentRecord | None = None  # its cluster, replica range, autoscaling and traffic weight
+
+    @property
+    def last_request(self) -> float:
+        """When one of its replicas last began a request (wall clock; 0 when none says)."""
+        return max((r.last_request for r in self.replicas), default=0.0)
 
     @property
     def traffic_weight(self) -> int:
@@ -111,7 +117,8 @@ def read_directory(store_url: str, gateway: str | None) -> Directory:
         for _, registration in _documents(fs, layout.replica("*", "*", "*"), ReplicaRegistration.model_validate):
             if registration.state == "ready" and registration.fresh(now):
                 live.setdefault(registration.deployment, []).append(
-                    Replica(registration.url, frozenset(registration.served), frozenset(registration.slots)))
+                    Replica(registration.url, frozenset(registration.served), frozenset(registration.slots),
+                            registration.last_request))
         deployments = {}
         for path, record in _documents(fs, layout.deployment_record("*", "*"), DeploymentRecord.model_validate):
             if not record.created:

@@ -133,6 +133,7 @@ async def _serve(request: Request, replica: Replica, chat: bool):
     started = time.perf_counter()
     account = replica.account(request)
     runner = replica.ready()
+    replica.last_request = time.time()
     engine = runner.engine
     body = await parse_body(request, ChatRequest if chat else CompletionRequest)
     model = replica.served_name(body.model)

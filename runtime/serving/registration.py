@@ -48,12 +48,13 @@ class Registration:
         self.document = ReplicaRegistration(replica=replica, deployment=deployment, url=url)
         self._lock = threading.Lock()  # a refresh in flight never lands after the drain
 
-    def write(self, served: list[str], slots: list[str | None]) -> None:
+    def write(self, served: list[str], slots: list[str | None], last_request: float = 0.0) -> None:
         with self._lock:
             if self.document.state == "draining":
                 return
             self.document = self.document.model_copy(update={
-                "served": tuple(served), "slots": tuple(s for s in slots if s), "last_seen": time.time()})
+                "served": tuple(served), "slots": tuple(s for s in slots if s), "last_seen": time.time(),
+                "last_request": last_request})
             self._put()
 
     def drain(self) -> None:

@@ -78,6 +78,7 @@ class Replica:
         self.failure: str | None = None
         self.adapter_failures: dict[str, str] = {}
         self.started = time.time()
+        self.last_request = 0.0  # when it last began one (wall clock), in its registration: what idleness is judged by
         self.draining = False
         self.registration = (Registration(config.store_url, config.deployment.name, self.meter.replica,
                                           config.advertise_url) if config.store_url and config.advertise_url else None)
@@ -109,7 +110,8 @@ class Replica:
     def announce(self, engine: Engine) -> None:
         """Write this replica's registration in the store: where it answers, the addons it holds."""
         try:
-            self.registration.write(list(engine.served_addons), list(engine.lora.slots) if engine.lora else [])
+            self.registration.write(list(engine.served_addons), list(engine.lora.slots) if engine.lora else [],
+                                    self.last_request)
         except Exception as exc:  # a store hiccup must not stop the replica; the next write comes soon
             log.warning("registration failed: %s", type(exc).__name__)
 

@@ -102,8 +102,10 @@ def test_every_edit_of_a_live_stack_fails_no_request_and_meters_each_once(tmp_pa
             report.append(f"{what}: {steps}, {len(answers)} requests, {len(failures(answers))} failed, "
                           f"{time.monotonic() - began:.1f} s")
             assert not failures(answers), (what, Counter(a.detail for a in failures(answers)))
-        # Two clients against a target of one request per replica: the gateway starts a second replica, and drains it
-        # when the load has been gone for the down window; no request fails meanwhile.
+        # The count edit left 2 replicas, which the autoscaler drains to its floor once idle for the down window; then
+        # two clients against a target of one request per replica make it start a second again, drained in turn when
+        # the load has gone; no request fails meanwhile.
+        wait_for(lambda: len(live_replicas(cfg)) == 1, "the scale-down to the floor")
         answers = loop.across(lambda: wait_for(lambda: len(live_replicas(cfg)) == 2, "a second replica"), minimum=50)
         assert not failures(answers)
         wait_for(lambda: len(live_replicas(cfg)) == 1, "the scale-down")

@@ -90,6 +90,11 @@ def test_the_autoscaler_moves_after_its_windows_and_reaches_zero_only_when_idle(
     kept = Plan(running=1, last_request=0.0)
     assert kept.decide(Deployment(None, frozenset(), (), floor), 0, 1e6) is None  # min 1 never reaches zero
     assert Plan(running=1, last_request=0.0).decide(deployment, 9, 100.0, follows_load=False) is None  # HPA's part
+    # another gateway pod sent it a request 3 s ago (its replica's registration says so): not idle
+    assert Plan(running=1, last_request=0.0).decide(deployment, 0, 100.0, idle_elsewhere_s=3.0) is None
+    assert Plan(running=1, last_request=0.0).decide(deployment, 0, 100.0, idle_elsewhere_s=30.0) == 0
+    raised = DeploymentRecord(name=IDLE, base_model=BASE, min_replicas=1, max_replicas=2)  # a floor raised from zero
+    assert Plan(running=0, last_request=0.0).decide(Deployment(None, frozenset(), (), raised), 0, 100.0) == 1
 
 
 class StandInScaler:
@@ -156,3 +161,16 @@ def test_held_requests_are_bounded_in_number_and_time(store):
     codes = sorted(a.json()["error"]["code"] for a in answers)
     assert codes == ["cold_start_queue_full", "cold_start_timeout", "cold_start_timeout"]
     assert all(a.status_code == 503 and a.headers["retry-after"] == "5" for a in answers)
+
+
+class RefusingScaler(StandInScaler):
+    def resize(self, deployment, count: int) -> int:
+        raise RuntimeError("the API server said 403 Forbidden for accounts/acme/deployments/idle")
+
+
+def test_a_cluster_that_refuses_to_start_a_replica_is_a_503_that_names_no_cause(store):
+    store.deployment(IDLE, BASE, **TO_ZERO)
+    front = start_gateway(store, scalers=(RefusingScaler(store),))
+    answer = complete(front)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "cold_start_failed"
+    assert answer.headers["retry-after"] == "5" and "403" not in answer.text  # the cause is the operator's, in the log
