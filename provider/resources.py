@@ -54,9 +54,9 @@ def default_id(resource_name: str) -> str:
 
 
 def resource_owner(resource_name: str) -> str:
-    """The resource as its stack knows it (project, stack, name): the same across its replacements, another stack's
-    differs."""
-    return f"{pulumi.get_project()}/{pulumi.get_stack()}/{resource_name}"
+    """The resource as its stack knows it (organization, project, stack, name): the same across its replacements,
+    another stack's differs (a "dev" stack of another organization on the same store too)."""
+    return f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}/{resource_name}"
 
 
 def props_of(args: Any) -> dict[str, Any]:
@@ -224,6 +224,7 @@ class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
     endpoints: pulumi.Output[list[str]]
     ready_replicas: pulumi.Output[int]
     serving_digest: pulumi.Output[str | None]  # the base weights the replicas serve
+    generation: pulumi.Output[str | None]  # which create made what runs under its name
 
     _OUTPUTS = list(DEPLOYMENT.outputs.model_fields)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 import urllib.error
 from pathlib import Path
@@ -77,8 +78,14 @@ class LocalCluster(Cluster):
         served = replica_spec(spec, str(store.local_path(base.object)), store.urls, str(request_log))
         spec_file = self._spec_file(spec.account_id, spec.deployment_id)
         with local_processes.locked(self._lock(spec.account_id, spec.deployment_id)):
+            before = spec_file.read_text() if spec_file.exists() else None
             write_replica_spec(served, spec_file)
-            self._roll(spec, serve_command(str(spec_file)), tree_digest({"spec": served.to_json()}))
+            try:
+                self._roll(spec, serve_command(str(spec_file)), tree_digest({"spec": served.to_json()}))
+            except BaseException:
+                if before is not None:  # the replicas still running serve the old spec: the autoscaler starts those
+                    spec_file.write_text(before)
+                raise
         return self.status(spec.account_id, spec.deployment_id)
 
     def _roll(self, spec: DeploymentSpec, command: list[str], generation: str) -> None:
@@ -164,9 +171,9 @@ class LocalCluster(Cluster):
                 running.append(self._spawn(account, deployment, serve_command(str(spec_file)), len(running),
                                            generation, {r.port for r in running}))
             self._save(account, deployment, running)
-        for replica in leaving:  # outside the lock: a drain may take a while
+        for replica in leaving:  # outside the lock and in the background: a drain may take a while
             self.progress(f"draining the replica on port {replica.port} of {account}/{deployment}")
-            self._drain(replica)
+            threading.Thread(target=self._drain, args=(replica,), name="ember-drain", daemon=True).start()
         return len(running)
 
     def stop(self, account: str, deployment: str) -> None:

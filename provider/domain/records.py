@@ -62,7 +62,10 @@ class DeploymentRecord(_Document):
     # while a deployment another stack finished creating is never taken over.
     created: bool = True
     inputs: dict[str, Any] = {}
-    owner: str | None = None  # the stack's resource that made it (project/stack/name), which may replace it
+    owner: str | None = None  # the stack's resource that made it (organization/project/stack/name), which may replace it
+    # which create made what runs under the name (a random id, in the resource's outputs too): the delete of a replaced
+    # resource finds a newer one here and leaves it be
+    generation: str | None = None
     # what the gateway routes and scales by
     min_replicas: int = DeploymentSpec.model_fields["min_replicas"].default
     max_replicas: int = DeploymentSpec.model_fields["max_replicas"].default
@@ -131,6 +134,7 @@ class ReplicaRegistration(_Document):
     # when it last began a request (wall clock): a deployment is idle only when no gateway sent it one, which every
     # gateway pod reads here
     last_request: float = 0.0
+    in_flight: int = 0  # requests it runs now (from whichever gateway)
 
     def fresh(self, now: float) -> bool:
         return now - self.last_seen <= REGISTRATION_TTL_S

@@ -3,6 +3,7 @@ its cluster (backends/cluster.py): started, scaled and waited for locally, a rol
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from pulumi.dynamic import CreateResult, ReadResult
@@ -53,19 +54,28 @@ class DeploymentProvider(ClusterProvider):
         floor = DeploymentSpec.model_fields["min_replicas"].default if wanted is None else int(wanted)
         return not CLUSTERS[news.get("cluster") or "local"].restarts_replicas and ready < floor
 
-    def _run(self, spec: DeploymentSpec, props: dict[str, Any], creating: bool = False) -> dict[str, Any]:
+    def _run(self, spec: DeploymentSpec, props: dict[str, Any], creating: bool = False,
+             generation: str | None = None) -> dict[str, Any]:
+        """`generation`: a create's or a replacement's new one; an update keeps the record's."""
         store, cluster = self.store, self.cluster_of(spec.cluster)
         base = base_manifest(store, spec.base_model, spec.account_id)
         store.ensure_key(spec.account_id, self.config.state_dir / "keys")  # the account's own, to call its deployment
+        previous = store.read_deployment_record(spec.account_id, spec.deployment_id)
+        generation = generation or (previous.generation if previous else None) or uuid.uuid4().hex
         record = DeploymentRecord(name=spec.name, base_model=spec.base_model, max_lora_rank=spec.max_lora_rank,
                                   serverless=spec.deployment_type is DeploymentType.SERVERLESS, cluster=spec.cluster,
                                   created=not creating, inputs=self._inputs(props), owner=_owner(props),
                                   min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
                                   autoscaling=spec.autoscaling, traffic_weight=spec.traffic_weight,
-                                  kubernetes_workload=spec.kubernetes_workload)
+                                  kubernetes_workload=spec.kubernetes_workload, generation=generation)
         store.write_deployment_record(record)
         store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)  # replicas read it
-        status = cluster.scale(spec, base, store)
+        try:
+            status = cluster.scale(spec, base, store)
+        except ClusterError:
+            if previous is not None and previous.created:  # what still runs is what the record said before
+                store.write_deployment_record(previous)
+            raise
         # The desired addon set outlives a replacement of the deployment (the addons own it): the new replicas
         # load it as they start, and the deployment is ready only once they serve all of it.
         desired = set(store.desired_addons(spec.account_id, spec.deployment_id))
@@ -73,7 +83,7 @@ class DeploymentProvider(ClusterProvider):
             cluster.reconcile_addons(store, spec.account_id, spec.deployment_id, desired, set())
         if creating:
             store.write_deployment_record(record.model_copy(update={"created": True}))
-        return self._outputs(spec, base.digest, status)
+        return self._outputs(spec, base.digest, status) | {"generation": generation}
 
     @staticmethod
     def _outputs(spec: DeploymentSpec, base_digest: str | None, status: ReplicaStatus) -> dict[str, Any]:
@@ -96,17 +106,21 @@ class DeploymentProvider(ClusterProvider):
             raise EmberError(f"deployment_id: {spec.name} already exists")
         if existing and existing.created:
             progress(f"replacing {spec.name}: new replicas start beside the old ones, which drain once they are ready")
-            return self._replace(spec, props)
+            return self._replace(spec, props, existing)
         if existing:
             progress(f"resuming the interrupted create of {spec.name}")
         return self._create(spec, props)
 
-    def _replace(self, spec: DeploymentSpec, props: dict[str, Any]) -> CreateResult:
-        # What fails leaves the old replicas serving: nothing here is undone but the new replicas (the cluster's).
+    def _replace(self, spec: DeploymentSpec, props: dict[str, Any], old: DeploymentRecord) -> CreateResult:
+        # What fails leaves the old replicas serving and the old record: nothing is undone but the new replicas.
         try:
-            return CreateResult(spec.name, props | self._run(spec, props))
+            outputs = self._run(spec, props, generation=uuid.uuid4().hex)
         except (ClusterError, StoreError) as exc:
             raise EmberError(str(exc)) from None
+        if old.cluster != spec.cluster:  # moved to another cluster: the old one's replicas stop once the new serve
+            progress(f"{spec.name}: stopping its replicas on the {old.cluster} cluster")
+            self.cluster_of(old.cluster).stop(spec.account_id, spec.deployment_id)
+        return CreateResult(spec.name, props | outputs)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec, by_id = self._read_spec(id_, props)
@@ -127,12 +141,20 @@ class DeploymentProvider(ClusterProvider):
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         spec: DeploymentSpec = self._spec(props)
         record = self.store.read_deployment_record(spec.account_id, spec.deployment_id)
-        if record is not None and record.created and _identity(record.inputs) != _identity(props):
+        if record is not None and record.created and self._replaced(record, props):
             # The old resource of a replacement: its replicas were drained as the new ones became ready; the name and
             # what runs under it are the new resource's.
             progress(f"{spec.name}: the replaced deployment's replicas have drained; the new ones serve")
             return
         self._remove(spec)
+
+    @staticmethod
+    def _replaced(record: DeploymentRecord, props: dict[str, Any]) -> bool:
+        """Whether a newer resource took over the name since `props` were this one's outputs."""
+        mine = props.get("generation")
+        if mine is None:  # state written before generations: its inputs tell
+            return _identity(record.inputs) != _identity(props)
+        return record.generation != mine
 
     def _remove(self, spec: DeploymentSpec) -> None:
         self.cluster_of(spec.cluster).stop(spec.account_id, spec.deployment_id)

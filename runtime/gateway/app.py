@@ -57,6 +57,7 @@ class GatewayState:
                                 max_keepalive_connections=config.limits.max_connections))
         self.forwarder = Forwarder(self.client, self.balancer, self.metrics)
         self.autoscaler = Autoscaler(scalers_for(config), self._load, self._scaled)
+        self._tasks: set[asyncio.Task] = set()
 
     def _load(self, deployment: Deployment) -> int:
         return sum(self.balancer.outstanding(r) for r in deployment.replicas)
@@ -88,18 +89,29 @@ class GatewayState:
             found = route(await self.store.since(arrived), account, model, draw)  # a deployment made a moment ago
         if not any(d.replicas for d in found.deployments):
             found = route(await self.store.since(arrived), account, model, draw)  # replicas ready a moment ago
-        if not any(d.replicas for d in found.deployments):
-            asleep = next((d for d in found.deployments if self.autoscaler.wakeable(d)), None)
-            if asleep is not None:
-                found = await self._cold_start(asleep, account, model, draw)
+        asleep = [d for d in found.deployments if not d.replicas and self.autoscaler.wakeable(d)]
+        if asleep and not any(d.replicas for d in found.deployments):
+            found = await self._cold_start(asleep[0], account, model, draw)
+        elif asleep and not asleep[0].access.serverless:
+            # The caller's own deployment is at zero while another (a shared one) answers: this request goes there,
+            # and its own is started for the next ones (it pays for it to answer them).
+            self._background(self.autoscaler.wake(asleep[0]))
         return found
+
+    def _background(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # kept until done (the loop holds only a weak reference)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.warning("could not start a replica: %s", t.exception()))
 
     async def _cold_start(self, deployment: Deployment, account: str, model: object, draw: float) -> Route:
         """Hold the request while a replica of `deployment` (scaled to zero) starts: the route once one is ready, or a
         503 when the queue of held requests is full or none is ready in time."""
         config, held = self.config, self.autoscaler.held
         if held[deployment.name] >= config.max_held_requests:
-            raise APIError(503, f"{deployment.name} is starting and has {held[deployment.name]} requests waiting; retry "
+            # (how many wait is not said: on a shared deployment they are other accounts' requests)
+            raise APIError(503, f"{deployment.name} is starting and has as many requests waiting as it holds; retry "
                                 f"shortly", type="service_unavailable", code="cold_start_queue_full",
                            headers={"Retry-After": "5"})
         held[deployment.name] += 1

@@ -49,8 +49,9 @@ class Plan:
         floor = max(record.min_replicas, 1)
         if load:
             self.last_request = now
-        if running == 0:  # woken by a held request (the load then moves it on), or a floor raised from zero
-            return 1 if load or record.min_replicas else None
+        if running == 0:  # woken by a held request (the load then moves it on); on Kubernetes, a floor raised from
+            # zero too (an `up` sets no count where an autoscaler owns it; locally `up` starts the floor itself)
+            return 1 if load or record.min_replicas and not follows_load else None
         wanted = min(max(math.ceil(load / policy.target_concurrent_requests), floor), record.max_replicas)
         if not follows_load:
             wanted = running
@@ -92,12 +93,22 @@ class Autoscaler:
             scaler = self.scaler(deployment)
             if scaler is None or deployment.name in self._waking:
                 continue
-            plan = self.plans.setdefault(deployment.name, Plan())
-            plan.running = await asyncio.to_thread(scaler.running, deployment)
-            count = plan.decide(deployment, self.load(deployment) + self.held[deployment.name], now,
-                                scaler.follows_load, time.time() - deployment.last_request)
-            if count is not None and count != plan.running:
-                await self._resize(scaler, deployment, plan, count)
+            try:
+                await self._tick_one(scaler, deployment, now)
+            except Exception as exc:  # that cluster failed this once: the other deployments are still judged
+                log.warning("autoscaling %s failed: %s", deployment.name, exc)
+
+    async def _tick_one(self, scaler: Scaler, deployment: Deployment, now: float) -> None:
+        plan = self.plans.setdefault(deployment.name, Plan())
+        before, plan.running = plan.running, await asyncio.to_thread(scaler.running, deployment)
+        if before is not None and plan.running is not None and plan.running > before:
+            plan.last_request = now  # another gateway (pod) started one for its requests: not idle
+        # a replica busy with a request another gateway sent, or one begun lately, is activity too
+        elsewhere = 0.0 if deployment.busy else time.time() - deployment.last_request
+        count = plan.decide(deployment, self.load(deployment) + self.held[deployment.name], now, scaler.follows_load,
+                            elsewhere)
+        if count is not None and count != plan.running:
+            await self._resize(scaler, deployment, plan, count)
 
     async def _resize(self, scaler: Scaler, deployment: Deployment, plan: Plan, count: int) -> None:
         log.info("scaling %s from %s to %d replicas", deployment.name, plan.running, count)
@@ -107,8 +118,10 @@ class Autoscaler:
             plan.running, plan.wanted_more_since, plan.wanted_fewer_since = done, None, None
 
     def wakeable(self, deployment: Deployment) -> bool:
-        """Whether a request that finds no replica of it may start one."""
-        return self.scaler(deployment) is not None and deployment.record is not None
+        """Whether a request that finds no replica of it may start one: a deployment that may scale to zero (one whose
+        replicas are loading, failed or crashed gets no_ready_replica at once, not a wait)."""
+        record = deployment.record
+        return record is not None and record.min_replicas == 0 and self.scaler(deployment) is not None
 
     async def wake(self, deployment: Deployment) -> None:
         """Start a replica now if none runs (one start however many requests are held)."""

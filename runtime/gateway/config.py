@@ -21,6 +21,7 @@ class GatewayConfig:
     upstream_timeout_s: float = 600.0
     # the local cluster's state directory, when the gateway runs beside its replicas: it then scales them
     state_dir: str | None = None
-    # a request for a deployment scaled to zero waits this long for a replica to start, among at most this many
+    # a request for a deployment scaled to zero waits this long for a replica to start, among at most this many (well
+    # below the connection cap: one sleeping deployment's callers leave room for every other's)
     cold_start_timeout_s: float = 180.0
-    max_held_requests: int = 256
+    max_held_requests: int = 64

@@ -38,6 +38,7 @@ class Replica:
     served: frozenset[str] = frozenset()
     slots: frozenset[str] = frozenset()
     last_request: float = 0.0  # when it last began a request (wall clock), whichever gateway sent it
+    in_flight: int = 0  # requests it ran at its last registration
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Deployment:
     def last_request(self) -> float:
         """When one of its replicas last began a request (wall clock; 0 when none says)."""
         return max((r.last_request for r in self.replicas), default=0.0)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a replica said it was running a request (sent by any gateway)."""
+        return any(r.in_flight for r in self.replicas)
 
     @property
     def traffic_weight(self) -> int:
@@ -118,7 +124,7 @@ def read_directory(store_url: str, gateway: str | None) -> Directory:
             if registration.state == "ready" and registration.fresh(now):
                 live.setdefault(registration.deployment, []).append(
                     Replica(registration.url, frozenset(registration.served), frozenset(registration.slots),
-                            registration.last_request))
+                            registration.last_request, registration.in_flight))
         deployments = {}
         for path, record in _documents(fs, layout.deployment_record("*", "*"), DeploymentRecord.model_validate):
             if not record.created:

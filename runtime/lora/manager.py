@@ -127,8 +127,12 @@ class LoRAManager:
     def _cache(self, adapter: LoRAAdapter) -> None:
         self.host[adapter.name] = adapter
         self.host.move_to_end(adapter.name)
-        while len(self.host) > self.max_cpu_loras:
-            self.host.popitem(last=False)
+        # A retired version that still runs requests stays: its files may be gone from the store (the provider deletes
+        # an old version's object once every replica serves the new one), so it could not be read again.
+        evictable = [k for k in self.host if k != adapter.name and (k in self.current.values() or
+                                                                   not self.versions[k].in_flight)]
+        for key in evictable[:max(0, len(self.host) - self.max_cpu_loras)]:
+            del self.host[key]
 
     def _host_adapter(self, key: str) -> LoRAAdapter:
         adapter = self.host.get(key)

@@ -48,13 +48,13 @@ class Registration:
         self.document = ReplicaRegistration(replica=replica, deployment=deployment, url=url)
         self._lock = threading.Lock()  # a refresh in flight never lands after the drain
 
-    def write(self, served: list[str], slots: list[str | None], last_request: float = 0.0) -> None:
+    def write(self, served: list[str], slots: list[str | None], last_request: float = 0.0, in_flight: int = 0) -> None:
         with self._lock:
             if self.document.state == "draining":
                 return
             self.document = self.document.model_copy(update={
                 "served": tuple(served), "slots": tuple(s for s in slots if s), "last_seen": time.time(),
-                "last_request": last_request})
+                "last_request": last_request, "in_flight": in_flight})
             self._put()
 
     def drain(self) -> None:

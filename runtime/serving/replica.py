@@ -111,7 +111,7 @@ class Replica:
         """Write this replica's registration in the store: where it answers, the addons it holds."""
         try:
             self.registration.write(list(engine.served_addons), list(engine.lora.slots) if engine.lora else [],
-                                    self.last_request)
+                                    self.last_request, len(engine.requests))
         except Exception as exc:  # a store hiccup must not stop the replica; the next write comes soon
             log.warning("registration failed: %s", type(exc).__name__)
 

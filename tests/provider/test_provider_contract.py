@@ -331,3 +331,59 @@ def test_new_addon_weights_are_an_update_and_a_version_a_deployment_refuses_leav
     assert store.desired_addons("acme", "prod") == {v1["name"]: store.urls.object(v2["digest"])}
     assert store.fs.exists(store.paths.object(v2["digest"]))
     assert not store.fs.exists(store.paths.object(tree_digest(file_digests(wide))))  # the refused one is not kept
+
+
+def test_a_failed_update_keeps_the_record_and_destroy_still_stops_the_deployment(tmp_path, monkeypatch):
+    """The record says what runs: an update whose replicas failed leaves the old one, and the resource's delete (its
+    state has the old inputs) is no replaced resource's: it stops the deployment."""
+    from ember.provider.backends.cluster import ClusterError, ReplicaStatus
+    from ember.provider.backends.local_cluster import LocalCluster
+
+    cfg = config(tmp_path)
+    models = make_models(tmp_path / "models")
+    m, d = provider("Model", cfg), provider("Deployment", cfg)
+    m.create(checked(m, {"account_id": "acme", "model_id": "base", "source": str(models["base"])}))
+    stopped = []
+    monkeypatch.setattr(LocalCluster, "scale", lambda self, spec, base, store: ReplicaStatus(("http://x",), 1, None))
+    monkeypatch.setattr(LocalCluster, "stop", lambda self, account, deployment: stopped.append(deployment))
+    first = checked(d, {"account_id": "acme", "deployment_id": "prod", "base_model": BASE})
+    created = d.create(first | {"references": {"owner": "org/p/s/prod"}}).outs
+    store = Store(cfg.store_url, cfg.state_dir / "locks")
+    before = store.read_deployment_record("acme", "prod")
+    assert before.generation == created["generation"] and before.owner == "org/p/s/prod"
+
+    def fail(self, spec, base, store):
+        raise ClusterError("replica on port 1 was not ready within 1 s")
+
+    monkeypatch.setattr(LocalCluster, "scale", fail)
+    with pytest.raises(EmberError, match="not ready"):
+        d.update("accounts/acme/deployments/prod", created, checked(d, first | {"min_replicas": 2, "max_replicas": 2}))
+    assert store.read_deployment_record("acme", "prod") == before
+    d.delete("accounts/acme/deployments/prod", created)
+    assert stopped == ["prod"] and store.read_deployment_record("acme", "prod") is None
+
+
+def test_a_replaced_deployments_delete_leaves_the_new_one(tmp_path, monkeypatch):
+    from ember.provider.backends.cluster import ReplicaStatus
+    from ember.provider.backends.local_cluster import LocalCluster
+
+    cfg = config(tmp_path)
+    models = make_models(tmp_path / "models")
+    m, d = provider("Model", cfg), provider("Deployment", cfg)
+    m.create(checked(m, {"account_id": "acme", "model_id": "base", "source": str(models["base"])}))
+    stopped = []
+    monkeypatch.setattr(LocalCluster, "scale", lambda self, spec, base, store: ReplicaStatus(("http://x",), 1, None))
+    monkeypatch.setattr(LocalCluster, "stop", lambda self, account, deployment: stopped.append(deployment))
+    owner = {"references": {"owner": "org/p/s/prod"}}
+    inputs = checked(d, {"account_id": "acme", "deployment_id": "prod", "base_model": BASE})
+    old = d.create(inputs | owner).outs
+    with pytest.raises(EmberError, match="already exists"):  # another stack's resource of that name
+        d.create(inputs | {"references": {"owner": "org/p/other/prod"}})
+    new = d.create(checked(d, {"account_id": "acme", "deployment_id": "prod", "base_model": BASE,
+                               "precision": "bf16"}) | owner).outs  # the engine creates the replacement first
+    assert new["generation"] != old["generation"]
+    d.delete("accounts/acme/deployments/prod", old)  # ... then deletes the old resource
+    record = Store(cfg.store_url, cfg.state_dir / "locks").read_deployment_record("acme", "prod")
+    assert stopped == [] and record.generation == new["generation"] and record.inputs["precision"] == "bf16"
+    d.delete("accounts/acme/deployments/prod", new)  # destroy
+    assert stopped == ["prod"]

@@ -62,7 +62,8 @@ def test_resources_carry_type_tokens_ids_and_dependencies(mocks):
         assert inputs["request_logging"] == {"enabled": True, "retention_days": 7}
         # the resource as its stack knows it: a replacement takes over only its own stack's name
         assert inputs["references"] == {"base_model": {"declared": True, "source": "models/base"},
-                                        "owner": f"{pulumi.get_project()}/{pulumi.get_stack()}/local"}
+                                        "owner": f"{pulumi.get_organization()}/{pulumi.get_project()}/"
+                                                 f"{pulumi.get_stack()}/local"}
         typ, inputs = mocks.resources["pirate"]
         assert typ == "pulumi-python:dynamic/ember:LoRAAddon" and inputs["model_id"] == "pirate"
         assert addon_deployments == [deployment_name] == ["accounts/acme/deployments/local"]

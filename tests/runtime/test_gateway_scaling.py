@@ -11,7 +11,7 @@ from tests.runtime.gateway_helpers import FakeStore, StandIn, concurrent_complet
 
 from ember.provider.domain.kinds.deployment import AutoscalingPolicy
 from ember.provider.domain.records import DeploymentRecord
-from ember.runtime.gateway.autoscaler import Plan
+from ember.runtime.gateway.autoscaler import Autoscaler, Plan
 from ember.runtime.gateway.directory import Deployment
 from ember.runtime.gateway.routing import route
 
@@ -93,8 +93,14 @@ def test_the_autoscaler_moves_after_its_windows_and_reaches_zero_only_when_idle(
     # another gateway pod sent it a request 3 s ago (its replica's registration says so): not idle
     assert Plan(running=1, last_request=0.0).decide(deployment, 0, 100.0, idle_elsewhere_s=3.0) is None
     assert Plan(running=1, last_request=0.0).decide(deployment, 0, 100.0, idle_elsewhere_s=30.0) == 0
-    raised = DeploymentRecord(name=IDLE, base_model=BASE, min_replicas=1, max_replicas=2)  # a floor raised from zero
-    assert Plan(running=0, last_request=0.0).decide(Deployment(None, frozenset(), (), raised), 0, 100.0) == 1
+    # A floor raised from zero: on Kubernetes the gateway starts one (an `up` sets no count an autoscaler owns);
+    # locally `up` starts the floor itself, and the autoscaler never restarts a replica that died
+    raised = Deployment(None, frozenset(), (), DeploymentRecord(name=IDLE, base_model=BASE, min_replicas=1,
+                                                                max_replicas=2))
+    assert Plan(running=0, last_request=0.0).decide(raised, 0, 100.0, follows_load=False) == 1
+    assert Plan(running=0, last_request=0.0).decide(raised, 0, 100.0) is None
+    busy = Deployment(None, frozenset(), (), DeploymentRecord(name=IDLE, base_model=BASE, **TO_ZERO))
+    assert Plan(running=1, last_request=0.0).decide(busy, 0, 100.0, idle_elsewhere_s=0.0) is None  # a long stream
 
 
 class StandInScaler:
@@ -174,3 +180,50 @@ def test_a_cluster_that_refuses_to_start_a_replica_is_a_503_that_names_no_cause(
     answer = complete(front)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "cold_start_failed"
     assert answer.headers["retry-after"] == "5" and "403" not in answer.text  # the cause is the operator's, in the log
+
+
+def test_a_replica_another_gateway_started_is_activity_and_not_taken_back():
+    """Two gateway pods: one wakes a deployment for its held requests; the other, which saw none, must not scale it
+    straight back to zero on its next tick."""
+    from ember.provider.domain.accounts import DeploymentAccess
+
+    record = DeploymentRecord(name=IDLE, base_model=BASE, **TO_ZERO)
+    deployment = Deployment(DeploymentAccess(IDLE, "acme", BASE, False), frozenset(), (), record)
+
+    class Counted:
+        follows_load = True
+        count, resizes = 0, []
+
+        def handles(self, d):
+            return True
+
+        def running(self, d):
+            return self.count
+
+        def resize(self, d, count):
+            self.resizes.append(count)
+            return count
+
+    scaler = Counted()
+    autoscaler = Autoscaler([scaler], load=lambda d: 0)
+    autoscaler.plans[IDLE] = Plan(running=0, last_request=time.monotonic() - 3600)  # long idle, as it saw it
+    scaler.count = 1  # the other pod started one
+    asyncio.run(autoscaler.tick([deployment]))
+    assert scaler.resizes == [] and autoscaler.plans[IDLE].running == 1
+
+
+def test_a_dedicated_deployment_at_zero_is_woken_while_the_shared_one_answers(store):
+    catalog, shared = "accounts/platform/models/llama-v3p1-8b-instruct", "accounts/platform/deployments/shared"
+    own = StandIn(["ok"]).start()
+    store.deployment(shared, catalog, serverless=True)
+    store.register(shared, own)
+    store.deployment(IDLE, catalog, **TO_ZERO)
+    scaler = StandInScaler(store)
+    front = start_gateway(store, scalers=(scaler,))
+    first = complete(front, catalog)
+    assert first.status_code == 200 and first.headers["x-ember-deployment"] == shared  # not held: answered at once
+    deadline = time.monotonic() + 10
+    while complete(front, catalog).headers["x-ember-deployment"] != IDLE:  # its own, once it is ready
+        assert time.monotonic() < deadline, "the caller's own deployment was not woken"
+        time.sleep(0.1)
+    assert scaler.resizes == [1]

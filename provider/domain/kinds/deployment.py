@@ -152,6 +152,8 @@ class DeploymentOutputs(Spec):
     endpoints: tuple[str, ...] = ()
     ready_replicas: int = Field(0, ge=0)
     serving_digest: str | None = Field(None, description="digest of the base weights the replicas serve")
+    generation: str | None = Field(None, description="which create made what runs under its name (a replacement makes "
+                                                     "a new one)")
 
 
 KIND = Kind("Deployment", DeploymentSpec, DeploymentOutputs, schema_key="deployment",
