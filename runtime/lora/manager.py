@@ -55,9 +55,9 @@ class LoRAManager:
         key = f"{name}#{next(self._numbers)}"
         adapter = load_adapter(key, local_copy(str(source)), self.config, self.max_rank)
         self.versions[key] = Version(name, Path(source))
-        self._cache(adapter)
         old = self.current.get(name)
         self.current[name] = key
+        self._cache(adapter)
         if old is not None:
             self._drop_if_retired(old)
         return adapter
@@ -129,8 +129,8 @@ class LoRAManager:
         self.host.move_to_end(adapter.name)
         # A retired version that still runs requests stays: its files may be gone from the store (the provider deletes
         # an old version's object once every replica serves the new one), so it could not be read again.
-        evictable = [k for k in self.host if k != adapter.name and (k in self.current.values() or
-                                                                   not self.versions[k].in_flight)]
+        current = set(self.current.values())
+        evictable = [k for k in self.host if k != adapter.name and (k in current or not self.versions[k].in_flight)]
         for key in evictable[:max(0, len(self.host) - self.max_cpu_loras)]:
             del self.host[key]
 

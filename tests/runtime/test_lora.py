@@ -236,3 +236,22 @@ def test_requests_for_unknown_addons_are_refused(base, adapters):
     plain = Engine.from_dir(base, EngineConfig(kv_cache_tokens=4096))
     with pytest.raises(ValueError, match="serves no addons"):
         plain.add_request([1, 2, 3], GREEDY, adapter=PIRATE)
+
+
+def test_a_retiring_version_in_use_stays_in_host_memory_when_its_files_are_gone(base, adapters, tmp_path):
+    """The provider deletes an old version's object once every replica serves the new one: a request still running on
+    the old version must not need to read it again, however many other addons pass through host memory."""
+    work = prompts(1, seed=6)
+    expected = engine(base, {PIRATE: adapters[PIRATE]}).generate(work, GREEDY, [PIRATE])[0].token_ids
+    old_files = shutil.copytree(adapters[PIRATE], tmp_path / "v1")
+    eng = engine(base, {PIRATE: old_files}, max_loras=1, max_cpu_loras=1)
+    running = eng.add_request(work[0], GREEDY, adapter=PIRATE)
+    old = eng.requests[running].adapter
+    got = [t for out in eng.step() for t in out.token_ids]
+    eng.lora.add(PIRATE, adapters[POET])  # version 2; then the old version's files go
+    shutil.rmtree(old_files)
+    eng.lora.add(TERSE, adapters[TERSE])  # another addon through the one host slot
+    assert old in eng.lora.host  # kept: its request still runs (the current versions were evicted instead)
+    while eng.has_unfinished:
+        got += [t for out in eng.step() for t in out.token_ids]
+    assert got == expected and old not in eng.lora.host and old not in eng.lora.versions
