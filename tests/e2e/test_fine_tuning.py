@@ -199,7 +199,8 @@ def test_a_job_trains_stores_and_deploys_its_addon_and_replaces_on_change(tmp_pa
         assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0
         printed = capsys.readouterr().out
         assert "replace  FineTuningJob  tune  (learning_rate: 0.01 → 0.02)" in printed
-        assert "replace  LoRAAddon  tuned" in printed
+        steps = [line for line in printed.splitlines() if "LoRAAddon  tuned" in line]
+        assert steps == ["  update   LoRAAddon  tuned  (source, source_digest)"], steps  # a new version, in place
         assert json.loads(next((config.state_dir / "stacks").glob("*.json")).read_text())["outputs"]["digest"] != \
             outputs["digest"]
     finally:
