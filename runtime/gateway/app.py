@@ -260,11 +260,13 @@ async def _forward(request: Request, chat: bool):
         try:
             upstream = await send(found)
         except APIError as exc:
-            # Every replica it knew was gone: one that replaced them a moment ago may be in the store already.
-            fresh = gateway.store.current().read_at >= arrived
-            if exc.code != "no_ready_replica" or fresh:
+            # Every replica it tried was gone (drained by a replacement, scaled down): those that replaced them were
+            # registered before they went, so a read of the store begun now has them, though one begun since the
+            # request came may not.
+            if exc.code != "no_ready_replica" or exc.headers.get(ATTEMPTS_HEADER, "0") == "0":
                 raise
-            upstream = await send(await gateway.route(account, body.get("model"), arrived, stale=True))
+            upstream = await send(await gateway.route(account, body.get("model"), time.monotonic(), stale=True))
+            upstream.attempts += int(exc.headers[ATTEMPTS_HEADER])
     except ClientGone:
         raise APIError(499, "the client closed the request", code="client_closed_request") from None
     request.state.labels = (found.model, upstream.deployment.name)

@@ -2,6 +2,7 @@
 a request for a deployment scaled to zero held while a replica starts (stand-in replicas and scalers: milliseconds)."""
 
 import asyncio
+import socket
 import threading
 import time
 from collections import Counter
@@ -227,3 +228,34 @@ def test_a_dedicated_deployment_at_zero_is_woken_while_the_shared_one_answers(st
         assert time.monotonic() < deadline, "the caller's own deployment was not woken"
         time.sleep(0.1)
     assert scaler.resizes == [1]
+
+
+class GoneMidRequest:
+    """A replica drained under a request: it takes the connection, then closes it without a response."""
+
+    def __init__(self, after_s: float):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, args=(after_s,), daemon=True).start()
+
+    def _serve(self, after_s: float) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Timer(after_s, connection.close).start()
+
+
+def test_a_request_whose_replica_went_is_sent_to_one_registered_since_it_came(store):
+    """A replacement: the new replica registers while a request is on the old one, which then goes. The request is
+    sent to the new one (read from the store after the old one failed), not answered 503."""
+    prod = "accounts/acme/deployments/prod"
+    old, new = GoneMidRequest(after_s=0.6), StandIn(["ok"]).start()
+    store.deployment(prod, BASE)
+    store.register(prod, old.url)
+    front = start_gateway(store)  # reads the store every 0.1 s
+    threading.Timer(0.3, store.register, (prod, new)).start()
+    answer = complete(front)
+    assert answer.status_code == 200 and answer.headers["x-ember-attempts"] == "2" and len(new.seen) == 1
+    old.listener.close()
