@@ -333,10 +333,11 @@ def test_new_addon_weights_are_an_update_and_a_version_a_deployment_refuses_leav
     assert not store.fs.exists(store.paths.object(tree_digest(file_digests(wide))))  # the refused one is not kept
 
 
-def test_a_failed_update_keeps_the_record_and_destroy_still_stops_the_deployment(tmp_path, monkeypatch):
-    """The record says what runs: an update whose replicas failed leaves the old one, and the resource's delete (its
-    state has the old inputs) is no replaced resource's: it stops the deployment."""
-    from ember.provider.backends.cluster import ClusterError, ReplicaStatus
+@pytest.fixture
+def fake_cluster(tmp_path, monkeypatch):
+    """A Deployment provider on a store with a base model, whose local cluster runs nothing: (provider, config, the
+    deployments it was told to stop)."""
+    from ember.provider.backends.cluster import ReplicaStatus
     from ember.provider.backends.local_cluster import LocalCluster
 
     cfg = config(tmp_path)
@@ -346,6 +347,16 @@ def test_a_failed_update_keeps_the_record_and_destroy_still_stops_the_deployment
     stopped = []
     monkeypatch.setattr(LocalCluster, "scale", lambda self, spec, base, store: ReplicaStatus(("http://x",), 1, None))
     monkeypatch.setattr(LocalCluster, "stop", lambda self, account, deployment: stopped.append(deployment))
+    return d, cfg, stopped
+
+
+def test_a_failed_update_keeps_the_record_and_destroy_still_stops_the_deployment(fake_cluster, monkeypatch):
+    """The record says what runs: an update whose replicas failed leaves the old one, and the resource's delete (its
+    state has the old inputs) is no replaced resource's: it stops the deployment."""
+    from ember.provider.backends.cluster import ClusterError
+    from ember.provider.backends.local_cluster import LocalCluster
+
+    d, cfg, stopped = fake_cluster
     first = checked(d, {"account_id": "acme", "deployment_id": "prod", "base_model": BASE})
     created = d.create(first | {"references": {"owner": "org/p/s/prod"}}).outs
     store = Store(cfg.store_url, cfg.state_dir / "locks")
@@ -363,17 +374,8 @@ def test_a_failed_update_keeps_the_record_and_destroy_still_stops_the_deployment
     assert stopped == ["prod"] and store.read_deployment_record("acme", "prod") is None
 
 
-def test_a_replaced_deployments_delete_leaves_the_new_one(tmp_path, monkeypatch):
-    from ember.provider.backends.cluster import ReplicaStatus
-    from ember.provider.backends.local_cluster import LocalCluster
-
-    cfg = config(tmp_path)
-    models = make_models(tmp_path / "models")
-    m, d = provider("Model", cfg), provider("Deployment", cfg)
-    m.create(checked(m, {"account_id": "acme", "model_id": "base", "source": str(models["base"])}))
-    stopped = []
-    monkeypatch.setattr(LocalCluster, "scale", lambda self, spec, base, store: ReplicaStatus(("http://x",), 1, None))
-    monkeypatch.setattr(LocalCluster, "stop", lambda self, account, deployment: stopped.append(deployment))
+def test_a_replaced_deployments_delete_leaves_the_new_one(fake_cluster):
+    d, cfg, stopped = fake_cluster
     owner = {"references": {"owner": "org/p/s/prod"}}
     inputs = checked(d, {"account_id": "acme", "deployment_id": "prod", "base_model": BASE})
     old = d.create(inputs | owner).outs
