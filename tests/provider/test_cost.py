@@ -123,3 +123,10 @@ def test_ember_cost_prices_the_kubernetes_example(tmp_path, capsys):
     assert cli.main(["preview", str(program), "--stack", "gpu", "--offline"]) == 1
     assert re.search(r"ember:kubernetes:(Deployment|Gateway): the offline runner knows only Ember's resources",
                      capsys.readouterr().err)
+
+
+def test_a_deployment_that_scales_to_zero_costs_from_nothing_up_to_its_max():
+    result = cost.estimate([deployment("idle", H100, count=2, low=0, high=2,
+                                       autoscaling={"scale_to_zero_window_s": 300})])  # $8/h: 0 to 2 replicas
+    [priced] = result.as_dict()["deployments"]
+    assert priced["monthly_usd_min"] == 0.0 and priced["monthly_usd_max"] == 11680.0
