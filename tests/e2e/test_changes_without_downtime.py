@@ -106,8 +106,14 @@ def test_every_edit_of_a_live_stack_fails_no_request_and_meters_each_once(tmp_pa
         # two clients against a target of one request per replica make it start a second again, drained in turn when
         # the load has gone; no request fails meanwhile.
         wait_for(lambda: len(live_replicas(cfg)) == 1, "the scale-down to the floor")
-        answers = loop.across(lambda: wait_for(lambda: len(live_replicas(cfg)) == 2, "a second replica"), minimum=50)
-        assert not failures(answers)
+        drift = []
+
+        def scaled_up_then_refreshed() -> None:
+            wait_for(lambda: len(live_replicas(cfg)) == 2, "a second replica")
+            drift.extend(s.detail for s in runner.refresh() if s.detail)  # the autoscaler's count is no drift
+
+        answers = loop.across(scaled_up_then_refreshed, minimum=50)
+        assert not failures(answers) and drift == [], drift
         wait_for(lambda: len(live_replicas(cfg)) == 1, "the scale-down")
         report.append(f"autoscaled 1 → 2 → 1 under and after {len(answers)} requests, 0 failed")
     finally:
