@@ -35,6 +35,12 @@ from ember.provider.domain.spec import AcceleratorType
 DRAIN_GRACE_S = 120.0
 
 
+def _generation(replica_spec_json: str) -> str:
+    """Which replicas serve the same spec: `up` compares it to tell a replacement's old replicas, the autoscaler tags
+    those it starts with it."""
+    return tree_digest({"spec": replica_spec_json})
+
+
 def _replica_failed(health: dict) -> str | None:
     # /health says only that; the reason is in the replica's own log
     return "failed to load" if health.get("status") == "failed" else None
@@ -56,6 +62,10 @@ class LocalCluster(Cluster):
 
     def replicas(self, account: str, deployment: str) -> list[LocalProcess]:
         return local_processes.load(self._record(account, deployment))
+
+    def running(self, account: str, deployment: str) -> list[LocalProcess]:
+        """Its replicas whose process is alive (ready or still loading)."""
+        return [r for r in self.replicas(account, deployment) if alive(r.pid)]
 
     def _save(self, account: str, deployment: str, replicas: list[LocalProcess]) -> None:
         local_processes.save(self._record(account, deployment), replicas)
@@ -81,7 +91,7 @@ class LocalCluster(Cluster):
             before = spec_file.read_text() if spec_file.exists() else None
             write_replica_spec(served, spec_file)
             try:
-                self._roll(spec, serve_command(str(spec_file)), tree_digest({"spec": served.to_json()}))
+                self._roll(spec, serve_command(str(spec_file)), _generation(served.to_json()))
             except BaseException:
                 if before is not None:  # the replicas still running serve the old spec: the autoscaler starts those
                     spec_file.write_text(before)
@@ -91,7 +101,7 @@ class LocalCluster(Cluster):
     def _roll(self, spec: DeploymentSpec, command: list[str], generation: str) -> None:
         account, deployment = spec.account_id, spec.deployment_id
         record = self._record(account, deployment)
-        running = [r for r in self.replicas(account, deployment) if alive(r.pid)]
+        running = self.running(account, deployment)
         current = [r for r in running if r.generation == generation]
         old = [r for r in running if r.generation != generation]
         # an autoscaler may have moved the count: kept within the range (a replacement keeps the old one's count)
@@ -162,8 +172,8 @@ class LocalCluster(Cluster):
         with local_processes.locked(self._lock(account, deployment), wait=False):
             if not spec_file.exists():
                 return 0  # deleted meanwhile
-            generation = tree_digest({"spec": spec_file.read_text()})
-            running = [r for r in self.replicas(account, deployment) if alive(r.pid)]
+            generation = _generation(spec_file.read_text())
+            running = self.running(account, deployment)
             leaving = []
             while len(running) > count:
                 leaving.append(running.pop())  # the newest first

@@ -52,9 +52,8 @@ class Plan:
         if running == 0:  # woken by a held request (the load then moves it on); on Kubernetes, a floor raised from
             # zero too (an `up` sets no count where an autoscaler owns it; locally `up` starts the floor itself)
             return 1 if load or record.min_replicas and not follows_load else None
-        wanted = min(max(math.ceil(load / policy.target_concurrent_requests), floor), record.max_replicas)
-        if not follows_load:
-            wanted = running
+        wanted = min(max(math.ceil(load / policy.target_concurrent_requests), floor), record.max_replicas) \
+            if follows_load else running
         if wanted > running:
             self.wanted_fewer_since = None
             self.wanted_more_since = self.wanted_more_since if self.wanted_more_since is not None else now

@@ -11,11 +11,15 @@ Each call blocks (a file lock, an HTTP call): the autoscaler makes them on a wor
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol
 
+from ember.provider.backends.local_processes import Busy
 from ember.provider.domain.names import parse_deployment_name
 from ember.runtime.gateway.directory import Deployment
+
+log = logging.getLogger("ember.gateway")
 
 
 class Scaler(Protocol):
@@ -40,28 +44,19 @@ class LocalScaler:
     def __init__(self, state_dir: str | Path):
         from ember.provider.backends.local_cluster import LocalCluster  # no pulumi, no torch: processes and files
 
-        self.cluster = LocalCluster(Path(state_dir), ready_timeout_s=0.0, progress=_log)
+        self.cluster = LocalCluster(Path(state_dir), ready_timeout_s=0.0, progress=log.info)
 
     def handles(self, deployment: Deployment) -> bool:
         return deployment.record is not None and deployment.record.cluster == "local"
 
     def running(self, deployment: Deployment) -> int | None:
-        from ember.provider.backends.processes import alive
-
         name = parse_deployment_name(deployment.name)
-        return sum(alive(r.pid) for r in self.cluster.replicas(name.account_id, name.resource_id))
+        return len(self.cluster.running(name.account_id, name.resource_id))
 
     def resize(self, deployment: Deployment, count: int) -> int | None:
-        from ember.provider.backends.local_processes import Busy
-
         name = parse_deployment_name(deployment.name)
         try:
             return self.cluster.resize(name.account_id, name.resource_id, count)
         except Busy:
             return None
 
-
-def _log(message: str) -> None:
-    import logging
-
-    logging.getLogger("ember.gateway").info("%s", message)
