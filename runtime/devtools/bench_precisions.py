@@ -63,7 +63,7 @@ def prompt_logits(engine: Engine, tokens: list[int], adapter: str | None = None)
     chunk = ScheduledChunk(tokens, 0, len(tokens), table, slots.get(adapter, -1))
     batch = build([chunk], engine.cache.block_size, engine.device)
     batch.sample_rows = torch.arange(len(tokens), device=engine.device)
-    lora_step = engine.runner.lora_hook.step_metadata(batch) if engine.runner.lora_hook else None
+    lora_step = engine.runner.forward.lora_hook.step_metadata(batch) if engine.runner.forward.lora_hook else None
     try:
         return engine.model.forward(batch, engine.cache, lora_step)
     finally:

@@ -121,9 +121,9 @@ def check_compiled(root: Path, device: str = "cuda") -> dict:
     gaps = [abs(x.logprob - y.logprob) for a, b in zip(ours, theirs) for x, y in zip(a.logprobs, b.logprobs)
             if x.token_id == y.token_id]
     return {"check": "compiled decode vs eager (fp32)", "greedy_equal": f"{same}/{len(prompts)}",
-            "max_logprob_gap": round(max(gaps), 6), "compile_s": round(compiled.runner.compiled.compile_seconds, 1),
-            "compiled_steps": compiled.runner.compiled.steps,
-            "ok": same == len(prompts) and max(gaps) <= 1e-3 and compiled.runner.compiled.steps > 0}
+            "max_logprob_gap": round(max(gaps), 6), "compile_s": round(compiled.runner.forward.compiled.compile_seconds, 1),
+            "compiled_steps": compiled.runner.forward.compiled.steps,
+            "ok": same == len(prompts) and max(gaps) <= 1e-3 and compiled.runner.forward.compiled.steps > 0}
 
 
 def decode_figures(engine: Engine, vocab: int, tb_s: float | None) -> dict:
@@ -135,7 +135,7 @@ def decode_figures(engine: Engine, vocab: int, tb_s: float | None) -> dict:
     rate = 127 / (decode.latencies[0] - decode.ttfts[0])
     read_per_token = weight_bytes(engine)
     roofline = tb_s * 1e12 / read_per_token if tb_s else None
-    compiled = engine.runner.compiled
+    compiled = engine.runner.forward.compiled
     return {"weight_gb": round(read_per_token / 1e9, 2), "batch1_decode_tokens_per_s": round(rate, 1),
             "roofline_tokens_per_s": round(roofline, 1) if roofline else None,
             "roofline_share": round(rate / roofline, 3) if roofline else None,

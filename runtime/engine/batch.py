@@ -7,6 +7,7 @@ by all layers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,18 @@ class StepBatch:
     sample_rows: torch.Tensor  # [S]: rows whose logits are sampled
     sampled_chunks: list[int]  # [S]: for each sampled row, its index in the chunks given to build()
     adapter_rows: torch.Tensor | None = None  # [T]: LoRA adapter slot per token (-1 for the base model)
+
+    def to(self, device: torch.device) -> "StepBatch":
+        """The same batch on `device` (a tensor-parallel rank's, after it crossed from rank 0)."""
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device, non_blocking=True)
+            if isinstance(value, PrefillChunk):
+                return dataclasses.replace(value, context_blocks=move(value.context_blocks))
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            return value
+        return StepBatch(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,30 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.provider.domain.model_files import ModelFilesError
 from ember.provider.domain.replica_spec import DEFAULT_MAX_LORA_RANK
+from ember.provider.domain.tensor_parallel import Shard
 from ember.runtime.engine.compiled_step import CompiledDecode, use_cache_folder
 from ember.runtime.engine.kv_cache import KVCache
-from ember.runtime.engine.model_runner import ModelRunner
+from ember.runtime.engine.model_runner import Forward, ModelRunner
 from ember.runtime.engine.output import OutputProcessor
 from ember.runtime.engine.scheduler import Scheduler
 from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.manager import LoRAManager
+from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.grammar import CompiledGrammar, Grammars
 from ember.runtime.model.llama import Llama
-from ember.runtime.model.loader import load_model
+from ember.runtime.model.loader import ModelWeights, load_model
 from ember.runtime.model.quantized import QUANTIZED, quantize_projections
 from ember.runtime.model.sampling import LogitTensors, SamplingParams, TokenLogprob
 from ember.runtime.model.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from ember.runtime.parallel.workers import Peers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,11 +56,50 @@ class EngineConfig:
     prefix_caching: bool = True  # requests reuse the K/V of prompt prefixes already computed
     compile: bool = False  # decode steps through torch.compile (compiled_step.py); eager when False
     compile_cache: Path | None = None  # where compiled kernels are kept between starts (default: torch's)
+    # Ranks (one per device) the model is split across: tensor parallelism (runtime/parallel/); a replica's is its
+    # deployment's accelerator_count.
+    tensor_parallel_size: int = 1
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def max_positions(self, model: ModelConfig) -> int:
+        """The context the engine serves: max_model_len, at most the model's."""
+        return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+
+def load_weights(directory: Path, config: EngineConfig, device: torch.device, shard: Shard | None = None) -> ModelWeights:
+    """The model's weights (a tensor-parallel rank's `shard` of them) in the configured precision."""
+    dtype_name = config.precision or ("fp32" if device.type == "cpu" else "bf16")
+    if dtype_name not in (*DTYPES, *QUANTIZED):
+        raise ModelFilesError(f"precision {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
+    # Quantized precisions: projection weights in int8, int4 or fp8, everything else (activations,
+    # KV cache, embeddings, LoRA addons) in bf16.
+    weights = load_model(directory, DTYPES.get(dtype_name, torch.bfloat16), device, shard)
+    if dtype_name in QUANTIZED:
+        quantize_projections(weights, dtype_name)
+    return weights
+
+
+def make_cache(model: Llama, config: EngineConfig, num_blocks: int) -> KVCache:
+    """The KV cache of this rank's KV heads (every rank has the same blocks)."""
+    c = model.local
+    return KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
+                   model.weights.dtype, model.weights.device, config.prefix_caching)
+
+
+def compile_decode(model: Llama, cache: KVCache, config: EngineConfig) -> tuple[CompiledDecode | None, float]:
+    """The compiled decode step, warmed up, and the seconds that took (None, 0 when not compiling)."""
+    if not config.compile:
+        return None, 0.0
+    if config.compile_cache is not None:
+        use_cache_folder(config.compile_cache)
+    began = time.monotonic()
+    compiled = CompiledDecode(model, cache)
+    compiled.warm_up()
+    return compiled, time.monotonic() - began
 
 
 @dataclass
@@ -102,58 +147,69 @@ class UnknownTokenId(ValueError):
 
 
 class Engine:
-    def __init__(self, model: Llama, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig()):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, model: Llama, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig(),
+                 peers: Peers | None = None):
+        """`peers`: the replica's other tensor-parallel ranks, which run every step with this one (rank 0)."""
+        self.model, self.tokenizer, self.config, self.peers = model, tokenizer, config, peers
         c = model.config
         self.device = model.weights.device
-        self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        self.max_model_len = config.max_positions(c)
         tokens = config.kv_cache_tokens or self._default_cache_tokens()
         num_blocks = tokens // config.block_size
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"kv_cache_tokens: {tokens} cannot hold one request of max_model_len {self.max_model_len}"
             )
-        self.cache = KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
-                             model.weights.dtype, self.device, config.prefix_caching)
+        self.cache = make_cache(model, config, num_blocks)
+        if peers is not None:
+            peers.begin(num_blocks)  # they build theirs, and compile their step beside this one's
         self.scheduler = Scheduler(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras)
         self.lora: LoRAManager | None = None
         if config.max_loras:
             self.lora = LoRAManager(c, max_loras=config.max_loras, max_rank=config.max_lora_rank,
-                                    max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype)
+                                    max_cpu_loras=config.max_cpu_loras, device=self.device, dtype=model.weights.dtype,
+                                    shard=model.weights.shard)
         stop_token_ids = set(c.eos_token_ids) | {t for t in [tokenizer.token_id(tokenizer.eos_token)] if t is not None}
         self.stop_token_ids = stop_token_ids
         self.grammars = Grammars(tokenizer, c.vocab_size, stop_token_ids)
-        compiled = None
-        self.warm_up_s = 0.0  # compiling the decode steps (from the cache after the first start): part of a cold start
-        if config.compile:
-            if config.compile_cache is not None:
-                use_cache_folder(config.compile_cache)
-            began = time.monotonic()
-            compiled = CompiledDecode(model, self.cache)
-            compiled.warm_up()
-            self.warm_up_s = time.monotonic() - began
-        self.runner = ModelRunner(model, self.cache, self.lora, self.grammars, compiled)
+        # compiling the decode steps (from the cache after the first start): part of a cold start
+        compiled, self.warm_up_s = compile_decode(model, self.cache, config)
+        if peers is not None:
+            peers.wait_ready()
+        forward = Forward(model, self.cache, self.lora.device_slots if self.lora else None, compiled)
+        self.runner = ModelRunner(forward, self.lora, self.grammars, peers)
         self.output = OutputProcessor(tokenizer, stop_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
     @classmethod
     def from_dir(cls, directory: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
+        directory = Path(directory)
         device = config.resolved_device()
-        dtype_name = config.precision or ("fp32" if device.type == "cpu" else "bf16")
-        if dtype_name not in (*DTYPES, *QUANTIZED):
-            raise ModelFilesError(f"precision {dtype_name!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
-        # Quantized precisions: projection weights in int8, int4 or fp8, everything else (activations,
-        # KV cache, embeddings, LoRA addons) in bf16.
-        weights = load_model(directory, DTYPES.get(dtype_name, torch.bfloat16), device)
-        if dtype_name in QUANTIZED:
-            quantize_projections(weights, dtype_name)
-        max_len = min(config.max_model_len or weights.config.max_position_embeddings, weights.config.max_position_embeddings)
-        return cls(Llama(weights, max_positions=max_len), TextTokenizer.from_dir(directory), config)
+        peers = None
+        if config.tensor_parallel_size > 1:
+            from ember.runtime.parallel.workers import Peers
+
+            peers = Peers(directory, config, config.tensor_parallel_size)
+        try:
+            weights = load_weights(directory, config, peers.group.device if peers else device,
+                                   peers.group.shard if peers else None)
+            model = Llama(weights, max_positions=config.max_positions(weights.config),
+                          group=peers.group if peers else None)
+            return cls(model, TextTokenizer.from_dir(directory), config, peers)
+        except BaseException:
+            if peers is not None:
+                peers.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (a replica's process ends with them anyway)."""
+        if self.peers is not None:
+            self.peers.close()
 
     def _default_cache_tokens(self) -> int:
-        c = self.model.config
+        c = self.model.local  # this rank's KV heads: the memory is per device
         per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.model.weights.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ember.provider.domain.replica_spec import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
+from ember.provider.domain.tensor_parallel import Shard
 from ember.runtime.fetch import local_copy
 from ember.runtime.lora.adapters import AdapterError, LoRAAdapter, load_adapter
 from ember.runtime.lora.slots import DeviceSlots
@@ -38,10 +39,10 @@ class Version:
 class LoRAManager:
     def __init__(self, config: ModelConfig, *, max_loras: int = DEFAULT_MAX_LORAS, max_rank: int = DEFAULT_MAX_LORA_RANK,
                  max_cpu_loras: int | None = None, device: torch.device = torch.device("cpu"),
-                 dtype: torch.dtype = torch.float32):
-        self.config, self.max_rank = config, max_rank
+                 dtype: torch.dtype = torch.float32, shard: Shard | None = None):
+        self.config, self.max_rank = config, max_rank  # adapters are read and checked whole, against the whole model
         self.max_cpu_loras = max_cpu_loras or max(4 * max_loras, 32)
-        self.device_slots = DeviceSlots(config, max_loras, max_rank, device, dtype)
+        self.device_slots = DeviceSlots(config, max_loras, max_rank, device, dtype, shard)
         self.versions: dict[str, Version] = {}  # key → every version still loaded, current or retiring
         self.current: dict[str, str] = {}  # name → key of the version new requests get
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # key → weights

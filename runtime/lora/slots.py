@@ -15,16 +15,26 @@ from collections.abc import Callable
 import torch
 
 from ember.provider.domain.model_files import module_shapes
+from ember.provider.domain.tensor_parallel import Shard, shard_of
 from ember.runtime.lora.adapters import LoRAAdapter, base_config
 from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.projections import Projection, lora_parts
 
 
 class DeviceSlots:
-    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype,
+                 shard: Shard | None = None):
+        """`shard`: a tensor-parallel rank's share of the model, whose slots hold the matching share of each adapter,
+        as S-LoRA and vLLM split them: B's rows on column-parallel projections (q, k, v, gate, up), A's columns on
+        row-parallel ones (o, down), whose partial deltas the model sums with the partial products."""
         self.config, self.max_loras, self.max_rank, self.device, self.dtype = config, max_loras, max_rank, device, dtype
-        self.parts = lora_parts(config)
-        self.shapes = module_shapes(base_config(config))  # module → (in, out) on this base
+        self.shard = shard or shard_of(config, 1, 0)
+        local = config.share(self.shard)
+        self.parts = lora_parts(local)
+        self.shapes = module_shapes(base_config(local))  # module → (in, out) of this rank's share
+        # What the replica's other ranks must do to their slots to match these: (slot, adapter or None to empty
+        # it), in order; the model runner takes them each step (tensor parallelism only).
+        self.changes: list[tuple[int, LoRAAdapter | None]] = []
         self.a: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.bt: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.names: list[str | None] = [None] * max_loras
@@ -84,11 +94,14 @@ class DeviceSlots:
                     if part.module not in adapter.weights:
                         continue
                     a, b = adapter.weights[part.module]
+                    a, b = a[layer], b[layer]
+                    a = a if self.shard.columns(part.module) is None else a[:, self.shard.columns(part.module)]
+                    b = b if self.shard.rows(part.module) is None else b[self.shard.rows(part.module)]
                     rows = slice(base + p * self.max_rank, base + p * self.max_rank + adapter.rank)
-                    a_stack[rows] = a[layer].to(self.device, self.dtype)
-                    bt_stack[rows, part.first : part.first + part.width] = \
-                        (b[layer] * adapter.scaling).t().to(self.device, self.dtype)
+                    a_stack[rows] = a.to(self.device, self.dtype)
+                    bt_stack[rows, part.first : part.first + part.width] = (b * adapter.scaling).t().to(self.device, self.dtype)
         self.names[slot], self.touched[slot] = adapter.name, touched
+        self._changed(slot, adapter)
 
     def _clear(self, slot: int) -> None:
         for projection in self.touched[slot]:
@@ -98,3 +111,21 @@ class DeviceSlots:
                 self.bt[layer][projection][rows] = 0
             self.targeted[projection] -= 1
         self.names[slot], self.touched[slot] = None, ()
+        self._changed(slot, None)
+
+    def _changed(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        if self.shard.size > 1:
+            self.changes.append((slot, adapter))
+
+    def take_changes(self) -> list[tuple[int, LoRAAdapter | None]]:
+        changes, self.changes = self.changes, []
+        return changes
+
+    def replay(self, changes: list[tuple[int, LoRAAdapter | None]]) -> None:
+        """Make the same changes as another rank's slots made (see `changes`)."""
+        for slot, adapter in changes:
+            if adapter is None:
+                self._clear(slot)
+            else:
+                self._fill(slot, adapter)
+        self.changes.clear()

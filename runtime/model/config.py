@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.provider.domain.model_files import check_config, read_config, rope_settings, rope_type
+from ember.provider.domain.tensor_parallel import Shard
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def share(self, shard: Shard) -> "ModelConfig":
+        """The dimensions of a tensor-parallel rank's share: its attention heads, KV heads and MLP features."""
+        return dataclasses.replace(self, num_attention_heads=len(shard.heads), num_key_value_heads=len(shard.kv_heads),
+                                   intermediate_size=len(shard.intermediate))
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "ModelConfig":

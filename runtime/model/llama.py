@@ -19,6 +19,7 @@ from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.loader import ModelWeights
 from ember.runtime.model.matmul import Matmul
 from ember.runtime.model.projections import Projection
+from ember.runtime.parallel.group import RankGroup
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -62,10 +63,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 _ORDER = {p: i for i, p in enumerate(Projection)}
 
 
+# Row-parallel projections: under tensor parallelism each rank holds some of their input features, so its product
+# is a partial sum, added up across ranks (after the LoRA delta, itself partial; before the bias, added once).
+_ROW_PARALLEL = (Projection.O, Projection.DOWN)
+
+
 class Llama:
-    def __init__(self, weights: ModelWeights, max_positions: int | None = None):
-        self.weights = weights
+    def __init__(self, weights: ModelWeights, max_positions: int | None = None, group: RankGroup | None = None):
+        """`group`: the tensor-parallel ranks this one runs with (`weights` is then its shard); None on one device."""
+        self.weights, self.group = weights, group
         self.config = c = weights.config
+        self.local = weights.local  # this rank's heads and features (the model's own on one device)
         self.cos, self.sin = rope_tables(weights, max_positions or c.max_position_embeddings)
         # The projections in Matmul's order: four per layer (Projection's order), then the LM head.
         self.matmul = Matmul([getattr(layer, p.value) for layer in weights.layers for p in Projection]
@@ -79,9 +87,14 @@ class Llama:
 
     def _linear(self, layer: int, projection: Projection, x: torch.Tensor, bias: torch.Tensor | None,
                 lora_step) -> torch.Tensor:
-        out = self.matmul(x, layer * len(Projection) + _ORDER[projection], bias)
+        reduced = self.group is not None and projection in _ROW_PARALLEL
+        out = self.matmul(x, layer * len(Projection) + _ORDER[projection], None if reduced else bias)
         if lora_step is not None:
             out = self.lora(layer, projection, x, out, lora_step)
+        if reduced:
+            out = self.group.all_reduce(out)
+            if bias is not None:
+                out = out + bias
         return out
 
     @torch.inference_mode()
@@ -103,7 +116,7 @@ class Llama:
 
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, sample_rows: torch.Tensor | None,
                 attend: Callable, lora_step) -> torch.Tensor:
-        c, w = self.config, self.weights
+        c, w = self.local, self.weights
         heads, kv_heads, dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         tokens = input_ids.shape[0]
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
@@ -120,4 +133,5 @@ class Llama:
             gate, up = self._linear(i, Projection.GATE_UP, h, None, lora_step).chunk(2, dim=-1)
             x = x + self._linear(i, Projection.DOWN, F.silu(gate) * up, None, lora_step)
         last = self._norm(x if sample_rows is None else x[sample_rows], w.norm)
-        return self.matmul(last, len(w.layers) * len(Projection)).float()
+        logits = self.matmul(last, len(w.layers) * len(Projection))
+        return (logits if self.group is None else self.group.gather_vocab(logits)).float()

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ember.provider.domain.model_files import ModelFilesError
+from ember.provider.domain.tensor_parallel import Shard, shard_of
 from ember.runtime.model.config import ModelConfig
 
 # Checkpoints from older transformers versions carry these buffers; they are recomputed, not loaded.
@@ -41,6 +42,17 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: torch.Tensor | Any  # the embedding itself when tied; a QuantizedWeight (quantized.py) when quantized
+    # This rank's share of the model (its heads, features and vocabulary); the whole model on one device.
+    shard: Shard = None  # type: ignore[assignment]  # set by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.shard is None:
+            self.shard = shard_of(self.config, 1, 0)
+
+    @property
+    def local(self) -> ModelConfig:
+        """The config of this rank's share: its heads, KV heads and MLP features (the rest is the model's)."""
+        return self.config.share(self.shard)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,60 +105,74 @@ class _Reader:
         self.handles: dict[Path, object] = {}
         self.used: set[str] = set()
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], rows: slice | None = None,
+            columns: slice | None = None) -> torch.Tensor:
+        """The tensor, or only its `rows` and `columns` (a tensor-parallel rank's share: only those are read)."""
         if name not in self.files:
             raise ModelFilesError(f"tensor {name} is missing from the checkpoint")
         path = self.files[name]
         if path not in self.handles:
             self.handles[path] = open_safetensors(path)
         try:
-            tensor = self.handles[path].get_tensor(name)
+            part = self.handles[path].get_slice(name)
+            found = tuple(part.get_shape())
+            if found != shape:
+                raise ModelFilesError(f"tensor {name} has shape {found}, but config.json needs {shape}")
+            whole = slice(None)
+            tensor = part[(rows or whole, columns or whole)[:len(shape)]]
+        except ModelFilesError:
+            raise
         except Exception as exc:  # a header that lies about offsets or sizes
             raise ModelFilesError(f"{path}: tensor {name} cannot be read: {exc}") from None
-        if tuple(tensor.shape) != shape:
-            raise ModelFilesError(f"tensor {name} has shape {tuple(tensor.shape)}, but config.json needs {shape}")
         self.used.add(name)
         return tensor.to(device=self.device, dtype=self.dtype)
 
-    def maybe(self, name: str, shape: tuple[int, ...], wanted: bool) -> torch.Tensor | None:
-        return self.get(name, shape) if wanted else None
+    def maybe(self, name: str, shape: tuple[int, ...], wanted: bool, rows: slice | None = None) -> torch.Tensor | None:
+        return self.get(name, shape, rows) if wanted else None
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.files if n not in self.used and not n.endswith(_IGNORED_SUFFIXES))
 
 
-def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ModelWeights:
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               shard: Shard | None = None) -> ModelWeights:
+    """The model's weights; with `shard`, only one tensor-parallel rank's share of them (tensor_parallel.py)."""
     directory = Path(directory)
     config = ModelConfig.from_dir(directory)
+    shard = shard or shard_of(config, 1, 0)
     reader = _Reader(directory, dtype, torch.device(device))
     h, inter, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        qkv = [reader.get(attn + f"{n}_proj.weight", (size, h)) for n, size in (("q", q), ("k", kv), ("v", kv))]
+        qkv_shapes = (("q", q), ("k", kv), ("v", kv))
+        qkv = [reader.get(attn + f"{n}_proj.weight", (size, h), shard.rows(f"{n}_proj")) for n, size in qkv_shapes]
         qkv_bias = None
         if config.qkv_bias:
-            qkv_bias = torch.cat([reader.get(attn + f"{n}_proj.bias", (size,)) for n, size in (("q", q), ("k", kv), ("v", kv))])
+            qkv_bias = torch.cat([reader.get(attn + f"{n}_proj.bias", (size,), shard.rows(f"{n}_proj"))
+                                  for n, size in qkv_shapes])
+        mlp = [reader.get(p + f"mlp.{n}_proj.weight", (inter, h), shard.rows(f"{n}_proj")) for n in ("gate", "up")]
         layers.append(
             LayerWeights(
                 input_norm=reader.get(p + "input_layernorm.weight", (h,)),
                 qkv=torch.cat(qkv),
                 qkv_bias=qkv_bias,
-                o=reader.get(attn + "o_proj.weight", (h, q)),
+                o=reader.get(attn + "o_proj.weight", (h, q), columns=shard.columns("o_proj")),
                 o_bias=reader.maybe(attn + "o_proj.bias", (h,), config.o_bias),
                 post_norm=reader.get(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=torch.cat([reader.get(p + "mlp.gate_proj.weight", (inter, h)), reader.get(p + "mlp.up_proj.weight", (inter, h))]),
-                down=reader.get(p + "mlp.down_proj.weight", (h, inter)),
+                gate_up=torch.cat(mlp),
+                down=reader.get(p + "mlp.down_proj.weight", (h, inter), columns=shard.columns("down_proj")),
             )
         )
-    embed = reader.get("model.embed_tokens.weight", (config.vocab_size, h))
+    embed = reader.get("model.embed_tokens.weight", (config.vocab_size, h))  # whole on every rank
+    head_rows = shard.rows("lm_head")
     if config.tie_word_embeddings:
-        lm_head = embed
+        lm_head = embed[head_rows]
         reader.used.add("lm_head.weight")  # some tied checkpoints still carry a copy
     else:
-        lm_head = reader.get("lm_head.weight", (config.vocab_size, h))
-    weights = ModelWeights(config, embed, layers, reader.get("model.norm.weight", (h,)), lm_head)
+        lm_head = reader.get("lm_head.weight", (config.vocab_size, h), head_rows)
+    weights = ModelWeights(config, embed, layers, reader.get("model.norm.weight", (h,)), lm_head, shard)
     unused = reader.unused()
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""

@@ -72,14 +72,14 @@ def engines(directory, **config):
 
 def test_compiled_decode_gives_eager_greedy_tokens_in_fp32(base):
     eager, compiled = engines(base)
-    assert compiled.runner.compiled.compile_seconds > 0  # compiled at start, before any request
+    assert compiled.runner.forward.compiled.compile_seconds > 0  # compiled at start, before any request
     work = requests(10)
     assert run(compiled, work) == run(eager, work)
-    steps = compiled.runner.compiled.steps
+    steps = compiled.runner.forward.compiled.steps
     assert steps > 25  # decode steps ran compiled: batches of 8 down to 1
     # The log-probabilities too, not only their argmax.
     assert_same_logprobs(eager, compiled, atol=1e-4)
-    assert compiled.runner.compiled.steps > steps
+    assert compiled.runner.forward.compiled.steps > steps
 
 
 def assert_same_logprobs(eager: Engine, compiled: Engine, atol: float) -> None:
@@ -107,13 +107,13 @@ def test_compiled_decode_serves_mixed_addons_with_shapes_padded_as_on_cuda(base,
                                                                    rank=4 * (i + 1), target_modules=modules)
                 for i, modules in enumerate(targets)}
     eager, compiled = engines(base, max_loras=2, max_lora_rank=8)
-    compiled.runner.compiled.pad_to_buckets = True  # rows and widths padded to powers of two, as on CUDA
+    compiled.runner.forward.compiled.pad_to_buckets = True  # rows and widths padded to powers of two, as on CUDA
     for engine in (eager, compiled):
         for name, path in adapters.items():
             engine.lora.add(name, path)
     work = requests(9, seed=1, adapters=(None, *adapters))
     assert run(compiled, work) == run(eager, work)
-    assert compiled.runner.compiled.steps > 20
+    assert compiled.runner.forward.compiled.steps > 20
 
 
 def test_compiled_decode_in_int8_stays_within_rounding_of_eager(base):
@@ -122,7 +122,7 @@ def test_compiled_decode_in_int8_stays_within_rounding_of_eager(base):
     differ: the log-probabilities are compared, within a few int8 steps."""
     eager, compiled = engines(base, precision="int8")
     assert_same_logprobs(eager, compiled, atol=0.05)
-    assert compiled.runner.compiled.steps >= 3
+    assert compiled.runner.forward.compiled.steps >= 3
 
 
 def test_a_replica_started_compiled_answers_as_an_eager_one(tmp_path):

@@ -1,0 +1,122 @@
+"""How a Llama-family model splits across the N accelerators of one replica (tensor parallelism, Megatron-style).
+
+Each rank holds a contiguous share of the attention heads (the rows of q, and of k and v for the KV heads those
+heads read; the matching input columns of o_proj), of the MLP's intermediate features (the rows of gate and up,
+the input columns of down), and of the vocabulary (the rows of the LM head). The embedding, the norms and the
+output columns of o and down are whole on every rank; o's and down's partial products are summed across ranks
+(an all-reduce), and the LM head's logits gathered.
+
+Shares are as even as the model allows: a head count N does not divide splits into shares one head apart (the
+step runs at the pace of the largest), and a KV head whose query heads fall on two ranks is held by both (as
+vLLM replicates KV heads when N exceeds their count). A rank must hold at least one attention head.
+
+The provider's fit check (per-device memory) and the runtime's loader read the same shares from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# Intermediate features are split in multiples of this (when the size allows): int4 weights are quantized in
+# groups of 32 input features, and down_proj's input is what is split.
+_FEATURE_UNIT = 32
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")  # output rows split
+ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split; partial outputs summed across ranks
+
+
+class Dims(Protocol):
+    """What a config.json says of a model's shape (a catalog Architecture or the runtime's ModelConfig)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def head_dim(self) -> int: ...
+
+
+def _share(total: int, size: int, rank: int, unit: int = 1) -> range:
+    """Rank's contiguous share of `total` items split `size` ways in whole units; the first ranks get one unit
+    more when the units do not divide evenly."""
+    if total % unit:
+        unit = 1
+    base, extra = divmod(total // unit, size)
+    start = rank * base + min(rank, extra)
+    return range(start * unit, (start + base + (rank < extra)) * unit)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank's share of the model."""
+
+    rank: int
+    size: int
+    head_dim: int
+    heads: range  # query heads
+    kv_heads: range  # the KV heads those query heads read
+    intermediate: range  # MLP features
+    vocab: range  # LM head rows
+
+    def rows(self, module: str) -> slice | None:
+        """The output rows of `module`'s weight this rank holds; None: all of them (a row-parallel module)."""
+        d = self.head_dim
+        share = {"q_proj": (self.heads, d), "k_proj": (self.kv_heads, d), "v_proj": (self.kv_heads, d),
+                 "gate_proj": (self.intermediate, 1), "up_proj": (self.intermediate, 1),
+                 "lm_head": (self.vocab, 1)}.get(module)
+        return None if share is None else slice(share[0].start * share[1], share[0].stop * share[1])
+
+    def columns(self, module: str) -> slice | None:
+        """The input columns of `module`'s weight this rank holds; None: all of them."""
+        if module == "o_proj":
+            return slice(self.heads.start * self.head_dim, self.heads.stop * self.head_dim)
+        if module == "down_proj":
+            return slice(self.intermediate.start, self.intermediate.stop)
+        return None
+
+
+def shard_of(dims: Dims, size: int, rank: int) -> Shard:
+    """Rank `rank`'s share of a model split `size` ways (check `refusal` first)."""
+    heads = _share(dims.num_attention_heads, size, rank)
+    group = dims.num_attention_heads // dims.num_key_value_heads  # query heads per KV head
+    kv_heads = range(heads.start // group, (heads.stop - 1) // group + 1)
+    return Shard(rank, size, dims.head_dim, heads, kv_heads,
+                 _share(dims.intermediate_size, size, rank, _FEATURE_UNIT), _share(dims.vocab_size, size, rank))
+
+
+def refusal(dims: Dims, size: int) -> str | None:
+    """Why a model cannot be split `size` ways, or None when it can."""
+    if size < 1:
+        return f"{size} is not a number of accelerators"
+    if size > dims.num_attention_heads:
+        return (f"{size} ranks cannot share the model's {dims.num_attention_heads} attention heads (each rank needs "
+                f"at least one); use at most {dims.num_attention_heads}")
+    return None
+
+
+def even(dims: Dims, size: int) -> bool:
+    """Whether every rank gets the same share of heads and features (no rank waits on a larger one)."""
+    shares = [shard_of(dims, size, rank) for rank in range(size)]
+    return len({(len(s.heads), len(s.kv_heads), len(s.intermediate)) for s in shares}) == 1
+
+
+def weights_per_device(dims: Dims, size: int, projection_bytes: float, other_bytes: float) -> float:
+    """The bytes of weights the fullest rank holds: its share of the projections and LM head at
+    `projection_bytes` per weight, the embedding and norms whole at `other_bytes` (quantized precisions keep
+    those in bf16)."""
+    h, layers, d = dims.hidden_size, dims.num_hidden_layers, dims.head_dim
+    most = 0.0
+    for rank in range(size):
+        s = shard_of(dims, size, rank)
+        attention = (len(s.heads) + 2 * len(s.kv_heads)) * d * h + h * len(s.heads) * d
+        mlp = 3 * h * len(s.intermediate)
+        # a tied LM head is the embedding's rows, unless quantized apart from it
+        head = 0 if dims.tie_word_embeddings and projection_bytes == other_bytes else len(s.vocab) * h
+        projections = layers * (attention + mlp) + head
+        whole = dims.vocab_size * h + layers * 2 * h + h  # embedding, two norms a layer, the final norm
+        most = max(most, projections * projection_bytes + whole * other_bytes)
+    return most
