@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ember.runtime.devtools.workload import Workload, run_ember
-from ember.runtime.engine.batch import ScheduledChunk, build
+from ember.runtime.engine.batch import ScheduledChunk
 from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.model.tokenizer import TextTokenizer
 
@@ -61,11 +61,8 @@ def prompt_logits(engine: Engine, tokens: list[int], adapter: str | None = None)
     allocator.grow(table, len(tokens))
     slots = engine.lora.activate({adapter}) if adapter else {}
     chunk = ScheduledChunk(tokens, 0, len(tokens), table, slots.get(adapter, -1))
-    batch = build([chunk], engine.cache.block_size, engine.device)
-    batch.sample_rows = torch.arange(len(tokens), device=engine.device)
-    lora_step = engine.runner.forward.lora_hook.step_metadata(batch) if engine.runner.forward.lora_hook else None
     try:
-        return engine.model.forward(batch, engine.cache, lora_step)
+        return engine.runner.logits([chunk], every_row=True)[1]
     finally:
         allocator.release(table)
 

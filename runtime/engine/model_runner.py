@@ -44,19 +44,24 @@ class ModelRunner:
         self.forward, self.lora, self.grammars, self.peers = forward, lora, grammars, peers
         self.device = forward.model.weights.device
 
+    def logits(self, chunks: list[step_batch.ScheduledChunk], every_row: bool = False):
+        """The step's batch and the logits of its sampled rows (`every_row`: of all its rows, a devtool's
+        teacher-forced pass), computed on every rank."""
+        on = self.device if self.peers is None else torch.device("cpu")  # a batch to be sent is built on the CPU
+        batch = step_batch.build(chunks, self.forward.cache.block_size, on)
+        if every_row:
+            batch.sample_rows = torch.arange(batch.input_ids.shape[0], device=on)
+        if self.peers is not None:  # each rank moves it to its own device
+            self.peers.step(self.lora.device_slots.take_changes() if self.lora else [], batch)
+            batch = batch.to(self.device)
+        return batch, self.forward(batch)
+
     def run(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         """Compute the scheduled tokens; (sequence, sampled token, its logprobs) for each sequence that samples."""
         slots = self.lora.activate({s.adapter for s, _ in scheduled} - {None}) if self.lora else {}
         chunks = [step_batch.ScheduledChunk(seq.tokens, seq.num_computed, n, seq.block_table, slots.get(seq.adapter, -1))
                   for seq, n in scheduled]
-        block_size = self.forward.cache.block_size
-        if self.peers is None:
-            batch = step_batch.build(chunks, block_size, self.device)
-        else:  # built on the CPU, to be sent; each rank moves it to its device
-            batch = step_batch.build(chunks, block_size, torch.device("cpu"))
-            self.peers.step(self.lora.device_slots.take_changes() if self.lora else [], batch)
-            batch = batch.to(self.device)
-        logits = self.forward(batch)
+        batch, logits = self.logits(chunks)
         for seq, n in scheduled:
             seq.num_computed += n
         sampled = [scheduled[i][0] for i in batch.sampled_chunks]

@@ -60,21 +60,23 @@ class Peers:
         self.size, self.failed, self.closing = size, None, False
         self.on_failure: Callable[[str], None] | None = None  # the replica's: fail health and stop
         address = free_address()
+        device = rank_device(config.resolved_device(), 0)
+        self._threads = torch.get_num_threads()
+        # CPU ranks share the host's cores: each its part of them, or of the threads this process was given
+        threads = min(self._threads, threads_per_rank(size))
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
         context = multiprocessing.get_context("spawn")  # a fork would copy rank 0's threads and CUDA state
         self.pipes, self.processes = [], []
         for rank in range(1, size):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_worker, args=(rank, size, address, str(directory), config, theirs),
+            process = context.Process(target=_worker, args=(rank, size, address, str(directory), config, threads, theirs),
                                       name=f"ember-rank-{rank}")
             process.start()
             theirs.close()
             self.pipes.append(ours)
             self.processes.append(process)
         threading.Thread(target=self._watch, name="ember-ranks", daemon=True).start()
-        device = rank_device(config.resolved_device(), 0)
-        self._threads = torch.get_num_threads()
-        if device.type == "cpu":  # the host's cores, shared out between the ranks
-            torch.set_num_threads(threads_per_rank(size))
         try:
             self.group = RankGroup(ModelConfig.from_dir(directory), 0, size, address, device)
         except Exception:
@@ -145,7 +147,7 @@ class Peers:
         torch.set_num_threads(self._threads)
 
 
-def _worker(rank: int, size: int, address: str, directory: str, config, pipe) -> None:
+def _worker(rank: int, size: int, address: str, directory: str, config, threads: int, pipe) -> None:
     """Rank `rank`'s process: its shard of the model, stepped by rank 0 until the pipe closes."""
     from ember.runtime.engine.engine import compile_decode, load_weights, make_cache
     from ember.runtime.engine.model_runner import Forward
@@ -156,7 +158,7 @@ def _worker(rank: int, size: int, address: str, directory: str, config, pipe) ->
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s rank {rank}: %(message)s")
     device = rank_device(config.resolved_device(), rank)
     if device.type == "cpu":
-        torch.set_num_threads(threads_per_rank(size))
+        torch.set_num_threads(threads)
     group = None
     try:
         group = RankGroup(ModelConfig.from_dir(directory), rank, size, address, device)
