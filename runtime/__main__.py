@@ -124,7 +124,9 @@ def _add_spec_flags(add) -> None:
     add("--precision", "--dtype", dest="precision", choices=[p.value for p in Precision],
         help="default fp32 on CPU, bf16 on CUDA (--dtype: its former name)")
     add("--accelerator-type", help=_default("accelerator_type"))
-    add("--accelerator-count", type=int, help=_default("accelerator_count"))
+    add("--accelerator-count", "--tensor-parallel-size", dest="accelerator_count", type=int,
+        help=f"accelerators the model is split across, one rank (process) each: tensor parallelism; on the CPU, "
+             f"ranks share the cores {_default('accelerator_count')}")
     add("--request-log", help="opt-in: log prompts and outputs to this file")
     add("--retention-days", type=int, help="how long the request log keeps entries (1-365)")
 

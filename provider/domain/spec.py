@@ -157,6 +157,11 @@ class Precision(str, Enum):
         """Bytes per weight, roughly (quantized: the projections' share, the rest is bf16)."""
         return {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5, "fp8": 1}[self.value]
 
+    @property
+    def unquantized_bytes(self) -> float:
+        """Bytes per weight of what is never quantized (embeddings, norms): bf16 under a quantized precision."""
+        return self.bytes if self.value in ("fp32", "bf16", "fp16") else 2
+
 
 class JobState(str, Enum):
     COMPLETED = "COMPLETED"
@@ -180,7 +185,8 @@ class AcceleratorType(str, Enum):
 
     @property
     def allowed_counts(self) -> tuple[int, ...]:
-        return (1,) if self is AcceleratorType.CPU else (1, 2, 4, 8)
+        # Tensor-parallel degrees; on the CPU the ranks are processes sharing the host's cores (tests, big hosts).
+        return (1, 2, 4, 8)
 
     @property
     def has_fp8(self) -> bool:

@@ -10,10 +10,11 @@ from pulumi.dynamic import CreateResult, ReadResult
 
 from ember.provider.backends.cluster import ClusterError, ReplicaStatus
 from ember.provider.backends.store import StoreError
-from ember.provider.domain.kinds.deployment import KIND, DeploymentSpec
-from ember.provider.domain.names import parse_deployment_name
-from ember.provider.domain.records import DeploymentRecord
-from ember.provider.domain.spec import DeploymentState, DeploymentType
+from ember.provider.domain.kinds.deployment import KIND, DeploymentSpec, check_split
+from ember.provider.domain.names import parse_deployment_name, parse_model_name
+from ember.provider.domain.records import BaseModelManifest, DeploymentRecord
+from ember.provider.domain.spec import DeploymentState, DeploymentType, FieldError
+from ember.provider.domain.tensor_parallel import ConfigDims
 from ember.provider.providers.base import (CLUSTERS, REFERENCES, ClusterProvider, EmberError, base_manifest, has_unknown,
                                            progress)
 
@@ -34,12 +35,33 @@ class DeploymentProvider(ClusterProvider):
 
     def check_known(self, spec: DeploymentSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
+        if not unknown & {"base_model", "accelerator_count"}:
+            failures += self._split_failures(spec)
         if not unknown & {"cluster", "accelerator_type"}:
             try:
                 CLUSTERS[spec.cluster].check_supported(spec)
             except ClusterError as exc:
                 failures.append(("accelerator_type", str(exc).removeprefix("accelerator_type: ")))
         return failures
+
+    def _split_failures(self, spec: DeploymentSpec) -> list[tuple[str, str]]:
+        """A custom base model already in the store: whether accelerator_count splits it (the spec itself checks
+        catalog models, whose shapes it knows)."""
+        name = parse_model_name(spec.base_model)
+        try:
+            manifest = self.store.read_manifest(name.account_id, name.resource_id)
+        except StoreError:
+            return []
+        if not isinstance(manifest, BaseModelManifest) or manifest.catalog_id is not None:
+            return []
+        try:
+            check_split(ConfigDims.of(manifest.config), spec.accelerator_count, spec.accelerator_type, spec.precision,
+                        spec.base_model)
+        except FieldError as exc:
+            return [(exc.field, exc.message)]
+        except (KeyError, TypeError):  # a config the model's own checks refuse, with its own words
+            return []
+        return []
 
     # A replacement starts the new replicas before the old ones drain (the gateway always has one to send to): the
     # engine creates the new resource under the same name, then deletes the old one, which leaves the new one be.
@@ -59,6 +81,8 @@ class DeploymentProvider(ClusterProvider):
         """`generation`: a create's or a replacement's new one; an update keeps the record's."""
         store, cluster = self.store, self.cluster_of(spec.cluster)
         base = base_manifest(store, spec.base_model, spec.account_id)
+        if failures := self._split_failures(spec):
+            raise EmberError("; ".join(f"{field}: {message}" for field, message in failures))
         store.ensure_key(spec.account_id, self.config.state_dir / "keys")  # the account's own, to call its deployment
         previous = store.read_deployment_record(spec.account_id, spec.deployment_id)
         generation = generation or (previous.generation if previous else None) or uuid.uuid4().hex

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ember.provider.domain.tensor_parallel import refusal
 from ember.runtime.engine.batch import StepBatch
 from ember.runtime.lora.adapters import LoRAAdapter
 from ember.runtime.parallel.group import RankGroup, free_address, rank_device, threads_per_rank
@@ -57,6 +58,10 @@ class Peers:
         """Start ranks 1..size-1 and join them as rank 0 (`config`: the EngineConfig every rank runs)."""
         from ember.runtime.model.config import ModelConfig
 
+        model = ModelConfig.from_dir(directory)
+        why = refusal(model, size)
+        if why:
+            raise ValueError(f"tensor_parallel_size: {why}")
         self.size, self.failed, self.closing = size, None, False
         self.on_failure: Callable[[str], None] | None = None  # the replica's: fail health and stop
         address = free_address()
@@ -78,7 +83,7 @@ class Peers:
             self.processes.append(process)
         threading.Thread(target=self._watch, name="ember-ranks", daemon=True).start()
         try:
-            self.group = RankGroup(ModelConfig.from_dir(directory), 0, size, address, device)
+            self.group = RankGroup(model, 0, size, address, device)
         except Exception:
             self.close()
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from ember.runtime.serving.registration import Registration
 from ember.runtime.serving.request_log import RequestLog
 
 log = logging.getLogger("ember.server")
+# After a tensor-parallel rank dies, how long the replica's orderly stop may take before the process just exits.
+RANK_FAILURE_EXIT_S = 10.0
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Replica:
             began = time.monotonic()
             self._check_base()
             engine = Engine.from_dir(local_copy(self.config.model_dir), self.config.engine)
+            if engine.peers is not None:
+                engine.peers.on_failure = self.rank_failed
             weights = time.monotonic()
             for name, source in self.config.addons.items():
                 self._add_adapter(engine, name, source)
@@ -106,6 +111,13 @@ class Replica:
         except Exception as exc:  # reported by /health; the message names files, never request text
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.failure)
+
+    def rank_failed(self, why: str) -> None:
+        """Another tensor-parallel rank died: health says failed at once, and the process stops so that its
+        cluster starts the replica again (a hard exit if stopping hangs on the broken ranks)."""
+        self.failure, self.engine = why, None
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Timer(RANK_FAILURE_EXIT_S, os._exit, (1,)).start()
 
     def announce(self, engine: Engine) -> None:
         """Write this replica's registration in the store: where it answers, the addons it holds."""

@@ -33,6 +33,7 @@ def engine_config(spec: ReplicaSpec, process: ProcessOptions) -> EngineConfig:
                         max_model_len=spec.max_model_len, kv_cache_tokens=spec.kv_cache_tokens,
                         max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank, prefix_caching=spec.prefix_caching,
                         compile=process.compile, compile_cache=process.compile_cache,
+                        tensor_parallel_size=spec.accelerator_count,  # one rank per accelerator
                         **{k: v for k, v in unset_means_default.items() if v is not None})
 
 

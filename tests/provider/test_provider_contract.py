@@ -389,3 +389,19 @@ def test_a_replaced_deployments_delete_leaves_the_new_one(fake_cluster):
     assert stopped == [] and record.generation == new["generation"] and record.inputs["precision"] == "bf16"
     d.delete("accounts/acme/deployments/prod", new)  # destroy
     assert stopped == ["prod"]
+
+
+def test_a_count_that_cannot_split_a_custom_model_is_refused_in_preview_and_at_create(tmp_path):
+    cfg = config(tmp_path)
+    models = make_models(tmp_path / "models")  # the tiny base: 4 attention heads
+    m, d = provider("Model", cfg), provider("Deployment", cfg)
+    m.create(checked(m, {"account_id": "acme", "model_id": "base", "source": str(models["base"])}))
+    news = {"account_id": "acme", "deployment_id": "wide", "base_model": BASE, "accelerator_count": 8}
+    result = d.check({}, news | {"__provider": "x"})
+    assert [(f.property, f.reason) for f in result.failures] == [
+        ("accelerator_count", f"8 cannot split {BASE}: 8 ranks cannot share the model's 4 attention heads (each "
+                              "rank needs at least one); use at most 4")]
+    with pytest.raises(EmberError, match="accelerator_count: 8 cannot split"):
+        d.create(news)
+    assert Store(cfg.store_url, cfg.state_dir / "locks").read_deployment_record("acme", "wide") is None
+    assert not d.check({}, news | {"accelerator_count": 4, "__provider": "x"}).failures

@@ -208,7 +208,7 @@ def test_serverless_catalog_deployment_and_scale_to_zero():
         ({"deployment_type": "spot"}, "deployment_type", "'spot'"),
         ({"accelerator_type": "NVIDIA_T4"}, "accelerator_type", "'NVIDIA_T4'"),
         ({"accelerator_type": "NVIDIA_H100_80GB", "accelerator_count": 3}, "accelerator_count", "3 is not allowed"),
-        ({"accelerator_count": 2}, "accelerator_count", "for CPU"),
+        ({"accelerator_count": 3}, "accelerator_count", "3 is not allowed for CPU"),
         ({"accelerator_count": 1.5}, "accelerator_count", "(got 1.5)"),
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas", "3 is more than max_replicas 2"),
         ({"max_replicas": 0}, "max_replicas", "(got 0)"),
@@ -225,7 +225,7 @@ def test_serverless_catalog_deployment_and_scale_to_zero():
         ({"request_logging": {"enabled": True, "retention_days": 400}}, "request_logging.retention_days", "(got 400)"),
         ({"request_logging": {"retention_days": 7}}, "request_logging.retention_days", "not enabled"),
         ({"base_model": "accounts/p/models/llama-v3p1-70b-instruct", "accelerator_type": "NVIDIA_A100_80GB"},
-         "accelerator_count", "needs 141 GB in bf16"),
+         "accelerator_count", "needs 141 GB on its fullest device in bf16"),
         ({"base_model": "accounts/p/models/llama-v3p1-405b-instruct", "accelerator_type": "NVIDIA_H100_80GB",
           "accelerator_count": 8}, "accelerator_count", "8 x NVIDIA_H100_80GB"),
     ],
@@ -246,7 +246,23 @@ def test_big_models_fit_on_enough_accelerators():
     # Weight-only int4 fits 70B on one H100 (35 GB of weights), where bf16 (140 GB) does not.
     one = dict(base_model="accounts/p/models/llama-v3p1-70b-instruct", accelerator_type="NVIDIA_H100_80GB")
     assert spec.parse(DeploymentSpec, deployment(precision="int4", **one)).precision is spec.Precision.INT4
-    assert "needs 141 GB in bf16" in str(errors(DeploymentSpec, deployment(precision="bf16", **one)))
+    assert "needs 141 GB on its fullest device in bf16" in str(errors(DeploymentSpec, deployment(precision="bf16", **one)))
+
+
+def test_the_fit_check_is_per_device_with_the_embedding_on_every_one():
+    seventy = dict(base_model="accounts/p/models/llama-v3p1-70b-instruct", accelerator_type="NVIDIA_H100_80GB")
+    # 70B in bf16 on 2 H100s: 69.5 GB of projections halved, plus the 2.1 GB embedding on both
+    found, _ = errors(DeploymentSpec, deployment(accelerator_count=1, precision="fp16", **seventy))
+    assert "split" not in found["accelerator_count"]
+    spec.parse(DeploymentSpec, deployment(accelerator_count=2, **seventy))
+    four_oh_five = dict(base_model="accounts/p/models/llama-v3p1-405b-instruct", accelerator_type="NVIDIA_H100_80GB")
+    found, _ = errors(DeploymentSpec, deployment(accelerator_count=8, **four_oh_five))
+    assert "split 8 ways, needs 105 GB on its fullest device in bf16" in found["accelerator_count"]
+    spec.parse(DeploymentSpec, deployment(accelerator_count=8, precision="fp8", **four_oh_five))
+    # 24 heads split 8 ways (3 each), on the CPU too (ranks share its cores)
+    spec.parse(DeploymentSpec, deployment(base_model="accounts/p/models/llama-v3p2-3b-instruct",
+                                          accelerator_type="NVIDIA_H100_80GB", accelerator_count=8))
+    assert spec.parse(DeploymentSpec, deployment(accelerator_count=2)).accelerator_count == 2
 
 
 @pytest.mark.parametrize("accelerator", ["NVIDIA_H100_80GB", "NVIDIA_H200_141GB", "AMD_MI300X_192GB"])

@@ -4,13 +4,19 @@ Every engine here starts real rank processes; each test closes its engines so th
 """
 
 import contextlib
+import json
+import os
 import random
+import signal
 import time
 import warnings
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from tests.runtime.runtime_helpers import hf_model, make
+from tests.runtime.server_helpers import BASE, PIRATE, POET, make_models, start
 
 from ember.provider.domain.tensor_parallel import even, refusal, shard_of
 from ember.runtime.devtools import tinymodels
@@ -146,3 +152,58 @@ def test_a_rank_that_dies_fails_the_engine_instead_of_hanging(base):
         assert failures and "rank 1 of 2 exited" in failures[0]
         with pytest.raises(RuntimeError, match="rank 1 of 2"):
             split.generate(prompts(1), GREEDY)
+
+
+def _rank_processes(pid: int) -> list[int]:
+    """The replica's rank processes: its children started by multiprocessing's spawn."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_replica_of_two_ranks_answers_through_the_openai_api_as_one_does(tmp_path):
+    openai = pytest.importorskip("openai")
+    models = make_models(tmp_path / "models")
+    one = start(tmp_path / "one", models=models)
+    try:
+        split = start(tmp_path / "split", models=models, extra=["--tensor-parallel-size", "2"])
+    except BaseException:
+        one.stop()
+        raise
+    try:
+        messages = [{"role": "user", "content": "Where is the gold?"}]
+        schema = {"type": "object", "properties": {"gold": {"type": "integer"}}, "required": ["gold"],
+                  "additionalProperties": False}
+        for model in (BASE, PIRATE, POET):
+            said = []
+            for server in (one, split):
+                client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.keys["acme"], max_retries=0)
+                chat = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                      extra_body={"ignore_eos": True})
+                structured = client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=40, temperature=0,
+                    response_format={"type": "json_schema", "json_schema": {"name": "gold", "schema": schema}})
+                said.append((chat.choices[0].message.content, structured.choices[0].message.content))
+            assert said[0] == said[1], model
+            assert isinstance(json.loads(said[1][1])["gold"], int)
+
+        # a rank killed: health fails within seconds and the replica's process ends (its cluster restarts it)
+        ranks = _rank_processes(split.process.pid)
+        assert len(ranks) == 1
+        os.kill(ranks[0], signal.SIGKILL)
+        began = time.monotonic()
+        while time.monotonic() - began < 15:
+            try:
+                if httpx.get(f"{split.url}/health", timeout=1).status_code != 200:
+                    break
+            except httpx.HTTPError:
+                break
+            time.sleep(0.1)
+        failed_after = time.monotonic() - began
+        assert failed_after < 5, f"health still ready {failed_after:.1f} s after a rank died"
+        split.process.wait(timeout=30)
+        assert "tensor-parallel rank 1 of 2 exited" in split.log.read_text()
+    finally:
+        one.stop()
+        split.stop()

@@ -6,13 +6,30 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ember.provider.domain import catalog
+from ember.provider.domain import catalog, tensor_parallel
 from ember.provider.domain.kinds.kind import Kind
 from ember.provider.domain.names import deployment_name, parse_model_name
+from ember.provider.domain.tensor_parallel import Dims
 from ember.provider.domain.spec import (DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LORA_RANK_BUCKETS, MAX_REPLICAS,
                                         MAX_RETENTION_DAYS, WEIGHT_MEMORY_SHARE, AcceleratorType, DeploymentName,
                                         DeploymentState, DeploymentType, DisplayName, FieldError, ModelName, Precision,
                                         ResourceId, Spec, Text, full_name, refuse_foreign_base)
+
+
+def check_split(dims: Dims, count: int, accelerator: AcceleratorType, precision: Precision, model: str) -> None:
+    """Refuse an accelerator_count the model cannot be split across, or whose fullest device its share of the
+    weights would not leave room on for the KV cache (what the runtime's tensor parallelism will hold)."""
+    why = tensor_parallel.refusal(dims, count)
+    if why:
+        raise FieldError("accelerator_count", f"{count} cannot split {model}: {why}")
+    if accelerator.memory_gb is None:
+        return
+    need = tensor_parallel.weights_per_device(dims, count, precision.bytes, precision.unquantized_bytes) / 1e9
+    have = accelerator.memory_gb * WEIGHT_MEMORY_SHARE
+    if need > have:
+        split = f", split {count} ways," if count > 1 else ""
+        raise FieldError("accelerator_count", f"{count} x {accelerator.value} holds {have:.0f} GB of weights per "
+                         f"device, but {model}{split} needs {need:.0f} GB on its fullest device in {precision.value}")
 
 
 class AutoscalingPolicy(Spec):
@@ -132,12 +149,8 @@ class DeploymentSpec(Spec):
             if self.request_logging.enabled:
                 raise FieldError("request_logging.enabled",
                                  "True is not allowed on a serverless deployment: it is shared across accounts")
-        if base is not None and accelerator.memory_gb is not None:
-            need = base.parameter_count * self.precision.bytes / 1e9
-            have = accelerator.memory_gb * self.accelerator_count * WEIGHT_MEMORY_SHARE
-            if need > have:
-                raise FieldError("accelerator_count", f"{self.accelerator_count} x {accelerator.value} holds {have:.0f} GB "
-                                 f"of weights, but {base_id} needs {need:.0f} GB in {self.precision.value}")
+        if base is not None:
+            check_split(base.dims, self.accelerator_count, accelerator, self.precision, base_id)
         return self
 
     @property
