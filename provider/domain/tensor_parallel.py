@@ -6,9 +6,10 @@ the input columns of down), and of the vocabulary (the rows of the LM head). The
 output columns of o and down are whole on every rank; o's and down's partial products are summed across ranks
 (an all-reduce), and the LM head's logits gathered.
 
-Shares are as even as the model allows: a head count N does not divide splits into shares one head apart (the
-step runs at the pace of the largest), and a KV head whose query heads fall on two ranks is held by both (as
-vLLM replicates KV heads when N exceeds their count). A rank must hold at least one attention head.
+Shares are as even as the model allows. Attention splits by KV group (each rank's query heads read its own KV
+heads in equal groups): N that does not divide the KV heads gives some ranks a group more (the step runs at the
+pace of the fullest rank), and N above the KV heads splits each group's query heads over several ranks, each
+holding the group's KV head (as vLLM replicates KV heads). A rank must hold at least one attention head.
 
 The provider's fit check (per-device memory) and the runtime's loader read the same shares from here.
 """
@@ -102,10 +103,21 @@ class Shard:
 
 
 def shard_of(dims: Dims, size: int, rank: int) -> Shard:
-    """Rank `rank`'s share of a model split `size` ways (check `refusal` first)."""
-    heads = _share(dims.num_attention_heads, size, rank)
-    group = dims.num_attention_heads // dims.num_key_value_heads  # query heads per KV head
-    kv_heads = range(heads.start // group, (heads.stop - 1) // group + 1)
+    """Rank `rank`'s share of a model split `size` ways (check `refusal` first).
+
+    Attention is split by KV group, so that each rank's query heads read its KV heads in equal groups (as grouped
+    attention kernels need): with no more ranks than KV heads, each rank gets whole groups; with more, each group
+    gets several ranks, which split its query heads and each hold its KV head."""
+    kv, group = dims.num_key_value_heads, dims.num_attention_heads // dims.num_key_value_heads
+    if size <= kv:
+        kv_heads = _share(kv, size, rank)
+        heads = range(kv_heads.start * group, kv_heads.stop * group)
+    else:
+        owner = next(g for g in range(kv) if rank in _share(size, kv, g))  # the KV head this rank's heads read
+        ranks = _share(size, kv, owner)
+        mine = _share(group, len(ranks), rank - ranks.start)
+        kv_heads = range(owner, owner + 1)
+        heads = range(owner * group + mine.start, owner * group + mine.stop)
     return Shard(rank, size, dims.head_dim, heads, kv_heads,
                  _share(dims.intermediate_size, size, rank, _FEATURE_UNIT), _share(dims.vocab_size, size, rank))
 
@@ -114,9 +126,11 @@ def refusal(dims: Dims, size: int) -> str | None:
     """Why a model cannot be split `size` ways, or None when it can."""
     if size < 1:
         return f"{size} is not a number of accelerators"
-    if size > dims.num_attention_heads:
-        return (f"{size} ranks cannot share the model's {dims.num_attention_heads} attention heads (each rank needs "
-                f"at least one); use at most {dims.num_attention_heads}")
+    if any(not shard_of(dims, size, rank).heads for rank in range(size)):
+        most = max(n for n in range(1, dims.num_attention_heads + 1) if all(
+            shard_of(dims, n, rank).heads for rank in range(n)))
+        return (f"{size} ranks cannot share the model's {dims.num_attention_heads} attention heads "
+                f"({dims.num_key_value_heads} KV heads) so that each holds one; use at most {most}")
     return None
 
 

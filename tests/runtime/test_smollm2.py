@@ -107,6 +107,28 @@ def test_greedy_chat_answers_equal_transformers(converted, reference):
         assert _without_eos(answer.token_ids) == _without_eos(theirs), answer.text
 
 
+def test_two_ranks_answer_as_one_device(converted):
+    """SmolLM2's 9 heads and 3 KV heads split 5/4 over 2 ranks (KV head 1 on both): the same logits and answers."""
+    import torch
+
+    from ember.runtime.devtools.bench_precisions import prompt_logits
+    from ember.runtime.engine.engine import Engine, EngineConfig
+    from ember.runtime.engine.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=24, temperature=0)
+    answers, logits = [], []
+    for size in (1, 2):
+        engine = Engine.from_dir(converted, EngineConfig(kv_cache_tokens=8192, tensor_parallel_size=size))
+        try:
+            prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+            answers.append([a.token_ids for a in engine.generate(prompts, params)])
+            logits.append(prompt_logits(engine, prompts[1]))
+        finally:
+            engine.close()
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert answers[1] == answers[0]
+
+
 def _without_eos(ids: list[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] == 2 else ids  # <|im_end|>: one side may count it, the other not
 

@@ -74,11 +74,15 @@ def test_shares_cover_the_model_once_and_kv_heads_follow_their_query_heads():
                                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                                     "vocab_size": 49152})  # SmolLM2-135M's shape: 9 heads do not split 2 ways evenly
     shards = [shard_of(config, 2, rank) for rank in range(2)]
-    assert [list(s.heads) for s in shards] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
-    assert [list(s.kv_heads) for s in shards] == [[0, 1], [1, 2]]  # KV head 1 serves heads 3-5: held by both
+    assert [list(s.heads) for s in shards] == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]  # whole KV groups: 2 and 1
+    assert [list(s.kv_heads) for s in shards] == [[0, 1], [2]]
     assert [len(s.intermediate) for s in shards] == [768, 768] and [len(s.vocab) for s in shards] == [24576, 24576]
     assert not even(config, 2) and even(config, 3)
-    assert refusal(config, 9) is None and "at most 9" in refusal(config, 16)
+    # more ranks than KV heads: a group's 3 query heads over several ranks, each holding the group's KV head
+    shards = [shard_of(config, 4, rank) for rank in range(4)]
+    assert [list(s.heads) for s in shards] == [[0, 1], [2], [3, 4, 5], [6, 7, 8]]
+    assert [list(s.kv_heads) for s in shards] == [[0], [0], [1], [2]]
+    assert refusal(config, 9) is None and "use at most 9" in refusal(config, 16)
 
 
 @pytest.mark.parametrize("size", [2, 3])
