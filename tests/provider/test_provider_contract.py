@@ -399,8 +399,8 @@ def test_a_count_that_cannot_split_a_custom_model_is_refused_in_preview_and_at_c
     news = {"account_id": "acme", "deployment_id": "wide", "base_model": BASE, "accelerator_count": 8}
     result = d.check({}, news | {"__provider": "x"})
     assert [(f.property, f.reason) for f in result.failures] == [
-        ("accelerator_count", f"8 cannot split {BASE}: 8 ranks cannot share the model's 4 attention heads (each "
-                              "rank needs at least one); use at most 4")]
+        ("accelerator_count", f"8 cannot split {BASE}: 8 ranks cannot share the model's 4 attention heads (2 KV "
+                              "heads) so that each holds one; use at most 4")]
     with pytest.raises(EmberError, match="accelerator_count: 8 cannot split"):
         d.create(news)
     assert Store(cfg.store_url, cfg.state_dir / "locks").read_deployment_record("acme", "wide") is None
