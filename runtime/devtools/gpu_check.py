@@ -6,10 +6,12 @@
    model, prefill and decode through the paged cache; greedy continuations compared.
 2. Multi-LoRA on the GPU: every row of a mixed batch of three adapters against PEFT with that adapter.
 3. The compiled decode step (CUDA graphs) against the eager one in fp32: greedy tokens and log-probabilities.
-4. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
+4. Tensor parallelism, where the machine has 2 or more GPUs (said skipped otherwise): 2 ranks (NCCL) against one
+   GPU in fp32, logits and greedy answers, with addons in the batch.
+5. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
    tokens/s as a share of the HBM roofline (weight bytes read per token against the GPU's bandwidth), eager
    and compiled in bf16 and compiled in fp8 (where the GPU has it), with each compile's time; and
-   throughput with 64 concurrent requests, compiled.
+   throughput with 64 concurrent requests, compiled; with 2 GPUs, batch-1 decode split across both too.
 
 CI has no GPU: this is run by hand (or by a session lent one) and its figures go in the README. transformers
 and peft are references here, as in the tests. Exits 1 when a correctness check fails.
@@ -126,6 +128,32 @@ def check_compiled(root: Path, device: str = "cuda") -> dict:
             "ok": same == len(prompts) and max(gaps) <= 1e-3 and compiled.runner.forward.compiled.steps > 0}
 
 
+def check_tensor_parallel(root: Path, device: str = "cuda") -> dict:
+    name = "tensor parallel: 2 ranks vs 1 device (fp32)"
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        return {"check": name, "skipped": f"{torch.cuda.device_count()} GPU here; it needs 2", "ok": True}
+    directory = root / "tiny"
+    adapter = tinymodels.make_lora(directory, root / "tp-lora", seed=5, init_std=0.1, rank=8,
+                                   target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
+    prompts = [list(range(30 + 5 * i, 60 + 13 * i)) for i in range(6)]
+    names = [None, "accounts/acme/models/tp"] * 3
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    results = []
+    for size in (1, 2):
+        engine = Engine.from_dir(directory, EngineConfig(device=device, precision="fp32", kv_cache_tokens=8192,
+                                                         max_loras=2, max_lora_rank=8, tensor_parallel_size=size))
+        try:
+            engine.lora.add(names[1], adapter)
+            results.append((prompt_logits(engine, prompts[-1], names[1]),
+                            [c.token_ids for c in engine.generate(prompts, params, names)]))
+        finally:
+            engine.close()
+    share = logits_share(results[1][0], results[0][0])
+    same = sum(a == b for a, b in zip(results[0][1], results[1][1]))
+    return {"check": name, "max_logit_share": round(share, 7), "greedy_equal": f"{same}/{len(prompts)}",
+            "ok": share <= 1e-4 and same == len(prompts)}
+
+
 def decode_figures(engine: Engine, vocab: int, tb_s: float | None) -> dict:
     """Batch-1 decode of a 128-token prompt: tokens/s and its share of the roofline."""
     prompt = make_workload(1, (128, 128), (1, 1), vocab, seed=3).prompts[0]
@@ -151,11 +179,14 @@ def bench_8b(root: Path) -> dict:
     tb_s = bandwidth(name)
     report = {"gpu": name, "hbm_tb_s": tb_s}
     has_fp8 = "scaled-mm" in fp8_kernels(*fp8_hardware(torch.device("cuda")))
-    runs = [("bf16 eager", "bf16", False), ("bf16 compiled", "bf16", True)] + ([("fp8 compiled", "fp8", True)] if has_fp8 else [])
-    for label, dtype, compiled in runs:
+    runs = [("bf16 eager", "bf16", False, 1), ("bf16 compiled", "bf16", True, 1)]
+    runs += [("fp8 compiled", "fp8", True, 1)] if has_fp8 else []
+    runs += [("bf16 compiled, 2 GPUs", "bf16", True, 2)] if torch.cuda.device_count() >= 2 else []
+    for label, dtype, compiled, size in runs:
         progress(f"{label}: loading" + (" and compiling" if compiled else ""))
         engine = Engine.from_dir(directory, EngineConfig(device="cuda", precision=dtype, max_num_seqs=64,
-                                                         max_num_batched_tokens=8192, compile=compiled))
+                                                         max_num_batched_tokens=8192, compile=compiled,
+                                                         tensor_parallel_size=size))
         vocab = engine.model.config.vocab_size
         report[label] = decode_figures(engine, vocab, tb_s)
         progress(f"{label}: {report[label]}")
@@ -164,6 +195,7 @@ def bench_8b(root: Path) -> dict:
             run_ember(engine, make_workload(8, (64, 64), (8, 8), vocab, seed=1), name="warm-up")
             report["concurrent_64"] = run_ember(engine, make_workload(64, (128, 512), (128, 128), vocab, seed=0),
                                                 name="64 concurrent").summary()
+        engine.close()
         del engine
         torch.cuda.empty_cache()
     return report
@@ -185,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"checks": [check_logits(root, args.device), check_lora(root, args.device)]}
         if not args.skip_compiled:
             report["checks"].append(check_compiled(root, args.device))
+        report["checks"].append(check_tensor_parallel(root, args.device))
         for check in report["checks"]:
             print(json.dumps(check))
         if not args.skip_bench and args.device == "cuda":

@@ -138,13 +138,25 @@ def test_quickstart_up_refresh_policy_and_destroy_through_the_engine(tmp_path):
         client = openai.OpenAI(base_url=f"{gateway}/v1", max_retries=0,
                                api_key=(cfg.state_dir / "keys" / "quickstart.key").read_text().strip())
         names = json.loads(stack.pulumi("stack", "output", "models", "--json").stdout)
-        for name in names:
-            answer = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
-                {"role": "user", "content": "What is the capital of France?"}])
-            assert answer.choices[0].message.content
+
+        def answers() -> list[str]:
+            return [client.chat.completions.create(model=name, max_tokens=12, temperature=0, messages=[
+                {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+                for name in names]
+
+        on_one = answers()
+        assert all(on_one)
         gateway_process = gateway_pid(cfg, "quickstart", "gateway")
         stack.pulumi("up", "--yes", "--expect-no-changes")  # a second up changes nothing
         stack.pulumi("refresh", "--yes", "--expect-no-changes")
+        # the model split across 2 ranks (tensor parallelism): a replacement, whose replica answers as one rank did
+        main = program / "__main__.py"
+        main.write_text(main.read_text().replace('accelerator_type="CPU",', 'accelerator_type="CPU", accelerator_count=2,'))
+        assert by_name(stack.preview())["smollm2-local"] == "replace"
+        stack.up()
+        endpoint = stack.pulumi("stack", "output", "endpoint").stdout.strip()  # the new replica's
+        assert served_addons(endpoint, cfg, "quickstart") == set(names[1:])
+        assert answers() == on_one
         policy = stack.pulumi("preview", *GUARDRAILS)
         assert "ember@v0.1.0" in policy.stdout
         pids = replica_pids(cfg, "quickstart", "smollm2-local")
