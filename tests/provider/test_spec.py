@@ -332,3 +332,32 @@ def test_catalog_ids_are_valid_and_serverless_addons_only_on_serverless_bases():
     for model in catalog.CATALOG.values():
         assert spec.parse(ModelSpec, {"account_id": "p", "catalog_id": model.model_id}).model_id == model.model_id
         assert model.serverless or not model.serverless_addons
+
+
+def test_the_readme_says_which_shapes_of_each_catalog_model_are_served():
+    """Its tensor-parallelism table: the fewest accelerators each catalog model is accepted on, as the spec says."""
+    from pathlib import Path
+
+    from ember.provider.domain import catalog
+    from ember.provider.domain.kinds.deployment import check_split
+
+    a, p = spec.AcceleratorType, spec.Precision
+    columns = [(a.NVIDIA_A100_80GB, p.BF16), (a.NVIDIA_H100_80GB, p.BF16), (a.NVIDIA_H100_80GB, p.FP8),
+               (a.NVIDIA_H100_80GB, p.INT4), (a.NVIDIA_H200_141GB, p.BF16), (a.NVIDIA_H200_141GB, p.FP8),
+               (a.AMD_MI300X_192GB, p.BF16)]
+
+    def fewest(model, accelerator, precision):
+        for count in accelerator.allowed_counts:
+            try:
+                check_split(model.dims, count, accelerator, precision, model.model_id)
+                return str(count)
+            except spec.FieldError:
+                pass
+        return "—"
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for model in catalog.CATALOG.values():
+        cells = [fewest(model, *column) for column in columns]
+        row = (f"| `{model.model_id}` | {model.dims.num_attention_heads} / {model.dims.num_key_value_heads} | "
+               + " | ".join(cells) + " |")
+        assert row in readme, row
