@@ -24,10 +24,20 @@ class Architecture:
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q/k/v
+    explicit_head_dim: int | None = None  # config.json's head_dim, where it is not hidden_size / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def of(cls, config: dict) -> "Architecture":
+        """A config.json's dimensions (a custom base model's, from its manifest)."""
+        heads = config["num_attention_heads"]
+        return cls(config["architectures"][0], config["hidden_size"], config["intermediate_size"],
+                   config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads, config["vocab_size"],
+                   config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", False)),
+                   bool(config.get("attention_bias", False)), config.get("head_dim"))
 
     @property
     def parameter_count(self) -> int:

@@ -41,28 +41,6 @@ class Dims(Protocol):
     def head_dim(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class ConfigDims:
-    """A config.json's dimensions (a custom base model's, from its manifest)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    head_dim: int
-
-    @classmethod
-    def of(cls, config: dict) -> "ConfigDims":
-        heads = config["num_attention_heads"]
-        return cls(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
-                   config.get("num_key_value_heads") or heads, config["vocab_size"],
-                   bool(config.get("tie_word_embeddings", False)),
-                   config.get("head_dim") or config["hidden_size"] // heads)
-
-
 def _share(total: int, size: int, rank: int, unit: int = 1) -> range:
     """Rank's contiguous share of `total` items split `size` ways in whole units; the first ranks get one unit
     more when the units do not divide evenly."""

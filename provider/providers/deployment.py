@@ -10,11 +10,11 @@ from pulumi.dynamic import CreateResult, ReadResult
 
 from ember.provider.backends.cluster import ClusterError, ReplicaStatus
 from ember.provider.backends.store import StoreError
+from ember.provider.domain.catalog import Architecture
 from ember.provider.domain.kinds.deployment import KIND, DeploymentSpec, check_split
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.records import BaseModelManifest, DeploymentRecord
 from ember.provider.domain.spec import DeploymentState, DeploymentType, FieldError
-from ember.provider.domain.tensor_parallel import ConfigDims
 from ember.provider.providers.base import (CLUSTERS, REFERENCES, ClusterProvider, EmberError, base_manifest, has_unknown,
                                            progress)
 
@@ -55,11 +55,11 @@ class DeploymentProvider(ClusterProvider):
         if not isinstance(manifest, BaseModelManifest) or manifest.catalog_id is not None:
             return []
         try:
-            check_split(ConfigDims.of(manifest.config), spec.accelerator_count, spec.accelerator_type, spec.precision,
+            check_split(Architecture.of(manifest.config), spec.accelerator_count, spec.accelerator_type, spec.precision,
                         spec.base_model)
         except FieldError as exc:
             return [(exc.field, exc.message)]
-        except (KeyError, TypeError):  # a config the model's own checks refuse, with its own words
+        except (KeyError, TypeError, IndexError):  # a config the model's own checks refuse, with its own words
             return []
         return []
 
