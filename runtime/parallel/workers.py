@@ -13,6 +13,7 @@ a worker whose rank 0 is gone finds its pipe closed, or its collective broken, a
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -82,6 +83,8 @@ class Peers:
             self.pipes.append(ours)
             self.processes.append(process)
         threading.Thread(target=self._watch, name="ember-ranks", daemon=True).start()
+        # before multiprocessing's own exit handler, which would wait for the workers while their pipes stay open
+        atexit.register(self.close)
         try:
             self.group = RankGroup(model, 0, size, address, device)
         except Exception:
@@ -139,6 +142,8 @@ class Peers:
 
     def close(self) -> None:
         """Stop the workers (they finish with the pipe closing) and leave the process group."""
+        if self.closing:
+            return
         self.closing = True
         for pipe in self.pipes:
             pipe.close()
