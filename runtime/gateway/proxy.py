@@ -125,10 +125,16 @@ class Forwarder:
                        headers={"Retry-After": "5" if not attempts else "1", ATTEMPTS_HEADER: str(attempts)})
 
     def _pick(self, route: Route, affinity: bytes | None, tried: frozenset[str]) -> tuple[Replica, Deployment] | None:
-        for deployment in route.deployments:
-            replica = self.balancer.pick(deployment.replicas, route.addon, affinity, tried)
-            if replica is not None:
-                return replica, deployment
+        # An addon goes to the replicas that say they serve it while any does: a deployment it was just attached to
+        # is routed it (its desired set names it) a moment before its replicas have loaded it, and they would
+        # answer 404 meanwhile. Only when none says so is any replica tried (the registrations may lag).
+        passes = [lambda r: route.addon in r.served, lambda r: True] if route.addon else [lambda r: True]
+        for serves in passes:
+            for deployment in route.deployments:
+                replicas = [r for r in deployment.replicas if serves(r)]
+                replica = self.balancer.pick(replicas, route.addon, affinity, tried)
+                if replica is not None:
+                    return replica, deployment
         return None
 
     def release(self, upstream: Upstream) -> None:

@@ -123,6 +123,24 @@ def test_least_outstanding_requests_spreads_a_burst_and_addon_slots_attract(stor
         assert len(idle.seen) == 3 and len(busy.seen) == 1
 
 
+def test_an_addon_goes_to_the_replicas_that_serve_it_before_one_just_attached_has_loaded_it(store, replicas):
+    loading, serving = replicas(404), replicas("ok")  # a replica asked for an addon it has not loaded yet answers 404
+    store.deployment(ACME_CANARY, ACME_BASE, addons=(ACME_ADDON,))  # the addon just attached
+    store.deployment(ACME_PROD, ACME_BASE, addons=(ACME_ADDON,), traffic_weight=0)  # would take it only last
+    store.register(ACME_CANARY, loading)
+    store.register(ACME_PROD, serving, slots=(ACME_ADDON,))
+    front = start_gateway(store)
+    for _ in range(10):
+        assert complete(front, "acme", ACME_ADDON).status_code == 200
+    assert len(serving.seen) == 10 and not loading.seen
+    # the base model follows the weights as before
+    assert complete(front, "acme", ACME_BASE).status_code == 404 and len(loading.seen) == 1
+    # once no replica says it serves the addon, the route's order holds again (registrations can lag behind a load)
+    store.register(ACME_PROD, serving)
+    time.sleep(0.5)  # the gateway reads the store every 0.1 s here
+    assert complete(front, "acme", ACME_ADDON).status_code == 404 and len(loading.seen) == 2
+
+
 def test_a_shared_prompt_prefix_keeps_to_one_replica_while_it_is_not_overloaded(store, replicas):
     first, second = replicas(), replicas()
     store.deployment(ACME_PROD, ACME_BASE)
