@@ -205,6 +205,7 @@ def test_a_replica_of_two_ranks_answers_through_the_openai_api_as_one_does(tmp_p
                 break
             time.sleep(0.1)
         failed_after = time.monotonic() - began
+        print(f"health not ready {failed_after:.2f} s after a rank was killed")
         assert failed_after < 5, f"health still ready {failed_after:.1f} s after a rank died"
         split.process.wait(timeout=30)
         assert "tensor-parallel rank 1 of 2 exited" in split.log.read_text()
