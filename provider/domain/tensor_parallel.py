@@ -22,8 +22,7 @@ from typing import Protocol
 # Intermediate features are split in multiples of this (when the size allows): int4 weights are quantized in
 # groups of 32 input features, and down_proj's input is what is split.
 _FEATURE_UNIT = 32
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")  # output rows split
-ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split; partial outputs summed across ranks
+_ALL = slice(None)
 
 
 class Dims(Protocol):
@@ -63,21 +62,21 @@ class Shard:
     intermediate: range  # MLP features
     vocab: range  # LM head rows
 
-    def rows(self, module: str) -> slice | None:
-        """The output rows of `module`'s weight this rank holds; None: all of them (a row-parallel module)."""
+    def rows(self, module: str) -> slice:
+        """The output rows of `module`'s weight this rank holds (all of them for a row-parallel module)."""
         d = self.head_dim
         share = {"q_proj": (self.heads, d), "k_proj": (self.kv_heads, d), "v_proj": (self.kv_heads, d),
                  "gate_proj": (self.intermediate, 1), "up_proj": (self.intermediate, 1),
                  "lm_head": (self.vocab, 1)}.get(module)
-        return None if share is None else slice(share[0].start * share[1], share[0].stop * share[1])
+        return _ALL if share is None else slice(share[0].start * share[1], share[0].stop * share[1])
 
-    def columns(self, module: str) -> slice | None:
-        """The input columns of `module`'s weight this rank holds; None: all of them."""
+    def columns(self, module: str) -> slice:
+        """The input columns of `module`'s weight this rank holds (all of them but for o_proj and down_proj)."""
         if module == "o_proj":
             return slice(self.heads.start * self.head_dim, self.heads.stop * self.head_dim)
         if module == "down_proj":
             return slice(self.intermediate.start, self.intermediate.stop)
-        return None
+        return _ALL
 
 
 def shard_of(dims: Dims, size: int, rank: int) -> Shard:

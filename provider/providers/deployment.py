@@ -36,7 +36,11 @@ class DeploymentProvider(ClusterProvider):
     def check_known(self, spec: DeploymentSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
         failures = self._base_failures(spec.base_model, unknown, references)
         if not unknown & {"base_model", "accelerator_count"}:
-            failures += self._split_failures(spec)
+            name = parse_model_name(spec.base_model)
+            try:
+                failures += self._split_failures(spec, self.store.read_manifest(name.account_id, name.resource_id))
+            except StoreError:  # the base's own check says what is wrong with it
+                pass
         if not unknown & {"cluster", "accelerator_type"}:
             try:
                 CLUSTERS[spec.cluster].check_supported(spec)
@@ -44,14 +48,10 @@ class DeploymentProvider(ClusterProvider):
                 failures.append(("accelerator_type", str(exc).removeprefix("accelerator_type: ")))
         return failures
 
-    def _split_failures(self, spec: DeploymentSpec) -> list[tuple[str, str]]:
-        """A custom base model already in the store: whether accelerator_count splits it (the spec itself checks
+    @staticmethod
+    def _split_failures(spec: DeploymentSpec, manifest) -> list[tuple[str, str]]:
+        """Whether accelerator_count splits a custom base model, by its manifest in the store (the spec itself checks
         catalog models, whose shapes it knows)."""
-        name = parse_model_name(spec.base_model)
-        try:
-            manifest = self.store.read_manifest(name.account_id, name.resource_id)
-        except StoreError:
-            return []
         if not isinstance(manifest, BaseModelManifest) or manifest.catalog_id is not None:
             return []
         try:
@@ -81,7 +81,7 @@ class DeploymentProvider(ClusterProvider):
         """`generation`: a create's or a replacement's new one; an update keeps the record's."""
         store, cluster = self.store, self.cluster_of(spec.cluster)
         base = base_manifest(store, spec.base_model, spec.account_id)
-        if failures := self._split_failures(spec):
+        if failures := self._split_failures(spec, base):
             raise EmberError("; ".join(f"{field}: {message}" for field, message in failures))
         store.ensure_key(spec.account_id, self.config.state_dir / "keys")  # the account's own, to call its deployment
         previous = store.read_deployment_record(spec.account_id, spec.deployment_id)

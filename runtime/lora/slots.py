@@ -94,9 +94,7 @@ class DeviceSlots:
                     if part.module not in adapter.weights:
                         continue
                     a, b = adapter.weights[part.module]
-                    a, b = a[layer], b[layer]
-                    a = a if self.shard.columns(part.module) is None else a[:, self.shard.columns(part.module)]
-                    b = b if self.shard.rows(part.module) is None else b[self.shard.rows(part.module)]
+                    a, b = a[layer][:, self.shard.columns(part.module)], b[layer][self.shard.rows(part.module)]
                     rows = slice(base + p * self.max_rank, base + p * self.max_rank + adapter.rank)
                     a_stack[rows] = a.to(self.device, self.dtype)
                     bt_stack[rows, part.first : part.first + part.width] = (b * adapter.scaling).t().to(self.device, self.dtype)

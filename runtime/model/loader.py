@@ -42,12 +42,7 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: torch.Tensor | Any  # the embedding itself when tied; a QuantizedWeight (quantized.py) when quantized
-    # This rank's share of the model (its heads, features and vocabulary); the whole model on one device.
-    shard: Shard = None  # type: ignore[assignment]  # set by __post_init__
-
-    def __post_init__(self) -> None:
-        if self.shard is None:
-            self.shard = shard_of(self.config, 1, 0)
+    shard: Shard  # this rank's share of the model (its heads, features and vocabulary); all of it on one device
 
     @property
     def local(self) -> ModelConfig:
@@ -105,8 +100,8 @@ class _Reader:
         self.handles: dict[Path, object] = {}
         self.used: set[str] = set()
 
-    def get(self, name: str, shape: tuple[int, ...], rows: slice | None = None,
-            columns: slice | None = None) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], rows: slice = slice(None),
+            columns: slice = slice(None)) -> torch.Tensor:
         """The tensor, or only its `rows` and `columns` (a tensor-parallel rank's share: only those are read)."""
         if name not in self.files:
             raise ModelFilesError(f"tensor {name} is missing from the checkpoint")
@@ -118,8 +113,7 @@ class _Reader:
             found = tuple(part.get_shape())
             if found != shape:
                 raise ModelFilesError(f"tensor {name} has shape {found}, but config.json needs {shape}")
-            whole = slice(None)
-            tensor = part[(rows or whole, columns or whole)[:len(shape)]]
+            tensor = part[(rows, columns)[:len(shape)]]
         except ModelFilesError:
             raise
         except Exception as exc:  # a header that lies about offsets or sizes
@@ -127,8 +121,8 @@ class _Reader:
         self.used.add(name)
         return tensor.to(device=self.device, dtype=self.dtype)
 
-    def maybe(self, name: str, shape: tuple[int, ...], wanted: bool, rows: slice | None = None) -> torch.Tensor | None:
-        return self.get(name, shape, rows) if wanted else None
+    def maybe(self, name: str, shape: tuple[int, ...], wanted: bool) -> torch.Tensor | None:
+        return self.get(name, shape) if wanted else None
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.files if n not in self.used and not n.endswith(_IGNORED_SUFFIXES))

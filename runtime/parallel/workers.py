@@ -26,7 +26,12 @@ import torch
 
 from ember.provider.domain.tensor_parallel import refusal
 from ember.runtime.engine.batch import StepBatch
+from ember.runtime.engine.engine import compile_decode, load_weights, make_cache
+from ember.runtime.engine.model_runner import Forward
 from ember.runtime.lora.adapters import LoRAAdapter
+from ember.runtime.lora.slots import DeviceSlots
+from ember.runtime.model.config import ModelConfig
+from ember.runtime.model.llama import Llama
 from ember.runtime.parallel.group import RankGroup, free_address, rank_device, threads_per_rank
 
 log = logging.getLogger("ember.runtime")
@@ -57,8 +62,6 @@ class Peers:
 
     def __init__(self, directory: Path, config, size: int):
         """Start ranks 1..size-1 and join them as rank 0 (`config`: the EngineConfig every rank runs)."""
-        from ember.runtime.model.config import ModelConfig
-
         model = ModelConfig.from_dir(directory)
         why = refusal(model, size)
         if why:
@@ -159,12 +162,6 @@ class Peers:
 
 def _worker(rank: int, size: int, address: str, directory: str, config, threads: int, pipe) -> None:
     """Rank `rank`'s process: its shard of the model, stepped by rank 0 until the pipe closes."""
-    from ember.runtime.engine.engine import compile_decode, load_weights, make_cache
-    from ember.runtime.engine.model_runner import Forward
-    from ember.runtime.lora.slots import DeviceSlots
-    from ember.runtime.model.config import ModelConfig
-    from ember.runtime.model.llama import Llama
-
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s rank {rank}: %(message)s")
     device = rank_device(config.resolved_device(), rank)
     if device.type == "cpu":
