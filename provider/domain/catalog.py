@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ember.provider.domain import families
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -25,6 +27,10 @@ class Architecture:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q/k/v
     explicit_head_dim: int | None = None  # config.json's head_dim, where it is not hidden_size / heads
+    num_experts: int = 0  # Mixture of Experts: experts per expert layer (0: a dense model)
+    expert_intermediate_size: int = 0
+    expert_layer_count: int = 0
+    experts_per_token: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -33,20 +39,34 @@ class Architecture:
     @classmethod
     def of(cls, config: dict) -> "Architecture":
         """A config.json's dimensions (a custom base model's, from its manifest)."""
-        heads = config["num_attention_heads"]
+        heads, f = config["num_attention_heads"], families.family(config)
+        experts = families.expert_count(config) if f.experts else 0
         return cls(config["architectures"][0], config["hidden_size"], config["intermediate_size"],
                    config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads, config["vocab_size"],
-                   config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", False)),
-                   bool(config.get("attention_bias", False)), config.get("head_dim"))
+                   config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", f.gemma)),
+                   f.qkv_bias or bool(config.get("attention_bias", False)), config.get("head_dim"), experts,
+                   families.expert_intermediate_size(config) if experts else 0,
+                   sum(families.expert_layers(config)), config.get("num_experts_per_tok", 0) if experts else 0)
 
     @property
     def parameter_count(self) -> int:
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        attention = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.attention_bias else 0)
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attention + mlp + 2 * h  # two RMSNorm weights
+        return self._count(self.num_experts)
+
+    @property
+    def active_parameter_count(self) -> int:
+        """The parameters one token's forward pass reads: a Mixture of Experts' routed experts only."""
+        return self._count(self.experts_per_token)
+
+    def _count(self, experts: int) -> int:
+        h, kv, q = self.hidden_size, self.num_key_value_heads * self.head_dim, self.num_attention_heads * self.head_dim
+        attention = 2 * h * q + 2 * h * kv + (q + 2 * kv if self.attention_bias else 0)
+        per_layer = attention + 2 * h  # two RMSNorm weights
+        dense = self.num_hidden_layers - self.expert_layer_count
+        mlp = 3 * h * (dense * self.intermediate_size + self.expert_layer_count * experts * self.expert_intermediate_size)
+        routers = self.expert_layer_count * self.num_experts * h
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return embeddings + self.num_hidden_layers * per_layer + h  # final norm
+        return embeddings + self.num_hidden_layers * per_layer + mlp + routers + h  # final norm
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.provider.domain import file_kinds
-from ember.provider.domain.spec import LORA_TARGET_MODULES, LoRAConfig, SpecError, parse
+from ember.provider.domain.families import NOT_SERVED, SUPPORTED_ARCHITECTURES, family, module_shapes
+from ember.provider.domain.spec import LoRAConfig, SpecError, parse
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# RoPE variants the runtime computes: Llama 3.1's, linear (Gemma 3's global layers), LongRoPE (Phi-3)
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 # Read by the runtime when present; each must then be a regular file like the required ones.
 OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                             "special_tokens_map.json")
@@ -100,11 +102,6 @@ def rope_settings(config: dict) -> dict:
     return config.get("rope_parameters") or config.get("rope_scaling") or {}
 
 
-def rope_type(config: dict) -> str:
-    rope = rope_settings(config)
-    return rope.get("rope_type", rope.get("type", "default"))
-
-
 def read_config(directory: str | Path) -> dict:
     """A model directory's config.json, or an error naming the file."""
     path = Path(directory) / "config.json"
@@ -121,6 +118,8 @@ def check_config(config: dict, source: str | Path = "config.json") -> None:
     """Everything in a config.json that Ember cannot serve, refused with the key and its value: the provider
     runs it at preview, the runtime before it builds the model, so the two never disagree."""
     architecture = (config.get("architectures") or [None])[0]
+    if architecture in NOT_SERVED:
+        raise ModelFilesError(f"{source}: architectures {config.get('architectures')!r}: {NOT_SERVED[architecture]}")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelFilesError(f"{source}: architectures {config.get('architectures')!r} is not supported; "
                               f"Ember serves {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -135,14 +134,35 @@ def check_config(config: dict, source: str | Path = "config.json") -> None:
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
         raise ModelFilesError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv_heads!r}")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ModelFilesError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
+    f = family(config)
+    activation_key = "hidden_activation" if f.gemma else "hidden_act"
+    activation = config.get(activation_key) or ("gelu_pytorch_tanh" if f.gemma else "silu")
+    if activation != ("gelu_pytorch_tanh" if f.gemma else "silu"):
+        raise ModelFilesError(f"{source}: {activation_key} {activation!r} is not supported for {architecture}")
     window = config.get("sliding_window")
-    uses_window = config.get("use_sliding_window", architecture == "MistralForCausalLM")
-    if uses_window and window is not None and window < config.get("max_position_embeddings", 0):
-        raise ModelFilesError(f"{source}: sliding_window {window} attention is not supported")
-    if rope_type(config) not in ("default", "llama3"):
-        raise ModelFilesError(f"{source}: rope_type {rope_type(config)!r} is not supported (default or llama3)")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ModelFilesError(f"{source}: sliding_window must be a positive int or null, got {window!r}")
+    if config.get("use_bidirectional_attention"):
+        raise ModelFilesError(f"{source}: use_bidirectional_attention is not supported (a decoder attends causally)")
+    for rope in rope_variants(config):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ModelFilesError(f"{source}: rope_type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ModelFilesError(f"{source}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported "
+                                  f"(RoPE over the whole head only)")
+    if f.experts is not None:
+        experts, used = config.get("num_local_experts") or config.get("num_experts"), config.get("num_experts_per_tok")
+        if not isinstance(experts, int) or not isinstance(used, int) or not 1 <= used <= experts:
+            raise ModelFilesError(f"{source}: a Mixture-of-Experts model needs 1 <= num_experts_per_tok <= its experts, "
+                                  f"got {used!r} of {experts!r}")
+
+
+def rope_variants(config: dict) -> list[dict]:
+    """The RoPE settings of a config.json: one, or one per layer type (Gemma 3 in transformers >= 5)."""
+    rope = rope_settings(config)
+    nested = [v for k, v in rope.items() if k in ("full_attention", "sliding_attention") and isinstance(v, dict)]
+    return nested or [rope]
 
 
 def inspect_base_model(directory: str | Path) -> BaseModelInfo:
@@ -180,7 +200,7 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
         raise ModelFilesError(f"{directory}: model.embed_tokens.weight has shape {embed_shape}, but config.json says "
                               f"[{config.get('vocab_size')}, {hidden}]")
     for module, (fan_in, fan_out) in module_shapes(config).items():  # layer 0 stands for all: a config that lies
-        part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        part = "self_attn" if module in ATTENTION_MODULES else "mlp"
         key = f"model.layers.0.{part}.{module}.weight"
         if key in headers and headers[key]["shape"] != [fan_out, fan_in]:
             raise ModelFilesError(f"{directory}: {key} has shape {headers[key]['shape']}, but config.json says "
@@ -188,6 +208,7 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
     return BaseModelInfo(config["architectures"][0], count, config)
 
 
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")
 
 
@@ -204,15 +225,6 @@ class AdapterInfo:
     @property
     def target_modules(self) -> tuple[str, ...]:
         return self.config.target_modules
-
-
-def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    h, i = config["hidden_size"], config["intermediate_size"]
-    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
-    q = config["num_attention_heads"] * head_dim
-    kv = (config.get("num_key_value_heads") or config["num_attention_heads"]) * head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: int | None = None) -> AdapterInfo:
@@ -241,11 +253,16 @@ def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: i
         return AdapterInfo(config, weights, {})
     shapes = module_shapes(base_config)
     layers = base_config["num_hidden_layers"]
+    absent = [m for m in config.target_modules if m not in shapes]
+    if absent:
+        raise ModelFilesError(f"{config_path}: target_modules {absent!r} are not modules a "
+                              f"{base_config['architectures'][0]} serves addons on; use any of {', '.join(shapes)}")
     seen: dict[tuple[int, str, str], str] = {}
     for key, tensor in header.items():
         match = _KEY.match(key)
-        if not match or match[2] not in LORA_TARGET_MODULES:
-            raise ModelFilesError(f"{weights}: tensor {key} is not a LoRA weight of a supported module")
+        if not match or match[2] not in shapes:
+            raise ModelFilesError(f"{weights}: tensor {key} is not a LoRA weight of a module Ember serves addons on "
+                                  f"for {base_config['architectures'][0]} ({', '.join(shapes)})")
         layer, module, which = int(match[1]), match[2], match[3]
         if layer >= layers:
             raise ModelFilesError(f"{weights}: tensor {key} is for layer {layer}, but the base model has {layers}")

@@ -200,6 +200,8 @@ LORA_RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_LORA_RANK = 64
 DEFAULT_MAX_LORAS = 8  # addons on the accelerator at once: a deployment's, and so its replicas' default
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3 keeps q/k/v and gate/up fused in its checkpoint, so PEFT targets them by these names there.
+FUSED_LORA_TARGET_MODULES = ("qkv_proj", "gate_up_proj")
 MAX_REPLICAS = 64
 MAX_EPOCHS = 100
 MAX_RETENTION_DAYS = 365
@@ -333,12 +335,13 @@ class LoRAConfig(BaseModel):
             return LORA_TARGET_MODULES
         if isinstance(value, str):
             raise ValueError(f"{value!r}: give a list of module names, not a pattern")
-        unsupported = [m for m in value if m not in LORA_TARGET_MODULES]
+        known = LORA_TARGET_MODULES + FUSED_LORA_TARGET_MODULES
+        unsupported = [m for m in value if m not in known]
         if unsupported:
-            raise ValueError(f"{unsupported!r} are not supported; use any of {', '.join(LORA_TARGET_MODULES)}")
+            raise ValueError(f"{unsupported!r} are not supported; use any of {', '.join(known)}")
         if not value:
             raise ValueError("is empty: an adapter must target at least one module")
-        return tuple(sorted(set(value), key=LORA_TARGET_MODULES.index))
+        return tuple(sorted(set(value), key=known.index))
 
     @property
     def scaling(self) -> float:

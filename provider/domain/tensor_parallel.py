@@ -39,6 +39,15 @@ class Dims(Protocol):
     @property
     def head_dim(self) -> int: ...
 
+    @property
+    def num_experts(self) -> int: ...  # 0 for a dense model
+
+    @property
+    def expert_intermediate_size(self) -> int: ...  # one expert's MLP features (0 for a dense model)
+
+    @property
+    def expert_layer_count(self) -> int: ...  # the layers whose MLP is the experts
+
 
 def _share(total: int, size: int, rank: int, unit: int = 1) -> range:
     """Rank's contiguous share of `total` items split `size` ways in whole units; the first ranks get one unit
@@ -61,12 +70,14 @@ class Shard:
     kv_heads: range  # the KV heads those query heads read
     intermediate: range  # MLP features
     vocab: range  # LM head rows
+    expert_intermediate: range = range(0)  # each expert's MLP features (Mixture of Experts: every expert splits)
 
     def rows(self, module: str) -> slice:
         """The output rows of `module`'s weight this rank holds (all of them for a row-parallel module)."""
         d = self.head_dim
         share = {"q_proj": (self.heads, d), "k_proj": (self.kv_heads, d), "v_proj": (self.kv_heads, d),
                  "gate_proj": (self.intermediate, 1), "up_proj": (self.intermediate, 1),
+                 "expert_gate_proj": (self.expert_intermediate, 1), "expert_up_proj": (self.expert_intermediate, 1),
                  "lm_head": (self.vocab, 1)}.get(module)
         return _ALL if share is None else slice(share[0].start * share[1], share[0].stop * share[1])
 
@@ -76,6 +87,8 @@ class Shard:
             return slice(self.heads.start * self.head_dim, self.heads.stop * self.head_dim)
         if module == "down_proj":
             return slice(self.intermediate.start, self.intermediate.stop)
+        if module == "expert_down_proj":
+            return slice(self.expert_intermediate.start, self.expert_intermediate.stop)
         return _ALL
 
 
@@ -96,7 +109,8 @@ def shard_of(dims: Dims, size: int, rank: int) -> Shard:
         kv_heads = range(owner, owner + 1)
         heads = range(owner * group + mine.start, owner * group + mine.stop)
     return Shard(rank, size, dims.head_dim, heads, kv_heads,
-                 _share(dims.intermediate_size, size, rank, _FEATURE_UNIT), _share(dims.vocab_size, size, rank))
+                 _share(dims.intermediate_size, size, rank, _FEATURE_UNIT), _share(dims.vocab_size, size, rank),
+                 _share(dims.expert_intermediate_size, size, rank, _FEATURE_UNIT))
 
 
 def refusal(dims: Dims, size: int) -> str | None:
@@ -126,10 +140,13 @@ def weights_per_device(dims: Dims, size: int, projection_bytes: float, other_byt
     for rank in range(size):
         s = shard_of(dims, size, rank)
         attention = (len(s.heads) + 2 * len(s.kv_heads)) * d * h + h * len(s.heads) * d
-        mlp = 3 * h * len(s.intermediate)
+        dense = layers - dims.expert_layer_count
+        mlp = 3 * h * (dense * len(s.intermediate) + dims.expert_layer_count * dims.num_experts * len(s.expert_intermediate))
+        router = dims.expert_layer_count * dims.num_experts * h
         # a tied LM head is the embedding's rows, unless quantized apart from it
         head = 0 if dims.tie_word_embeddings and projection_bytes == other_bytes else len(s.vocab) * h
-        projections = layers * (attention + mlp) + head
-        whole = dims.vocab_size * h + layers * 2 * h + h  # embedding, two norms a layer, the final norm
+        projections = layers * attention + mlp + head
+        # embedding, routers, two norms a layer (Gemma's four count as noise), the final norm
+        whole = dims.vocab_size * h + router + layers * 2 * h + h
         most = max(most, projections * projection_bytes + whole * other_bytes)
     return most

@@ -266,7 +266,7 @@ def projection_shapes(hf: dict) -> dict[str, tuple[int, int]]:
 
 
 _MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+                  "qkv_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "gate_up_proj": "mlp"}
 
 
 @dataclass(frozen=True)
@@ -332,3 +332,61 @@ def make_lora(
     (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return directory
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Other families, built by transformers itself from configs shaped like the real ones (every switch on)
+
+_SLIDE = 16  # a window far shorter than the tests' sequences, so it changes what each token sees
+FAMILIES: dict[str, dict] = {
+    "qwen3": {"head_dim": 32, "use_sliding_window": True, "sliding_window": _SLIDE, "max_window_layers": 1},
+    "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": _SLIDE, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 3.0},
+    "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": _SLIDE, "num_hidden_layers": 3,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                    "final_logit_softcapping": 3.0,
+                    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    "phi3": {"sliding_window": 48, "max_position_embeddings": 512, "original_max_position_embeddings": 128,
+             "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                 "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                                 "long_factor": [2.0 + 0.5 * i for i in range(8)]}},
+    "mistral": {"sliding_window": _SLIDE},
+    "qwen2": {"use_sliding_window": True, "sliding_window": _SLIDE, "max_window_layers": 1},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True,
+                  "mlp_only_layers": [1], "head_dim": 16},
+}
+
+
+def make_family_model(directory: str | Path, family: str, *, seed: int = 0, init_std: float = 0.1,
+                      **overrides) -> Path:
+    """A tiny random model of one of FAMILIES (a transformers model_type), saved by transformers' own
+    save_pretrained, with this kit's tokenizer; norms are perturbed so their weights matter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = TinyConfig(init_std=init_std)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _write_tokenizer(directory, base, seed, chat_template_file=False)
+    ids = {"bos_token_id": tokenizer.token_to_id(BOS), "eos_token_id": tokenizer.token_to_id(EOT),
+           "pad_token_id": tokenizer.token_to_id(EOS)}
+    settings = {"hidden_size": base.hidden_size, "intermediate_size": base.intermediate_size,
+                "num_hidden_layers": base.num_hidden_layers, "num_attention_heads": base.num_attention_heads,
+                "num_key_value_heads": base.num_key_value_heads, "vocab_size": base.vocab_size,
+                "max_position_embeddings": base.max_position_embeddings, "initializer_range": init_std,
+                "tie_word_embeddings": family.startswith("gemma")} | ids | FAMILIES[family] | overrides
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings), dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 1 and "norm" in name:  # Gemma's norms scale by 1 + weight, the others by weight
+                parameter.copy_((0.0 if family.startswith("gemma") else 1.0) + 0.1 * torch.randn(parameter.shape, generator=g))
+            elif parameter.ndim >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * init_std)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * init_std)
+    model.save_pretrained(directory)
+    (directory / "generation_config.json").write_text(json.dumps(ids | {"do_sample": False}))
+    return directory

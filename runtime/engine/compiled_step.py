@@ -1,7 +1,7 @@
 """Decode steps through torch.compile: the layers' many small operations fused into a few kernels.
 
 An eager decode step is about 45 PyTorch operations per layer, each 5–50 µs on a CPU and a kernel launch on
-a GPU, so it costs far more than its matmuls. `Llama.decode` traced by inductor turns the norms, RoPE,
+a GPU, so it costs far more than its matmuls. `Decoder.decode` traced by inductor turns the norms, RoPE,
 residuals, SwiGLU and attention (which reads K/V through the block table, see `decode_attention`) into a
 handful of fused loops around the matmuls, which stay the kernels `Matmul` measured at load. On CUDA the
 step is replayed as a CUDA graph (`reduce-overhead`), one per shape bucket.
@@ -32,7 +32,7 @@ import torch
 
 from ember.runtime.engine.batch import StepBatch
 from ember.runtime.engine.kv_cache import KVCache
-from ember.runtime.model.llama import Llama
+from ember.runtime.model.decoder import Decoder
 from ember.runtime.model.matmul import COMPILED_MOST_ROWS
 
 log = logging.getLogger("ember.runtime")
@@ -56,9 +56,9 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _tensors(model: Llama) -> list[torch.Tensor]:
+def _tensors(model: Decoder) -> list[torch.Tensor]:
     """The model's own tensors a step reads (quantized weights' too)."""
-    found, seen = [model.cos, model.sin], set()
+    found, seen = [t for tables in model.rope for t in tables], set()
     pending = [model.weights]
     while pending:
         item = pending.pop()
@@ -75,7 +75,7 @@ def _tensors(model: Llama) -> list[torch.Tensor]:
 
 
 class CompiledDecode:
-    def __init__(self, model: Llama, cache: KVCache, max_rows: int = COMPILED_MOST_ROWS,
+    def __init__(self, model: Decoder, cache: KVCache, max_rows: int = COMPILED_MOST_ROWS,
                  pad_to_buckets: bool | None = None):
         if max_rows > COMPILED_MOST_ROWS:  # Matmul.scales_rows is decided for the classes up to that
             raise ValueError(f"max_rows: {max_rows} is above the compiled step's {COMPILED_MOST_ROWS}")
@@ -88,7 +88,7 @@ class CompiledDecode:
             # stay where they were recorded, or each replay would copy them in first.
             for t in _tensors(model) + cache.k + cache.v:
                 torch._dynamo.mark_static_address(t)
-        # Dynamo keeps one cache per code object, Llama.decode's, and each model loaded in the process (tests,
+        # Dynamo keeps one cache per code object, Decoder.decode's, and each model loaded in the process (tests,
         # benchmarks) adds entries to it: past the limit it would run eagerly without a word.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)

@@ -27,7 +27,7 @@ from ember.runtime.engine.sequence import Sequence
 from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.model.config import ModelConfig
 from ember.runtime.model.grammar import CompiledGrammar, Grammars
-from ember.runtime.model.llama import Llama
+from ember.runtime.model.decoder import Decoder
 from ember.runtime.model.loader import ModelWeights, load_model
 from ember.runtime.model.quantized import QUANTIZED, quantize_projections
 from ember.runtime.model.sampling import LogitTensors, SamplingParams, TokenLogprob
@@ -83,16 +83,17 @@ def load_weights(directory: Path, config: EngineConfig, device: torch.device, sh
     return weights
 
 
-def make_cache(model: Llama, config: EngineConfig, num_blocks: int) -> KVCache:
+def make_cache(model: Decoder, config: EngineConfig, num_blocks: int) -> KVCache:
     """The KV cache of this rank's KV heads (every rank has the same blocks)."""
     c = model.local
     return KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
                    model.weights.dtype, model.weights.device, config.prefix_caching)
 
 
-def compile_decode(model: Llama, cache: KVCache, config: EngineConfig) -> tuple[CompiledDecode | None, float]:
+def compile_decode(model: Decoder, cache: KVCache, config: EngineConfig) -> tuple[CompiledDecode | None, float]:
     """The compiled decode step, warmed up, and the seconds that took (None, 0 when not compiling)."""
-    if not config.compile:
+    if not config.compile or model.config.experts is not None:
+        # A Mixture of Experts' step runs each routed expert on its tokens: sizes a compiled graph cannot know
         return None, 0.0
     if config.compile_cache is not None:
         use_cache_folder(config.compile_cache)
@@ -147,7 +148,7 @@ class UnknownTokenId(ValueError):
 
 
 class Engine:
-    def __init__(self, model: Llama, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig(),
+    def __init__(self, model: Decoder, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig(),
                  peers: Peers | None = None):
         """`peers`: the replica's other tensor-parallel ranks, which run every step with this one (rank 0)."""
         self.model, self.tokenizer, self.config, self.peers = model, tokenizer, config, peers
@@ -195,7 +196,7 @@ class Engine:
         try:
             weights = load_weights(directory, config, peers.group.device if peers else device,
                                    peers.group.shard if peers else None)
-            model = Llama(weights, max_positions=config.max_positions(weights.config),
+            model = Decoder(weights, max_positions=config.max_positions(weights.config),
                           group=peers.group if peers else None)
             return cls(model, TextTokenizer.from_dir(directory), config, peers)
         except BaseException:

@@ -15,7 +15,7 @@ from ember.runtime.lora.batched import BatchedLoRA
 from ember.runtime.lora.manager import LoRAManager
 from ember.runtime.lora.slots import DeviceSlots
 from ember.runtime.model.grammar import Grammars, constrain
-from ember.runtime.model.llama import Llama
+from ember.runtime.model.decoder import Decoder
 from ember.runtime.model.sampling import TokenLogprob, process_logits, sample
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ class Forward:
     """A step's forward pass on this rank's share of the model, the same on every tensor-parallel rank: the LoRA
     hook's metadata from the slots, then the compiled decode step where it takes the batch, else the eager pass."""
 
-    def __init__(self, model: Llama, cache: KVCache, slots: DeviceSlots | None, compiled: CompiledDecode | None):
+    def __init__(self, model: Decoder, cache: KVCache, slots: DeviceSlots | None, compiled: CompiledDecode | None):
         self.model, self.cache, self.compiled = model, cache, compiled
         self.lora_hook = BatchedLoRA(slots) if slots is not None else None
         model.lora = self.lora_hook

@@ -24,9 +24,7 @@ class AdapterError(ModelFilesError):
 
 def base_config(config: ModelConfig) -> dict:
     """The config.json fields the adapter checks read."""
-    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-            "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
-            "head_dim": config.head_dim, "num_hidden_layers": config.num_hidden_layers}
+    return config.as_json()
 
 
 @dataclass
@@ -57,7 +55,18 @@ def load_adapter(name: str, directory: str | Path, base: ModelConfig, max_rank: 
             for module in info.target_modules:
                 a, b = (torch.stack([f.get_tensor(info.keys[(layer, module, which)]).float()
                                      for layer in range(base.num_hidden_layers)]) for which in "AB")
-                weights[module] = (a, b)
+                weights |= _unfused(module, a, b, base)
     except Exception as exc:  # a header that lies about the data behind it
         raise AdapterError(f"{info.weights} is not a readable safetensors file: {exc}") from None
     return LoRAAdapter(name, info.config, weights)
+
+
+def _unfused(module: str, a: torch.Tensor, b: torch.Tensor, base: ModelConfig) -> dict:
+    """A LoRA on a fused module (Phi-3's qkv_proj, gate_up_proj) as one per part, sharing A: the runtime's slots and
+    tensor-parallel shares then know one set of modules. x·Aᵀ·Bᵀ split by B's rows is the same product."""
+    parts = {"qkv_proj": (("q_proj", base.q_size), ("k_proj", base.kv_size), ("v_proj", base.kv_size)),
+             "gate_up_proj": (("gate_proj", base.intermediate_size), ("up_proj", base.intermediate_size))}.get(module)
+    if parts is None:
+        return {module: (a, b)}
+    split = b.split([size for _, size in parts], dim=1)
+    return {name: (a, rows) for (name, _), rows in zip(parts, split)}

@@ -14,11 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-from ember.provider.domain.model_files import module_shapes
 from ember.provider.domain.tensor_parallel import Shard, shard_of
-from ember.runtime.lora.adapters import LoRAAdapter, base_config
+from ember.runtime.lora.adapters import LoRAAdapter
 from ember.runtime.model.config import ModelConfig
-from ember.runtime.model.projections import Projection, lora_parts
+from ember.runtime.model.projections import Projection, fan_in, lora_parts
 
 
 class DeviceSlots:
@@ -31,7 +30,7 @@ class DeviceSlots:
         self.shard = shard or shard_of(config, 1, 0)
         local = config.share(self.shard)
         self.parts = lora_parts(local)
-        self.shapes = module_shapes(base_config(local))  # module → (in, out) of this rank's share
+        self.fan_in = fan_in(local)  # projection → its input features on this rank
         # What the replica's other ranks must do to their slots to match these: (slot, adapter or None to empty
         # it), in order; the model runner takes them each step (tensor parallelism only).
         self.changes: list[tuple[int, LoRAAdapter | None]] = []
@@ -72,9 +71,8 @@ class DeviceSlots:
         if projection not in self.a[layer]:
             parts = self.parts[projection]
             height = self.max_loras * len(parts) * self.max_rank
-            fan_in = self.shapes[parts[0].module][0]
             fan_out = sum(part.width for part in parts)
-            self.a[layer][projection] = torch.zeros(height, fan_in, device=self.device, dtype=self.dtype)
+            self.a[layer][projection] = torch.zeros(height, self.fan_in[projection], device=self.device, dtype=self.dtype)
             self.bt[layer][projection] = torch.zeros(height, fan_out, device=self.device, dtype=self.dtype)
             if self.device.type == "cuda":  # a compiled step's CUDA graphs then read them in place, not copied in
                 torch._dynamo.mark_static_address(self.a[layer][projection])

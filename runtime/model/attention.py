@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ember.runtime.engine.batch import StepBatch
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends: its scores' scale, its sliding window, its scores' soft cap."""
+
+    scale: float
+    window: int | None = None  # tokens a query sees, itself included (None: the whole context)
+    softcap: float | None = None  # scores = cap · tanh(scores / cap) (Gemma 2)
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+            spec: LayerAttention, causal: bool = False) -> torch.Tensor:
+    """SDPA where it can serve the layer; soft-capped scores need the product written out (SDPA has no cap)."""
+    if spec.softcap is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, is_causal=causal,
+                                              scale=spec.scale, enable_gqa=True)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.tanh(query @ keys.transpose(-1, -2) * spec.scale / spec.softcap) * spec.softcap
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ values
+
+
+def _visible(query_positions: torch.Tensor, context: int, window: int | None) -> torch.Tensor:
+    """[queries, context]: which positions each query sees (causal, and within its window)."""
+    keys = torch.arange(context, device=query_positions.device)[None, :]
+    visible = keys <= query_positions[:, None]
+    if window is not None:
+        visible &= keys > query_positions[:, None] - window
+    return visible
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                    batch: StepBatch) -> torch.Tensor:
+                    batch: StepBatch, spec: LayerAttention) -> torch.Tensor:
     """q: [T, heads, dim]; k, v: [T, kv_heads, dim] for the step's new tokens; pools: [blocks, block_size,
     kv_heads, dim]. Returns [T, heads, dim].
 
@@ -23,25 +57,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
         # [B, L, kv, d] → [B, kv, L, d]; positions past a row's length are masked out.
         keys = _gather(k_pool, batch.decode_blocks, batch.decode_len).transpose(1, 2)
         values = _gather(v_pool, batch.decode_blocks, batch.decode_len).transpose(1, 2)
-        out[:nd] = F.scaled_dot_product_attention(
-            q[:nd, :, None, :], keys, values, attn_mask=batch.decode_mask, enable_gqa=True
-        )[:, :, 0, :]
+        mask = batch.decode_mask
+        if spec.window is not None:
+            mask = _visible(batch.decode_lengths - 1, batch.decode_len, spec.window)[:, None, None, :]
+        out[:nd] = _attend(q[:nd, :, None, :], keys, values, mask, spec)[:, :, 0, :]
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
         # [1, heads, tokens, dim]: with a batch dimension, CPU SDPA takes its flash kernel, not the math one.
         query = q[rows].transpose(0, 1)[None]
+        # Row i of the chunk sits at position context - length + i and sees positions up to it.
+        positions = torch.arange(chunk.context - chunk.length, chunk.context, device=q.device)
         if chunk.context_blocks is None:
             keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
-            result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
         else:
             keys = _gather(k_pool, chunk.context_blocks[None], chunk.context).transpose(1, 2)
             values = _gather(v_pool, chunk.context_blocks[None], chunk.context).transpose(1, 2)
-            # Row i of the chunk sits at position context - length + i and sees positions up to it.
-            first = chunk.context - chunk.length
-            visible = torch.arange(chunk.context, device=q.device)[None, :] <= (
-                first + torch.arange(chunk.length, device=q.device)[:, None]
-            )
-            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, enable_gqa=True)
+        if chunk.context_blocks is None and spec.window is None and spec.softcap is None:
+            result = _attend(query, keys, values, None, spec, causal=True)
+        else:
+            result = _attend(query, keys, values, _visible(positions, chunk.context, spec.window), spec)
         out[rows] = result[0].transpose(0, 1)
     return out
 
@@ -61,7 +95,8 @@ def _gather(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tens
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                     slot_mapping: torch.Tensor, blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                     slot_mapping: torch.Tensor, blocks: torch.Tensor, lengths: torch.Tensor,
+                     spec: LayerAttention) -> torch.Tensor:
     """One query per row (q: [B, heads, dim]) against its context, read through its block table ([B, W])
     up to its length ([B]): the compiled step's attention.
 
@@ -76,8 +111,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     keys = k_pool[blocks].view(batch, context, kv_heads, 1, dim)  # [B, L, kv, 1, d]
     values = v_pool[blocks].view(batch, context, kv_heads, 1, dim)
     query = q.view(batch, 1, kv_heads, heads // kv_heads, dim).float()  # [B, 1, kv, group, d]
-    scores = (query * keys).sum(-1) * dim ** -0.5  # [B, L, kv, group], accumulated in fp32
+    scores = (query * keys).sum(-1) * spec.scale  # [B, L, kv, group], accumulated in fp32
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
     visible = torch.arange(context, device=q.device)[None, :] < lengths[:, None]
+    if spec.window is not None:
+        visible &= torch.arange(context, device=q.device)[None, :] >= lengths[:, None] - spec.window
     scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
     weights = torch.softmax(scores, dim=1)
     out = (weights[..., None] * values).sum(1)  # [B, kv, group, d]

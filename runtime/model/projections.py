@@ -33,3 +33,9 @@ def lora_parts(config: ModelConfig) -> dict[Projection, tuple[Part, ...]]:
         Projection.GATE_UP: (Part("gate_proj", 0, i), Part("up_proj", i, i)),
         Projection.DOWN: (Part("down_proj", 0, config.hidden_size),),
     }
+
+
+def fan_in(config: ModelConfig) -> dict[Projection, int]:
+    """Each fused projection's input features."""
+    return {Projection.QKV: config.hidden_size, Projection.O: config.q_size,
+            Projection.GATE_UP: config.hidden_size, Projection.DOWN: config.intermediate_size}

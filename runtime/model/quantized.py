@@ -303,5 +303,9 @@ def quantize_projections(weights, precision: str) -> None:
     kind = QUANTIZED[precision]
     for layer in weights.layers:
         for name in ("qkv", "o", "gate_up", "down"):
-            setattr(layer, name, kind.quantize(getattr(layer, name), weights.dtype))
+            if getattr(layer, name) is not None:
+                setattr(layer, name, kind.quantize(getattr(layer, name), weights.dtype))
+        # the experts too (their routers stay: small, and the routing is sensitive to them)
+        layer.expert_gate_up = [kind.quantize(w, weights.dtype) for w in layer.expert_gate_up]
+        layer.expert_down = [kind.quantize(w, weights.dtype) for w in layer.expert_down]
     weights.lm_head = kind.quantize(weights.lm_head, weights.dtype)

@@ -31,7 +31,7 @@ from ember.runtime.engine.model_runner import Forward
 from ember.runtime.lora.adapters import LoRAAdapter
 from ember.runtime.lora.slots import DeviceSlots
 from ember.runtime.model.config import ModelConfig
-from ember.runtime.model.llama import Llama
+from ember.runtime.model.decoder import Decoder
 from ember.runtime.parallel.group import RankGroup, free_address, rank_device, threads_per_rank
 
 log = logging.getLogger("ember.runtime")
@@ -170,7 +170,7 @@ def _worker(rank: int, size: int, address: str, directory: str, config, threads:
     try:
         group = RankGroup(ModelConfig.from_dir(directory), rank, size, address, device)
         weights = load_weights(Path(directory), config, device, group.shard)
-        model = Llama(weights, max_positions=config.max_positions(weights.config), group=group)
+        model = Decoder(weights, max_positions=config.max_positions(weights.config), group=group)
         begin = pipe.recv()
         cache = make_cache(model, config, begin.num_blocks)
         slots = (DeviceSlots(weights.config, config.max_loras, config.max_lora_rank, device, weights.dtype, group.shard)

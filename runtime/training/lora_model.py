@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ember.provider.domain.model_files import module_shapes
-from ember.runtime.model.llama import rms_norm, rope, rope_tables
+from ember.provider.domain.families import module_shapes
+from ember.runtime.model.decoder import rms_norm, rope, rope_tables
 from ember.runtime.model.loader import ModelWeights
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -42,7 +42,12 @@ class LoRATrainingModel(torch.nn.Module):
                 self.lora_a[f"{layer}_{module}"] = torch.nn.Parameter(a.to(weights.device))
                 self.lora_b[f"{layer}_{module}"] = torch.nn.Parameter(
                     torch.zeros(fan_out, rank, dtype=torch.float32, device=weights.device))
-        self.cos, self.sin = rope_tables(weights, self.config.max_position_embeddings)
+        c = self.config
+        f = c.family
+        if f.gemma or f.qk_norm or f.fused_checkpoint or f.experts or any(c.layer_windows) or c.rope.scaling == "longrope":
+            raise ValueError(f"fine-tuning serves Llama-family models (Llama, Mistral, Qwen2) without sliding windows; "
+                             f"{c.architecture} is not one yet")
+        self.cos, self.sin = rope_tables(c.rope, c.head_dim, c.max_position_embeddings, weights.dtype, weights.device)
 
     def _delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
         key = f"{layer}_{module}"

@@ -206,7 +206,7 @@ FIRST_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         (lambda p: damage_tensors(p, lambda t: t.update({FIRST_A.replace("layers.0", "layers.7"): torch.zeros(4, 64)})),
          "is for layer 7, but the base model has 2"),
         (lambda p: damage_tensors(p, lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)})),
-         "is not a LoRA weight of a supported module"),
+         "is not a LoRA weight of a module Ember serves addons on"),
         (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:500]),
          "not a safetensors file"),
     ],

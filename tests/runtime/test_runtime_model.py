@@ -15,7 +15,7 @@ from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.model import matmul as matmul_module
 from ember.runtime.model import quantized
 from ember.runtime.model.config import ModelConfig
-from ember.runtime.model.llama import Llama
+from ember.runtime.model.decoder import Decoder
 from ember.runtime.model.loader import load_model
 from ember.runtime.model.quantized import quantize_projections
 
@@ -40,7 +40,7 @@ def engine_parts(directory, dtype=torch.float32, quantized=None):
     if quantized:
         quantize_projections(weights, quantized)
     c = weights.config
-    return Llama(weights), KVCache(c.num_hidden_layers, 32, 16, c.num_key_value_heads, c.head_dim, dtype, CPU)
+    return Decoder(weights), KVCache(c.num_hidden_layers, 32, 16, c.num_key_value_heads, c.head_dim, dtype, CPU)
 
 
 @pytest.mark.parametrize(
@@ -209,4 +209,4 @@ def test_transformers_5_rope_parameters_are_read():
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     })
-    assert config.rope_theta == 500000.0 and config.rope_scaling.factor == 8.0
+    assert config.rope.theta == 500000.0 and config.rope.scaling == "llama3" and config.rope.factor == 8.0

@@ -18,6 +18,7 @@ import torch
 from tests.runtime.runtime_helpers import hf_model, make
 from tests.runtime.server_helpers import BASE, PIRATE, POET, make_models, start
 
+from ember.provider.domain.families import module_shapes
 from ember.provider.domain.tensor_parallel import even, refusal, shard_of
 from ember.runtime.devtools import tinymodels
 from ember.runtime.devtools.bench_precisions import prompt_logits
@@ -212,3 +213,25 @@ def test_a_replica_of_two_ranks_answers_through_the_openai_api_as_one_does(tmp_p
     finally:
         one.stop()
         split.stop()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "qwen3_moe"])
+def test_other_families_and_their_addons_split_across_two_ranks(tmp_path, family):
+    """Gemma's extra norms and caps, Phi-3's fused checkpoint (and fused LoRA), Qwen3-MoE's experts (each split
+    by its features, the router whole) on two ranks, against transformers and PEFT."""
+    peft = pytest.importorskip("peft")
+    base = tinymodels.make_family_model(tmp_path / family, family, seed=3)
+    targets = tuple(module_shapes(json.loads((base / "config.json").read_text())))
+    lora = tinymodels.make_lora(base, tmp_path / "lora", seed=4, init_std=0.1, rank=4, target_modules=targets)
+    tokens = list(range(20, 100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.PeftModel.from_pretrained(hf_model(base), lora).eval()
+    with torch.no_grad():
+        with_lora = reference(torch.tensor([tokens])).logits[0]
+        with reference.disable_adapter():
+            plain = reference(torch.tensor([tokens])).logits[0]
+    with engine(base, 2, adapters={"accounts/acme/models/addon": lora}, max_lora_rank=8) as split:
+        torch.testing.assert_close(prompt_logits(split, tokens), plain, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(prompt_logits(split, tokens, "accounts/acme/models/addon"), with_lora,
+                                   atol=5e-5, rtol=1e-5)

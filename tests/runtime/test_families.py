@@ -1,0 +1,80 @@
+"""Every family Ember serves, against transformers: logits through the paged cache, greedy tokens in a mixed
+batch (the compiled step too), and a PEFT LoRA on every module PEFT targets there.
+
+The tiny models are built by transformers itself from configs shaped like the real ones, every switch on:
+sliding windows shorter than the sequences, Gemma's soft caps low enough to bite, Gemma 3's local RoPE base and
+linear-scaled global one, Phi-3's LongRoPE and fused checkpoint, Mixtral's and Qwen3-MoE's routing (with a
+dense layer among Qwen3-MoE's experts).
+"""
+
+import random
+import warnings
+
+import pytest
+import torch
+from tests.runtime.runtime_helpers import hf_greedy, hf_model
+from tests.runtime.test_runtime_model import engine_parts, run
+
+from ember.provider.domain.families import module_shapes
+from ember.runtime.devtools import tinymodels
+from ember.runtime.devtools.bench_precisions import prompt_logits
+from ember.runtime.engine.engine import Engine, EngineConfig
+from ember.runtime.model.sampling import SamplingParams
+
+peft = pytest.importorskip("peft")
+FAMILIES = list(tinymodels.FAMILIES)
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {family: tinymodels.make_family_model(root / family, family, seed=3) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers_for_prefill_chunks_and_decode(models, family):
+    model, cache = engine_parts(models[family])
+    # 100 tokens: past every sliding window (16, Phi-3's 48), within Phi-3's pre-training context (128)
+    tokens = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        reference = hf_model(models[family])(torch.tensor([tokens])).logits[0]
+    whole = run(model, cache, list(tokens), 0, 100, all_rows=True)
+    torch.testing.assert_close(whole, reference, atol=2e-5, rtol=1e-5)
+    again = list(tokens)
+    chunked = torch.cat([run(model, cache, again, 0, 60, all_rows=True), run(model, cache, again, 60, 39, all_rows=True),
+                         run(model, cache, again, 99, 1)])
+    torch.testing.assert_close(chunked, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "qwen3", "mixtral", "qwen3_moe"])
+def test_greedy_tokens_in_a_mixed_batch_match_transformers(models, family, compiled):
+    if compiled and family in ("mixtral", "qwen3_moe"):
+        pytest.skip("a Mixture of Experts' step runs eagerly (engine.compile_decode)")
+    rng = random.Random(5)
+    work = [[rng.randrange(16, 500) for _ in range(rng.randint(3, 50))] for _ in range(5)]
+    lengths = [30, 7, 24, 30, 12]  # decoding past the 16-token windows
+    eng = Engine.from_dir(models[family], EngineConfig(kv_cache_tokens=2048, compile=compiled,
+                                                       max_num_batched_tokens=64))
+    outputs = eng.generate(work, [SamplingParams(max_tokens=n, **GREEDY) for n in lengths])
+    hf = hf_model(models[family])
+    assert [o.token_ids for o in outputs] == [hf_greedy(hf, p, n) for p, n in zip(work, lengths)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_peft_lora_on_every_targetable_module_matches_peft(models, family, tmp_path):
+    base = models[family]
+    targets = tuple(module_shapes(tinymodels.json.loads((base / "config.json").read_text())))
+    adapter = tinymodels.make_lora(base, tmp_path / "lora", seed=4, init_std=0.1, rank=4, target_modules=targets)
+    eng = Engine.from_dir(base, EngineConfig(kv_cache_tokens=1024, max_loras=2, max_lora_rank=8))
+    eng.lora.add("accounts/acme/models/addon", adapter)
+    tokens = list(range(20, 80))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(hf_model(base), adapter).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0]
+    ours = prompt_logits(eng, tokens, "accounts/acme/models/addon")
+    torch.testing.assert_close(ours, expected, atol=5e-5, rtol=1e-5)
+    assert not torch.allclose(ours, prompt_logits(eng, tokens), atol=1e-3)  # the adapter changes the logits
