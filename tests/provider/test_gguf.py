@@ -20,6 +20,9 @@ from ember.runtime.model.tokenizer import TextTokenizer
 ALL_TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "ffn_up": "Q2_K", "ffn_down": "Q3_K",
              "ffn_gate": "Q8_0", "token_embd": "Q4_1", "attn_output": "BF16", "output.": "Q5_0"}  # first match wins
 MORE_TYPES = {"attn_q": "Q4_0", "attn_k": "Q5_1", "attn_v": "F16", "token_embd": "F16"}
+IQ_TYPES = {"attn_q": "IQ2_XXS", "attn_k": "IQ2_XS", "attn_v": "IQ2_S", "attn_output": "IQ3_XXS", "ffn_gate": "IQ3_S",
+            "ffn_up": "IQ1_S", "ffn_down": "IQ1_M", "token_embd": "IQ4_NL", "output.": "IQ4_XS"}
+TERNARY_FP4_TYPES = {"attn_q": "TQ1_0", "attn_k": "TQ2_0", "attn_v": "MXFP4", "attn_output": "NVFP4"}
 CORPUS = ["Hello world, the model serves tokens.", "  leading spaces and\ttabs\n\nnewlines  ",
           "Ünïcödé: 日本語のテキスト, русский текст, العربية", "emoji 🚀🔥👩‍💻 and symbols ∑∫√",
           "def f(x):\n    return {'a': [1, 2, 3]}  # code", "numbers 42 2024 3.14159 1,000,000",
@@ -53,7 +56,8 @@ def test_qwen2_keeps_its_rows_and_biases(tmp_path):
     assert json.loads((converted / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
 
 
-@pytest.mark.parametrize("types", [ALL_TYPES, MORE_TYPES], ids=["k-quants-q8-q4_1-q5_0-bf16", "q4_0-q5_1-f16"])
+@pytest.mark.parametrize("types", [ALL_TYPES, MORE_TYPES, IQ_TYPES, TERNARY_FP4_TYPES],
+                         ids=["k-quants-q8-q4_1-q5_0-bf16", "q4_0-q5_1-f16", "iq", "tq-mxfp4-nvfp4"])
 def test_dequantized_weights_equal_transformers_gguf_loader(k_model, tmp_path, types):
     from transformers import AutoModelForCausalLM
 
@@ -68,7 +72,8 @@ def test_dequantized_weights_equal_transformers_gguf_loader(k_model, tmp_path, t
 
 
 def test_every_supported_type_is_exercised():
-    assert set(SUPPORTED_TENSOR_TYPES) == {"F32"} | set(ALL_TYPES.values()) | set(MORE_TYPES.values())
+    exercised = {"F32"} | {t for types in (ALL_TYPES, MORE_TYPES, IQ_TYPES, TERNARY_FP4_TYPES) for t in types.values()}
+    assert set(SUPPORTED_TENSOR_TYPES) == exercised
 
 
 def test_conversion_is_deterministic(k_model, tmp_path):
@@ -137,7 +142,7 @@ def test_bad_files_are_refused_naming_what_is_wrong(tiny_model, tmp_path):
              "tensor blk.0.ffn_down.weight has shape [64, 172]", "metadata implies [64, 180]")
     _refused(write_gguf(tiny_model, tmp_path / "missing.gguf", skip=("blk.1.ffn_up.weight",)),
              "model.layers.1.mlp.up_proj.weight")
-    _refused(write_gguf(tiny_model, tmp_path / "spm.gguf", tokenizer_model="llama"), "tokenizer.ggml.model 'llama'")
+    _refused(write_gguf(tiny_model, tmp_path / "bert.gguf", tokenizer_model="bert"), "tokenizer.ggml.model 'bert'")
     _refused(write_gguf(tiny_model, tmp_path / "pre.gguf", metadata={"tokenizer.ggml.pre": "chatglm-bpe"}),
              "tokenizer.ggml.pre 'chatglm-bpe'")
     _refused(write_gguf(tiny_model, tmp_path / "notok.gguf", metadata={"tokenizer.ggml.merges": None}),
@@ -147,8 +152,8 @@ def test_bad_files_are_refused_naming_what_is_wrong(tiny_model, tmp_path):
 
 
 def test_an_unsupported_tensor_type_is_refused(k_model, tmp_path):
-    path = write_gguf(k_model, tmp_path / "iq4.gguf", {"ffn_up": "IQ4_NL"})
-    _refused(path, "tensor blk.0.ffn_up.weight has type IQ4_NL", "Q4_K")
+    path = write_gguf(k_model, tmp_path / "q8_1.gguf", {"ffn_up": "Q8_1"})  # llama.cpp's activation type
+    _refused(path, "tensor blk.0.ffn_up.weight has type Q8_1", "Q4_K", "IQ2_XXS")
 
 
 def test_a_failed_conversion_leaves_nothing(tiny_model, tmp_path):
