@@ -31,6 +31,8 @@ class Architecture:
     expert_intermediate_size: int = 0
     expert_layer_count: int = 0
     experts_per_token: int = 0
+    gemma_norms: bool = False  # Gemma's two more norms a layer (after attention, after the MLP)
+    qk_norm: bool = False  # Qwen3's and Gemma 3's norm weights on q and k
 
     @property
     def head_dim(self) -> int:
@@ -46,7 +48,8 @@ class Architecture:
                    config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", f.gemma)),
                    f.qkv_bias or bool(config.get("attention_bias", False)), config.get("head_dim"), experts,
                    families.expert_intermediate_size(config) if experts else 0,
-                   sum(families.expert_layers(config)), config.get("num_experts_per_tok", 0) if experts else 0)
+                   sum(families.expert_layers(config)), config.get("num_experts_per_tok", 0) if experts else 0,
+                   f.gemma, f.qk_norm)
 
     @property
     def parameter_count(self) -> int:
@@ -61,7 +64,8 @@ class Architecture:
     def _count(self, experts: int) -> int:
         h, kv, q = self.hidden_size, self.num_key_value_heads * self.head_dim, self.num_attention_heads * self.head_dim
         attention = 2 * h * q + 2 * h * kv + (q + 2 * kv if self.attention_bias else 0)
-        per_layer = attention + 2 * h  # two RMSNorm weights
+        norms = (4 if self.gemma_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attention + norms
         dense = self.num_hidden_layers - self.expert_layer_count
         mlp = 3 * h * (dense * self.intermediate_size + self.expert_layer_count * experts * self.expert_intermediate_size)
         routers = self.expert_layer_count * self.num_experts * h
@@ -108,6 +112,22 @@ CATALOG: dict[str, CatalogModel] = {
             True,
             False,
         ),
+        CatalogModel("qwen3-8b", "Qwen3 8B",
+                     Architecture("Qwen3ForCausalLM", 4096, 12288, 36, 32, 8, 151936, 40960, explicit_head_dim=128,
+                                  qk_norm=True), True, False),
+        CatalogModel("gemma2-9b-it", "Gemma 2 9B Instruct",
+                     Architecture("Gemma2ForCausalLM", 3584, 14336, 42, 16, 8, 256000, 8192, tie_word_embeddings=True,
+                                  explicit_head_dim=256, gemma_norms=True), True, False),
+        CatalogModel("phi-3-mini-4k-instruct", "Phi-3 Mini 4K Instruct",
+                     Architecture("Phi3ForCausalLM", 3072, 8192, 32, 32, 32, 32064, 4096), True, False),
+        CatalogModel("mixtral-8x7b-instruct", "Mixtral 8x7B Instruct v0.1",
+                     Architecture("MixtralForCausalLM", 4096, 14336, 32, 32, 8, 32000, 32768, num_experts=8,
+                                  expert_intermediate_size=14336, expert_layer_count=32, experts_per_token=2),
+                     True, False),
+        CatalogModel("qwen3-30b-a3b", "Qwen3 30B-A3B",
+                     Architecture("Qwen3MoeForCausalLM", 2048, 6144, 48, 32, 4, 151936, 40960, explicit_head_dim=128,
+                                  num_experts=128, expert_intermediate_size=768, expert_layer_count=48,
+                                  experts_per_token=8, qk_norm=True), True, False),
     ]
 }
 

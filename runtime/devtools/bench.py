@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ember.runtime.devtools.bench_precisions import precision_report, print_precisions, text_workload
-from ember.runtime.devtools.tinymodels import TinyLoRA, make_lora, make_model
+from ember.runtime.devtools.tinymodels import FAMILY_PRESETS, TinyLoRA, make_family_model, make_lora, make_model
 from ember.runtime.devtools.workload import Result, Workload, make_workload, percentile, progress, run_ember
 from ember.runtime.engine.engine import Engine, EngineConfig
 
@@ -255,14 +255,19 @@ def ensure_model(args: argparse.Namespace) -> Path:
     directory = DEFAULT_MODEL_DIR / args.preset
     if not (directory / "config.json").exists():
         progress(f"generating the {args.preset} model in {directory} (once)")
-        make_model(directory, args.preset, seed=0)
+        if args.preset in FAMILY_PRESETS:
+            family, shape = FAMILY_PRESETS[args.preset]
+            make_family_model(directory, family, seed=0, init_std=0.02, **shape)
+        else:
+            make_model(directory, args.preset, seed=0)
     return directory
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ember.runtime.devtools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a Hugging Face model directory (default: generate --preset)")
-    parser.add_argument("--preset", default="bench-100m", help="tiny-model preset to generate when --model is not given")
+    parser.add_argument("--preset", default="bench-100m", help="tiny-model preset to generate when --model is not "
+                        "given (tinymodels.PRESETS, or FAMILY_PRESETS: mixtral-170m for the Mixture-of-Experts path)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))

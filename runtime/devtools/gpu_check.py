@@ -6,9 +6,11 @@
    model, prefill and decode through the paged cache; greedy continuations compared.
 2. Multi-LoRA on the GPU: every row of a mixed batch of three adapters against PEFT with that adapter.
 3. The compiled decode step (CUDA graphs) against the eager one in fp32: greedy tokens and log-probabilities.
-4. Tensor parallelism, where the machine has 2 or more GPUs (said skipped otherwise): 2 ranks (NCCL) against one
+4. Every other family (Qwen3, Gemma 2/3, Phi-3, Mistral and Qwen2 with sliding windows, Mixtral, Qwen3-MoE) in
+   bf16 against transformers on the same device: each tiny model's logits through the paged cache.
+5. Tensor parallelism, where the machine has 2 or more GPUs (said skipped otherwise): 2 ranks (NCCL) against one
    GPU in fp32, logits and greedy answers, with addons in the batch.
-5. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
+6. The benchmark on a random model of Llama-3.1-8B's shapes (`bench-8b`, 16 GB in bf16): batch-1 decode
    tokens/s as a share of the HBM roofline (weight bytes read per token against the GPU's bandwidth), eager
    and compiled in bf16 and compiled in fp8 (where the GPU has it), with each compile's time; and
    throughput with 64 concurrent requests, compiled; with 2 GPUs, batch-1 decode split across both too.
@@ -74,6 +76,22 @@ def check_logits(root: Path, device: str = "cuda") -> dict:
             same += theirs == out.token_ids
     return {"check": "bf16 logits vs transformers", "max_logit_share": round(share, 5),
             "greedy_equal": f"{same}/{len(prompts)}", "ok": share <= BF16_LOGIT_SHARE}
+
+
+def check_families(root: Path, device: str = "cuda") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    shares = {}
+    tokens = list(range(20, 120))  # past every tiny model's sliding window
+    for family in tinymodels.FAMILIES:
+        directory = tinymodels.make_family_model(root / family, family, seed=3)
+        engine = Engine.from_dir(directory, EngineConfig(device=device, precision="bf16", kv_cache_tokens=1024))
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
+        with torch.no_grad():
+            reference = hf(torch.tensor([tokens], device=device)).logits[0]
+        shares[family] = round(logits_share(prompt_logits(engine, tokens), reference), 5)
+    return {"check": "bf16 logits of every family vs transformers", "max_logit_share": shares,
+            "ok": max(shares.values()) <= BF16_LOGIT_SHARE}
 
 
 def check_lora(root: Path, device: str = "cuda") -> dict:
@@ -214,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ember-gpu-") as tmp:
         root = Path(tmp)
-        report = {"checks": [check_logits(root, args.device), check_lora(root, args.device)]}
+        report = {"checks": [check_logits(root, args.device), check_lora(root, args.device),
+                             check_families(root, args.device)]}
         if not args.skip_compiled:
             report["checks"].append(check_compiled(root, args.device))
         report["checks"].append(check_tensor_parallel(root, args.device))

@@ -365,7 +365,7 @@ def make_family_model(directory: str | Path, family: str, *, seed: int = 0, init
     save_pretrained, with this kit's tokenizer; norms are perturbed so their weights matter."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    base = TinyConfig(init_std=init_std)
+    base = TinyConfig(init_std=init_std, vocab_size=overrides.get("vocab_size", TinyConfig.vocab_size))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _write_tokenizer(directory, base, seed, chat_template_file=False)
@@ -383,10 +383,19 @@ def make_family_model(directory: str | Path, family: str, *, seed: int = 0, init
         for name, parameter in model.named_parameters():
             if parameter.ndim == 1 and "norm" in name:  # Gemma's norms scale by 1 + weight, the others by weight
                 parameter.copy_((0.0 if family.startswith("gemma") else 1.0) + 0.1 * torch.randn(parameter.shape, generator=g))
-            elif parameter.ndim >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=g) * init_std)
+            elif name.endswith(".gate.weight"):  # a router: sharp, so no near-tie flips its choice between dtypes
+                parameter.copy_(torch.randn(parameter.shape, generator=g))
             else:
                 parameter.copy_(torch.randn(parameter.shape, generator=g) * init_std)
     model.save_pretrained(directory)
     (directory / "generation_config.json").write_text(json.dumps(ids | {"do_sample": False}))
     return directory
+
+
+# Benchmark shapes of other families (runtime/devtools/bench.py --preset): (family, transformers config values)
+FAMILY_PRESETS: dict[str, tuple[str, dict]] = {
+    # Mixtral 8x7B's proportions (8 experts, 2 a token, experts 3.5x hidden, 4 query heads per KV head) at ~170M
+    "mixtral-170m": ("mixtral", {"hidden_size": 512, "intermediate_size": 1792, "num_hidden_layers": 6,
+                                 "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8,
+                                 "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 2048}),
+}

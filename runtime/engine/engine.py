@@ -86,8 +86,10 @@ def load_weights(directory: Path, config: EngineConfig, device: torch.device, sh
 def make_cache(model: Decoder, config: EngineConfig, num_blocks: int) -> KVCache:
     """The KV cache of this rank's KV heads (every rank has the same blocks)."""
     c = model.local
+    # Blocks behind a sliding window go back to the pool when every layer has that window (Gemma's global
+    # layers need every block)
     return KVCache(c.num_hidden_layers, num_blocks, config.block_size, c.num_key_value_heads, c.head_dim,
-                   model.weights.dtype, model.weights.device, config.prefix_caching)
+                   model.weights.dtype, model.weights.device, config.prefix_caching, c.shared_window)
 
 
 def compile_decode(model: Decoder, cache: KVCache, config: EngineConfig) -> tuple[CompiledDecode | None, float]:
@@ -157,10 +159,15 @@ class Engine:
         self.max_model_len = config.max_positions(c)
         tokens = config.kv_cache_tokens or self._default_cache_tokens()
         num_blocks = tokens // config.block_size
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(
-                f"kv_cache_tokens: {tokens} cannot hold one request of max_model_len {self.max_model_len}"
-            )
+        # what one request holds at most: all its context, or under a window shared by every layer, the window
+        # behind a step's chunk and the chunk (and the blocks either straddles)
+        window = c.shared_window
+        one_request = self.max_model_len if window is None else min(
+            self.max_model_len, window + config.max_num_batched_tokens + 2 * config.block_size)
+        if num_blocks * config.block_size < one_request:
+            raise ValueError(f"kv_cache_tokens: {tokens} cannot hold one request of max_model_len "
+                             f"{self.max_model_len}" + (f" ({one_request} under its {window}-token window)"
+                                                        if window else ""))
         self.cache = make_cache(model, config, num_blocks)
         if peers is not None:
             peers.begin(num_blocks)  # they build theirs, and compile their step beside this one's

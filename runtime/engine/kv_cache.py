@@ -5,6 +5,10 @@ prompt starts like an earlier one's takes that one's blocks instead of computing
 Memory is bounded by construction: the pool is allocated once, and a sequence that cannot get a block
 waits or is preempted by the scheduler; nothing grows with the backlog. Cached blocks nobody holds count
 as free: they are evicted least recently used first when a block is needed.
+
+A model whose every layer attends through the same sliding window (Mistral, Phi-3) needs only the blocks that
+window reaches: the blocks behind it go back to the pool as a sequence grows, and their places in its block
+table point at the scratch block (`hole`), which attention reads there only under a mask.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ class BlockAllocator:
     """Hands out block numbers; a sequence's block table is the list it holds. A block held by several
     sequences (a shared prefix) is freed when the last one lets go."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, window: int | None = None):
+        """`window`: the tokens every layer attends to (a sliding window all layers share), None for all."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV cache needs at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.window, self.hole = window, num_blocks  # the hole: the scratch block, never handed out
         # Whether the scheduler hashes blocks to find and register them (match/register go unused when not).
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.free: deque[int] = deque(range(num_blocks))  # blocks holding nothing reusable
@@ -68,13 +74,29 @@ class BlockAllocator:
 
     def release(self, table: list[int]) -> None:
         for block in table:
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if block in self.hash_of:
-                    self.evictable[block] = None
-                else:
-                    self.free.append(block)
+            if block != self.hole:
+                self._let_go(block)
         table.clear()
+
+    def _let_go(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None  # still a cached prefix: a later request may take it
+            else:
+                self.free.append(block)
+
+    def drop_behind_window(self, table: list[int], computed: int) -> None:
+        """Give back the blocks of `table` that no token from position `computed` on can see through the window:
+        a token at p sees p - window + 1 on, so a block is done once it ends at or before computed - window."""
+        if self.window is None:
+            return
+        done = min(max(0, computed - self.window + 1) // self.block_size, len(table))
+        for index in range(done - 1, -1, -1):  # newest first: the older ones were dropped before
+            if table[index] == self.hole:
+                break
+            self._let_go(table[index])
+            table[index] = self.hole
 
     def forget_cached(self) -> None:
         """Drop every cached block nobody holds (a benchmark's runs must not answer each other's prompts)."""
@@ -100,7 +122,7 @@ class BlockAllocator:
         """Make the table's full blocks findable by their hashes (a block already cached under its hash, or
         a hash another block already answers for, is left as it is)."""
         for block, h in zip(table, hashes):
-            if block not in self.hash_of and h not in self.by_hash:
+            if block != self.hole and block not in self.hash_of and h not in self.by_hash:
                 self.by_hash[h], self.hash_of[block] = block, h
 
 
@@ -109,9 +131,9 @@ class KVCache:
     never handed out: a compiled step's padding rows write their K/V there (`scratch_block`)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, prefix_caching: bool = True):
-        self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
-        self.scratch_block = num_blocks
+                 dtype: torch.dtype, device: torch.device, prefix_caching: bool = True, window: int | None = None):
+        self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching, window)
+        self.scratch_block = self.allocator.hole
         shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -66,6 +66,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget == 0 or not self._adapter_fits(seq, adapters):
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
+            self.allocator.drop_behind_window(seq.block_table, seq.num_computed)
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
@@ -84,6 +85,7 @@ class Scheduler:
             if not self._adapter_fits(seq, adapters):
                 break
             self._take_cached_prefix(seq)
+            self.allocator.drop_behind_window(seq.block_table, seq.num_computed)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             filled = self._blocks_filled(seq, n)
             if (filled and filled[0] in pending) or not self.allocator.can_grow(seq.block_table, seq.num_computed + n):

@@ -95,6 +95,12 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     @property
+    def shared_window(self) -> int | None:
+        """The sliding window when every layer has the same one (the cache then keeps only its blocks), else None."""
+        windows = set(self.layer_windows)
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
     def num_experts(self) -> int:
         return self.experts.count if self.experts else 0
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ember.runtime.devtools import bench
+from ember.runtime.devtools import bench, tinymodels
 
 pytest.importorskip("transformers")
 
@@ -103,10 +103,11 @@ def test_the_gpu_check_runs_its_correctness_checks_on_the_cpu(tmp_path):
     report_path = tmp_path / "gpu.json"
     assert gpu_check.main(["--device", "cpu", "--skip-bench", "--json", str(report_path)]) == 0
     checks = json.loads(report_path.read_text())["checks"]
-    assert [c["ok"] for c in checks] == [True, True, True, True] and "bench" not in json.loads(report_path.read_text())
-    assert checks[2]["compiled_steps"] > 0 and checks[2]["greedy_equal"] == "12/12"
+    assert [c["ok"] for c in checks] == [True] * 5 and "bench" not in json.loads(report_path.read_text())
+    assert set(checks[2]["max_logit_share"]) == set(tinymodels.FAMILIES)  # bf16 on the CPU, each family
+    assert checks[3]["compiled_steps"] > 0 and checks[3]["greedy_equal"] == "12/12"
     # tensor parallelism over gloo on the CPU (on a GPU machine, NCCL where it has 2 GPUs)
-    assert checks[3]["check"].startswith("tensor parallel") and checks[3]["greedy_equal"] == "6/6"
+    assert checks[4]["check"].startswith("tensor parallel") and checks[4]["greedy_equal"] == "6/6"
 
 
 @pytest.mark.slow

@@ -78,3 +78,28 @@ def test_a_peft_lora_on_every_targetable_module_matches_peft(models, family, tmp
     ours = prompt_logits(eng, tokens, "accounts/acme/models/addon")
     torch.testing.assert_close(ours, expected, atol=5e-5, rtol=1e-5)
     assert not torch.allclose(ours, prompt_logits(eng, tokens), atol=1e-3)  # the adapter changes the logits
+
+
+def test_a_sliding_window_on_every_layer_holds_only_the_windows_blocks(models):
+    """Mistral's 16-token window: 6 blocks of 16 serve two 110-token sequences (each would need 7 without the window)
+    with no preemption, the same tokens as transformers; Gemma's global layers keep every block."""
+    eng = Engine.from_dir(models["mistral"], EngineConfig(kv_cache_tokens=6 * 16, block_size=16,
+                                                          max_num_batched_tokens=32, max_num_seqs=4))
+    assert eng.cache.allocator.window == 16
+    rng = random.Random(7)
+    work = [[rng.randrange(16, 500) for _ in range(20)] for _ in range(2)]
+    held = []
+    for i, prompt in enumerate(work):
+        eng.add_request(prompt, SamplingParams(max_tokens=90, **GREEDY), request_id=f"r{i}")
+    outputs = {}
+    while eng.has_unfinished:
+        for out in eng.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        held.append(max((sum(b != eng.cache.allocator.hole for b in s.block_table) for s in eng.scheduler.running),
+                        default=0))
+    assert eng.scheduler.num_preemptions == 0 and max(held) <= 3  # the window's block, the one filling, one between
+    hf = hf_model(models["mistral"])
+    assert [outputs[f"r{i}"] for i in range(2)] == [hf_greedy(hf, p, 90) for p in work]
+    assert eng.cache.allocator.num_free == 6  # every block back at the end
+    gemma = Engine.from_dir(models["gemma2"], EngineConfig(kv_cache_tokens=512))
+    assert gemma.cache.allocator.window is None
