@@ -110,3 +110,12 @@ def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
     if f.experts is not None:
         return attention
     return attention | {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def expert_parameter_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """A Mixture of Experts' LoRA-targetable expert parameters (PEFT's `target_parameters`) → one expert's
+    (in_features, out_features); none for a dense model."""
+    if not config.get("architectures") or family(config).experts is None:
+        return {}
+    h, inter = config["hidden_size"], expert_intermediate_size(config)
+    return {"experts.gate_up_proj": (h, 2 * inter), "experts.down_proj": (inter, h)}

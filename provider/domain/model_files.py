@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.provider.domain import file_kinds
-from ember.provider.domain.families import NOT_SERVED, SUPPORTED_ARCHITECTURES, family, module_shapes
+from ember.provider.domain.families import (NOT_SERVED, SUPPORTED_ARCHITECTURES, expert_count, expert_layers,
+                                            expert_parameter_shapes, family, module_shapes)
 from ember.provider.domain.spec import LoRAConfig, SpecError, parse
 
 # RoPE variants the runtime computes: Llama 3.1's, linear (Gemma 3's global layers), LongRoPE (Phi-3)
@@ -210,6 +211,10 @@ def inspect_base_model(directory: str | Path) -> BaseModelInfo:
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")
+# PEFT's LoRA on a layer's experts parameter: one wrapper per targeted parameter, nested (`base_layer.` per level);
+# A is [experts * r, in], B [out, r * experts]. Which parameter a level is, its shapes say.
+_EXPERTS_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)"
+                          r"lora_(A|B)(?:\.default)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,12 @@ def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: i
         raise ModelFilesError(f"{config_path}: target_modules {absent!r} are not modules a "
                               f"{base_config['architectures'][0]} serves addons on; use any of {', '.join(shapes)}")
     seen: dict[tuple[int, str, str], str] = {}
+    nested: dict[tuple[int, str], dict[str, tuple[str, list]]] = {}  # (layer, level) → A/B → (key, shape)
     for key, tensor in header.items():
+        expert_match = _EXPERTS_KEY.match(key)
+        if expert_match and config.target_parameters:
+            nested.setdefault((int(expert_match[1]), expert_match[2]), {})[expert_match[3]] = (key, tensor["shape"])
+            continue
         match = _KEY.match(key)
         if not match or match[2] not in shapes:
             raise ModelFilesError(f"{weights}: tensor {key} is not a LoRA weight of a module Ember serves addons on "
@@ -274,8 +284,41 @@ def inspect_adapter(directory: str | Path, base_config: dict | None, max_rank: i
             raise ModelFilesError(f"{weights}: tensor {key} has shape {tensor['shape']}, but the base model needs "
                                   f"{expected}: the adapter does not fit its base model")
         seen[(layer, module, which)] = key
-    missing = [(l, m, w) for l in range(layers) for m in config.target_modules for w in "AB" if (l, m, w) not in seen]
+    seen |= _expert_keys(config, base_config, nested, weights)
+    wanted = [(l, m) for l in range(layers) for m in config.target_modules]
+    wanted += [(l, p) for l, sparse in enumerate(expert_layers(base_config)) if sparse for p in config.target_parameters]
+    missing = [(l, m, w) for l, m in wanted for w in "AB" if (l, m, w) not in seen]
     if missing:
         raise ModelFilesError(f"{weights}: {len(missing)} LoRA weights are missing, e.g. layer {missing[0][0]} "
                               f"{missing[0][1]}.lora_{missing[0][2]}")
     return AdapterInfo(config, weights, seen)
+
+
+def _expert_keys(config: LoRAConfig, base_config: dict, nested: dict, weights: Path) -> dict[tuple[int, str, str], str]:
+    """Each (layer, expert parameter, A or B) → its tensor, from PEFT's nested expert wrappers, every shape checked."""
+    shapes, experts = expert_parameter_shapes(base_config), expert_count(base_config)
+    sparse = expert_layers(base_config)
+    absent = [p for p in config.target_parameters if p not in shapes]
+    if absent:
+        raise ModelFilesError(f"{weights.parent / 'adapter_config.json'}: target_parameters {absent!r} are not "
+                              f"experts a {base_config['architectures'][0]} has")
+    seen = {}
+    for (layer, _), pair in sorted(nested.items()):
+        (a_key, a_shape), (b_key, b_shape) = pair.get("A", (None, None)), pair.get("B", (None, None))
+        if a_key is None or b_key is None:
+            raise ModelFilesError(f"{weights}: tensor {a_key or b_key} has no lora_{'B' if b_key is None else 'A'} "
+                                  f"beside it")
+        if layer >= len(sparse) or not sparse[layer]:
+            raise ModelFilesError(f"{weights}: tensor {a_key} is for the experts of layer {layer}, which has none")
+        found = next((p for p in config.target_parameters if shapes[p] == (a_shape[-1], b_shape[0])), None)
+        width = experts * config.r
+        if found is None or a_shape != [width, shapes[found][0]] or b_shape != [shapes[found][1], width]:
+            expected = " or ".join(f"{p}: A [{width}, {i}] and B [{o}, {width}]"
+                                   for p, (i, o) in shapes.items() if p in config.target_parameters)
+            raise ModelFilesError(f"{weights}: tensors {a_key} {a_shape} and {b_key} {b_shape} are not LoRA of the "
+                                  f"{experts} experts at r={config.r} the base model needs ({expected}): the adapter "
+                                  f"does not fit its base model")
+        if (layer, found, "A") in seen:
+            raise ModelFilesError(f"{weights}: layer {layer}'s {found} has LoRA weights twice ({a_key})")
+        seen[(layer, found, "A")], seen[(layer, found, "B")] = a_key, b_key
+    return seen

@@ -14,7 +14,8 @@ from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema,
+                      field_validator)
 
 from ember.provider.domain import catalog
 from ember.provider.domain.accounts import foreign_model_refusal, is_catalog_name
@@ -202,6 +203,9 @@ DEFAULT_MAX_LORAS = 8  # addons on the accelerator at once: a deployment's, and 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Phi-3 keeps q/k/v and gate/up fused in its checkpoint, so PEFT targets them by these names there.
 FUSED_LORA_TARGET_MODULES = ("qkv_proj", "gate_up_proj")
+# A Mixture of Experts' experts, which PEFT targets as parameters (`target_parameters`: transformers >= 5 keeps each
+# layer's experts in one [experts, out, in] tensor), named here by how every such name ends.
+LORA_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 MAX_REPLICAS = 64
 MAX_EPOCHS = 100
 MAX_RETENTION_DAYS = 365
@@ -317,7 +321,8 @@ class LoRAConfig(BaseModel):
     peft_type: Literal["LORA"] = "LORA"
     r: int = Field(ge=1, le=MAX_LORA_RANK)
     lora_alpha: float = Field(gt=0)
-    target_modules: tuple[str, ...]
+    target_parameters: tuple[str, ...] = ()  # LORA_EXPERT_PARAMETERS (PEFT's names end so: mlp.experts.down_proj)
+    target_modules: tuple[str, ...] = ()
     use_rslora: bool = False
     bias: Literal["none"] = "none"
     use_dora: Literal[False] = False
@@ -336,12 +341,27 @@ class LoRAConfig(BaseModel):
         if isinstance(value, str):
             raise ValueError(f"{value!r}: give a list of module names, not a pattern")
         known = LORA_TARGET_MODULES + FUSED_LORA_TARGET_MODULES
-        unsupported = [m for m in value if m not in known]
+        unsupported = [m for m in value or () if m not in known]
         if unsupported:
             raise ValueError(f"{unsupported!r} are not supported; use any of {', '.join(known)}")
-        if not value:
+        return tuple(sorted(set(value or ()), key=known.index))
+
+    @field_validator("target_parameters", mode="before")
+    @classmethod
+    def _expert_parameters(cls, value: Any) -> Any:
+        unsupported = [p for p in value or () if not str(p).endswith(LORA_EXPERT_PARAMETERS)]
+        if unsupported:
+            raise ValueError(f"{unsupported!r} are not supported; Ember serves LoRA on the experts' "
+                             f"{' and '.join(LORA_EXPERT_PARAMETERS)}")
+        return tuple(sorted({next(e for e in LORA_EXPERT_PARAMETERS if str(p).endswith(e)) for p in value or ()},
+                            key=LORA_EXPERT_PARAMETERS.index))
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_something(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if not value and not info.data.get("target_parameters"):
             raise ValueError("is empty: an adapter must target at least one module")
-        return tuple(sorted(set(value), key=known.index))
+        return value
 
     @property
     def scaling(self) -> float:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ember.provider.domain.model_files import module_shapes
+from ember.provider.domain.families import expert_count, expert_layers, expert_parameter_shapes, module_shapes
 
 # ---------------------------------------------------------------------------------------------------
 # Sizes
@@ -274,6 +274,7 @@ class TinyLoRA:
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_parameters: tuple[str, ...] = ()  # a Mixture of Experts' experts: mlp.experts.gate_up_proj, .down_proj
     use_rslora: bool = False
     init_std: float = 0.05
     extra_config: dict = field(default_factory=dict)  # merged into adapter_config.json (to make bad ones)
@@ -307,6 +308,17 @@ def make_lora(
             prefix = f"base_model.model.model.layers.{layer}.{_MODULE_PARENT[module]}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(lora.rank, fan_in, generator=g) * lora.init_std).to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, lora.rank, generator=g) * lora.init_std).to(dtype)
+    # PEFT nests one wrapper per expert parameter, in sorted order, each a level (`base_layer.`) deeper than the last
+    expert_shapes, experts = expert_parameter_shapes(hf), expert_count(hf)
+    for layer, sparse in enumerate(expert_layers(hf)):
+        for level, name in enumerate(sorted(lora.target_parameters)):
+            fan_in, fan_out = expert_shapes[name.removeprefix("mlp.")]
+            if not sparse:
+                continue
+            prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{'base_layer.' * level}"
+            width = experts * lora.rank
+            tensors[f"{prefix}lora_A.weight"] = (torch.randn(width, fan_in, generator=g) * lora.init_std).to(dtype)
+            tensors[f"{prefix}lora_B.weight"] = (torch.randn(fan_out, width, generator=g) * lora.init_std).to(dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -318,6 +330,7 @@ def make_lora(
         "lora_alpha": lora.alpha,
         "lora_dropout": 0.0,
         "target_modules": list(lora.target_modules),
+        "target_parameters": sorted(lora.target_parameters) or None,
         "use_rslora": lora.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,

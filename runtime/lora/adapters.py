@@ -56,9 +56,31 @@ def load_adapter(name: str, directory: str | Path, base: ModelConfig, max_rank: 
                 a, b = (torch.stack([f.get_tensor(info.keys[(layer, module, which)]).float()
                                      for layer in range(base.num_hidden_layers)]) for which in "AB")
                 weights |= _unfused(module, a, b, base)
+            for parameter in info.config.target_parameters:
+                weights[parameter] = _experts(f, info, parameter, base)
     except Exception as exc:  # a header that lies about the data behind it
         raise AdapterError(f"{info.weights} is not a readable safetensors file: {exc}") from None
     return LoRAAdapter(name, info.config, weights)
+
+
+def _experts(f, info, parameter: str, base: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's LoRA of a layer's experts (A [experts * r, in] expert-major, B [out, r * experts] expert-minor) as
+    A [layers, experts, r, in] and B [layers, experts, out, r]; zeros in layers without experts."""
+    count, r = base.num_experts, info.config.r
+    a_layers, b_layers = [], []
+    for layer, sparse in enumerate(base.expert_layers):
+        if sparse:
+            a = f.get_tensor(info.keys[(layer, parameter, "A")]).float()
+            b = f.get_tensor(info.keys[(layer, parameter, "B")]).float()
+            a_layers.append(a.reshape(count, r, a.shape[-1]))
+            b_layers.append(b.reshape(b.shape[0], r, count).permute(2, 0, 1))
+        else:
+            a_layers.append(None)
+            b_layers.append(None)
+    shape_a = next(a for a in a_layers if a is not None).shape
+    shape_b = next(b for b in b_layers if b is not None).shape
+    return (torch.stack([torch.zeros(shape_a) if a is None else a for a in a_layers]),
+            torch.stack([torch.zeros(shape_b) if b is None else b for b in b_layers]))
 
 
 def _unfused(module: str, a: torch.Tensor, b: torch.Tensor, base: ModelConfig) -> dict:

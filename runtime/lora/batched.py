@@ -28,7 +28,9 @@ class LoRAStepMetadata:
     prefill_segments: list[tuple[slice, int]]  # (rows of one prefill chunk, its slot)
     # The projections some slot's adapter targets: a set, not the slots' counts, so a compiled step's graph
     # changes only when it does, not with every adapter loaded.
-    targeted: frozenset[Projection]
+    targeted: frozenset[Projection | str]
+    # each row's slot (-1: none), for the experts' LoRA, whose rows are whichever tokens the router sent
+    row_slots: torch.Tensor | None = None
 
 
 class BatchedLoRA:
@@ -50,7 +52,7 @@ class BatchedLoRA:
                 masks[parts] = (rows[:nd, None] == slot_of_row[None, :]).to(slots.dtype)
         segments = [(slice(c.start, c.start + c.length), int(rows[c.start]))
                     for c in batch.prefills if int(rows[c.start]) >= 0]
-        return LoRAStepMetadata(masks, segments, frozenset(p for p, count in slots.targeted.items() if count))
+        return LoRAStepMetadata(masks, segments, frozenset(p for p, count in slots.targeted.items() if count), rows)
 
     def __call__(self, layer: int, projection: Projection, x: torch.Tensor, out: torch.Tensor,
                  step: LoRAStepMetadata) -> torch.Tensor:
@@ -65,4 +67,19 @@ class BatchedLoRA:
         for rows, slot in step.prefill_segments:
             ranks = slots.rows(projection, slot)
             out[rows] += (x[rows] @ a[ranks].t()) @ bt[ranks]
+        return out
+
+    def experts(self, layer: int, parameter: str, expert: int, rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+                step: LoRAStepMetadata) -> torch.Tensor:
+        """One expert's product for the tokens routed to it (`rows` of the batch; `x` their inputs), with each
+        token's adapter delta added (a few slots among a few rows: each slot's rows at once)."""
+        if parameter not in step.targeted:
+            return out
+        a = self.slots.expert_a[layer][parameter][:, expert]  # [slots, rank, in]
+        bt = self.slots.expert_bt[layer][parameter][:, expert]  # [slots, rank, out]
+        row_slots = step.row_slots[rows]
+        for slot in row_slots.unique().tolist():
+            if slot >= 0:
+                mine = (row_slots == slot).nonzero().squeeze(1)
+                out.index_add_(0, mine, (x[mine] @ a[slot].t()) @ bt[slot])
         return out

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ember.provider.domain.spec import LORA_EXPERT_PARAMETERS
 from ember.provider.domain.tensor_parallel import Shard, shard_of
 from ember.runtime.lora.adapters import LoRAAdapter
 from ember.runtime.model.config import ModelConfig
@@ -36,10 +37,15 @@ class DeviceSlots:
         self.changes: list[tuple[int, LoRAAdapter | None]] = []
         self.a: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.bt: list[dict[Projection, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        # A Mixture of Experts' expert LoRA, per layer and expert parameter: A [slots, experts, rank, in] and B
+        # transposed [slots, experts, rank, out] (an expert's rows are few and mixed, so each slot is applied apart)
+        self.expert_a: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        self.expert_bt: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.names: list[str | None] = [None] * max_loras
-        self.touched: list[tuple[Projection, ...]] = [()] * max_loras  # projections each slot's adapter targets
+        # the projections (and expert parameters) each slot's adapter targets
+        self.touched: list[tuple[Projection | str, ...]] = [()] * max_loras
         self.last_used: list[int] = [0] * max_loras  # the step that last used each slot, for LRU eviction
-        self.targeted: Counter[Projection] = Counter()  # projection → slots whose adapter targets it
+        self.targeted: Counter[Projection | str] = Counter()  # projection or expert parameter → slots targeting it
         self._step = 0
 
     def activate(self, names: set[str], adapter: Callable[[str], LoRAAdapter]) -> dict[str, int]:
@@ -79,6 +85,36 @@ class DeviceSlots:
                 torch._dynamo.mark_static_address(self.bt[layer][projection])
         return self.a[layer][projection], self.bt[layer][projection]
 
+    def _expert_stacks(self, parameter: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if parameter not in self.expert_a[layer]:
+            local = self.config.share(self.shard)
+            h, inter = local.hidden_size, local.expert_intermediate_size
+            fan_in, fan_out = (h, 2 * inter) if parameter == "experts.gate_up_proj" else (inter, h)
+            shape = (self.max_loras, local.num_experts, self.max_rank)
+            self.expert_a[layer][parameter] = torch.zeros(*shape, fan_in, device=self.device, dtype=self.dtype)
+            self.expert_bt[layer][parameter] = torch.zeros(*shape, fan_out, device=self.device, dtype=self.dtype)
+        return self.expert_a[layer][parameter], self.expert_bt[layer][parameter]
+
+    def _fill_experts(self, slot: int, adapter: LoRAAdapter) -> tuple[str, ...]:
+        """The adapter's expert LoRA into the slot (this rank's share: gate's and up's features, down's inputs)."""
+        share = self.shard.rows("expert_gate_proj")
+        inter = self.config.expert_intermediate_size
+        touched = tuple(p for p in LORA_EXPERT_PARAMETERS if p in adapter.weights)
+        for parameter in touched:
+            a_all, b_all = adapter.weights[parameter]  # [layers, experts, r, in], [layers, experts, out, r]
+            if parameter == "experts.gate_up_proj":  # column-parallel: gate's rows, then up's
+                b_all = torch.cat([b_all[:, :, :inter][:, :, share], b_all[:, :, inter:][:, :, share]], dim=2)
+            else:  # row-parallel: its share of the inputs
+                a_all = a_all[..., self.shard.columns("expert_down_proj")]
+            for layer, sparse in enumerate(self.config.expert_layers):
+                if sparse:
+                    a_stack, bt_stack = self._expert_stacks(parameter, layer)
+                    a_stack[slot, :, :adapter.rank] = a_all[layer].to(self.device, self.dtype)
+                    bt_stack[slot, :, :adapter.rank] = (b_all[layer] * adapter.scaling).transpose(-1, -2).to(
+                        self.device, self.dtype)
+            self.targeted[parameter] += 1
+        return touched
+
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
         if self.names[slot] is not None:
             self._clear(slot)
@@ -96,15 +132,21 @@ class DeviceSlots:
                     rows = slice(base + p * self.max_rank, base + p * self.max_rank + adapter.rank)
                     a_stack[rows] = a.to(self.device, self.dtype)
                     bt_stack[rows, part.first : part.first + part.width] = (b * adapter.scaling).t().to(self.device, self.dtype)
+        touched += self._fill_experts(slot, adapter)
         self.names[slot], self.touched[slot] = adapter.name, touched
         self._changed(slot, adapter)
 
     def _clear(self, slot: int) -> None:
         for projection in self.touched[slot]:
-            rows = self.rows(projection, slot)
-            for layer in range(self.config.num_hidden_layers):
-                self.a[layer][projection][rows] = 0
-                self.bt[layer][projection][rows] = 0
+            if projection in LORA_EXPERT_PARAMETERS:
+                for stacks in self.expert_a + self.expert_bt:
+                    if projection in stacks:
+                        stacks[projection][slot] = 0
+            else:
+                rows = self.rows(projection, slot)
+                for layer in range(self.config.num_hidden_layers):
+                    self.a[layer][projection][rows] = 0
+                    self.bt[layer][projection][rows] = 0
             self.targeted[projection] -= 1
         self.names[slot], self.touched[slot] = None, ()
         self._changed(slot, None)

@@ -169,7 +169,7 @@ class Decoder:
             x = x + (out if layer.attention_out_norm is None else self._norm(out, layer.attention_out_norm))
             h = self._norm(x, layer.post_norm)
             if layer.router is not None:
-                out = self._experts(i, layer, h)
+                out = self._experts(i, layer, h, lora_step)
             else:
                 gate, up = self._linear(i, Projection.GATE_UP, h, None, lora_step).chunk(2, dim=-1)
                 out = self._linear(i, Projection.DOWN, self.activation(gate) * up, None, lora_step)
@@ -181,7 +181,7 @@ class Decoder:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits
 
-    def _experts(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
+    def _experts(self, i: int, layer, h: torch.Tensor, lora_step) -> torch.Tensor:
         """A Mixture-of-Experts MLP: each token's top-k experts by the router's softmax, weighted (renormalised
         where the family does), run grouped by expert over the tokens routed to it."""
         e = self.config.experts
@@ -202,7 +202,14 @@ class Decoder:
             pairs = order[start:start + count]
             start += count
             rows = pairs // e.per_token
-            gate, up = self.matmul(h[rows], self.index[(i, "expert", expert, "gate_up")]).chunk(2, dim=-1)
-            y = self.matmul(self.activation(gate) * up, self.index[(i, "expert", expert, "down")])
+            x = h[rows]
+            gate_up = self.matmul(x, self.index[(i, "expert", expert, "gate_up")])
+            if lora_step is not None:
+                gate_up = self.lora.experts(i, "experts.gate_up_proj", expert, rows, x, gate_up, lora_step)
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = self.activation(gate) * up
+            y = self.matmul(x, self.index[(i, "expert", expert, "down")])
+            if lora_step is not None:
+                y = self.lora.experts(i, "experts.down_proj", expert, rows, x, y, lora_step)
             out.index_add_(0, rows, (y * flat_weights[pairs, None]).to(out.dtype))
         return out if self.group is None else self.group.all_reduce(out)

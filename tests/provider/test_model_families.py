@@ -7,7 +7,7 @@ import pytest
 from tests.provider.provider_helpers import config, provider
 
 from ember.provider.domain.catalog import Architecture
-from ember.provider.domain.families import module_shapes
+from ember.provider.domain.families import expert_parameter_shapes, module_shapes
 from ember.provider.providers.base import EmberError
 from ember.runtime.devtools import tinymodels
 
@@ -31,7 +31,8 @@ def test_each_family_is_accepted_uploaded_and_counted_and_takes_addons_on_its_mo
     source = tinymodels.make_family_model(tmp_path / family, family, seed=3)
     hf = json.loads((source / "config.json").read_text())
     targets = tuple(module_shapes(hf))
-    addon = tinymodels.make_lora(source, tmp_path / "addon", rank=4, target_modules=targets)
+    experts = tuple(f"mlp.{p}" for p in expert_parameter_shapes(hf))  # MoE: the experts too, as PEFT targets them
+    addon = tinymodels.make_lora(source, tmp_path / "addon", rank=4, target_modules=targets, target_parameters=experts)
     cfg = config(tmp_path)
     m, a = provider("Model", cfg), provider("LoRAAddon", cfg)
     outputs = m.create(checked(m, {"account_id": "acme", "model_id": "base", "source": str(source)})).outs
@@ -67,3 +68,23 @@ def test_what_is_still_not_served_is_refused_at_preview_by_name(tmp_path, archit
     (source / "config.json").write_text(json.dumps(hf | {"architectures": [architecture]}))
     found = failures(provider("Model", config(tmp_path)), {"account_id": "acme", "model_id": "m", "source": str(source)})
     assert len(found) == 1 and architecture in found[0][1] and reason in found[0][1]
+
+
+def test_an_experts_lora_that_does_not_fit_is_refused_by_name(tmp_path):
+    cfg = config(tmp_path)
+    m, a = provider("Model", cfg), provider("LoRAAddon", cfg)
+    mixtral = tinymodels.make_family_model(tmp_path / "mixtral", "mixtral", seed=3)
+    m.create(checked(m, {"account_id": "acme", "model_id": "moe", "source": str(mixtral)}))
+    other = tinymodels.make_family_model(tmp_path / "wider", "mixtral", seed=3, intermediate_size=64)
+    addon = tinymodels.make_lora(other, tmp_path / "addon", rank=4, target_modules=(),
+                                 target_parameters=("mlp.experts.down_proj",))
+    with pytest.raises(EmberError, match=r"are not LoRA of the 4 experts at r=4 the base model needs \(experts.down_proj: "
+                                         r"A \[16, 48\] and B \[64, 16\]\)"):
+        a.create(checked(a, {"account_id": "acme", "model_id": "addon", "base_model": "accounts/acme/models/moe",
+                             "source": str(addon)}))
+    dense = tinymodels.make_model(tmp_path / "dense")
+    m.create(checked(m, {"account_id": "acme", "model_id": "dense", "source": str(dense)}))
+    with pytest.raises(EmberError, match=r"target_parameters \['experts.down_proj'\] are not experts a "
+                                         r"LlamaForCausalLM has"):
+        a.create(checked(a, {"account_id": "acme", "model_id": "addon2", "base_model": "accounts/acme/models/dense",
+                             "source": str(addon)}))

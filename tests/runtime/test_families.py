@@ -146,3 +146,36 @@ def test_quantized_precisions_quantize_the_experts_and_serve_their_values(tmp_pa
     ours = prompt_logits(eng, tokens)
     assert float((ours - expected).abs().max() / expected.abs().max()) <= 0.04
     assert int((ours.argmax(-1) != expected.argmax(-1)).sum()) <= 2
+
+
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_lora_on_the_experts_matches_peft_in_a_mixed_batch(models, family, tmp_path):
+    """PEFT's LoRA on the experts (`target_parameters`, as PEFT targets transformers 5's stacked experts), alone and
+    with the attention's, in a batch beside other adapters and the base model."""
+    base = models[family]
+    adapters = {"accounts/acme/models/experts": tinymodels.make_lora(base, tmp_path / "experts", seed=5, init_std=0.1,
+                                                                      rank=4, target_modules=(), target_parameters=EXPERTS),
+                "accounts/acme/models/both": tinymodels.make_lora(base, tmp_path / "both", seed=6, init_std=0.1, rank=8,
+                                                                  target_modules=("q_proj", "o_proj"),
+                                                                  target_parameters=EXPERTS[1:])}
+    eng = Engine.from_dir(base, EngineConfig(kv_cache_tokens=2048, max_loras=2, max_lora_rank=8))
+    for name, path in adapters.items():
+        eng.lora.add(name, path)
+    tokens = list(range(20, 80))
+    for name, path in adapters.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.PeftModel.from_pretrained(hf_model(base), path).eval()
+        with torch.no_grad():
+            expected = model(torch.tensor([tokens])).logits[0]
+        torch.testing.assert_close(prompt_logits(eng, tokens, name), expected, atol=5e-5, rtol=1e-5)
+    rng = random.Random(9)
+    work = [[rng.randrange(16, 500) for _ in range(rng.randint(3, 30))] for _ in range(6)]
+    names = [None, *adapters, *adapters, None]
+    greedy = SamplingParams(max_tokens=12, **GREEDY)
+    mixed = [o.token_ids for o in eng.generate(work, greedy, names)]
+    assert mixed == [eng.generate([p], greedy, [n])[0].token_ids for p, n in zip(work, names)]
+    assert mixed[1] != eng.generate([work[1]], greedy)[0].token_ids  # the experts' adapter changes the answer

@@ -18,7 +18,7 @@ import torch
 from tests.runtime.runtime_helpers import hf_model, make
 from tests.runtime.server_helpers import BASE, PIRATE, POET, make_models, start
 
-from ember.provider.domain.families import module_shapes
+from ember.provider.domain.families import expert_parameter_shapes, module_shapes
 from ember.provider.domain.tensor_parallel import even, refusal, shard_of
 from ember.runtime.devtools import tinymodels
 from ember.runtime.devtools.bench_precisions import prompt_logits
@@ -221,8 +221,10 @@ def test_other_families_and_their_addons_split_across_two_ranks(tmp_path, family
     by its features, the router whole) on two ranks, against transformers and PEFT."""
     peft = pytest.importorskip("peft")
     base = tinymodels.make_family_model(tmp_path / family, family, seed=3)
-    targets = tuple(module_shapes(json.loads((base / "config.json").read_text())))
-    lora = tinymodels.make_lora(base, tmp_path / "lora", seed=4, init_std=0.1, rank=4, target_modules=targets)
+    hf = json.loads((base / "config.json").read_text())
+    experts = tuple(f"mlp.{p}" for p in expert_parameter_shapes(hf))  # Qwen3-MoE's experts' LoRA splits too
+    lora = tinymodels.make_lora(base, tmp_path / "lora", seed=4, init_std=0.1, rank=4,
+                                target_modules=tuple(module_shapes(hf)), target_parameters=experts)
     tokens = list(range(20, 100))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
