@@ -2,6 +2,7 @@
 model families, each checked against transformers (the original model's logits, or its own GGUF loader)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,13 +211,12 @@ def _family_model(directory, config, seed: int = 0):
     return directory
 
 
-def _read_or_skip(gguf):
-    try:
-        return read_gguf(gguf)
-    except ModelFilesError as exc:
-        if "is not supported; Ember serves" in str(exc):  # check_config's; the runtime's support is landing
-            pytest.skip(f"the runtime does not serve this architecture yet: {exc}")
-        raise
+def _converted(family: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A tiny model of the family, written as llama.cpp's converter writes it, converted back: (original, GGUF
+    file, converted directory)."""
+    original = _family_model(tmp_path / "hf", _configs()[family])
+    gguf = write_gguf(original, tmp_path / "model.gguf")
+    return original, gguf, convert_gguf(gguf, tmp_path / "converted")
 
 
 FAMILY_CONFIG_KEYS = {
@@ -242,10 +242,7 @@ TRANSFORMERS_READS = ("qwen3", "qwen3moe", "phi3", "gemma2", "gemma3")
 def test_a_family_converts_to_the_model_it_came_from(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    original = _family_model(tmp_path / "hf", _configs()[family])
-    gguf = write_gguf(original, tmp_path / "model.gguf")
-    _read_or_skip(gguf)
-    converted = convert_gguf(gguf, tmp_path / "converted")
+    original, gguf, converted = _converted(family, tmp_path)
     config = json.loads((converted / "config.json").read_text())
     assert {k: config.get(k) for k in FAMILY_CONFIG_KEYS[family]} == FAMILY_CONFIG_KEYS[family]
     ours = load_file(str(converted / "model.safetensors"))
@@ -262,7 +259,7 @@ def test_a_family_converts_to_the_model_it_came_from(family, tmp_path):
 def test_phi3_longrope_factors_go_back_into_rope_scaling(tmp_path):
     config = _configs()["phi3"]
     gguf = write_gguf(_family_model(tmp_path / "hf", config), tmp_path / "phi3.gguf")
-    scaling = _read_or_skip(gguf).config["rope_scaling"]
+    scaling = read_gguf(gguf).config["rope_scaling"]
     assert scaling == {"type": "longrope", "long_factor": config.rope_parameters["long_factor"],
                        "short_factor": config.rope_parameters["short_factor"]}
 
@@ -277,10 +274,7 @@ def test_ember_generates_from_a_converted_family_what_it_does_from_the_original(
     from ember.runtime.engine.engine import Engine
     from ember.runtime.engine.sequence import SamplingParams
 
-    original = _family_model(tmp_path / "hf", _configs()[family])
-    gguf = write_gguf(original, tmp_path / "model.gguf")
-    _read_or_skip(gguf)
-    converted = convert_gguf(gguf, tmp_path / "converted")
+    original, gguf, converted = _converted(family, tmp_path)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [[1, 5, 9, 14, 30, 2, 7], [3, 300, 42]]
     expected = [c.token_ids for c in Engine.from_dir(original).generate(prompts, params)]
