@@ -53,7 +53,6 @@ class Architecture:
 
     @property
     def parameter_count(self) -> int:
-        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         return self._count(self.num_experts)
 
     @property

@@ -136,9 +136,9 @@ def check_config(config: dict, source: str | Path = "config.json") -> None:
         raise ModelFilesError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv_heads!r}")
     f = family(config)
-    activation_key = "hidden_activation" if f.gemma else "hidden_act"
-    activation = config.get(activation_key) or ("gelu_pytorch_tanh" if f.gemma else "silu")
-    if activation != ("gelu_pytorch_tanh" if f.gemma else "silu"):
+    activation_key, served = ("hidden_activation", "gelu_pytorch_tanh") if f.gemma else ("hidden_act", "silu")
+    activation = config.get(activation_key) or served
+    if activation != served:
         raise ModelFilesError(f"{source}: {activation_key} {activation!r} is not supported for {architecture}")
     window = config.get("sliding_window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
@@ -153,7 +153,7 @@ def check_config(config: dict, source: str | Path = "config.json") -> None:
             raise ModelFilesError(f"{source}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported "
                                   f"(RoPE over the whole head only)")
     if f.experts is not None:
-        experts, used = config.get("num_local_experts") or config.get("num_experts"), config.get("num_experts_per_tok")
+        experts, used = expert_count(config), config.get("num_experts_per_tok")
         if not isinstance(experts, int) or not isinstance(used, int) or not 1 <= used <= experts:
             raise ModelFilesError(f"{source}: a Mixture-of-Experts model needs 1 <= num_experts_per_tok <= its experts, "
                                   f"got {used!r} of {experts!r}")

@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from ember.provider.domain.model_files import ModelFilesError, inspect_adapter
-from ember.provider.domain.spec import LoRAConfig
+from ember.provider.domain.spec import FUSED_LORA_TARGET_MODULES, LoRAConfig
 from ember.runtime.model.config import ModelConfig
+from ember.runtime.model.projections import Projection, lora_parts
 
 
 class AdapterError(ModelFilesError):
@@ -86,9 +87,7 @@ def _experts(f, info, parameter: str, base: ModelConfig) -> tuple[torch.Tensor, 
 def _unfused(module: str, a: torch.Tensor, b: torch.Tensor, base: ModelConfig) -> dict:
     """A LoRA on a fused module (Phi-3's qkv_proj, gate_up_proj) as one per part, sharing A: the runtime's slots and
     tensor-parallel shares then know one set of modules. x·Aᵀ·Bᵀ split by B's rows is the same product."""
-    parts = {"qkv_proj": (("q_proj", base.q_size), ("k_proj", base.kv_size), ("v_proj", base.kv_size)),
-             "gate_up_proj": (("gate_proj", base.intermediate_size), ("up_proj", base.intermediate_size))}.get(module)
-    if parts is None:
+    if module not in FUSED_LORA_TARGET_MODULES:
         return {module: (a, b)}
-    split = b.split([size for _, size in parts], dim=1)
-    return {name: (a, rows) for (name, _), rows in zip(parts, split)}
+    parts = lora_parts(base)[Projection(module.removesuffix("_proj"))]
+    return {part.module: (a, b[:, part.first:part.first + part.width]) for part in parts}

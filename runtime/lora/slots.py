@@ -29,7 +29,7 @@ class DeviceSlots:
         row-parallel ones (o, down), whose partial deltas the model sums with the partial products."""
         self.config, self.max_loras, self.max_rank, self.device, self.dtype = config, max_loras, max_rank, device, dtype
         self.shard = shard or shard_of(config, 1, 0)
-        local = config.share(self.shard)
+        self.local = local = config.share(self.shard)
         self.parts = lora_parts(local)
         self.fan_in = fan_in(local)  # projection → its input features on this rank
         # What the replica's other ranks must do to their slots to match these: (slot, adapter or None to empty
@@ -87,7 +87,7 @@ class DeviceSlots:
 
     def _expert_stacks(self, parameter: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if parameter not in self.expert_a[layer]:
-            local = self.config.share(self.shard)
+            local = self.local  # this rank's share of every expert
             h, inter = local.hidden_size, local.expert_intermediate_size
             fan_in, fan_out = (h, 2 * inter) if parameter == "experts.gate_up_proj" else (inter, h)
             shape = (self.max_loras, local.num_experts, self.max_rank)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,6 @@ class Rope:
             factor = float(rope.get("factor") or raw["max_position_embeddings"] / original)
             attention = rope.get("attention_factor")
             if attention is None:  # as transformers (and the LongRoPE paper) derive it
-                import math
                 attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
             return cls(theta, kind, factor, original_max_position_embeddings=original,
                        short_factor=tuple(map(float, rope["short_factor"])),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ember.runtime.engine.batch import StepBatch
 from ember.runtime.engine.kv_cache import KVCache
 from ember.runtime.model.attention import LayerAttention, decode_attention, paged_attention
-from ember.runtime.model.config import ModelConfig, Rope
+from ember.runtime.model.config import Rope
 from ember.runtime.model.loader import ModelWeights
 from ember.runtime.model.matmul import Matmul
 from ember.runtime.model.projections import Projection

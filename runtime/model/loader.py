@@ -181,16 +181,18 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device
     return weights
 
 
+def _within(share: slice, first: int, size: int) -> slice:
+    """A rank's `share` of one part of a fused tensor (the part's rows start at `first`, `size` of them)."""
+    return slice(first + (share.start or 0), first + (size if share.stop is None else share.stop))
+
+
 def _attention(reader: _Reader, config: ModelConfig, shard: Shard, attn: str) -> dict:
     """q, k and v fused (read from Phi-3's own fused qkv_proj where the checkpoint keeps them so), and o."""
     h, q, kv = config.hidden_size, config.q_size, config.kv_size
     parts = (("q", 0, q), ("k", q, kv), ("v", q + kv, kv))
     if config.family.fused_checkpoint:
-        def rows(name, first, size):
-            share = shard.rows(f"{name}_proj")
-            return slice(first + (share.start or 0), first + (size if share.stop is None else share.stop))
-        qkv = [reader.get(attn + "qkv_proj.weight", (q + 2 * kv, h), rows(*part)) for part in parts]
-        reader.used.add(attn + "qkv_proj.weight")
+        qkv = [reader.get(attn + "qkv_proj.weight", (q + 2 * kv, h), _within(shard.rows(f"{n}_proj"), first, size))
+               for n, first, size in parts]
     else:
         qkv = [reader.get(attn + f"{n}_proj.weight", (size, h), shard.rows(f"{n}_proj")) for n, _, size in parts]
     qkv_bias = None
@@ -223,8 +225,7 @@ def _mlp(reader: _Reader, config: ModelConfig, shard: Shard, p: str, experts: bo
     inter = config.intermediate_size
     if config.family.fused_checkpoint:
         share = shard.rows("gate_proj")
-        start, stop = share.start or 0, inter if share.stop is None else share.stop
-        gate_up = [reader.get(p + "mlp.gate_up_proj.weight", (2 * inter, h), slice(first + start, first + stop))
+        gate_up = [reader.get(p + "mlp.gate_up_proj.weight", (2 * inter, h), _within(share, first, inter))
                    for first in (0, inter)]
     else:
         gate_up = [reader.get(p + f"mlp.{n}_proj.weight", (inter, h), shard.rows(f"{n}_proj")) for n in ("gate", "up")]

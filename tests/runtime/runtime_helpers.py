@@ -21,6 +21,23 @@ def hf_model(directory):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
+def peft_model(base, adapter):
+    """PEFT's model of a base directory with one adapter, its load-time warnings silenced."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(hf_model(base), adapter).eval()
+
+
+def peft_logits(base, adapter, tokens):
+    """PEFT's logits of every position of `tokens` [len, vocab]: the reference for an adapter's."""
+    with torch.no_grad():
+        return peft_model(base, adapter)(torch.tensor([tokens])).logits[0]
+
+
 def hf_greedy(model, prompt, max_tokens):
     """transformers' greedy decoding with its own KV cache, never stopping at EOS (like ignore_eos).
 

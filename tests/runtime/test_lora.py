@@ -2,12 +2,11 @@
 
 import random
 import shutil
-import warnings
 
 import pytest
 import torch
 from tests.provider.file_edits import edit_json, edit_tensors
-from tests.runtime.runtime_helpers import hf_model, make
+from tests.runtime.runtime_helpers import make, peft_model
 
 from ember.runtime.devtools import tinymodels
 from ember.runtime.devtools.bench_precisions import prompt_logits
@@ -55,9 +54,7 @@ def prompts(n, seed=0):
 def test_logits_match_peft_and_merged_weights(base, adapters, name):
     eng = engine(base, adapters)
     tokens = list(range(20, 80))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(hf_model(base), adapters[name]).eval()
+    model = peft_model(base, adapters[name])
     with torch.no_grad():
         unmerged = model(torch.tensor([tokens])).logits[0]
         merged = model.merge_and_unload()(torch.tensor([tokens])).logits[0]

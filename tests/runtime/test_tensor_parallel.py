@@ -9,13 +9,12 @@ import os
 import random
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from tests.runtime.runtime_helpers import hf_model, make
+from tests.runtime.runtime_helpers import make, peft_logits, peft_model
 from tests.runtime.server_helpers import BASE, PIRATE, POET, make_models, start
 
 from ember.provider.domain.families import expert_parameter_shapes, module_shapes
@@ -99,7 +98,7 @@ def test_ranks_give_the_logits_and_greedy_answers_of_one_device(base, size):
 
 
 def test_a_mixed_batch_of_three_adapters_equals_peft_on_two_ranks(base, adapters):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     tokens = list(range(20, 80))
     work = prompts(8, seed=1)
     names = [None, *ADAPTERS, *ADAPTERS, None][:8]
@@ -107,12 +106,8 @@ def test_a_mixed_batch_of_three_adapters_equals_peft_on_two_ranks(base, adapters
         expected = answers(one, work, names)
     with engine(base, 2, adapters=adapters) as split:
         for name, directory in adapters.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                reference = peft.PeftModel.from_pretrained(hf_model(base), directory).eval()
-            with torch.no_grad():
-                theirs = reference(torch.tensor([tokens])).logits[0]
-            torch.testing.assert_close(prompt_logits(split, tokens, name), theirs, atol=5e-5, rtol=1e-5)
+            torch.testing.assert_close(prompt_logits(split, tokens, name), peft_logits(base, directory, tokens),
+                                       atol=5e-5, rtol=1e-5)
         mixed = answers(split, work, names)
         assert mixed == expected
         # slots emptied and filled again: every rank's slots follow
@@ -219,16 +214,14 @@ def test_a_replica_of_two_ranks_answers_through_the_openai_api_as_one_does(tmp_p
 def test_other_families_and_their_addons_split_across_two_ranks(tmp_path, family):
     """Gemma's extra norms and caps, Phi-3's fused checkpoint (and fused LoRA), Qwen3-MoE's experts (each split
     by its features, the router whole) on two ranks, against transformers and PEFT."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     base = tinymodels.make_family_model(tmp_path / family, family, seed=3)
     hf = json.loads((base / "config.json").read_text())
     experts = tuple(f"mlp.{p}" for p in expert_parameter_shapes(hf))  # Qwen3-MoE's experts' LoRA splits too
     lora = tinymodels.make_lora(base, tmp_path / "lora", seed=4, init_std=0.1, rank=4,
                                 target_modules=tuple(module_shapes(hf)), target_parameters=experts)
     tokens = list(range(20, 100))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = peft.PeftModel.from_pretrained(hf_model(base), lora).eval()
+    reference = peft_model(base, lora)
     with torch.no_grad():
         with_lora = reference(torch.tensor([tokens])).logits[0]
         with reference.disable_adapter():
