@@ -5,6 +5,7 @@ both halves share one definition)."""
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -72,6 +73,7 @@ class DeploymentRecord(_Document):
     autoscaling: AutoscalingPolicy = AutoscalingPolicy()
     traffic_weight: int = DeploymentSpec.model_fields["traffic_weight"].default
     kubernetes_workload: KubernetesWorkload | None = None
+    shutdown_date: date | None = None  # serverless only: from this day (UTC) on, its model answers 410, unbilled
 
 
 class DatasetRecord(_Document):

@@ -5,7 +5,8 @@ status — to a file of this replica under the usage URL (an fsspec URL: a local
 model store in a cluster). A replica also writes its own record: when it started, what accelerators it
 holds, whether it is serverless (billed per token) or dedicated (billed per GPU-second), its base model
 (serverless prices go by its size), and when it was last seen. A fine-tuning run writes one record of the
-tokens it trained on (billed per training token). Never any prompt, output or dataset text.
+tokens it trained on (billed per training token). Never any prompt, output or dataset text. Billing also reads
+each serverless deployment's shutdown date from its record: no token is billed from that day on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import date
 
 import fsspec
+
+from ember.provider.domain.records import DeploymentRecord
+from ember.provider.domain.store_layout import StoreLayout
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,23 @@ def read_replicas(url: str) -> list[dict]:
     """Every replica record under a usage URL: what ran, on what, from when to when."""
     fs, root = fsspec.core.url_to_fs(url)
     return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/usage/*/replica-*.json"))]
+
+
+def read_shutdowns(url: str) -> dict[str, date]:
+    """Each serverless deployment's shutdown date (by its name), from the deployment records under a store URL: its
+    tokens from that day on are not billed."""
+    fs, root = fsspec.core.url_to_fs(url)
+    shutdowns = {}
+    for path in sorted(fs.glob(StoreLayout(root).deployment_record("*", "*"))):
+        try:
+            record = DeploymentRecord.model_validate(json.loads(fs.cat_file(path)))
+        except FileNotFoundError:  # deleted meanwhile
+            continue
+        except ValueError as exc:  # a bill must not quietly charge what a record it cannot read says not to
+            raise ValueError(f"{path}: {exc}") from None
+        if record.serverless and record.shutdown_date is not None:
+            shutdowns[record.name] = record.shutdown_date
+    return shutdowns
 
 
 def record_training(url: str, account_id: str, job: str, base_model: str, parameter_count: int, trained_tokens: int,

@@ -29,7 +29,7 @@ from ember.provider.backends.kubernetes_cluster import KubernetesCluster
 from ember.provider.backends.local_cluster import LocalCluster
 from ember.provider.backends.processes import abandoned, owner
 from ember.provider.backends.store import Store, StoreError
-from ember.provider.domain import file_kinds
+from ember.provider.domain import catalog_lifecycle, file_kinds
 from ember.provider.domain.accounts import foreign_model_refusal
 from ember.provider.domain.digests import file_digests, file_sha256, tree_digest
 from ember.provider.domain.kinds import BY_SPEC
@@ -57,11 +57,12 @@ class ProviderConfig:
     state_dir: Path
     store_url: str
     ready_timeout_s: float = 180.0
+    catalog_file: Path | None = None  # the serverless lifecycle's dates (domain/catalog_lifecycle.py); None: none
 
     @classmethod
     def load(cls, config=None, default_root: Path | None = None) -> "ProviderConfig":
-        """Pulumi config (ember:stateDir, ember:storeUrl, ember:readyTimeout), then EMBER_* variables, then
-        defaults: the state directory is .ember beside the program (the working directory)."""
+        """Pulumi config (ember:stateDir, ember:storeUrl, ember:readyTimeout, ember:catalogFile), then EMBER_*
+        variables, then defaults: the state directory is .ember beside the program (the working directory)."""
 
         def get(key: str, env: str) -> Any:
             value = config.get(f"ember:{key}") if config is not None else None
@@ -71,7 +72,7 @@ class ProviderConfig:
         state_dir = (root / Path(get("stateDir", "EMBER_STATE_DIR") or ".ember").expanduser()).resolve()
         store_url = get("storeUrl", "EMBER_STORE_URL") or f"file://{state_dir / 'store'}"
         timeout = float(get("readyTimeout", "EMBER_READY_TIMEOUT") or 180.0)
-        return cls(state_dir, store_url, timeout)
+        return cls(state_dir, store_url, timeout, catalog_lifecycle.locate(get("catalogFile", catalog_lifecycle.ENV), root))
 
 
 def progress(message: str) -> None:
@@ -167,6 +168,25 @@ class EmberProvider(ResourceProvider):
             return []
         refusal = base_model_refusal(base_model, bool(facts.get("addon")), facts.get("declared"))
         return [("base_model", refusal)] if refusal else []
+
+    def catalog_file(self, field: str) -> tuple[catalog_lifecycle.CatalogFile | None, list[tuple[str, str]]]:
+        """The serverless lifecycle's dates, or (None, the failure of `field`, the input that made this resource read
+        the file) naming the file, its field and the value."""
+        try:
+            return catalog_lifecycle.load(self.config.catalog_file), []
+        except catalog_lifecycle.CatalogFileError as exc:
+            return None, [(field, f"catalog file {exc}")]
+
+    @staticmethod
+    def _shut_down(catalog: catalog_lifecycle.CatalogFile, base_model: str, field: str,
+                   instead: str) -> list[tuple[str, str]]:
+        """A serverless use of a catalog base from its shutdown date on (the replicas answer 410 from that day)."""
+        model_id = parse_model_name(base_model).resource_id
+        lifecycle = catalog.lifecycle(model_id)
+        on = catalog_lifecycle.today()
+        if lifecycle is None or lifecycle.phase(on) != "shut_down":
+            return []
+        return [(field, f"{lifecycle.notice(model_id, on)}: {instead}")]
 
     def derive(self, spec, unknown: set[str]) -> dict[str, Any]:
         """The content digest of a local source (models and addons), which decides replacements."""

@@ -11,6 +11,7 @@ from pulumi.dynamic import CreateResult, ReadResult
 from ember.provider.backends.cluster import ClusterError, ReplicaStatus
 from ember.provider.backends.store import StoreError
 from ember.provider.domain.catalog import Architecture
+from ember.provider.domain.catalog_lifecycle import Lifecycle
 from ember.provider.domain.kinds.deployment import KIND, DeploymentSpec, check_split
 from ember.provider.domain.names import parse_deployment_name, parse_model_name
 from ember.provider.domain.records import BaseModelManifest, DeploymentRecord
@@ -46,7 +47,48 @@ class DeploymentProvider(ClusterProvider):
                 CLUSTERS[spec.cluster].check_supported(spec)
             except ClusterError as exc:
                 failures.append(("accelerator_type", str(exc).removeprefix("accelerator_type: ")))
+        if "deployment_type" not in unknown and spec.deployment_type is DeploymentType.SERVERLESS:
+            failures += self._serverless_failures(spec, unknown)
         return failures
+
+    def _serverless_failures(self, spec: DeploymentSpec, unknown: set[str]) -> list[tuple[str, str]]:
+        """The catalog file's rules: no serverless deployment of a shut-down model, and no capacity promise (no SLA)
+        on a serverless deployment outside the platform account, whose capacity it is."""
+        catalog, failures = self.catalog_file("deployment_type")
+        if catalog is None:
+            return failures
+        if "base_model" not in unknown:
+            failures += self._shut_down(catalog, spec.base_model, "base_model", "a serverless deployment of it is "
+                                        "refused; declare another catalog model, or a dedicated deployment")
+        if "account_id" in unknown or spec.account_id == catalog.platform_account:
+            return failures
+        # only what the program sets: the defaults are the platform's best effort, not a promise
+        promised = {"min_replicas": spec.min_replicas,
+                    "autoscaling": spec.autoscaling.model_dump(mode="json", exclude_unset=True)}
+        for field, value in promised.items():
+            if field in spec.model_fields_set and value != {}:
+                failures.append((field, f"{value!r} is set on a serverless deployment of account {spec.account_id!r}: "
+                                        f"serverless is best-effort with no SLA, and its capacity belongs to the platform "
+                                        f"account {catalog.platform_account!r}; for guaranteed capacity declare a "
+                                        f"dedicated deployment"))
+        return failures
+
+    def derive(self, spec: DeploymentSpec, unknown: set[str]) -> dict[str, Any]:
+        derived = super().derive(spec, unknown)
+        try:
+            lifecycle = None if unknown & {"base_model", "deployment_type"} else self._lifecycle(spec)
+        except EmberError:  # check_known names what is wrong with the catalog file
+            lifecycle = None
+        return derived | ({"base_model_shutdown_date": lifecycle.shutdown_date.isoformat()} if lifecycle else {})
+
+    def _lifecycle(self, spec: DeploymentSpec) -> Lifecycle | None:
+        """A serverless deployment's base model's dates in the catalog file; None for a dedicated one, or no dates."""
+        if spec.deployment_type is not DeploymentType.SERVERLESS:
+            return None
+        catalog, failures = self.catalog_file("deployment_type")
+        if catalog is None:
+            raise EmberError("; ".join(f"{field}: {message}" for field, message in failures))
+        return catalog.lifecycle(parse_model_name(spec.base_model).resource_id)
 
     @staticmethod
     def _split_failures(spec: DeploymentSpec, manifest) -> list[tuple[str, str]]:
@@ -80,6 +122,7 @@ class DeploymentProvider(ClusterProvider):
              generation: str | None = None) -> dict[str, Any]:
         """`generation`: a create's or a replacement's new one; an update keeps the record's."""
         store, cluster = self.store, self.cluster_of(spec.cluster)
+        lifecycle = self._lifecycle(spec)  # its replicas answer 410 from the shutdown date the record carries
         base = base_manifest(store, spec.base_model, spec.account_id)
         if failures := self._split_failures(spec, base):
             raise EmberError("; ".join(f"{field}: {message}" for field, message in failures))
@@ -91,7 +134,8 @@ class DeploymentProvider(ClusterProvider):
                                   created=not creating, inputs=self._inputs(props), owner=_owner(props),
                                   min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
                                   autoscaling=spec.autoscaling, traffic_weight=spec.traffic_weight,
-                                  kubernetes_workload=spec.kubernetes_workload, generation=generation)
+                                  kubernetes_workload=spec.kubernetes_workload, generation=generation,
+                                  shutdown_date=lifecycle.shutdown_date if lifecycle else None)
         store.write_deployment_record(record)
         store.change_desired_addons(spec.account_id, spec.deployment_id, lambda desired: None)  # replicas read it
         try:

@@ -25,7 +25,7 @@ class LoRAAddonProvider(EmberProvider):
     spec_cls = LoRAAddonSpec
 
     def check_known(self, spec: LoRAAddonSpec, unknown: set[str], references: dict[str, Any]) -> list[tuple[str, str]]:
-        failures = self._base_failures(spec.base_model, unknown, references)
+        failures = self._base_failures(spec.base_model, unknown, references) + self._serverless_failures(spec, unknown)
         job = references.get("source")  # a fine-tuning job's facts, when the source is the adapter it trains
         if isinstance(job, dict) and type(job.get("rank")) in (int, float):  # numbers may arrive as floats
             rank = int(job["rank"])
@@ -55,6 +55,16 @@ class LoRAAddonProvider(EmberProvider):
             failures += [(f"deployments[{i}]" if field == "deployments" else field, message)
                          for field, message in addon_misfits(addon_base, rank, deployment)]
         return failures
+
+    def _serverless_failures(self, spec: LoRAAddonSpec, unknown: set[str]) -> list[tuple[str, str]]:
+        """No serverless addon on a model shut down for serverless use (the catalog file's dates)."""
+        if "serverless" in unknown or not spec.serverless:
+            return []
+        catalog, failures = self.catalog_file("serverless")
+        if catalog is None or "base_model" in unknown:
+            return failures
+        return self._shut_down(catalog, spec.base_model, "serverless", "a serverless addon on it is refused; put it "
+                               "on another catalog model that takes serverless addons, or on a dedicated deployment")
 
     def drifted(self, olds: dict[str, Any], news: dict[str, Any]) -> bool:
         # A refresh found the addon not served on a deployment it is declared on: the next `up` loads it again.

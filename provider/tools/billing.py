@@ -6,16 +6,19 @@ price tier of their base model's size (serverless serves catalog models only, so
 catalog's). Dedicated deployments are billed to the account that owns them, per accelerator-second their
 replicas held (a replica record says from when to when, on what), whatever their traffic. Periods are
 UTC months, days or hours; a replica's time is split across the periods it spans. A fine-tuning run is
-billed to its account per token trained on (every epoch), at the tier of its base model's size.
+billed to its account per token trained on (every epoch), at the tier of its base model's size. Serverless tokens
+served on or after the shutdown date of their deployment's model (its record in the store) are charged nothing: such
+requests are refused (410), and the few a replica served before it read the date are the platform's, not the caller's;
+the report says how many there were.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -147,17 +150,59 @@ def _serverless_size(base_model: str) -> int:
     return entry.parameter_count
 
 
-def bill(records: list[dict], replicas: list[dict], prices: PriceTable = DEFAULT_PRICES,
-         period: str = "month", training: list[dict] = ()) -> list[Charge]:
-    """Charges per account, period and item, from request, replica and fine-tuning records."""
-    if period not in PERIODS:
-        raise BillingError(f"period: {period!r} is not one of {', '.join(PERIODS)}")
+@dataclass(frozen=True)
+class Uncharged:
+    """Serverless tokens one account was served on or after its model's shutdown date, which are not charged."""
+
+    account_id: str
+    base_model: str
+    shutdown_date: date
+    requests: int
+    tokens: int
+
+    def note(self) -> str:
+        model = parse_model_name(self.base_model).resource_id
+        return (f"{self.account_id}: {model} was shut down for serverless use on {self.shutdown_date.isoformat()}; "
+                f"{self.tokens:,} tokens in {self.requests} request{'s' * (self.requests != 1)} on or after that day are "
+                f"not charged")
+
+
+def _serverless(records: list[dict], replicas: list[dict],
+                shutdowns: Mapping[str, date]) -> Iterable[tuple[dict, dict, date | None]]:
+    """(record, its replica, the shutdown date it came on or after, or None) of each serverless request record."""
     by_replica = {r["replica"]: r for r in replicas}
-    quantities: dict[tuple, float] = defaultdict(float)
     for record in records:
         replica = by_replica.get(record["replica"], {})
         if replica.get("deployment_type") != "serverless":
             continue  # dedicated traffic is paid for by the accelerator-second
+        shutdown = shutdowns.get(replica["deployment"])
+        after = shutdown is not None and record["time"] >= datetime.combine(shutdown, datetime.min.time(),
+                                                                             timezone.utc).timestamp()
+        yield record, replica, shutdown if after else None
+
+
+def uncharged(records: list[dict], replicas: list[dict], shutdowns: Mapping[str, date]) -> list[Uncharged]:
+    """What `bill` leaves uncharged for a shutdown, per account and model (`shutdowns`: serverless deployment →
+    its shutdown date, from the store's deployment records)."""
+    counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for record, replica, shutdown in _serverless(records, replicas, shutdowns):
+        if shutdown is not None:
+            count = counts[(record["account_id"], replica["base_model"], shutdown)]
+            count[0] += 1
+            count[1] += record["prompt_tokens"] + record["completion_tokens"]
+    return [Uncharged(*key, *count) for key, count in sorted(counts.items())]
+
+
+def bill(records: list[dict], replicas: list[dict], prices: PriceTable = DEFAULT_PRICES,
+         period: str = "month", training: list[dict] = (), shutdowns: Mapping[str, date] | None = None) -> list[Charge]:
+    """Charges per account, period and item, from request, replica and fine-tuning records. `shutdowns`: serverless
+    deployment → its model's shutdown date; its tokens from that day (UTC) on are not charged (see `uncharged`)."""
+    if period not in PERIODS:
+        raise BillingError(f"period: {period!r} is not one of {', '.join(PERIODS)}")
+    quantities: dict[tuple, float] = defaultdict(float)
+    for record, replica, shutdown in _serverless(records, replicas, shutdowns or {}):
+        if shutdown is not None:
+            continue
         base = replica["base_model"]
         key = (record["account_id"], period_of(record["time"], period), TOKENS, record["model"], base,
                prices.per_million_tokens(_serverless_size(base)))

@@ -4,7 +4,8 @@ A dedicated deployment costs its accelerators' hourly price x accelerator_count 
 `min_replicas` and at `max_replicas`; serverless deployments and serverless addons cost per token (their base
 model's tier), so they are listed with that price; a fine-tuning job costs its training tokens (epochs x the
 dataset's tokens: the job's own count once it has run, else 4 characters a token) at the fine-tuning tier of
-its base model's size. Values the engine does not know yet (preview) leave a resource out, as the policies do.
+its base model's size. A serverless deployment or addon on a model the catalog file deprecates gets a note with
+its shutdown date. Values the engine does not know yet (preview) leave a resource out, as the policies do.
 An estimate of a month of replicas at a fixed count equals the bill `ember usage` makes for those
 accelerator-seconds (a test pins it).
 """
@@ -15,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ember.provider.domain import catalog
+from ember.provider.domain import catalog, catalog_lifecycle
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
 from ember.provider.domain.names import EMBER_TYPE_PREFIX, parse_model_name
@@ -42,6 +43,7 @@ class CostEstimate:
     deployments: list[dict] = field(default_factory=list)
     serverless: list[dict] = field(default_factory=list)
     fine_tuning: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # serverless uses of deprecated or shut-down models
 
     @property
     def total_monthly_usd_min(self) -> float:
@@ -89,9 +91,11 @@ def deployment_cost(props: dict, prices: PriceTable) -> dict | None:
 
 
 def estimate(resources: list[Resource], prices: PriceTable = DEFAULT_PRICES, dataset_tokens: dict[str, int] = (),
-             model_sizes: dict[str, int] = ()) -> CostEstimate:
+             model_sizes: dict[str, int] = (), lifecycles: catalog_lifecycle.CatalogFile = catalog_lifecycle.NO_FILE
+             ) -> CostEstimate:
     """The monthly estimate of a stack's resources. `dataset_tokens`: dataset name → tokens (counted by a job,
-    or estimated from characters); `model_sizes`: model name → parameters, for models outside the catalog."""
+    or estimated from characters); `model_sizes`: model name → parameters, for models outside the catalog;
+    `lifecycles`: the catalog file, whose dates note the serverless uses of deprecated models."""
     result = CostEstimate(currency=prices.currency)
     dataset_tokens, model_sizes = dict(dataset_tokens), dict(model_sizes)
     for r in resources:
@@ -100,6 +104,7 @@ def estimate(resources: list[Resource], prices: PriceTable = DEFAULT_PRICES, dat
             size = _parameters(props.get("base_model"), model_sizes)
             if size is not None:
                 result.serverless.append({"name": r.name, "usd_per_million_tokens": prices.per_million_tokens(size)})
+            result.notes += _lifecycle_note(r, lifecycles)
         elif r.kind == "Deployment":
             cost = deployment_cost(props, prices)
             if cost is not None:
@@ -108,6 +113,7 @@ def estimate(resources: list[Resource], prices: PriceTable = DEFAULT_PRICES, dat
             size = _parameters(props.get("base_model"), model_sizes)
             if size is not None:
                 result.serverless.append({"name": r.name, "usd_per_million_tokens": prices.per_million_tokens(size)})
+            result.notes += _lifecycle_note(r, lifecycles)
         elif r.kind == "FineTuningJob":
             tokens, epochs = dataset_tokens.get(props.get("dataset")), _number(props, FineTuningJobSpec, "epochs")
             size = _parameters(props.get("base_model"), model_sizes) or 0
@@ -117,6 +123,19 @@ def estimate(resources: list[Resource], prices: PriceTable = DEFAULT_PRICES, dat
                 result.fine_tuning.append({"name": r.name, "training_tokens": training,
                                            "usd": round(training / 1e6 * price, 4)})
     return result
+
+
+def _lifecycle_note(r: Resource, lifecycles: catalog_lifecycle.CatalogFile) -> list[str]:
+    base = r.props.get("base_model")
+    if not lifecycles.models or not _known(base):
+        return []
+    try:
+        model_id = parse_model_name(base).resource_id
+    except ValueError:  # the resource's check names it
+        return []
+    lifecycle = lifecycles.lifecycle(model_id)
+    notice = lifecycle.notice(model_id, catalog_lifecycle.today()) if lifecycle else None
+    return [f"{'serverless' if r.kind == 'Deployment' else 'serverless addon'} {r.name}: {notice}"] if notice else []
 
 
 def tokens_from_characters(characters: int) -> int:
@@ -202,7 +221,8 @@ def preview_costs(runner, prices: PriceTable = DEFAULT_PRICES, record_foreign: b
     runner.up(preview=True)
     planned = _resources((reg.type, reg.name, MessageToDict(reg.properties)) for reg in runner.registrations)
     tokens, sizes = _local_facts(runner.program_dir, planned + current, outputs)
-    return estimate(current, prices, tokens, sizes), estimate(planned, prices, tokens, sizes)
+    lifecycles = catalog_lifecycle.load(runner.config.catalog_file)  # the preview's checks read it already
+    return estimate(current, prices, tokens, sizes, lifecycles), estimate(planned, prices, tokens, sizes, lifecycles)
 
 
 def table(result: CostEstimate) -> str:
@@ -216,4 +236,5 @@ def table(result: CostEstimate) -> str:
               for s in result.serverless]
     lines += [f"fine-tuning {f['name']}: {f['training_tokens']:,} training tokens, {f['usd']:.4f} {result.currency}"
               for f in result.fine_tuning]
+    lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)

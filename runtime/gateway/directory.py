@@ -17,6 +17,8 @@ from ember.provider.domain.kinds.gateway import GatewaySpec
 from ember.provider.domain.names import parse_deployment_name, parse_gateway_name
 from ember.provider.domain.records import DeploymentRecord, GatewayRecord, ReplicaRegistration
 from ember.provider.domain.store_layout import StoreLayout
+from ember.runtime.serving.errors import APIError
+from ember.runtime.serving.shutdown import shut_down
 
 # The settings of a gateway run by hand on a store that declares none: the spec's defaults. Its /metrics then answers
 # no one, since no account owns it.
@@ -65,6 +67,13 @@ class Deployment:
     @property
     def name(self) -> str:
         return self.access.name
+
+    def shutdown(self) -> APIError | None:
+        """The 410 its replicas answer once a serverless model's shutdown date has come (None before, or for a dedicated
+        deployment): answered here instead, so that no replica is woken from zero just to say it."""
+        if not self.access.serverless or self.record is None:
+            return None
+        return shut_down(self.access.base_model, self.record.shutdown_date)
 
     def usable(self, account: str, model: str) -> bool:
         """Whether `account` may call `model` here: a deployment it may use, and a model of it the account may see."""

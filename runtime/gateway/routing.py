@@ -3,7 +3,8 @@
 A base model or addon name goes to the deployments that serve it and that the account may use: its own dedicated ones
 first, then serverless ones. `…#accounts/<a>/deployments/<d>` goes to exactly that deployment. A model the account may
 not use is answered exactly as one that does not exist (404 model_not_found), so no answer tells one account what
-another deploys.
+another deploys. A serverless deployment whose model was shut down takes no requests: they go to the others, and when
+none is left the shutdown's 410 answers (the replicas' own words).
 """
 
 from __future__ import annotations
@@ -49,10 +50,17 @@ def route(directory: Directory, account: str, requested: object, draw: float = 0
             # the same words whether the deployment does not exist, is another account's, or serves another model
             raise APIError(404, f"the model {model!r} is not served by deployment {pinned!r}, or you do not have "
                                 f"access to it", type="not_found_error", param="model", code="model_not_found")
+        refusal = deployment.shutdown()
+        if refusal is not None:
+            raise refusal
         return Route(model, (deployment,))
     usable = [d for d in directory.deployments.values() if d.usable(account, model)]
     if not usable:
         raise _unknown(model)
+    open_ = [d for d in usable if d.shutdown() is None]
+    if not open_:
+        raise usable[0].shutdown()
+    usable = open_
     # Its own dedicated deployments first (it pays for them), then the shared serverless ones; within each, those with
     # replicas ready, then by name, so that the order is the same on every gateway replica.
     # One that takes no traffic (weight 0) answers only when no other can.

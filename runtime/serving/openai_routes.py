@@ -1,7 +1,7 @@
 """The OpenAI API: /v1/models, /v1/usage, /v1/completions and /v1/chat/completions.
 
-request → auth (API key → account) → access (deployment, addon) → validation → tokenizer → engine →
-response (JSON or SSE) → metrics and a usage record.
+request → auth (API key → account) → a serverless model's shutdown (410) → access (deployment, addon) → validation →
+tokenizer → engine → response (JSON or SSE) → metrics and a usage record.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], engi
 async def _serve(request: Request, replica: Replica, chat: bool):
     started = time.perf_counter()
     account = replica.account(request)
+    # before the body is read or anything tokenized: a shut-down model's requests cost nothing and are not metered
+    replica.refuse_if_shut_down()
     runner = replica.ready()
     replica.last_request = time.time()
     engine = runner.engine

@@ -1,14 +1,18 @@
-"""Billing arithmetic against hand-computed figures, price tables, and `ember usage` output (CSV, JSON, PNG)."""
+"""Billing arithmetic against hand-computed figures, price tables, the stop at a serverless model's shutdown date, and
+`ember usage` output (CSV, JSON, PNG)."""
 
 import csv
 import io
 import json
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
+from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.spec import SpecError
-from ember.provider.domain.usage import Meter, read_usage
+from ember.provider.domain.store_layout import StoreLayout
+from ember.provider.domain.usage import Meter, read_shutdowns, read_usage
 from ember.provider.tools import billing, cli
 
 T0 = datetime(2026, 11, 24, 23, 30, tzinfo=timezone.utc).timestamp()  # 30 minutes before a day boundary
@@ -132,3 +136,53 @@ def test_a_record_being_appended_is_not_read_half_written(tmp_path):
         f.write('{"time": 1, "account_id": "acme", "prompt_to')  # a replica mid-append
     assert [r["prompt_tokens"] for r in read_usage(f"file://{store}")] == [10, 7]
     assert [r["model"] for r in meter.read("acme")] == ["accounts/acme/models/pirate"]  # one account's only
+
+
+def test_serverless_tokens_from_a_models_shutdown_date_on_are_not_charged():
+    # the 8B model shut down on the 25th: globex's request at 00:00:00 that day is not charged, acme's a minute before
+    # midnight is; the 70B deployment and the dedicated one are untouched
+    shutdowns = {SHARED_8B: date(2026, 11, 25)}
+    charges = billing.bill(RECORDS, REPLICAS, period="month", shutdowns=shutdowns)
+    assert billing.totals(charges) == {("acme", "2026-11"): 0.20 + 12.00, ("globex", "2026-11"): 0.90}
+    assert not any(c.item == "accounts/platform/models/llama-v3p1-8b-instruct" for c in charges)
+    left = billing.uncharged(RECORDS, REPLICAS, shutdowns)
+    assert left == [billing.Uncharged("globex", "accounts/platform/models/llama-v3p1-8b-instruct", date(2026, 11, 25),
+                                      requests=1, tokens=2_000_000)]
+    assert left[0].note() == ("globex: llama-v3p1-8b-instruct was shut down for serverless use on 2026-11-25; "
+                              "2,000,000 tokens in 1 request on or after that day are not charged")
+    # a date that has not come yet, or one of another deployment, changes nothing
+    for later in ({SHARED_8B: date(2026, 11, 26)}, {PRIVATE: date(2020, 1, 1)}):
+        assert billing.bill(RECORDS, REPLICAS, shutdowns=later) == billing.bill(RECORDS, REPLICAS)
+        assert billing.uncharged(RECORDS, REPLICAS, later) == []
+
+
+def test_ember_usage_stops_charging_at_the_shutdown_date_in_the_stores_deployment_records(tmp_path, capsys):
+    store = tmp_path / "store"
+    today = datetime.now(timezone.utc).date()
+    layout = StoreLayout(str(store))
+    for deployment, base, shutdown in ((SHARED_8B, "accounts/platform/models/llama-v3p1-8b-instruct", today),
+                                       (SHARED_70B, "accounts/platform/models/llama-v3p1-70b-instruct",
+                                        today + timedelta(days=30))):
+        path = Path(layout.deployment_record("platform", deployment.rsplit("/", 1)[1]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(DeploymentRecord(name=deployment, base_model=base, serverless=True,
+                                                    shutdown_date=shutdown).to_json()))
+        meter = Meter(f"file://{store}/usage", deployment, "NVIDIA_H100_80GB", 1, base, serverless=True)
+        meter.record("globex", base, 1_000_000, 0, 0.5, "ok")  # written now: today, on or after the 8B's date
+    assert read_shutdowns(f"file://{store}") == {SHARED_8B: today, SHARED_70B: today + timedelta(days=30)}
+
+    assert cli.main(["usage", "--store", f"file://{store}", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(c["item"], c["amount"]) for c in report["charges"]] == [("accounts/platform/models/llama-v3p1-70b-instruct",
+                                                                      0.9)]
+    assert report["notes"] == [f"globex: llama-v3p1-8b-instruct was shut down for serverless use on {today}; "
+                               f"1,000,000 tokens in 1 request on or after that day are not charged"]
+    assert cli.main(["usage", "--store", f"file://{store}"]) == 0
+    assert f"note: globex: llama-v3p1-8b-instruct was shut down for serverless use on {today}" in capsys.readouterr().out
+    assert cli.main(["usage", "--store", f"file://{store}", "--account", "acme", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []  # another account's tokens are not acme's note
+
+    # a record it cannot read is named, not passed over (it would charge what the record says not to)
+    Path(layout.deployment_record("platform", "shared-8b")).write_text('{"name": 3}')
+    assert cli.main(["usage", "--store", f"file://{store}"]) == 2
+    assert "shared-8b/deployment.json" in capsys.readouterr().err

@@ -41,6 +41,7 @@ def test_each_resource_kind_is_priced_as_computed_by_hand():
         "serverless": [{"name": "shared", "usd_per_million_tokens": 0.20},
                        {"name": "tenant", "usd_per_million_tokens": 0.90}],
         "fine_tuning": [{"name": "tune", "training_tokens": 30_000, "usd": 0.015}],  # 30k tokens x $0.50/M
+        "notes": [],  # no catalog file: nothing is deprecated
         "total_monthly_usd_min": 5840.0, "total_monthly_usd_max": 17520.0}
 
 

@@ -174,4 +174,6 @@ KIND = Kind("Deployment", DeploymentSpec, DeploymentOutputs, schema_key="deploym
             replace=frozenset({"account_id", "deployment_id", "cluster", "base_model", "base_model_digest",
                                "deployment_type", "accelerator_type", "accelerator_count", "precision", "max_loras",
                                "max_lora_rank", "request_logging"}),
-            derived=("base_model_digest",))
+            # a serverless base's shutdown date, from the catalog file (domain/catalog_lifecycle.py): a platform team's
+            # new date is an update, which rewrites the deployment's record, so its replicas learn it
+            derived=("base_model_digest", "base_model_shutdown_date"))
