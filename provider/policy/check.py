@@ -10,6 +10,7 @@ the engine would.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -89,13 +90,16 @@ def _policy_config(config: dict[str, Any]) -> analyzer_pb2.ConfigureAnalyzerRequ
     return request
 
 
-def run_pack(pack_dir: Path, registrations: list[Registration], config: dict[str, Any] | None = None) -> list[Violation]:
-    """Every violation the pack at `pack_dir` reports on these resources and on the stack they make."""
+def run_pack(pack_dir: Path, registrations: list[Registration], config: dict[str, Any] | None = None,
+             store_url: str | None = None) -> list[Violation]:
+    """Every violation the pack at `pack_dir` reports on these resources and on the stack they make; `store_url`, the
+    stack's store, is the pack's EMBER_STORE_URL (it runs in its own folder, and cannot find one beside the program)."""
     pack_dir = Path(pack_dir).resolve()
     if not (pack_dir / "PulumiPolicy.yaml").exists():
         raise PolicyPackError(f"policy pack: {pack_dir} has no PulumiPolicy.yaml")
+    env = os.environ | ({"EMBER_STORE_URL": store_url} if store_url else {})
     process = subprocess.Popen([sys.executable, "-u", "__main__.py"], cwd=pack_dir, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env=env)
     try:
         port = process.stdout.readline().strip()
         if not port.isdigit():

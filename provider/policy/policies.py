@@ -3,8 +3,8 @@
 Domain rules (the kinds' specs and domain/rules.py are their single source): names well formed and every other
 spec rule, for every kind; custom base models never serverless; an addon only on deployments of its own base model;
 model IDs unique. Guardrails (set with
-`--policy-pack-config`): allowed accelerator types, GPUs per deployment and per stack, replicas,
-request-log retention, the bases that take serverless addons.
+`--policy-pack-config`): allowed accelerator types, GPUs per deployment, per stack and per account (across every
+stack of the store), replicas, request-log retention, the bases that take serverless addons.
 
 During preview some inputs are unknown: a Deployment's base_model is its Model's name, known only once
 the Model exists. A resource-level rule that needs an unknown value is skipped; the stack-level rules
@@ -14,19 +14,26 @@ resolve such a value through the resource it comes from (the Model a base_model 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pulumi_policy import (PolicyConfigSchema, PolicyResource, ReportViolation, ResourceValidationArgs,
+import pulumi
+from pulumi_policy import (EnforcementLevel, PolicyConfigSchema, PolicyResource, ReportViolation, ResourceValidationArgs,
                            ResourceValidationPolicy, StackValidationArgs, StackValidationPolicy)
 from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 
-from ember.provider.domain import catalog, file_kinds
+from ember.provider.backends.store import Store
+from ember.provider.domain import catalog, catalog_lifecycle, file_kinds
 from ember.provider.domain.kinds import BY_NAME, KINDS
-from ember.provider.domain.names import deployment_name, model_name, parse_model_name
+from ember.provider.domain.names import (ID_PATTERN, check_id, deployment_name, model_name, parse_deployment_name,
+                                         parse_model_name)
 from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, name_clashes
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, AcceleratorType, parse_known
+from ember.provider.providers.base import ProviderConfig
 from ember.provider.tools.cost import Resource, estimate
 
 MODEL, DEPLOYMENT, ADDON, JOB = (BY_NAME[k].type_token for k in ("Model", "Deployment", "LoRAAddon", "FineTuningJob"))
@@ -277,6 +284,144 @@ def _max_gpus_per_stack(args: StackValidationArgs, report: ReportViolation) -> N
                f"maximum of {maximum:g} per stack")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Per-account GPU quota, across every stack of the store
+
+# ProviderConfig.load puts the default store beside the program (its working directory); a policy pack runs in its
+# own folder (the engine starts it there, with no word of the program's), so a store that would lie beside the
+# program is one the pack cannot find: resolved under this root, it is refused rather than read from the wrong place.
+_PROGRAM_UNSEEN = Path("/the-program-folder-the-policy-pack-cannot-see")
+
+
+class _StackConfig:
+    """The stack's config as the engine hands it to the pack (PULUMI_CONFIG), for ProviderConfig.load."""
+
+    @staticmethod
+    def get(key: str) -> str | None:
+        return pulumi.runtime.get_config(key)
+
+
+def _quotas(config: Mapping[str, Any]) -> tuple[float | None, dict[str, float], list[str]]:
+    """(the default quota, or None for no limit; each account's quota; what is wrong with the config, naming the field
+    and value): the engine checks the config schema, `ember preview` does not, so the policy checks it too."""
+    problems: list[str] = []
+
+    def accelerators(field: str, value: Any) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                not float(value).is_integer():
+            problems.append(f"{field}: {value!r} is not a number of accelerators (a whole number, 0 or more)")
+            return None
+        return float(value)
+
+    default = config.get("default")
+    default = None if default is None else accelerators("default", default)
+    accounts = config.get("accounts") or {}
+    if not isinstance(accounts, Mapping):
+        problems.append(f"accounts: {accounts!r} is not an object of account IDs and their accelerators")
+        accounts = {}
+    quotas = {}
+    for account, value in accounts.items():
+        try:
+            check_id(account, "account ID")
+        except ValueError as exc:
+            problems.append(f"accounts.{account}: {exc}")
+            continue
+        if (quota := accelerators(f"accounts.{account}", value)) is not None:
+            quotas[account] = quota
+    url = config.get("storeUrl")
+    if url is not None and (not isinstance(url, str) or not url.strip()):
+        problems.append(f"storeUrl: {url!r} is not a store URL (file:///path, s3://bucket/prefix …)")
+    return default, quotas, problems
+
+
+def _quota_store_url(config: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(the store every stack's deployments are recorded in, why it cannot be used or None): the policy's storeUrl,
+    else what the provider resolves (the stack's ember:storeUrl, EMBER_STORE_URL, ember:stateDir, EMBER_STATE_DIR)."""
+    if config.get("storeUrl"):
+        return config["storeUrl"], None
+    url = ProviderConfig.load(_StackConfig(), default_root=_PROGRAM_UNSEEN).store_url
+    if url.startswith(f"file://{_PROGRAM_UNSEEN}"):
+        return url, ("no store to read: the store beside the program (.ember/store, or a relative ember:stateDir) "
+                     "cannot be found from the policy pack, which runs in its own folder; set storeUrl in this "
+                     "policy's config, or the stack's ember:storeUrl, or EMBER_STORE_URL")
+    return url, None
+
+
+def _stack_of(owner: Any) -> str | None:
+    """organization/project/stack of a deployment's owner (organization/project/stack/resource name)."""
+    parts = owner.split("/", 3) if isinstance(owner, str) else []
+    return "/".join(parts[:3]) if len(parts) == 4 else None
+
+
+def _this_stack(deployments: list[PolicyResource]) -> set[str]:
+    """This stack as the owners of its records name it: from the owner each declared Deployment carries (the same
+    under the engine and `ember preview`), and from the engine's stack settings where it gave them."""
+    stacks = set()
+    for deployment in deployments:
+        references = plain(deployment.props).get("references")
+        if isinstance(references, dict) and (stack := _stack_of(references.get("owner"))):
+            stacks.add(stack)
+    if "PULUMI_PROJECT" in os.environ and "PULUMI_STACK" in os.environ:  # the engine's, not pulumi's placeholders
+        stacks.add(f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}")
+    return stacks
+
+
+def _account_gpu_quota(args: StackValidationArgs, report: ReportViolation) -> None:
+    config = args.get_config() or {}
+    default, quotas, problems = _quotas(config)
+    for problem in problems:
+        report(f"policy config: {problem}")
+    if problems:
+        return  # a quota the platform team got wrong is no quota to judge by
+
+    deployments = list(_of_type(args, DEPLOYMENT))
+    declared: dict[str, list[tuple[str, float, bool]]] = defaultdict(list)  # account: (name, GPUs, this stack's)
+    for deployment in deployments:
+        data = inputs(DEPLOYMENT, deployment.props)
+        account, gpus = data.get("account_id"), _gpus(data)
+        if known(account) and gpus is not None:  # unknown ones are judged when they are known
+            declared[account].append((_deployment_name(deployment) or deployment.name, gpus, True))
+    # Accounts this stack adds accelerators to: a stack is not held to account for another team's deployments.
+    judged = {account: quota for account, parts in declared.items()
+              if (quota := quotas.get(account, default)) is not None and sum(g for _, g, _ in parts) > 0}
+    if not judged:
+        return  # nothing to judge: the store is not read
+
+    url, problem = _quota_store_url(config)
+    if problem:
+        report(problem)
+        return
+    try:
+        records = list(Store(url, tempfile.gettempdir()).deployment_records())  # once per run; reading takes no lock
+    except Exception as exc:  # noqa: BLE001 - whatever stops the read (a protocol, credentials, a bad record)
+        # Fail closed, as a mandatory policy must: a quota that cannot see the other stacks would let one team
+        # take the cluster. The message names the URL and why; the platform team can set the policy advisory.
+        report(f"the store {url} cannot be read ({type(exc).__name__}: {exc}); every stack's deployments count "
+               f"towards an account's quota, so none is allowed past this policy until it can be read")
+        return
+
+    # A record this stack made (or one it now declares under the same name, its GPUs known yet or not) is what the
+    # stack declares now.
+    names = {name for deployment in deployments if (name := _deployment_name(deployment))}
+    stacks = _this_stack(deployments)
+    for record in records:
+        if record.name in names or _stack_of(record.owner) in stacks:
+            continue
+        account = parse_deployment_name(record.name).account_id  # a serverless deployment's is its declarer's
+        if account in judged and (gpus := _gpus(record.inputs)):
+            declared[account].append((record.name, gpus, False))
+
+    for account, quota in sorted(judged.items()):
+        parts = sorted(declared[account], key=lambda part: (-part[1], part[0]))
+        total, ours = sum(g for _, g, _ in parts), sum(g for _, g, own in parts if own)
+        if total <= quota:
+            continue
+        largest = ", ".join(f"{name} {gpus:g}" + (" (this stack)" if own else "") for name, gpus, own in parts[:5])
+        report(f"account {account}: its deployments may hold {total:g} accelerators at max_replicas across every "
+               f"stack of the store ({ours:g} in this stack, {total - ours:g} in others), above its quota of "
+               f"{quota:g}{'' if account in quotas else ' (the default)'}; the largest: {largest}")
+
+
 ADDON_BASES = sorted(m.model_id for m in catalog.CATALOG.values() if m.serverless_addons)
 
 
@@ -289,6 +434,27 @@ def _serverless_addons(args: StackValidationArgs, report: ReportViolation) -> No
         if base is not None and parse_model_name(base).resource_id not in bases:
             report(f"LoRAAddon {addon.name}: serverless: base model {base!r} does not take serverless addons "
                    f"under this policy; these do: {', '.join(bases)}", addon.urn)
+
+
+def _deprecated_serverless_models(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    # The dates come with the resource (resources.py puts the catalog file's in its references): the pack runs in its
+    # own folder, without the stack's `ember:catalogFile`, and sees what the program and the provider saw.
+    if args.resource_type not in (DEPLOYMENT, ADDON):
+        return
+    props = plain(args.props)
+    serverless = props.get("deployment_type") == "serverless" if args.resource_type == DEPLOYMENT else \
+        props.get("serverless") is True
+    facts = (props.get("references") or {}).get("base_model_lifecycle") if serverless else None
+    if not isinstance(facts, dict) or has_unknown(facts):
+        return
+    try:
+        lifecycle = catalog_lifecycle.Lifecycle.model_validate({k: v for k, v in facts.items() if k != "model"})
+    except ValueError:
+        return  # the resource's check names what is wrong with the catalog file
+    notice = lifecycle.notice(str(facts.get("model")), catalog_lifecycle.today())
+    if notice:
+        report(f"{KIND[args.resource_type]} {args.name}: {notice}; move it to another catalog model, or to a "
+               f"dedicated deployment")
 
 
 def _monthly_budget(args: StackValidationArgs, report: ReportViolation) -> None:
@@ -346,6 +512,18 @@ POLICIES = [
                           description="A stack's deployments hold at most N accelerators at max_replicas",
                           validate=_max_gpus_per_stack,
                           config_schema=PolicyConfigSchema({"maximum": _integer("accelerators", 64)})),
+    StackValidationPolicy(name="ember-account-gpu-quota",
+                          description="An account's deployments, across every stack of the store, hold at most N "
+                                      "accelerators at max_replicas",
+                          validate=_account_gpu_quota,
+                          config_schema=PolicyConfigSchema({
+                              "storeUrl": {"type": "string", "minLength": 1,
+                                           "description": "the store every stack records its deployments in"},
+                              "default": {"type": "integer", "minimum": 0,
+                                          "description": "accelerators per account (omitted: no limit)"},
+                              "accounts": {"type": "object", "propertyNames": {"pattern": ID_PATTERN},
+                                           "additionalProperties": {"type": "integer", "minimum": 0},
+                                           "description": "accelerators of named accounts"}})),
     StackValidationPolicy(name="ember-monthly-budget",
                           description="A stack's dedicated deployments cost at most a monthly budget (USD, Ember's "
                                       "list prices), judged at max_replicas or min_replicas",
@@ -358,4 +536,10 @@ POLICIES = [
                           validate=_serverless_addons,
                           config_schema=PolicyConfigSchema({"bases": {
                               "type": "array", "items": {"type": "string"}, "default": ADDON_BASES}})),
+    # Advisory unless configured mandatory: within its notice period a deprecated model still serves, and a stack
+    # blocked for it could not ship an unrelated fix; from the shutdown date the provider's check refuses it anyway.
+    ResourceValidationPolicy(name="ember-no-deprecated-serverless-models",
+                             description="No serverless deployment or serverless addon on a catalog model deprecated "
+                                         "or shut down for serverless use (the catalog file's dates)",
+                             validate=_deprecated_serverless_models, enforcement_level=EnforcementLevel.ADVISORY),
 ]

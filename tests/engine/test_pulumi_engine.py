@@ -194,6 +194,53 @@ def test_the_real_analyzer_blocks_what_the_offline_policy_check_blocks(tmp_path,
     assert engine == offline and len(engine) == 4, (engine, offline)
 
 
+QUOTA_PROGRAM = '''
+from ember.provider.resources import *
+Deployment("train", DeploymentArgs(account_id="acme", base_model="accounts/platform/models/llama-v3p1-8b-instruct",
+           accelerator_type="NVIDIA_H100_80GB", accelerator_count=8, max_replicas=2, cluster="kubernetes"))
+'''
+
+
+def test_the_account_gpu_quota_under_the_engine(tmp_path):
+    """Under the engine the pack runs in its own folder: it reads the store the stack's ember:storeUrl names (and
+    says so when it can find none), knows this stack's records by their owner, and the engine refuses a bad config
+    by the policy's schema."""
+    from ember.provider.backends.store import Store
+    from ember.provider.domain.records import DeploymentRecord
+
+    program = tmp_path / "quota"
+    program.mkdir()
+    (program / "Pulumi.yaml").write_text("name: quota\nruntime: python\n")
+    (program / "__main__.py").write_text(QUOTA_PROGRAM)
+    url, base = f"file://{tmp_path / 'store'}", "accounts/platform/models/llama-v3p1-8b-instruct"
+    # another stack's 16 accelerators; this stack's own train (16, declared again) and old (32, no longer declared)
+    for name, owner, replicas in (("chat", "organization/chat/prod/chat", 2), ("train", "organization/quota/dev/train", 2),
+                                  ("old", "organization/quota/dev/old", 4)):
+        Store(url, tmp_path / "locks").write_deployment_record(DeploymentRecord(
+            name=f"accounts/acme/deployments/{name}", base_model=base, owner=owner,
+            inputs={"account_id": "acme", "base_model": base, "accelerator_type": "NVIDIA_H100_80GB",
+                    "accelerator_count": 8, "max_replicas": replicas}))
+    stack, pack_config = EngineStack(program, tmp_path), tmp_path / "policy-config.json"
+
+    def preview(config: dict):
+        pack_config.write_text(json.dumps({"ember-account-gpu-quota": config}))
+        return stack.pulumi("preview", "--policy-pack", str(REPO / "provider/policy"), "--policy-pack-config",
+                            str(pack_config), check=False)
+
+    out = preview({"default": 32})
+    assert out.returncode != 0 and "no store to read: the store beside the program" in out.stdout
+    stack.pulumi("config", "set", "ember:storeUrl", url)
+    assert preview({"default": 32}).returncode == 0  # 16 + 16: its own records are not counted again
+    out = preview({"default": 31})
+    assert out.returncode != 0 and "[mandatory]  ember-account-gpu-quota" in out.stdout
+    assert ("account acme: its deployments may hold 32 accelerators at max_replicas across every stack of the store "
+            "(16 in this stack, 16 in others), above its quota of 31 (the default)") in out.stdout
+    out = preview({"default": -1, "accounts": {"Acme_Corp": 3}})
+    assert out.returncode != 0 and "validating policy config" in out.stdout
+    assert "ember-account-gpu-quota: default: Must be greater than or equal to 0" in out.stdout
+    assert 'Property name of "Acme_Corp" does not match' in out.stdout
+
+
 OPTIONS_PROGRAM = '''
 import json
 import pulumi
@@ -303,6 +350,34 @@ def test_serverless_platform_and_tenants_as_real_stacks(tmp_path):
     finally:
         for stack in [*tenants.values(), platform]:
             stack.pulumi("destroy", "--yes", check=False)
+
+
+DEPRECATED_PROGRAM = '''
+from ember.provider import Deployment, DeploymentArgs, Model, ModelArgs
+base = Model("llama-8b", ModelArgs(account_id="platform", catalog_id="llama-v3p1-8b-instruct"))
+Deployment("shared", DeploymentArgs(account_id="platform", base_model=base, deployment_type="serverless"))
+'''
+
+
+def test_a_preview_warns_of_a_serverless_model_in_its_notice_period(tmp_path):
+    """Issue 34: the program's warning (a dynamic provider cannot send one) reaches the engine's diagnostics, naming
+    the model and its shutdown date, and the pack reports it, advisory by default; the file is found through the
+    stack's config, relative to the program."""
+    from datetime import date, timedelta
+
+    program = tmp_path / "program"
+    program.mkdir()
+    (program / "Pulumi.yaml").write_text("name: lifecycle\nruntime: python\n")
+    (program / "Pulumi.dev.yaml").write_text("config:\n  ember:catalogFile: catalog.json\n")
+    (program / "__main__.py").write_text(DEPRECATED_PROGRAM)
+    shutdown = date.today() + timedelta(days=20)  # the engine's processes run on the real clock
+    (program / "catalog.json").write_text(json.dumps({"models": {"llama-v3p1-8b-instruct": {
+        "deprecation_date": str(date.today() - timedelta(days=1)), "shutdown_date": str(shutdown)}}}))
+    out = EngineStack(program, tmp_path).pulumi("preview", "--policy-pack", str(REPO / "provider/policy"))
+    notice = f"llama-v3p1-8b-instruct is deprecated for serverless use: it shuts down on {shutdown}"
+    assert f"warning: Deployment shared: {notice}" in out.stdout, out.stdout
+    assert "[advisory]  ember-no-deprecated-serverless-models" in out.stdout and \
+        f"Deployment shared: {notice}; move it" in out.stdout, out.stdout
 
 
 def test_the_programs_virtualenv_named_in_pulumi_yaml_runs_it_and_its_providers(tmp_path):

@@ -14,8 +14,8 @@ from pulumi_policy.proxy import UNKNOWN_NUMBER_VALUE, UNKNOWN_STRING_VALUE, unkn
 from ember.provider.backends.store import Store
 from ember.provider.domain.kinds import BY_NAME, KINDS
 from ember.provider.domain.kinds.gateway import GatewaySpec
-from ember.provider.policy.check import run_pack
-from ember.provider.domain.records import GatewayRecord
+from ember.provider.policy.check import Registration, run_pack
+from ember.provider.domain.records import DeploymentRecord, GatewayRecord
 from ember.provider.policy.policies import ADDON, DEPLOYMENT, JOB, MODEL, POLICIES, SPECS
 from ember.provider.tools import cli
 
@@ -199,6 +199,171 @@ def test_gpus_per_stack_count_what_is_known():
     assert stack_violations("ember-max-gpus-per-stack", stack, {"maximum": 72}) == []
 
 
+# ember-account-gpu-quota: two other stacks' records in a store, and this stack's declared deployments
+
+THIS_STACK = "organization/team/dev"
+H100 = "NVIDIA_H100_80GB"
+
+
+def _record(name: str, owner: str | None, **inputs) -> DeploymentRecord:
+    account = name.split("/")[1]
+    return DeploymentRecord(name=name, base_model=CATALOG_BASE, owner=owner,
+                            inputs={"account_id": account, "base_model": CATALOG_BASE, **inputs})
+
+
+@pytest.fixture
+def quota_store(tmp_path):
+    """acme: 16 + 2 accelerators in the chat team's stack; this stack's `train` (16) as its last up left it, from
+    before records had owners (matched by name), and `old` (32), which it no longer declares (matched by owner);
+    globex's 64; the platform's serverless deployment (8), which acme's addons ride."""
+    url = f"file://{tmp_path / 'store'}"
+    store = Store(url, tmp_path / "locks")
+    for record in (
+            _record("accounts/acme/deployments/chat", "organization/chat/prod/chat", accelerator_type=H100,
+                    accelerator_count=8, max_replicas=2),
+            _record("accounts/acme/deployments/embed", "organization/chat/prod/embed", accelerator_type=H100,
+                    accelerator_count=2, max_replicas=1),
+            _record("accounts/acme/deployments/cpu-only", "organization/chat/prod/cpu", max_replicas=8),
+            _record("accounts/acme/deployments/train", None, accelerator_type=H100, accelerator_count=8,
+                    max_replicas=2),
+            _record("accounts/acme/deployments/old", f"{THIS_STACK}/old", accelerator_type=H100, accelerator_count=8,
+                    max_replicas=4),
+            _record("accounts/globex/deployments/big", "organization/globex/prod/big", accelerator_type=H100,
+                    accelerator_count=8, max_replicas=8),
+            _record("accounts/platform/deployments/llama-8b-serverless", "organization/platform/prod/llama",
+                    deployment_type="serverless", accelerator_type=H100, accelerator_count=1, max_replicas=8)):
+        store.write_deployment_record(record)
+    return url
+
+
+def declared(name: str, account: str, count, replicas, **props) -> dict:
+    """A Deployment's props as the program registers them, its owner (this stack's resource) among its references."""
+    return dict(account_id=account, deployment_id=name, base_model=CATALOG_BASE, accelerator_type=H100,
+                accelerator_count=count, max_replicas=replicas,
+                references={"owner": f"{THIS_STACK}/{name}", "base_model": {"declared": False}}, **props)
+
+
+def declare(stack: Stack, name: str, account: str, count, replicas, **props):
+    return stack.add(DEPLOYMENT, name, **declared(name, account, count, replicas, **props))
+
+
+def quota(stack, config):
+    return [message for message, _ in stack_violations("ember-account-gpu-quota", stack, config)]
+
+
+def test_an_account_quota_counts_every_stack_of_the_store_once(quota_store):
+    stack = Stack()
+    declare(stack, "train", "acme", 8, 2)  # its own record, now as declared: counted once
+    declare(stack, "later", "acme", UNKNOWN_NUMBER_VALUE, 4)  # judged once known
+    declare(stack, "embed", "acme", UNKNOWN_NUMBER_VALUE, 1)  # taken over from the chat team: its record is not counted
+    # acme: train 16 (this stack) + chat 16 = 32; counting train's record again or the removed `old` would make
+    # it 48 or 64, embed's record 34, and globex's or the platform's serverless GPUs 96 or 40
+    assert quota(stack, {"storeUrl": quota_store, "accounts": {"acme": 32}}) == []
+    [message] = quota(stack, {"storeUrl": quota_store, "default": 31})
+    assert message == ("account acme: its deployments may hold 32 accelerators at max_replicas across every stack of "
+                       "the store (16 in this stack, 16 in others), above its quota of 31 (the default); the largest: "
+                       "accounts/acme/deployments/chat 16, accounts/acme/deployments/train 16 (this stack)")
+    stack.resources.pop()  # without the takeover, embed's record counts
+    [message] = quota(stack, {"storeUrl": quota_store, "default": 33})
+    assert "34 accelerators" in message and message.endswith("accounts/acme/deployments/embed 2")
+    assert "organization/chat" not in message and "globex" not in message  # other stacks by deployment name only
+    [message] = quota(stack, {"storeUrl": quota_store, "default": 100, "accounts": {"acme": 20.0}})  # engine floats
+    assert "34 accelerators" in message and "above its quota of 20;" in message
+
+
+def test_another_accounts_gpus_count_against_that_account_only(quota_store):
+    stack = Stack()
+    declare(stack, "train", "acme", 8, 2)
+    # globex holds 64 against a default of 10, but this stack adds nothing to globex: it is not this stack's to answer
+    assert quota(stack, {"storeUrl": quota_store, "default": 10, "accounts": {"acme": 34}}) == []
+    declare(stack, "small", "globex", 1, 1)
+    [message] = quota(stack, {"storeUrl": quota_store, "default": 10, "accounts": {"acme": 34}})
+    assert message.startswith("account globex: its deployments may hold 65 accelerators") and "acme" not in message
+    # a serverless deployment counts towards the account that declares it (the platform), not the tenants on it
+    platform = Stack()
+    declare(platform, "llama-8b-serverless", "platform", 1, 16, deployment_type="serverless")
+    [message] = quota(platform, {"storeUrl": quota_store, "accounts": {"platform": 8, "acme": 0}})
+    assert message.startswith("account platform: its deployments may hold 16 accelerators") and \
+        "(16 in this stack, 0 in others)" in message
+    cpu = Stack()
+    cpu.add(DEPLOYMENT, "cpu", account_id="acme", deployment_id="cpu", base_model=CATALOG_BASE, max_replicas=8)
+    assert quota(cpu, {"storeUrl": quota_store, "default": 0}) == []  # CPU replicas hold no accelerator
+
+
+def test_the_quota_store_is_read_once_and_fails_closed(quota_store, tmp_path, monkeypatch):
+    stack = Stack()
+    declare(stack, "train", "acme", 8, 2)
+    reads = []
+    records = Store.deployment_records
+    monkeypatch.setattr(Store, "deployment_records", lambda self: reads.append(self.url) or records(self))
+    assert quota(stack, {"storeUrl": quota_store, "default": 64}) == [] and reads == [quota_store]
+    # a store that does not exist yet holds no deployment
+    assert quota(stack, {"storeUrl": f"file://{tmp_path / 'fresh'}", "default": 16}) == []
+    # one that cannot be read is a violation naming its URL
+    [message] = quota(stack, {"storeUrl": "nosuch://bucket/store", "default": 64})
+    assert message.startswith("the store nosuch://bucket/store cannot be read (ValueError: ")
+    broken = tmp_path / "store" / "deployments" / "acme" / "chat" / "deployment.json"
+    broken.write_text("{not json")
+    [message] = quota(stack, {"storeUrl": quota_store, "default": 64})
+    assert message.startswith(f"the store {quota_store} cannot be read (JSONDecodeError")
+    # nothing to judge (no quota for the accounts it adds to): the store is not even read
+    reads.clear()
+    assert quota(stack, {"storeUrl": "nosuch://bucket/store", "accounts": {"globex": 1}}) == [] and reads == []
+
+
+def test_the_quota_store_comes_from_the_stack_or_the_environment(quota_store, monkeypatch):
+    stack = Stack()
+    declare(stack, "train", "acme", 8, 2)
+    for name in ("EMBER_STORE_URL", "EMBER_STATE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    # the pack runs in its own folder: the store beside the program is one it cannot find, and says so
+    [message] = quota(stack, {"default": 20})
+    assert message.startswith("no store to read: the store beside the program (.ember/store") and "storeUrl" in message
+    monkeypatch.setenv("EMBER_STATE_DIR", "relative/state")  # relative to the program, which the pack cannot see
+    assert quota(stack, {"default": 20})[0].startswith("no store to read")
+    monkeypatch.setenv("EMBER_STORE_URL", quota_store)
+    [message] = quota(stack, {"default": 20})
+    assert "34 accelerators" in message
+    monkeypatch.delenv("EMBER_STORE_URL")
+    monkeypatch.setenv("EMBER_STATE_DIR", quota_store.removeprefix("file://").removesuffix("/store"))
+    assert "34 accelerators" in quota(stack, {"default": 20})[0]
+
+
+def test_a_bad_quota_config_is_refused_naming_the_field_and_value(quota_store):
+    import jsonschema
+
+    stack = Stack()
+    declare(stack, "train", "acme", 8, 2)
+    for config, expected in (({"default": -1}, "policy config: default: -1 is not a number of accelerators"),
+                             ({"accounts": {"acme": 2.5}}, "policy config: accounts.acme: 2.5 is not a number"),
+                             ({"accounts": {"Acme_Corp": 8}},
+                              "policy config: accounts.Acme_Corp: 'Acme_Corp' is not a valid account ID: use 1-63"),
+                             ({"storeUrl": ""}, "policy config: storeUrl: '' is not a store URL")):
+        [message] = quota(stack, {"storeUrl": quota_store} | config)
+        assert message.startswith(expected), message
+        # the engine refuses the same config by the policy's schema before the pack runs
+        schema = policy("ember-account-gpu-quota").config_schema
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(config, {"type": "object", "properties": schema.properties})
+    schema = policy("ember-account-gpu-quota").config_schema
+    jsonschema.validate(json.loads((REPO / "examples/policy/policy-config.json").read_text())["ember-account-gpu-quota"],
+                        {"type": "object", "properties": schema.properties})
+
+
+def test_ember_preview_hands_the_pack_the_stacks_store(quota_store):
+    """The offline runner starts the pack with the stack's store as EMBER_STORE_URL: the pack runs in its own folder."""
+    properties = struct_pb2.Struct()
+    properties.update({"__provider": "serialized-provider", **declared("train", "acme", 8, 2)})
+    registrations = [Registration(DEPLOYMENT, "train", f"urn:pulumi:dev::team::{DEPLOYMENT}::train", properties)]
+    config = {"ember-account-gpu-quota": {"default": 20}}
+    [violation] = run_pack(PACK, registrations, config, store_url=quota_store)
+    assert violation.policy == "ember-account-gpu-quota" and violation.mandatory
+    assert violation.message.startswith("account acme: its deployments may hold 34 accelerators")
+    assert run_pack(PACK, registrations, {"ember-account-gpu-quota": {"default": 34}}, store_url=quota_store) == []
+    [violation] = run_pack(PACK, registrations, config)  # no store for the pack: it says so, and fails closed
+    assert violation.message.startswith("no store to read")
+
+
 def test_serverless_addons_only_on_bases_that_take_them():
     stack = Stack()
     big = stack.add(MODEL, "big", account_id="platform", catalog_id="llama-v3p1-405b-instruct")
@@ -210,6 +375,37 @@ def test_serverless_addons_only_on_bases_that_take_them():
     assert urn == refused.urn and "llama-v3p1-405b-instruct" in message and "llama-v3p1-8b-instruct" in message
     narrowed = stack_violations("ember-serverless-addons", stack, {"bases": ["llama-v3p1-70b-instruct"]})
     assert len(narrowed) == 2  # the platform team may narrow the list
+
+
+def test_serverless_uses_of_deprecated_models_are_reported_advisory_by_default(monkeypatch):
+    """Issue 34: the catalog file's dates come in each resource's references (the pack sees no `ember:` config)."""
+    from datetime import date
+
+    from pulumi_policy import EnforcementLevel
+
+    from ember.provider.domain import catalog_lifecycle
+
+    assert policy("ember-no-deprecated-serverless-models").enforcement_level == EnforcementLevel.ADVISORY
+    dates = {"model": "llama-v3p1-8b-instruct", "deprecation_date": "2027-01-01", "shutdown_date": "2027-01-15"}
+    shared = dict(account_id="platform", base_model=CATALOG_BASE, deployment_type="serverless",
+                  references={"base_model_lifecycle": dates})
+    addon = dict(account_id="acme", base_model=CATALOG_BASE, source="p", serverless=True,
+                 references={"base_model_lifecycle": dates})
+    name = "ember-no-deprecated-serverless-models"
+    for day, expected in [(date(2026, 12, 31), None),
+                          (date(2027, 1, 1), "llama-v3p1-8b-instruct is deprecated for serverless use: it shuts "
+                                             "down on 2027-01-15"),
+                          (date(2027, 1, 15), "llama-v3p1-8b-instruct was shut down for serverless use on 2027-01-15")]:
+        monkeypatch.setattr(catalog_lifecycle, "today", lambda: day)
+        found = resource_violations(name, DEPLOYMENT, **shared) + resource_violations(name, ADDON, **addon)
+        assert found == ([] if expected is None else [f"Deployment r: {expected}; move it to another catalog model, "
+                                                      f"or to a dedicated deployment",
+                                                      f"LoRAAddon r: {expected}; move it to another catalog model, "
+                                                      f"or to a dedicated deployment"])
+        # dedicated use, and resources without dates (no catalog file) are not its business
+        assert resource_violations(name, DEPLOYMENT, **(shared | {"deployment_type": "dedicated"})) == []
+        assert resource_violations(name, ADDON, **(addon | {"serverless": False})) == []
+        assert resource_violations(name, DEPLOYMENT, **(shared | {"references": {}})) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +437,7 @@ def quickstart(tmp_path_factory):
 def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
     guardrails = ["--policy-pack", "ember", "--policy-pack-config", str(REPO / "examples/policy/policy-config.json")]
     assert cli.main(["preview", str(quickstart), "--offline", *guardrails]) == 0
-    assert "7 resources, 0 mandatory and 0 advisory violations" in capsys.readouterr().out
+    assert "8 resources, 0 mandatory and 0 advisory violations" in capsys.readouterr().out
 
     serverless = tmp_path / "serverless"
     shutil.copytree(REPO / "examples/serverless", serverless, ignore=shutil.ignore_patterns(".ember", "models"))
@@ -261,7 +457,9 @@ def test_the_examples_pass_the_pack(quickstart, tmp_path, capsys):
     cluster = run_example(preview=True)
     types = {r.type for r in cluster.monitor.registrations}
     assert DEPLOYMENT in types and "kubernetes:apps/v1:Deployment" in types
-    assert run_pack(PACK, cluster.monitor.registrations, json.loads((REPO / "examples/policy/policy-config.json").read_text())) == []
+    # its GPUs count towards its account's quota: against the stack's store, here one with no other deployment
+    assert run_pack(PACK, cluster.monitor.registrations, json.loads((REPO / "examples/policy/policy-config.json").read_text()),
+                    store_url=f"file://{tmp_path / 'cluster-store'}") == []
 
 
 @pytest.mark.slow
