@@ -14,6 +14,7 @@ Layout under the store root:
     fine-tuning-runs/<account>/<job_id>/<key>/  what a Kubernetes training pod wrote: adapter/, result.json
     catalog/<model_id>/...                      catalog weights an operator put there
     keys.json, usage/                           API key hashes; usage records the replicas write
+    audit/<account>/<YYYY-MM-DD>/<time>-<hex>.json   one admin action each (audit.py): metadata only
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class StoreLayout:
     def usage(self) -> str:
         """The usage folder: each deployment's replicas write `<deployment>/` in it; fine-tuning runs `fine-tuning/`."""
         return self._join("usage")
+
+    @property
+    def audit(self) -> str:
+        """The audit folder: one object per admin action, by account and day (domain/audit.py)."""
+        return self._join("audit")
 
     @property
     def keys(self) -> str:

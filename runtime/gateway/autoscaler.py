@@ -9,7 +9,8 @@ request. A request for a deployment at zero starts a replica at once (no window)
 
 Every change is a replica started (the gateway routes to it once it registers) or drained (it finishes what it runs,
 and the gateway stops sending to it as it says it is draining): never a dropped request. The decisions are a pure
-function of what was measured (`Plan.decide`), the changes are made on a worker thread.
+function of what was measured (`Plan.decide`), the changes are made on a worker thread. Each change applied, or
+refused by its cluster, goes to the audit log (`audit`: deployment.scaled, "from -> to replicas").
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ class Plan:
 
 
 class Autoscaler:
-    def __init__(self, scalers: list[Scaler], load: Callable[[Deployment], int], on_change=lambda *_: None):
-        self.scalers, self.load, self.on_change = scalers, load, on_change
+    def __init__(self, scalers: list[Scaler], load: Callable[[Deployment], int], on_change=lambda *_: None,
+                 audit: Callable[[Deployment, int, int, str], None] = lambda *_: None):
+        """`audit(deployment, from, to, result)`: called on a worker thread for each change applied (result "ok") or
+        refused by the cluster (the exception's class name)."""
+        self.scalers, self.load, self.on_change, self.audit = scalers, load, on_change, audit
         self.plans: dict[str, Plan] = {}
         self.held: Counter[str] = Counter()  # requests waiting for a replica to start, by deployment
         self._waking: dict[str, asyncio.Future] = {}
@@ -111,8 +115,13 @@ class Autoscaler:
 
     async def _resize(self, scaler: Scaler, deployment: Deployment, plan: Plan, count: int) -> None:
         log.info("scaling %s from %s to %d replicas", deployment.name, plan.running, count)
-        done = await asyncio.to_thread(scaler.resize, deployment, count)
-        if done is not None:
+        try:
+            done = await asyncio.to_thread(scaler.resize, deployment, count)
+        except Exception as exc:
+            await asyncio.to_thread(self.audit, deployment, plan.running or 0, count, type(exc).__name__)
+            raise
+        if done is not None:  # None: an `up` holds the deployment, and nothing was applied
+            await asyncio.to_thread(self.audit, deployment, plan.running or 0, done, "ok")
             self.on_change(deployment.name, plan.running or 0, done)
             plan.running, plan.wanted_more_since, plan.wanted_fewer_since = done, None, None
 

@@ -1,6 +1,9 @@
-"""The deployment owner's routes: list, load and unload addons, and reconcile with the store's desired set."""
+"""The deployment owner's routes: list, load and unload addons, and reconcile with the store's desired set. Each addon
+loaded, unloaded or refused goes to the audit log, its actor the name of the key that asked."""
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Depends, Request
 
@@ -24,10 +27,8 @@ async def list_adapters(request: Request, replica: Replica = Depends(replica_of)
 
 @router.post("/adapters", openapi_extra=documented_body(AdapterLoadRequest))
 async def load_adapter(request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    replica.owner(request)
+    caller = replica.owner(request)
     body = await parse_body(request, AdapterLoadRequest)
-
-    source = replica.addon_source(body.name)
 
     def add(engine: Engine) -> list[str]:
         if engine.lora is None:
@@ -39,12 +40,20 @@ async def load_adapter(request: Request, replica: Replica = Depends(replica_of))
         replica.count_adapters(engine)
         return engine.served_addons
 
-    return {"served": await replica.ready().call(add)}
+    try:
+        source = replica.addon_source(body.name)
+        served = await replica.ready().call(add)
+    except APIError as exc:
+        if exc.status != 503:  # refused; still loading is no verdict on the addon
+            await asyncio.to_thread(replica.audit_refusal, body.name, caller.key_id, exc.message)
+        raise
+    await asyncio.to_thread(replica.audit, "addon.loaded", body.name, caller.key_id)
+    return {"served": served}
 
 
 @router.delete("/adapters/{name:path}")
 async def unload_adapter(name: str, request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    replica.owner(request)
+    caller = replica.owner(request)
 
     def remove(engine: Engine) -> list[str]:
         if engine.lora is None or not engine.lora.loaded(name):
@@ -53,10 +62,11 @@ async def unload_adapter(name: str, request: Request, replica: Replica = Depends
         replica.count_adapters(engine)
         return engine.served_addons
 
-    return {"served": await replica.ready().call(remove)}
+    served = await replica.ready().call(remove)
+    await asyncio.to_thread(replica.audit, "addon.unloaded", name, caller.key_id)
+    return {"served": served}
 
 
 @router.post("/reconcile")
 async def reconcile(request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    replica.owner(request)
-    return await replica.reconcile()
+    return await replica.reconcile(replica.owner(request).key_id)

@@ -30,10 +30,10 @@ def make_models(root: Path, seed: int = 0) -> dict[str, Path]:
 
 
 def store_entries(cfg: ProviderConfig) -> list[str]:
-    """Files a stack leaves in the store, apart from account data (keys, usage records)."""
+    """Files a stack leaves in the store, apart from account data (keys, usage records, the audit log)."""
     root = cfg.state_dir / "store"
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and p.relative_to(root).parts[0] not in ("keys.json", "usage"))
+                  if p.is_file() and p.relative_to(root).parts[0] not in ("keys.json", "usage", "audit"))
 
 
 alive = processes.alive

@@ -10,6 +10,7 @@ from collections import Counter
 import httpx
 from tests.runtime.gateway_helpers import FakeStore, StandIn, concurrent_completions, servers, start_gateway, store
 
+from ember.provider.domain.audit import AuditLog
 from ember.provider.domain.kinds.deployment import AutoscalingPolicy
 from ember.provider.domain.records import DeploymentRecord
 from ember.runtime.gateway.autoscaler import Autoscaler, Plan
@@ -155,6 +156,11 @@ def test_a_deployment_at_zero_is_woken_by_a_request_that_waits_for_it_and_goes_b
     assert scaler.resizes == [1, 0]
     time.sleep(0.3)
     assert complete(front).status_code == 200 and scaler.resizes == [1, 0, 1]  # and woken again
+    # each change applied is in the audit log, by the gateway's autoscaler
+    records = AuditLog(store.url).read()
+    assert [(r.account, r.actor, r.action, r.target, r.result, r.detail) for r in records] == [
+        ("acme", "autoscaler:accounts/platform/gateways/front", "deployment.scaled", IDLE, "ok", f"{a} -> {b} replicas")
+        for a, b in ((0, 1), (1, 0), (0, 1))]
 
 
 def test_held_requests_are_bounded_in_number_and_time(store):
@@ -181,6 +187,9 @@ def test_a_cluster_that_refuses_to_start_a_replica_is_a_503_that_names_no_cause(
     answer = complete(front)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "cold_start_failed"
     assert answer.headers["retry-after"] == "5" and "403" not in answer.text  # the cause is the operator's, in the log
+    records = AuditLog(store.url).read(account="acme")  # the failure's class, not its words
+    assert records and {(r.action, r.target, r.result, r.detail) for r in records} == {
+        ("deployment.scaled", IDLE, "RuntimeError", "0 -> 1 replicas")}
 
 
 def test_a_replica_another_gateway_started_is_activity_and_not_taken_back():

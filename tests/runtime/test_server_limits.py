@@ -8,6 +8,7 @@ import pytest
 from tests.runtime.server_helpers import BASE, PIRATE, POET, SERVERLESS_BASE, start, usage_records
 
 from ember.provider.domain.accounts import DeploymentAccess
+from ember.provider.domain.audit import AuditLog
 from ember.runtime.engine.engine import EngineConfig
 from ember.runtime.serving.app import create_app
 from ember.runtime.serving.replica import ServerConfig
@@ -86,6 +87,16 @@ def test_addons_follow_the_desired_set_in_the_store(tmp_path):
         # the 0.5 s timer may have reconciled first, so judge the outcome, not who did it
         assert result["loaded"] in ([PIRATE], []) and list(result["failed"]) == ["accounts/acme/models/broken"]
         assert adapters()["served"] == [PIRATE] and adapters()["failed"].keys() == {"accounts/acme/models/broken"}
+        # the audit log: the addons it started with and the timer's reconcile, by the replica itself; a refusal that
+        # lasts over the timer's ticks, once
+        asyncio.run(asyncio.sleep(1.2))
+        own, records = "replica:accounts/acme/deployments/tiny", AuditLog(str(server.root / "store")).read()
+        assert [(r.action, r.target, r.actor) for r in records[:4]] == [
+            ("addon.loaded", PIRATE, own), ("addon.loaded", POET, own), ("addon.unloaded", PIRATE, own),
+            ("addon.unloaded", POET, own)]
+        # (the key's or the timer's, whichever came first: the outcome is judged, not who did it)
+        assert [(r.action, r.target) for r in records[4:]] == [("addon.loaded", PIRATE),
+                                                               ("addon.refused", "accounts/acme/models/broken")]
     finally:
         server.stop()
 
