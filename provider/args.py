@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from ember.provider.resources import Dataset, Deployment, FineTuningJob, Model
 
 __all__ = ["ModelArgs", "LoRAAddonArgs", "DeploymentArgs", "DatasetArgs", "FineTuningJobArgs", "GatewayArgs",
-           "AccountRateLimitsArgs", "AutoscalingPolicyArgs", "KubernetesWorkloadArgs", "RateLimitsArgs",
-           "RequestLoggingArgs"]
+           "ApiKeyArgs", "AccountRateLimitsArgs", "AutoscalingPolicyArgs", "KubernetesWorkloadArgs",
+           "RateLimitsArgs", "RequestLoggingArgs"]
 
 
 @dataclass
@@ -172,6 +172,26 @@ class GatewayArgs:
     advertised_url: pulumi.Input[str] | None = None
     # cluster='kubernetes': the gateway pods' apps/v1 Deployment, whose rollout create and update wait for
     kubernetes_workload: KubernetesWorkloadArgs | pulumi.Input[dict] | None = None
+    display_name: pulumi.Input[str] | None = None
+    description: pulumi.Input[str] | None = None
+
+
+@dataclass
+class ApiKeyArgs:
+    """An API key of one account: `inference` calls the OpenAI routes, `admin` the admin routes too."""
+
+    # 1-63 characters of [a-z0-9-], not starting or ending with '-'
+    account_id: pulumi.Input[str]
+    # user-chosen; generated when omitted
+    key_id: pulumi.Input[str] | None = None
+    # inference: the OpenAI routes; admin: also the admin routes (addons, reconcile, metrics); one of inference, admin
+    role: pulumi.Input[str] | None = None
+    # ISO 8601 with a UTC offset (2027-01-31T00:00:00Z); after it the key gets 401 saying it expired; none: it does
+    # not expire
+    expires_at: pulumi.Input[str] | None = None
+    # any label: changing it rotates the key (the new key is made before the old one is revoked, so both work in
+    # between)
+    rotation: pulumi.Input[str] | None = None
     display_name: pulumi.Input[str] | None = None
     description: pulumi.Input[str] | None = None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -27,14 +28,16 @@ from pulumi.output import UNKNOWN
 
 # Every Args class, so that a program's `from ember.provider.resources import *` finds them beside the resources.
 from ember.provider.args import *  # noqa: F403
+from ember.provider.domain import catalog_lifecycle
 from ember.provider.domain.kinds import BY_NAME
-from ember.provider.domain.names import (dataset_name, deployment_name, fine_tuning_job_name, gateway_name, model_name,
-                                         parse_deployment_name, parse_gateway_name, parse_model_name)
+from ember.provider.domain.names import (api_key_name, dataset_name, deployment_name, fine_tuning_job_name,
+                                         gateway_name, model_name, parse_deployment_name, parse_gateway_name,
+                                         parse_model_name)
 from ember.provider.domain.rules import Declaration, name_clash
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, normalise_source
 
-MODEL, LORA_ADDON, DEPLOYMENT, DATASET, FINE_TUNING_JOB, GATEWAY = (BY_NAME[name] for name in (
-    "Model", "LoRAAddon", "Deployment", "Dataset", "FineTuningJob", "Gateway"))
+MODEL, LORA_ADDON, DEPLOYMENT, DATASET, FINE_TUNING_JOB, GATEWAY, API_KEY = (BY_NAME[name] for name in (
+    "Model", "LoRAAddon", "Deployment", "Dataset", "FineTuningJob", "Gateway", "ApiKey"))
 
 
 class ProgramError(pulumi.RunError, ValueError):
@@ -168,6 +171,35 @@ def _base(props: dict[str, Any], base_model: Any, refs: dict[str, Any], depends_
         refs["base_model"] = found[1] if found else {"declared": False, "source": None}
 
 
+def _serverless_lifecycle(base_model: Any, refs: dict[str, Any]) -> tuple[str, catalog_lifecycle.Lifecycle] | None:
+    """A serverless use's base model and its dates in the catalog file, put in `refs` for the policy pack (which sees
+    no `ember:` config); None without dates, with a name not known yet, or a file the resource's check refuses."""
+    if not isinstance(base_model, str):
+        return None
+    try:
+        model_id = parse_model_name(base_model).resource_id
+        path = catalog_lifecycle.locate(pulumi.Config("ember").get("catalogFile"), Path.cwd())  # the program's folder
+        lifecycle = catalog_lifecycle.load(path).lifecycle(model_id)
+    except ValueError:  # a bad name or catalog file: the resource's check names the field and the value
+        return None
+    if lifecycle is None:
+        return None
+    refs["base_model_lifecycle"] = {"model": model_id} | lifecycle.model_dump(mode="json")
+    return model_id, lifecycle
+
+
+def _warn_if_deprecated(resource: Resource, what: str, found: tuple[str, catalog_lifecycle.Lifecycle] | None) -> None:
+    """The preview's warning in a model's notice period. The program says it: a Python dynamic provider cannot send
+    the engine a warning (its pulumi.log is a print: pulumi/pulumi#20409). From the shutdown date check refuses."""
+    if found is None:
+        return
+    model_id, lifecycle = found
+    on = catalog_lifecycle.today()
+    if lifecycle.phase(on) == "deprecated":
+        pulumi.log.warn(f"{what}: {lifecycle.notice(model_id, on)}; move it to another catalog model, or to a "
+                        f"dedicated deployment, before then", resource=resource)
+
+
 def _with_dependencies(opts: pulumi.ResourceOptions | None, depends_on: list) -> pulumi.ResourceOptions | None:
     # Names are passed as plain strings (computed from inputs), so the dependency is stated explicitly.
     return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=depends_on)) if depends_on else opts
@@ -238,8 +270,11 @@ class Deployment(Resource, module="ember", name=DEPLOYMENT.name):
         # what an addon on this deployment needs to know at its own check
         self._facts = {"base_model": props["base_model"], "max_lora_rank": args.max_lora_rank or DEFAULT_MAX_LORA_RANK,
                        "cluster": args.cluster or "local"}
+        serverless = getattr(args.deployment_type, "value", args.deployment_type) == "serverless"
+        lifecycle = _serverless_lifecycle(props["base_model"], refs) if serverless else None
         super().__init__(DEPLOYMENT.provider_class(), resource_name,
                          props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))
+        _warn_if_deprecated(self, f"Deployment {resource_name}", lifecycle)
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "Deployment":
@@ -283,8 +318,10 @@ class LoRAAddon(Resource, module="ember", name=LORA_ADDON.name):
             props["model_id"] = default_id(resource_name)
         self.model_name = _name(model_name, args.account_id, props["model_id"])
         _declare_model("LoRAAddon", resource_name, self.model_name, {"declared": True, "addon": True, "source": None})
+        lifecycle = _serverless_lifecycle(props["base_model"], refs) if args.serverless is True else None
         super().__init__(LORA_ADDON.provider_class(), resource_name,
                          props | {"references": refs} | dict.fromkeys(self._OUTPUTS), _with_dependencies(opts, depends_on))
+        _warn_if_deprecated(self, f"LoRAAddon {resource_name}", lifecycle)
 
     @staticmethod
     def get(resource_name: str, id: str, opts: pulumi.ResourceOptions | None = None) -> "LoRAAddon":
@@ -387,3 +424,29 @@ class Gateway(Resource, module="ember", name=GATEWAY.name):
                              "gateway_id", Gateway._OUTPUTS)
         gateway.gateway_name = name
         return gateway
+
+
+class ApiKey(Resource, module="ember", name=API_KEY.name):
+    """A key of one account, returned once as the secret output `key` (encrypted in the stack's state)."""
+
+    name: pulumi.Output[str]  # accounts/<account>/apiKeys/<key_id>
+    state: pulumi.Output[str]  # ACTIVE, or EXPIRED past expires_at
+    message: pulumi.Output[str | None]
+    key: pulumi.Output[str]  # secret
+    key_sha256: pulumi.Output[str]
+    key_hint: pulumi.Output[str]
+    created_at: pulumi.Output[str]
+
+    _OUTPUTS = list(API_KEY.outputs.model_fields)
+
+    def __init__(self, resource_name: str, args: ApiKeyArgs, opts: pulumi.ResourceOptions | None = None):
+        props = props_of(args)
+        if args.key_id is None:
+            props["key_id"] = default_id(resource_name)
+        self.key_name = _name(api_key_name, args.account_id, props["key_id"])
+        secret = pulumi.ResourceOptions(additional_secret_outputs=list(API_KEY.secret_outputs))
+        # whose stack declares it: an account's keys are declared by one stack
+        refs = {"owner": resource_owner(resource_name)}
+        super().__init__(API_KEY.provider_class(), resource_name,
+                         props | {"references": refs} | dict.fromkeys(self._OUTPUTS),
+                         pulumi.ResourceOptions.merge(opts, secret))

@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
+from ember.provider.domain.accounts import IMPLICIT_KEY_ID, ROLES
 from ember.provider.domain.replica_spec import ReplicaSpec, read_replica_spec
 from ember.provider.domain.spec import Precision, SpecError, parse
 from ember.runtime.gateway.config import GatewayConfig
@@ -24,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add-key", help="create an API key for an account; stores only its hash")
     p.add_argument("--keys", required=True, help="keys file (path or fsspec URL)")
     p.add_argument("--account", required=True)
+    p.add_argument("--key-id", default=IMPLICIT_KEY_ID, help="its name's last part (accounts/<a>/apiKeys/<id>)")
+    p.add_argument("--role", choices=ROLES, default="admin")
+    p.add_argument("--expires-at", type=datetime.fromisoformat, help="ISO 8601 with a UTC offset")
     p = sub.add_parser("finetune", help="train a LoRA adapter: a fine-tuning job's JSON in, a PEFT adapter out")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--job", type=Path, help="the job (a JSON file): base model, datasets, hyperparameters")
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "add-key":
         from ember.provider.domain.accounts import Accounts
 
-        print(Accounts.add_key(args.keys, args.account))
+        print(Accounts.add_key(args.keys, args.account, args.key_id, args.role, args.expires_at))
         return 0
     if args.command == "finetune":
         import json

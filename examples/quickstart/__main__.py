@@ -9,8 +9,8 @@ its replica, trains the pirate addon (about half a minute on two CPU cores) and 
 
 import pulumi
 
-from ember.provider import (Dataset, DatasetArgs, Deployment, DeploymentArgs, FineTuningJob, FineTuningJobArgs, Gateway,
-                            GatewayArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
+from ember.provider import (ApiKey, ApiKeyArgs, Dataset, DatasetArgs, Deployment, DeploymentArgs, FineTuningJob,
+                            FineTuningJobArgs, Gateway, GatewayArgs, LoRAAddon, LoRAAddonArgs, Model, ModelArgs)
 
 ACCOUNT = "quickstart"
 
@@ -30,8 +30,12 @@ addons = [
 ]
 
 gateway = Gateway("gateway", GatewayArgs(account_id=ACCOUNT, description="One endpoint for every model of the store"))
+# What an application calls the gateway with: the OpenAI routes only, shown with `pulumi stack output --show-secrets`.
+# (`ember up` itself asks its sample questions with the account's implicit key, kept beside the program.)
+app_key = ApiKey("app", ApiKeyArgs(account_id=ACCOUNT, role="inference", description="the applications' key"))
 
 pulumi.export("gateway", gateway.url)
 pulumi.export("endpoint", local.endpoints.apply(lambda endpoints: endpoints[0] if endpoints else None))
 pulumi.export("account", ACCOUNT)
+pulumi.export("app_key", app_key.key)
 pulumi.export("models", pulumi.Output.all(base.name, *[a.name for a in addons]))

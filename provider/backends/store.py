@@ -23,9 +23,10 @@ from typing import Any
 import fsspec
 
 from ember.provider.backends.processes import abandoned, owner
-from ember.provider.domain.accounts import Accounts
+from ember.provider.domain.accounts import IMPLICIT_KEY_ID, Accounts, KeyRecord
+from ember.provider.domain.audit import AuditLog
 from ember.provider.domain.digests import OBJECT_MARKER, file_digests, tree_digest
-from ember.provider.domain.names import (parse_dataset_name, parse_deployment_name, parse_fine_tuning_job_name,
+from ember.provider.domain.names import (api_key_name, parse_dataset_name, parse_deployment_name, parse_fine_tuning_job_name,
                                          parse_gateway_name, parse_model_name)
 from ember.provider.domain.records import (MANIFEST, DatasetRecord, DeploymentRecord, FineTuningJobRecord,
                                            GatewayRecord, Manifest)
@@ -266,7 +267,7 @@ class Store:
         return key_file.read_text().strip() if key_file.exists() else None
 
     def ensure_key(self, account: str, key_dir: Path) -> str:
-        """The account's local API key (created once, kept mode 600 outside the store; only its hash inside)."""
+        """The account's implicit API key (created once, kept mode 600 outside the store; only its hash inside)."""
         key_file = key_dir / f"{account}.key"
         with self._locked(self.urls.keys):
             if key_file.exists():
@@ -276,4 +277,15 @@ class Store:
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(key)
-            return key
+        AuditLog(self.url).record(account=account, actor="provider", action="key.created",
+                                  target=api_key_name(account, IMPLICIT_KEY_ID), result="ok", detail="implicit key")
+        return key
+
+    def api_keys(self) -> list[KeyRecord]:
+        """Every key's record (hashes, roles, expiries; never a key)."""
+        return Accounts.load(self.urls.keys).records if self.fs.exists(self.paths.keys) else []
+
+    def change_api_keys(self, edit: Callable[[list[KeyRecord]], list[KeyRecord]]) -> list[KeyRecord]:
+        """Rewrite the keys file under the store's keys lock (ApiKeys created and deleted in parallel all land)."""
+        with self._locked(self.urls.keys):
+            return Accounts.change(self.urls.keys, edit)

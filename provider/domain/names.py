@@ -19,6 +19,7 @@ DEPLOYMENT_NAME_PATTERN = (
 )
 DATASET_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/datasets/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 GATEWAY_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/gateways/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+API_KEY_NAME_PATTERN = r"^accounts/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/apiKeys/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 # A request's `model` may pin the deployment that answers it: accounts/<a>/models/<m>#accounts/<a>/deployments/<d>
 PIN = "#"
 
@@ -97,6 +98,14 @@ def gateway_name(account_id: str, gateway_id: str) -> str:
 
 def parse_gateway_name(value: str) -> ResourceName:
     return ResourceName.parse(value, "gateways")
+
+
+def api_key_name(account_id: str, key_id: str) -> str:
+    return str(ResourceName(check_id(account_id, "account ID"), "apiKeys", check_id(key_id, "key ID")))
+
+
+def parse_api_key_name(value: str) -> ResourceName:
+    return ResourceName.parse(value, "apiKeys")
 
 
 def split_pinned(model: str) -> tuple[str, str | None]:

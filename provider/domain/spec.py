@@ -19,9 +19,10 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from ember.provider.domain import catalog
 from ember.provider.domain.accounts import foreign_model_refusal, is_catalog_name
-from ember.provider.domain.names import (DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN, GATEWAY_NAME_PATTERN,
-                                         ID_PATTERN, MODEL_NAME_PATTERN, check_id, parse_dataset_name,
-                                         parse_deployment_name, parse_gateway_name, parse_model_name)
+from ember.provider.domain.names import (API_KEY_NAME_PATTERN, DATASET_NAME_PATTERN, DEPLOYMENT_NAME_PATTERN,
+                                         GATEWAY_NAME_PATTERN, ID_PATTERN, MODEL_NAME_PATTERN, check_id,
+                                         parse_api_key_name, parse_dataset_name, parse_deployment_name,
+                                         parse_gateway_name, parse_model_name)
 
 # ---------------------------------------------------------------------------------------------------
 # Errors
@@ -254,6 +255,11 @@ GatewayName = Annotated[
     str,
     AfterValidator(_check_name(parse_gateway_name)),
     _json_string(GATEWAY_NAME_PATTERN, "accounts/<ACCOUNT_ID>/gateways/<GATEWAY_ID>"),
+]
+ApiKeyName = Annotated[
+    str,
+    AfterValidator(_check_name(parse_api_key_name)),
+    _json_string(API_KEY_NAME_PATTERN, "accounts/<ACCOUNT_ID>/apiKeys/<KEY_ID>"),
 ]
 Text = Annotated[str, Field(max_length=1000)]
 DisplayName = Annotated[str, Field(min_length=1, max_length=128)]

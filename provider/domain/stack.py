@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from ember.provider.domain.kinds.api_key import ApiKeySpec
 from ember.provider.domain.kinds.dataset import DatasetSpec
 from ember.provider.domain.kinds.deployment import DeploymentSpec
 from ember.provider.domain.kinds.fine_tuning_job import FineTuningJobSpec
@@ -23,6 +24,7 @@ class StackSpec(Spec):
     datasets: tuple[DatasetSpec, ...] = ()
     fine_tuning_jobs: tuple[FineTuningJobSpec, ...] = ()
     gateways: tuple[GatewaySpec, ...] = Field((), max_length=1, description="a store has one gateway")
+    api_keys: tuple[ApiKeySpec, ...] = ()
 
     @model_validator(mode="after")
     def _cross_references(self) -> "StackSpec":

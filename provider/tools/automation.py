@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ember.provider.providers.base import ProviderConfig
-from ember.provider.tools.runner import RunError
+from ember.provider.tools.runner import SECRET, RunError
 
 
 def pulumi_cli_available() -> bool:
@@ -32,7 +32,7 @@ def run_with_pulumi(command: str, program_dir: Path, stack: str, log: Callable[[
         workspace_stack.destroy(on_output=log)
         return {}
     result = workspace_stack.up(on_output=log, refresh=refresh)
-    return {k: v.value for k, v in result.outputs.items()}
+    return {k: SECRET if v.secret else v.value for k, v in result.outputs.items()}  # as `pulumi up` shows them
 
 
 def _stack(program_dir: Path, stack: str):

@@ -113,9 +113,9 @@ def _stack_command(args: argparse.Namespace) -> int:
                 return 0
             if args.command == "destroy":
                 offline.destroy()
-                print("destroyed: no replica process or store entry of this stack is left. Usage records stay, for "
-                      f"billing, and so do the accounts' API keys ({state_dir / 'keys'}) and replica logs "
-                      f"({state_dir / 'logs'}): remove {state_dir} to drop them too")
+                print("destroyed: no replica process or store entry of this stack is left. Usage and audit records "
+                      f"stay, for billing and audit, and so do the accounts' API keys ({state_dir / 'keys'}) and "
+                      f"replica logs ({state_dir / 'logs'}): remove {state_dir} to drop them too")
                 return 0
             if args.command == "preview":
                 _print_cost_diff(offline)
@@ -123,7 +123,7 @@ def _stack_command(args: argparse.Namespace) -> int:
             else:
                 outputs = offline.up(refresh=getattr(args, "refresh", False))
             if packs:
-                return _report_policies(packs[0], offline.registrations, pack_config)
+                return _report_policies(packs[0], offline.registrations, pack_config, offline.config.store_url)
     except (runner.RunError, EmberError, SpecError, FileNotFoundError) as exc:  # the message names the resource, property and value
         print(f"ember {args.command} failed: {exc}", file=sys.stderr)
         return 1
@@ -163,11 +163,11 @@ def _policy_pack(path: Path) -> Path:
     return path
 
 
-def _report_policies(pack: Path, registrations, config_path: Path | None) -> int:
+def _report_policies(pack: Path, registrations, config_path: Path | None, store_url: str | None = None) -> int:
     """The pack's verdict on the previewed stack, as `pulumi preview --policy-pack` prints it; 1 if mandatory ones fail."""
     from ember.provider.policy.check import load_config, run_pack
 
-    violations = run_pack(pack, registrations, load_config(config_path))
+    violations = run_pack(pack, registrations, load_config(config_path), store_url)
     for violation in violations:
         print(violation)
     mandatory = sum(v.mandatory for v in violations)
@@ -251,36 +251,66 @@ def _usage(args: argparse.Namespace) -> int:
     """Charges per account and period from the usage records in a store."""
     import csv
 
-    from ember.provider.domain.usage import read_replicas, read_training, read_usage  # fsspec only: no torch
+    from ember.provider.domain.usage import read_replicas, read_shutdowns, read_training, read_usage  # no torch
     from ember.provider.tools import billing
     from ember.provider.tools.runner import OfflineRunner
 
     store_url = args.store or OfflineRunner(args.program, args.stack, log=lambda _: None).config.store_url
     try:
         prices = billing.load_prices(args.prices)
-        charges = billing.bill(read_usage(store_url), read_replicas(store_url), prices, args.period,
-                               read_training(store_url))
-    except (billing.BillingError, SpecError) as exc:
+        records, replicas, shutdowns = read_usage(store_url), read_replicas(store_url), read_shutdowns(store_url)
+        charges = billing.bill(records, replicas, prices, args.period, read_training(store_url), shutdowns)
+        uncharged = billing.uncharged(records, replicas, shutdowns)
+    except (billing.BillingError, SpecError, ValueError) as exc:  # ValueError: a deployment record it cannot read
         print(f"ember usage: {exc}", file=sys.stderr)
         return 2
     if args.account:
         charges = [c for c in charges if c.account_id == args.account]
+        uncharged = [u for u in uncharged if u.account_id == args.account]
+    notes = [u.note() for u in uncharged]
     if args.format == "json":
         totals = [{"account_id": a, "period": p, "amount": v} for (a, p), v in billing.totals(charges).items()]
-        print(json.dumps({"currency": prices.currency, "charges": [c.as_dict() for c in charges], "totals": totals},
-                         indent=2))
+        print(json.dumps({"currency": prices.currency, "charges": [c.as_dict() for c in charges], "totals": totals,
+                          "notes": notes}, indent=2))
     elif args.format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(billing.Charge.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(c.as_dict() for c in charges)
+        for note in notes:  # not a row: a CSV reader gets charges only
+            print(f"note: {note}", file=sys.stderr)
     else:
         print(f"{'account':<16} {'period':<14} {'kind':<30} {'item':<52} {'quantity':>14} {prices.currency:>12}")
         for c in charges:
             print(f"{c.account_id:<16} {c.period:<14} {c.kind:<30} {c.item:<52} {c.quantity:>14,.0f} {c.amount:>12.4f}")
         for (account, period), amount in billing.totals(charges).items():
             print(f"{account:<16} {period:<14} {'total':<30} {'':<52} {'':>14} {amount:>12.4f}")
+        for note in notes:
+            print(f"note: {note}")
     if args.plot:
         print(f"plotted {billing.plot(charges, args.plot, prices.currency)}", file=sys.stderr)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """The admin actions in a store's audit log: who did what to which resource, and how it ended."""
+    from ember.provider.domain.audit import AuditLog, parse_since  # pydantic and fsspec only: no torch
+    from ember.provider.tools.runner import OfflineRunner
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"ember audit: {exc}", file=sys.stderr)
+        return 2
+    store_url = args.store or OfflineRunner(args.program, args.stack, log=lambda _: None).config.store_url
+    records = AuditLog(store_url).read(args.account, since)
+    if args.format == "json":
+        print(json.dumps([r.model_dump(exclude_none=True) for r in records], indent=2))
+        return 0
+    columns = ("time", "account", "actor", "action", "target", "result", "detail")
+    rows = [columns] + [tuple(getattr(r, c) or "" for c in columns) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) - 1)]  # the last column is not padded
+    for row in rows:
+        print("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]).rstrip())
     return 0
 
 
@@ -337,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_report_commands(sub) -> None:
-    """What a stack costs: charged (from usage records) and estimated (from a preview)."""
+    """What a stack costs: charged (from usage records) and estimated (from a preview); and its audit log."""
     p = sub.add_parser("usage", help="what each account is charged, per period, from the store's usage records")
     p.add_argument("program", type=Path, nargs="?", default=Path("."),
                    help="a Pulumi program directory (its store is read; see --store)")
@@ -349,6 +379,17 @@ def _add_report_commands(sub) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also plot usage and charges over time to this PNG")
     p.set_defaults(run=_usage)
+
+    p = sub.add_parser("audit", help="the admin actions in the store's audit log: addons, keys, scaling")
+    p.add_argument("program", type=Path, nargs="?", default=Path("."),
+                   help="a Pulumi program directory (its store is read; see --store)")
+    p.add_argument("--stack", default="dev")
+    p.add_argument("--store", metavar="URL", help="the model store's URL (default: the program's, as the provider finds it)")
+    p.add_argument("--account", help="only this account's records")
+    p.add_argument("--since", metavar="T", help="only records at or after T: an ISO date or time (UTC unless it says), "
+                                               "or a span back from now: 30m, 1h, 7d")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=_audit)
 
     p = sub.add_parser("cost", help="the stack's monthly cost estimate from a preview (and --diff: its change)")
     p.add_argument("program", type=Path, nargs="?", default=Path("."), help="a Pulumi program directory")

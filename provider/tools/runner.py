@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import runpy
 import sys
@@ -52,25 +53,62 @@ class Step:
     name: str
     detail: str = ""
 
+SECRET = "[secret]"  # how a secret output is shown, as `pulumi up` shows it
+
 
 @dataclass
 class StackState:
+    """The offline runner's state of one stack. It has no secrets provider: a kind's secret outputs (an ApiKey's key)
+    are kept out of the state file, in a file beside it that only its owner may read (mode 600, as the implicit keys
+    are), and stack outputs holding one are shown as the engine shows them."""
+
     path: Path
     resources: dict[str, dict] = field(default_factory=dict)  # "<type>::<name>" → {type, name, id, inputs, outputs}
     order: list[str] = field(default_factory=list)  # creation order
     outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.secrets.json")
 
     @classmethod
     def load(cls, path: Path) -> "StackState":
         if not path.exists():
             return cls(path)
         raw = json.loads(path.read_text())
-        return cls(path, raw["resources"], raw["order"], raw.get("outputs", {}))
+        state = cls(path, raw["resources"], raw["order"], raw.get("outputs", {}))
+        if state.secrets_path.exists():
+            for key, values in json.loads(state.secrets_path.read_text()).items():
+                if key in state.resources:
+                    state.resources[key]["outputs"] |= values
+        return state
+
+    def secret_values(self) -> set[str]:
+        return {v for _, values in self._secrets().items() for v in values.values() if isinstance(v, str)}
+
+    def _secrets(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        for key, resource in self.resources.items():
+            kind = BY_NAME.get(resource["type"])
+            values = {k: resource["outputs"][k] for k in (kind.secret_outputs if kind else ())
+                      if resource["outputs"].get(k) is not None}
+            if values:
+                found[key] = values
+        return found
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        secrets = self._secrets()
+        shown = set(self.secret_values())
+        resources = {key: r | {"outputs": r["outputs"] | dict.fromkeys(secrets.get(key, {}), SECRET)}
+                     for key, r in self.resources.items()}
+        outputs = {k: SECRET if isinstance(v, str) and v in shown else v for k, v in self.outputs.items()}
+        fd = os.open(self.secrets_path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(secrets, f)
+        self.secrets_path.with_suffix(".tmp").replace(self.secrets_path)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"resources": self.resources, "order": self.order, "outputs": self.outputs},
+        tmp.write_text(json.dumps({"resources": resources, "order": self.order, "outputs": outputs},
                                   indent=2, sort_keys=True, default=str))
         tmp.replace(self.path)
 
@@ -317,7 +355,8 @@ class OfflineRunner:
         asyncio.set_event_loop(loop)  # the SDK runs the program on the current loop
         ROOT.set(None)
         set_all_config(self.stack_config(), secret_keys=[])
-        set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
+        set_mocks(mocks, project=self.project, stack=self.stack, preview=preview, monitor=monitor,
+                  logger=self._program_log())
         # The SDK waits for every Output in SETTINGS.outputs before a program ends, and set_mocks keeps the
         # set: one left by an earlier program in this process (one that raised half-way) would never resolve.
         SETTINGS.outputs = set()
@@ -335,6 +374,20 @@ class OfflineRunner:
             _close(asyncio.get_event_loop())
         self.registrations = monitor.registrations
         return monitor.stack_outputs, mocks.seen
+
+    def _program_log(self) -> logging.Logger:
+        """Where the program's pulumi.log goes (the mocks' engine hands it to a logger): its warnings and errors
+        beside the steps, as the Pulumi CLI shows them (a serverless model's deprecation, resources.py)."""
+        log = self.log
+
+        class Lines(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                log(f"{record.levelname.lower()}: {record.getMessage()}")
+
+        logger = logging.Logger("ember.program")  # not the root logger's child: nothing else prints these twice
+        logger.setLevel(logging.WARNING)
+        logger.addHandler(Lines())
+        return logger
 
     def stack_config(self) -> dict[str, str]:
         """The program's config as Pulumi reads it: Pulumi.yaml defaults, then Pulumi.<stack>.yaml values."""
@@ -366,7 +419,8 @@ class OfflineRunner:
         if not preview:
             self.state.outputs = {k: v for k, v in outputs.items() if not has_unknown(v)}
             self.state.save()
-        return outputs
+        secret = self.state.secret_values()  # shown as the engine shows them; the secrets file beside the state has them
+        return {k: SECRET if isinstance(v, str) and v in secret else v for k, v in outputs.items()}
 
     def refresh(self) -> list[Step]:
         self.steps = []

@@ -23,11 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from ember.provider.domain.accounts import Caller
+from ember.provider.domain.audit import AuditLog
 from ember.runtime.gateway.autoscaler import Autoscaler, scale_forever
 from ember.runtime.gateway.balancer import Balancer, affinity_key
 from ember.runtime.gateway.bodies import parse_json_object
 from ember.runtime.gateway.config import GatewayConfig
-from ember.runtime.gateway.directory import Deployment, Directory
+from ember.runtime.gateway.directory import HAND_RUN, Deployment, Directory
 from ember.runtime.gateway.kubernetes_scaler import kubernetes_scalers
 from ember.runtime.gateway.metrics import GatewayMetrics
 from ember.runtime.gateway.proxy import (ATTEMPTS_HEADER, DEPLOYMENT_HEADER, ClientGone, Forwarder, PassThrough,
@@ -36,7 +38,7 @@ from ember.runtime.gateway.rate_limits import Admission, RateLimiter, estimate_t
 from ember.runtime.gateway.routing import Route, models, route
 from ember.runtime.gateway.scalers import LocalScaler, Scaler
 from ember.runtime.gateway.snapshots import Snapshots
-from ember.runtime.serving.errors import APIError, bearer_key, invalid_key
+from ember.runtime.serving.errors import APIError, bearer_key, expired_key, invalid_key
 from ember.runtime.serving.frame import api_app
 
 log = logging.getLogger("ember.gateway")
@@ -56,8 +58,9 @@ class GatewayState:
             limits=httpx.Limits(max_connections=config.limits.max_connections,
                                 max_keepalive_connections=config.limits.max_connections))
         self.forwarder = Forwarder(self.client, self.balancer, self.metrics)
-        self.autoscaler = Autoscaler(scalers_for(config), self._load, self._scaled)
+        self.autoscaler = Autoscaler(scalers_for(config), self._load, self._scaled, self._audit_scaled)
         self._tasks: set[asyncio.Task] = set()
+        self._expired_noted: set[str] = set()
 
     def _load(self, deployment: Deployment) -> int:
         return sum(self.balancer.outstanding(r) for r in deployment.replicas)
@@ -65,18 +68,37 @@ class GatewayState:
     def _scaled(self, deployment: str, before: int, after: int) -> None:
         self.metrics.scaled.labels(deployment, "up" if after > before else "down").inc()
 
+    def _audit_scaled(self, deployment: Deployment, before: int, after: int, result: str) -> None:
+        """A scale change in the audit log, by this gateway's autoscaler (named as the gateway whose settings it
+        runs by: its own, or the store's one gateway's when run by hand)."""
+        directory = self.store.directory
+        gateway = self.config.gateway or (directory.settings if directory else HAND_RUN).name
+        AuditLog(self.config.store_url).record(
+            account=deployment.access.account_id, actor=f"autoscaler:{gateway}", action="deployment.scaled",
+            target=deployment.name, result=result, detail=f"{before} -> {after} replicas")
+
     def _read(self, directory: Directory) -> None:
         self.limiter.share = directory.settings.replicas
         self.balancer.forget({r.url for d in directory.deployments.values() for r in d.replicas})
 
-    async def account(self, request: Request, arrived: float) -> str:
+    async def caller(self, request: Request, arrived: float) -> Caller:
         key = bearer_key(request)
-        account = self.store.current().accounts.authenticate(key)
-        if account is None and key:  # a key made since the last read (a new tenant) works at once
-            account = (await self.store.since(arrived)).accounts.authenticate(key)
-        if account is None:
+        caller = self.store.current().accounts.authenticate(key)
+        if caller is None and key:  # a key made since the last read (a new tenant) works at once
+            caller = (await self.store.since(arrived)).accounts.authenticate(key)
+        if caller is None:
             raise invalid_key()
-        return account
+        if caller.expired():
+            if caller.key_id not in self._expired_noted:  # the first refusal here goes to the audit log
+                self._expired_noted.add(caller.key_id)
+                self._background(asyncio.to_thread(
+                    AuditLog(self.config.store_url).record, account=caller.account, actor=caller.key_id,
+                    action="key.expired", target=caller.key_id, result="refused", detail="at the gateway"))
+            raise expired_key()
+        return caller
+
+    async def account(self, request: Request, arrived: float) -> str:
+        return (await self.caller(request, arrived)).account
 
     async def route(self, account: str, model: object, arrived: float, stale: bool = False) -> Route:
         """`stale`: the current snapshot failed this request (its replicas were gone): read one begun after `arrived`."""
@@ -200,10 +222,10 @@ async def _health(request: Request) -> JSONResponse:
 async def _metrics(request: Request) -> Response:
     # The platform team's (the Gateway's account): its series name every tenant's addons and every account it limited.
     gateway = gateway_of(request)
-    account = await gateway.account(request, time.monotonic())
-    if account != gateway.store.current().owner:
-        raise APIError(403, "only the gateway's own account reads its metrics", type="permission_error",
-                       code="forbidden")
+    caller = await gateway.caller(request, time.monotonic())
+    if caller.account != gateway.store.current().owner or not caller.admin:
+        raise APIError(403, "only an admin key of the gateway's own account reads its metrics",
+                       type="permission_error", code="forbidden")
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

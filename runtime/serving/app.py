@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ember.provider.domain.accounts import KEYS_REFRESH_S
 from ember.provider.domain.records import REGISTRATION_INTERVAL_S
 from ember.runtime.serving import admin_routes, openai_routes
 from ember.runtime.serving.errors import APIError
@@ -27,19 +28,26 @@ log = logging.getLogger("ember.server")
 
 
 async def _background(replica: Replica) -> None:
-    """Heartbeats for GPU-second billing, key reloads, and reconciling the addon set with the store."""
+    """Heartbeats for GPU-second billing, deployment record reloads, and reconciling the addon set with the store."""
     config = replica.config
     last_reconcile = time.monotonic()
     while True:
         await asyncio.sleep(min(config.heartbeat_interval_s, config.reconcile_interval_s))
         await asyncio.to_thread(replica.meter.heartbeat)
-        await asyncio.to_thread(replica.reload_keys)  # revoked keys stop working, new ones start
+        await asyncio.to_thread(replica.reload_record)  # a serverless model's shutdown date, set or moved meanwhile
         if replica.engine and config.desired_addons_url and time.monotonic() - last_reconcile >= config.reconcile_interval_s:
             last_reconcile = time.monotonic()
             try:
-                await replica.reconcile()
+                await replica.reconcile(replica.own_actor)
             except Exception as exc:  # a store hiccup must not stop the replica
                 log.warning("reconcile failed: %s", type(exc).__name__)
+
+
+async def _watch_keys(replica: Replica) -> None:
+    """Revoked keys stop working, and new ones start, within KEYS_REFRESH_S (a stat each time; a read when changed)."""
+    while True:
+        await asyncio.sleep(KEYS_REFRESH_S)
+        await asyncio.to_thread(replica.reload_keys)
 
 
 async def _announce(replica: Replica) -> None:
@@ -62,7 +70,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=replica.load, name="ember-load", daemon=True).start()
-        tasks = [asyncio.create_task(_background(replica))]
+        tasks = [asyncio.create_task(_background(replica)), asyncio.create_task(_watch_keys(replica))]
         if replica.registration:
             tasks.append(asyncio.create_task(_announce(replica)))
         yield

@@ -41,3 +41,9 @@ def bearer_key(request: Request) -> str | None:
 
 def invalid_key() -> APIError:
     return APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+
+
+def expired_key() -> APIError:
+    # Which key is not said: the caller holds it, and a log or a proxy in between need not learn its name.
+    return APIError(401, "API key expired: ask the account's administrators for a new one", type="authentication_error",
+                    code="expired_api_key")

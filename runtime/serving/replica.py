@@ -3,6 +3,7 @@ API keys, its meter and metrics, and the addon set it reconciles towards; and wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -10,13 +11,16 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import fsspec
 from fastapi import Request
 
-from ember.provider.domain.accounts import Accounts, DeploymentAccess, foreign_model_refusal, is_catalog_name
-from ember.provider.domain.names import PIN, parse_model_name
+from ember.provider.domain.accounts import Accounts, Caller, DeploymentAccess, foreign_model_refusal, is_catalog_name
+from ember.provider.domain.audit import AuditLog
+from ember.provider.domain.names import PIN, parse_deployment_name, parse_model_name
+from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.replica_spec import DEFAULT_MAX_QUEUE
 from ember.provider.domain.spec import ModelKind
 from ember.provider.domain.store_layout import StoreLayout
@@ -25,11 +29,12 @@ from ember.runtime.engine.engine import Engine, EngineConfig
 from ember.runtime.fetch import local_copy
 from ember.runtime.lora.adapters import AdapterError
 from ember.runtime.serving.async_engine import AsyncEngine
-from ember.runtime.serving.errors import APIError, bearer_key, invalid_key
+from ember.runtime.serving.errors import APIError, bearer_key, expired_key, invalid_key
 from ember.runtime.serving.limits import Limits
 from ember.runtime.serving.metrics import Metrics
 from ember.runtime.serving.registration import Registration
 from ember.runtime.serving.request_log import RequestLog
+from ember.runtime.serving.shutdown import shut_down
 
 log = logging.getLogger("ember.server")
 # After a tensor-parallel rank dies, how long the replica's orderly stop may take before the process just exits.
@@ -73,6 +78,7 @@ class Replica:
         self._keys_fs, self._keys_path = fsspec.core.url_to_fs(str(config.keys_url))
         self._keys_version = self._keys_file_version()
         self.accounts = Accounts.load(config.keys_url)
+        self._expired_noted: set[str] = set()
         self.meter = Meter(config.usage_url, config.deployment.name, config.accelerator_type, config.accelerator_count,
                            config.deployment.base_model, config.deployment.serverless)
         self.metrics = Metrics()
@@ -85,6 +91,11 @@ class Replica:
         self.draining = False
         self.registration = (Registration(config.store_url, config.deployment.name, self.meter.replica,
                                           config.advertise_url) if config.store_url and config.advertise_url else None)
+        self.shutdown_date: date | None = None  # a serverless deployment's, from its record in the store
+        self.audit_log = AuditLog(config.store_url) if config.store_url else None  # addon changes (audit.py)
+        self._refusals_recorded: dict[str, str] = {}  # what the audit log was last told of the desired set's refusals
+        self._audit_lock = threading.Lock()
+        self.reload_record()
 
     def load(self) -> None:
         try:
@@ -97,7 +108,7 @@ class Replica:
             for name, source in self.config.addons.items():
                 self._add_adapter(engine, name, source)
             if self.config.desired_addons_url:
-                self._reconcile(engine)
+                self.audit_reconcile(self._reconcile(engine), self.own_actor)
             runner = AsyncEngine(engine, self.config.max_queue)
             if self.registration:  # registered before it says it is ready: a cluster that waits for ready, and
                 self.announce(engine)  # then calls the gateway, finds it routed to
@@ -174,13 +185,17 @@ class Replica:
         if not access.may_load_addon(name):
             self.adapter_failures[name] = f"a dedicated deployment of account {access.account_id!r} serves only its addons"
             log.warning("addon %s refused: not of the deployment's account", name)
+            self.audit("addon.refused", name, self.own_actor, "refused", self.adapter_failures[name])
             return
         try:
-            engine.lora.add(name, source) if engine.lora else None
+            if engine.lora:
+                engine.lora.add(name, source)
+                self.audit("addon.loaded", name, self.own_actor)
             self.adapter_failures.pop(name, None)
         except AdapterError as exc:
             self.adapter_failures[name] = str(exc)
             log.warning("addon %s refused: %s", name, exc)
+            self.audit("addon.refused", name, self.own_actor, "refused", str(exc))
 
     def _reconcile(self, engine: Engine) -> dict:
         try:
@@ -236,25 +251,118 @@ class Replica:
                            code="bad_adapter")
         return manifest["object"]
 
-    async def reconcile(self) -> dict:
+    async def reconcile(self, actor: str) -> dict:
+        """Serve the store's desired addon set now. `actor`: who asked (an API key's name, or `own_actor` for the
+        replica's timer), for the audit log."""
         if not self.config.desired_addons_url:
             raise APIError(400, "this replica was started without a desired-addons URL to reconcile from")
-        return await self.ready().call(self._reconcile)
+        result = await self.ready().call(self._reconcile)
+        await asyncio.to_thread(self.audit_reconcile, result, actor)  # a store write: not on the engine thread
+        return result
+
+    # -- audit ---------------------------------------------------------------------------------------------
+
+    @property
+    def own_actor(self) -> str:
+        """Who a replica's own reconcile (at start, on its timer) is in the audit log."""
+        return f"replica:{self.config.deployment.name}"
+
+    def audit(self, action: str, addon: str, actor: str, result: str = "ok", why: str | None = None) -> None:
+        """One audit record of an addon change on this deployment, filed under the deployment's account (whose
+        deployment changed); each replica writes its own. None without a store; never raises. A store write: called
+        off the engine thread."""
+        if self.audit_log is None:
+            return
+        detail = f"on {self.config.deployment.name}" + (f": {why}" if why else "")
+        self.audit_log.record(account=self.config.deployment.account_id, actor=actor, action=action, target=addon,
+                              result=result, detail=detail)
+
+    def audit_refusal(self, addon: str, actor: str, why: str) -> None:
+        """An admin load refused. Only a well-formed model name is recorded: anything else is a request's text."""
+        try:
+            parse_model_name(addon)
+        except ValueError:
+            return
+        self.audit("addon.refused", addon, actor, "refused", why)
+
+    def audit_reconcile(self, result: dict, actor: str) -> None:
+        """The records of one reconcile: each addon it loaded or removed, and each refusal not recorded yet (a refused
+        addon stays in the desired set and is judged again on every tick: recorded once, and again if its reason
+        changes)."""
+        with self._audit_lock:
+            for name in result.get("loaded", []):
+                self.audit("addon.loaded", name, actor)
+            for name in result.get("removed", []):
+                self.audit("addon.unloaded", name, actor)
+            failed = result.get("failed", {})
+            for name, why in failed.items():
+                if self._refusals_recorded.get(name) != why:
+                    self.audit("addon.refused", name, actor, "refused", why)
+            self._refusals_recorded = dict(failed)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def reload_record(self) -> None:
+        """Re-read a serverless deployment's shutdown date from its record in the store (at start and on each
+        heartbeat: the platform may set or move it while the replica runs). A record not written yet (Kubernetes
+        starts the pods before it registers the deployment) or a store that does not answer leaves the date in
+        force as it was."""
+        access = self.config.deployment
+        if not (access.serverless and self.config.store_url):
+            return  # dedicated deployments have no shutdown date: their owner chose the model
+        name = parse_deployment_name(access.name)
+        url = StoreLayout(self.config.store_url).deployment_record(name.account_id, name.resource_id)
+        try:
+            with fsspec.open(url, "r") as f:
+                record = DeploymentRecord.model_validate(json.load(f))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("could not read the deployment record: %s", type(exc).__name__)
+            return
+        if record.shutdown_date != self.shutdown_date:
+            log.info("serverless shutdown date: %s", record.shutdown_date)
+        self.shutdown_date = record.shutdown_date
+
+    def refuse_if_shut_down(self) -> None:
+        """A 410 for every inference request once the base model's serverless shutdown date has come (its addons
+        ride on it, so they go with it)."""
+        refusal = shut_down(self.config.deployment.base_model, self.shutdown_date)
+        if refusal is not None:
+            raise refusal
 
     # -- access --------------------------------------------------------------------------------------------
 
-    def account(self, request: Request) -> str:
+    def caller(self, request: Request) -> Caller:
+        """Who the request's key says it is; 401 for no key, an unknown or revoked one, or an expired one."""
         key = bearer_key(request)
-        account = self.accounts.authenticate(key)
-        if account is None and key and self.reload_keys():
+        caller = self.accounts.authenticate(key)
+        if caller is None and key and self.reload_keys():
             # a key made since the last reload (a new tenant of a serverless deployment) works at once
-            account = self.accounts.authenticate(key)
-        if account is None:
+            caller = self.accounts.authenticate(key)
+        if caller is None:
             raise invalid_key()
+        if caller.expired():
+            self.note_expired(caller)
+            raise expired_key()
+        return caller
+
+    def account(self, request: Request) -> str:
+        """The caller's account, which may use this deployment (any key role may call the OpenAI routes)."""
+        account = self.caller(request).account
         if not self.config.deployment.may_use_deployment(account):
             raise APIError(403, f"account {account!r} may not use deployment {self.config.deployment.name!r}",
                            type="permission_error", code="forbidden")
         return account
+
+    def note_expired(self, caller: Caller) -> None:
+        """The first refusal of an expired key here goes to the audit log (once per key and process)."""
+        if caller.key_id in self._expired_noted or not self.config.store_url:
+            return
+        self._expired_noted.add(caller.key_id)
+        threading.Thread(target=AuditLog(self.config.store_url).record, daemon=True, name="ember-audit", kwargs=dict(
+            account=caller.account, actor=caller.key_id, action="key.expired", target=caller.key_id, result="refused",
+            detail=f"at {self.config.deployment.name}")).start()
 
     def _keys_file_version(self) -> str | None:
         try:
@@ -275,12 +383,16 @@ class Replica:
         self._keys_version = version
         return True
 
-    def owner(self, request: Request) -> str:
-        account = self.account(request)
-        if account != self.config.deployment.account_id:
+    def owner(self, request: Request) -> Caller:
+        """The caller of an admin route: an `admin` key of the deployment's own account."""
+        caller = self.caller(request)
+        if caller.account != self.config.deployment.account_id:
             raise APIError(403, f"only account {self.config.deployment.account_id!r} administers this deployment",
                            type="permission_error", code="forbidden")
-        return account
+        if not caller.admin:
+            raise APIError(403, f"this key's role is {caller.role!r}: the admin routes need a key of role 'admin'",
+                           type="permission_error", code="forbidden")
+        return caller
 
     def served_name(self, model: str) -> str:
         """A request's `model` without the pin of this deployment (`…#accounts/<a>/deployments/<d>`, which the gateway

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tests.provider.provider_helpers import alive, config, make_models, replica_pids, served_addons, store_entries
 
+from ember.provider.domain.audit import AuditLog
 from ember.provider.tools.runner import OfflineRunner, RunError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +64,9 @@ def _lifecycle(up, cfg):
     assert set(steps.values()) == {"create"} and len(steps) == 4
     endpoint = outputs["endpoint"]
     assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
+    audit = AuditLog(cfg.store_url)
+    assert {(r.action, r.target) for r in audit.read(account="acme")} >= {
+        ("addon.loaded", "accounts/acme/models/pirate"), ("addon.loaded", "accounts/acme/models/poet")}
     [first_pid] = replica_pids(cfg, "acme", "local")
 
     runner, outputs, steps = up()
@@ -95,8 +99,15 @@ def _lifecycle(up, cfg):
     assert steps[("LoRAAddon", "poet")] == "update" and set(steps.values()) == {"same", "update"}
     assert served_addons(endpoint, cfg, "acme") == {"accounts/acme/models/pirate", "accounts/acme/models/poet"}
 
+    before = len(audit.read())
     runner, outputs, steps = up(description="second", replicas=2, attached=["pirate"])
     assert steps[("Deployment", "local")] == "update" and steps[("LoRAAddon", "poet")] == "update"
+    # the addon change in the audit log: poet unloaded from the running replica at the provider's call (its key), and
+    # the new replica loading what the store wants by itself
+    changes = {(r.action, r.target, r.actor) for r in audit.read()[before:]}
+    assert ("addon.unloaded", "accounts/acme/models/poet", "accounts/acme/apiKeys/default") in changes
+    assert ("addon.loaded", "accounts/acme/models/pirate", "replica:accounts/acme/deployments/local") in changes
+    assert not {c for c in changes if c[0] == "addon.loaded" and c[1].endswith("/poet")}
     assert steps[("Model", "base")] == "same" and steps[("LoRAAddon", "pirate")] == "same"
     pids = replica_pids(cfg, "acme", "local")
     assert len(pids) == 2 and pids[0] == first_pid  # in place: the running replica was not restarted
@@ -134,6 +145,7 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         key = (cfg.state_dir / "keys" / "quickstart.key").read_text()
         state_text = "".join(p.read_text() for p in (cfg.state_dir / "stacks").glob("*.json"))
         assert key not in state_text and key not in (cfg.state_dir / "store" / "keys.json").read_text()
+        _quickstart_audit(program, cfg, capsys)
         [pid] = replica_pids(cfg, "quickstart", "smollm2-local")
         __import__("os").kill(pid, 9)
         assert cli.main(["refresh", str(program), "--offline"]) == 0
@@ -152,8 +164,28 @@ def test_quickstart_program_answers_and_detects_a_dead_replica(tmp_path, capsys)
         assert cli.main(["refresh", str(program), "--offline"]) == 0
         assert "drift" not in capsys.readouterr().out
         assert cli.main(["up", str(program), "--offline", "--no-demo"]) == 0
-        assert {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")} - \
-            {"same", "endpoint:", "models:", "account:", "gateway:"} == set()
+        printed = capsys.readouterr().out
+        assert {line.split()[0] for line in printed.splitlines() if line.startswith("  ")} - \
+            {"same", "endpoint:", "models:", "account:", "gateway:", "app_key:"} == set()
+        assert 'app_key: "[secret]"' in printed  # the applications' key: a secret output, never printed
     finally:
         assert cli.main(["destroy", str(program), "--offline"]) == 0
     assert store_entries(OfflineRunner(program, log=lambda _: None).config) == []
+
+
+def _quickstart_audit(program: Path, cfg, capsys) -> None:
+    """The audit log of the quickstart's first up: its addons loaded on its deployment, the account's key made; and
+    `ember audit` finds the program's store by itself."""
+    from ember.provider.tools import cli
+
+    records = AuditLog(cfg.store_url).read(account="quickstart")
+    loaded = {r.target for r in records if r.action == "addon.loaded" and r.result == "ok"}
+    assert loaded == {"accounts/quickstart/models/smollm2-pirate", "accounts/quickstart/models/smollm2-poet"}
+    on = "on accounts/quickstart/deployments/smollm2-local"
+    assert {r.detail for r in records if r.action == "addon.loaded"} == {on}
+    assert "key.created" in {r.action for r in records}
+    capsys.readouterr()
+    assert cli.main(["audit", str(program), "--account", "quickstart"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["time", "account", "actor", "action", "target", "result", "detail"]
+    assert len(table) == len(records) + 1 and sum(" addon.loaded " in line for line in table) == len(loaded)

@@ -173,7 +173,8 @@ def test_the_public_api_is_every_kind_its_args_and_the_kubernetes_components():
     public = {name for name in namespace if not name.startswith("__")}
     assert public == set(ember.provider.__all__) == {
         "Model", "ModelArgs", "LoRAAddon", "LoRAAddonArgs", "Deployment", "DeploymentArgs", "Dataset", "DatasetArgs",
-        "FineTuningJob", "FineTuningJobArgs", "Gateway", "GatewayArgs", "AutoscalingPolicyArgs", "RequestLoggingArgs",
+        "FineTuningJob", "FineTuningJobArgs", "Gateway", "GatewayArgs", "ApiKey", "ApiKeyArgs", "AutoscalingPolicyArgs",
+        "RequestLoggingArgs",
         "KubernetesWorkloadArgs", "RateLimitsArgs", "AccountRateLimitsArgs", "KubernetesDeployment", "KubernetesArgs",
         "KubernetesFineTuningJob", "KubernetesGateway", "KubernetesGatewayArgs"}
 

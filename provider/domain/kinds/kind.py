@@ -21,6 +21,9 @@ class Kind:
     # Inputs that are no field of the spec: content digests check derives from a local source, or that the program
     # passes from the resources this one references (a base model's), which decide replacements as inputs do.
     derived: tuple[str, ...] = ()
+    # Outputs the engine keeps encrypted in the stack's state (the program's resource asks for it), and the offline
+    # runner keeps out of its state file.
+    secret_outputs: tuple[str, ...] = ()
 
     @property
     def type_token(self) -> str:
