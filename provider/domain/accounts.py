@@ -44,9 +44,11 @@ def new_key() -> str:
 
 
 def _utc(value: datetime | str | None) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(value)
+    """An expiry as an aware time: one written without an offset (by hand, in the keys file) is UTC."""
+    if value is None:
+        return None
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return when if when.utcoffset() is not None else when.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class KeyRecord:
             object.__setattr__(self, "key_id", api_key_name(self.account_id, IMPLICIT_KEY_ID))
         if self.role not in ROLES:
             raise ValueError(f"role: {self.role!r} is not one of {', '.join(ROLES)}")
+        object.__setattr__(self, "expires_at", _utc(self.expires_at))
 
     def to_json(self) -> dict[str, Any]:
         return {"account_id": self.account_id, "sha256": self.sha256, "key_id": self.key_id, "role": self.role,

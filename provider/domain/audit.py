@@ -42,8 +42,8 @@ from ember.provider.domain.store_layout import StoreLayout
 
 log = logging.getLogger("ember.audit")
 
-Action = Literal["addon.loaded", "addon.unloaded", "addon.refused", "key.created", "key.revoked", "key.expired",
-                 "deployment.scaled"]
+Action = Literal["addon.loaded", "addon.unloaded", "addon.refused", "key.created", "key.updated", "key.revoked",
+                 "key.expired", "deployment.scaled"]
 ACTIONS: tuple[str, ...] = Action.__args__
 MAX_DETAIL = 300  # characters: a reason, not a document
 

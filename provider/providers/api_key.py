@@ -11,7 +11,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, 
 
 from ember.provider.domain.accounts import KeyRecord, hash_key, new_key
 from ember.provider.domain.audit import AuditLog
-from ember.provider.domain.kinds.api_key import ApiKeySpec
+from ember.provider.domain.kinds.api_key import KIND, ApiKeySpec
 from ember.provider.domain.names import parse_api_key_name
 from ember.provider.providers.base import REFERENCES, EmberError, EmberProvider, has_unknown
 
@@ -22,7 +22,8 @@ def _stack(props: dict[str, Any]) -> str | None:
     """The stack that declares the key (organization/project/stack), from the owner the program passes along."""
     references = props.get(REFERENCES)
     owner = references.get("owner") if isinstance(references, dict) else None
-    return owner.rsplit("/", 1)[0] if isinstance(owner, str) and owner.count("/") == 3 else None
+    parts = owner.split("/", 3) if isinstance(owner, str) else []  # a resource's own name may hold a "/"
+    return "/".join(parts[:3]) if len(parts) == 4 else None
 
 
 def _shown(stack: str) -> str:
@@ -42,9 +43,10 @@ class ApiKeyProvider(EmberProvider):
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         result = super().check(olds, news)
         expires = result.inputs.get("expires_at")
-        # A past expiry is refused as written; one that has since passed on a key already made is what it was, and
-        # the key answers that it expired.
-        if isinstance(expires, str) and not has_unknown(expires) and expires != olds.get("expires_at"):
+        # A past expiry is refused where a key is made (a create, a rotation) or given it; one that has since passed on
+        # a key already made is what it was, and the key answers that it expired.
+        made = not olds or any(result.inputs.get(field) != olds.get(field) for field in KIND.replace)
+        if isinstance(expires, str) and not has_unknown(expires) and (made or expires != olds.get("expires_at")):
             try:
                 when = datetime.fromisoformat(expires)
             except ValueError:
@@ -101,6 +103,14 @@ class ApiKeyProvider(EmberProvider):
         if not found:
             raise EmberError(f"{spec.name}: the key is no longer in the store (revoked outside this stack); rotate it "
                              f"(change `rotation`) to make a new one")
+        before = found[0]
+        changes = [f"role {before.role} -> {spec.role}"] if before.role != spec.role else []
+        if before.expires_at != spec.expires_at:
+            shown = [t.isoformat() if t else "never" for t in (before.expires_at, spec.expires_at)]
+            changes.append(f"expires {shown[0]} -> {shown[1]}")
+        if changes:  # a key given more power or a longer life is an admin action like its creation
+            AuditLog(self.store.url).record(account=spec.account_id, actor=_actor(news), action="key.updated",
+                                            target=spec.name, result="ok", detail="; ".join(changes))
         kept = {k: olds.get(k) for k in ("key", "key_sha256", "key_hint", "created_at")}
         return UpdateResult(news | kept | {"name": spec.name, **self._state(spec.expires_at)})
 

@@ -15,6 +15,7 @@ runs programs through both and requires the same steps.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ class Step:
     detail: str = ""
 
 SECRET = "[secret]"  # how a secret output is shown, as `pulumi up` shows it
+PENDING_DELETE = "#pending-delete"  # the state key's mark of a replaced resource not deleted yet
 
 
 @dataclass
@@ -99,10 +101,10 @@ class StackState:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         secrets = self._secrets()
-        shown = set(self.secret_values())
-        resources = {key: r | {"outputs": r["outputs"] | dict.fromkeys(secrets.get(key, {}), SECRET)}
+        hidden = self.secret_values()
+        resources = {key: r | {"outputs": masked(r["outputs"] | dict.fromkeys(secrets.get(key, {}), SECRET), hidden)}
                      for key, r in self.resources.items()}
-        outputs = {k: SECRET if isinstance(v, str) and v in shown else v for k, v in self.outputs.items()}
+        outputs = masked(self.outputs, hidden)
         fd = os.open(self.secrets_path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(secrets, f)
@@ -111,6 +113,18 @@ class StackState:
         tmp.write_text(json.dumps({"resources": resources, "order": self.order, "outputs": outputs},
                                   indent=2, sort_keys=True, default=str))
         tmp.replace(self.path)
+
+
+def masked(value: Any, secrets: set[str]) -> Any:
+    """`value` with every string that holds a secret (an export of a key, or of a string made with one) shown as
+    SECRET, at any depth, as the engine keeps an output computed from a secret secret."""
+    if isinstance(value, str):
+        return SECRET if any(secret in value for secret in secrets) else value
+    if isinstance(value, dict):
+        return {k: masked(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v, secrets) for v in value]
+    return value
 
 
 def _kind(type_token: str) -> str:
@@ -275,9 +289,15 @@ class OfflineRunner:
         if diff.delete_before_replace or options.delete_before_replace:
             self._delete(key, previous)
             return self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
+        # Kept in the state as a pending delete until it is gone, as the engine keeps one: a run cut short between the
+        # create and the delete (a store that did not answer) deletes it at the next up, which does not declare it.
+        pending = f"{key}{PENDING_DELETE}"
+        self._remember(pending, kind, name, previous["id"], previous["inputs"], previous["outputs"],
+                       dataclasses.replace(options, dependencies=()))
         created = self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
         if not previous.get("options", {}).get("retain_on_delete"):
             provider.delete(previous["id"], previous["outputs"])
+        self._forget(pending)
         return created
 
     def _create(self, provider, kind, key, name, inputs, preview, options, op, detail="") -> tuple[str, dict]:
@@ -419,8 +439,7 @@ class OfflineRunner:
         if not preview:
             self.state.outputs = {k: v for k, v in outputs.items() if not has_unknown(v)}
             self.state.save()
-        secret = self.state.secret_values()  # shown as the engine shows them; the secrets file beside the state has them
-        return {k: SECRET if isinstance(v, str) and v in secret else v for k, v in outputs.items()}
+        return masked(outputs, self.state.secret_values())  # as the engine shows them; the secrets file has them
 
     def refresh(self) -> list[Step]:
         self.steps = []

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/admin")
 
 @router.get("/adapters")
 async def list_adapters(request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    replica.owner(request)
+    await replica.owner(request)
     engine = replica.ready().engine
     return {"served": engine.served_addons, "slots": list(engine.lora.slots) if engine.lora else [],
             "failed": replica.adapter_failures}
@@ -27,7 +27,7 @@ async def list_adapters(request: Request, replica: Replica = Depends(replica_of)
 
 @router.post("/adapters", openapi_extra=documented_body(AdapterLoadRequest))
 async def load_adapter(request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    caller = replica.owner(request)
+    caller = await replica.owner(request)
     body = await parse_body(request, AdapterLoadRequest)
 
     def add(engine: Engine) -> list[str]:
@@ -53,7 +53,7 @@ async def load_adapter(request: Request, replica: Replica = Depends(replica_of))
 
 @router.delete("/adapters/{name:path}")
 async def unload_adapter(name: str, request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    caller = replica.owner(request)
+    caller = await replica.owner(request)
 
     def remove(engine: Engine) -> list[str]:
         if engine.lora is None or not engine.lora.loaded(name):
@@ -69,4 +69,4 @@ async def unload_adapter(name: str, request: Request, replica: Replica = Depends
 
 @router.post("/reconcile")
 async def reconcile(request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    return await replica.reconcile(replica.owner(request).key_id)
+    return await replica.reconcile((await replica.owner(request)).key_id)

@@ -109,7 +109,7 @@ async def _health(request: Request) -> JSONResponse:
 async def _metrics(request: Request) -> Response:
     # The deployment operator's: its per-addon series name every tenant's addons on a serverless deployment.
     replica: Replica = request.app.state.replica
-    replica.owner(request)
+    await replica.owner(request)
     if replica.engine:
         replica.metrics.queue_depth.set(replica.engine.queue_depth)
         replica.metrics.running.set(replica.engine.running)

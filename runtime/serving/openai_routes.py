@@ -31,7 +31,7 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def models(request: Request, replica: Replica = Depends(replica_of)) -> dict:
-    account = replica.account(request)
+    account = await replica.account(request)
     engine = replica.ready().engine
     deployment = replica.config.deployment
     created = int(replica.started)
@@ -56,7 +56,7 @@ async def model(model: str, request: Request, replica: Replica = Depends(replica
 @router.get("/v1/usage")
 async def usage(request: Request, account: str | None = None, replica: Replica = Depends(replica_of)) -> dict:
     """The caller's own usage on this deployment: metadata records and their totals, never text."""
-    caller = replica.account(request)
+    caller = await replica.account(request)
     if account not in (None, caller):
         raise APIError(403, f"account {caller!r} may not read the usage of account {account!r}",
                        type="permission_error", param="account", code="forbidden")
@@ -131,7 +131,7 @@ def _sampling(body: ChatRequest | CompletionRequest, prompt_ids: list[int], engi
 
 async def _serve(request: Request, replica: Replica, chat: bool):
     started = time.perf_counter()
-    account = replica.account(request)
+    account = await replica.account(request)
     # before the body is read or anything tokenized: a shut-down model's requests cost nothing and are not metered
     replica.refuse_if_shut_down()
     runner = replica.ready()

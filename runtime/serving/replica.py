@@ -333,12 +333,13 @@ class Replica:
 
     # -- access --------------------------------------------------------------------------------------------
 
-    def caller(self, request: Request) -> Caller:
+    async def caller(self, request: Request) -> Caller:
         """Who the request's key says it is; 401 for no key, an unknown or revoked one, or an expired one."""
         key = bearer_key(request)
         caller = self.accounts.authenticate(key)
-        if caller is None and key and self.reload_keys():
-            # a key made since the last reload (a new tenant of a serverless deployment) works at once
+        if caller is None and key and await asyncio.to_thread(self.reload_keys):
+            # a key made since the last reload (a new tenant of a serverless deployment) works at once; the keys
+            # file is looked at on a worker thread (a stat, or an object store's HEAD), never on the event loop
             caller = self.accounts.authenticate(key)
         if caller is None:
             raise invalid_key()
@@ -347,9 +348,9 @@ class Replica:
             raise expired_key()
         return caller
 
-    def account(self, request: Request) -> str:
+    async def account(self, request: Request) -> str:
         """The caller's account, which may use this deployment (any key role may call the OpenAI routes)."""
-        account = self.caller(request).account
+        account = (await self.caller(request)).account
         if not self.config.deployment.may_use_deployment(account):
             raise APIError(403, f"account {account!r} may not use deployment {self.config.deployment.name!r}",
                            type="permission_error", code="forbidden")
@@ -383,9 +384,9 @@ class Replica:
         self._keys_version = version
         return True
 
-    def owner(self, request: Request) -> Caller:
+    async def owner(self, request: Request) -> Caller:
         """The caller of an admin route: an `admin` key of the deployment's own account."""
-        caller = self.caller(request)
+        caller = await self.caller(request)
         if caller.account != self.config.deployment.account_id:
             raise APIError(403, f"only account {self.config.deployment.account_id!r} administers this deployment",
                            type="permission_error", code="forbidden")

@@ -58,9 +58,11 @@ def test_a_key_is_made_once_as_a_secret_output_and_only_its_hash_reaches_the_sto
         pulumi.export("ci_key", ci.key)
         pulumi.export("app_key", app.key)
         pulumi.export("app_hint", app.key_hint)
+        pulumi.export("headers", {{"Authorization": pulumi.Output.concat("Bearer ", app.key)}})  # made with a key
     """
     runner, outputs = run(tmp_path / "program", cfg, body)
     assert outputs["ci_key"] == SECRET and outputs["app_key"] == SECRET  # shown as the engine shows a secret
+    assert outputs["headers"] == {"Authorization": SECRET}
     secrets_file = runner.state.secrets_path
     assert stat.S_IMODE(os.stat(secrets_file).st_mode) == 0o600
     ci_key, app_key = secret_of(runner, "ci"), secret_of(runner, "app")
@@ -121,6 +123,8 @@ def test_rotation_makes_the_new_key_before_the_old_one_is_revoked_and_delete_rev
     changed.up()
     assert [s.op for s in changed.steps if s.type == "ApiKey"] == ["update"]
     assert Accounts.load(store_keys).authenticate(new).role == "admin"
+    updated = [r for r in AuditLog(cfg.store_url).read() if r.action == "key.updated"]
+    assert [(r.target, r.detail) for r in updated] == [("accounts/acme/apiKeys/ci", "role inference -> admin")]
     changed.destroy()
     assert Accounts.load(store_keys).authenticate(new) is None and keys_in_store(cfg) == []
     assert ("key.revoked", "accounts/acme/apiKeys/ci") in {(r.action, r.target) for r in AuditLog(cfg.store_url).read()}
@@ -152,3 +156,44 @@ def test_a_key_for_an_account_another_stack_administers_is_refused_at_preview(tm
                                        r"\(acme-team/dev\)"):
         intruder.up(preview=True)
     assert len(keys_in_store(cfg)) == 1
+
+
+def test_a_rotation_cut_short_before_the_old_key_is_revoked_revokes_it_at_the_next_up(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    runner, _ = run(tmp_path / "program", cfg, 'ApiKey("ci", ApiKeyArgs(account_id="acme", rotation="one"))\n')
+    old = secret_of(runner, "ci")
+    store_keys = Path(cfg.store_url.removeprefix("file://")) / "keys.json"
+    revoke = ApiKeyProvider.delete
+
+    def store_down(self, id_, props):
+        raise OSError("the store did not answer")
+
+    monkeypatch.setattr(ApiKeyProvider, "delete", store_down)
+    program(runner.program_dir, 'ApiKey("ci", ApiKeyArgs(account_id="acme", rotation="two"))\n')
+    with pytest.raises(OSError):
+        OfflineRunner(runner.program_dir, config=cfg, log=lambda _: None).up()
+    assert Accounts.load(store_keys).authenticate(old) is not None  # not revoked yet, and not forgotten:
+    monkeypatch.setattr(ApiKeyProvider, "delete", revoke)
+    again = OfflineRunner(runner.program_dir, config=cfg, log=lambda _: None)
+    again.up()
+    assert Accounts.load(store_keys).authenticate(old) is None  # the next up deletes the pending one
+    assert [r.key_id for r in Accounts.load(store_keys).records] == ["accounts/acme/apiKeys/ci"]
+
+
+def test_a_rotation_of_a_key_whose_expiry_has_passed_is_refused_but_the_key_itself_stands(tmp_path):
+    provider = ApiKeyProvider()
+    provider._config = config(tmp_path)
+    olds = {"account_id": "acme", "key_id": "ci", "role": "inference", "expires_at": "2020-01-01T00:00:00Z",
+            "rotation": "one"}
+    assert provider.check(olds, dict(olds)).failures == []  # nothing changed: it answers that it expired
+    rotated = provider.check(olds, olds | {"rotation": "two"}).failures
+    assert [(f.property, f.reason) for f in rotated] == [("expires_at", "'2020-01-01T00:00:00Z' is in the past: a new "
+                                                                        "key's expiry must be later than now")]
+
+
+def test_an_expiry_written_without_an_offset_in_the_keys_file_is_utc():
+    from ember.provider.domain.accounts import KeyRecord
+
+    record = KeyRecord("acme", "0" * 64, expires_at="2020-01-01T00:00:00")
+    assert record.expires_at == datetime(2020, 1, 1, tzinfo=UTC)
+    assert Accounts([record]).authenticate("x") is None  # compared without a TypeError
