@@ -71,7 +71,8 @@ class StackState:
 
     @property
     def secrets_path(self) -> Path:
-        return self.path.with_name(f"{self.path.stem}.secrets.json")
+        # not *.json: what reads a stack's state by its files (stacks/*.json) never finds the secrets among them
+        return self.path.with_name(f"{self.path.stem}.secrets")
 
     @classmethod
     def load(cls, path: Path) -> "StackState":
@@ -105,10 +106,14 @@ class StackState:
         resources = {key: r | {"outputs": masked(r["outputs"] | dict.fromkeys(secrets.get(key, {}), SECRET), hidden)}
                      for key, r in self.resources.items()}
         outputs = masked(self.outputs, hidden)
-        fd = os.open(self.secrets_path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(secrets, f)
-        self.secrets_path.with_suffix(".tmp").replace(self.secrets_path)
+        if secrets:
+            staged = self.secrets_path.with_name(f"{self.secrets_path.name}.tmp")
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(secrets, f)
+            staged.replace(self.secrets_path)
+        else:
+            self.secrets_path.unlink(missing_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"resources": resources, "order": self.order, "outputs": outputs},
                                   indent=2, sort_keys=True, default=str))
