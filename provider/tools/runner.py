@@ -299,7 +299,11 @@ class OfflineRunner:
         pending = f"{key}{PENDING_DELETE}"
         self._remember(pending, kind, name, previous["id"], previous["inputs"], previous["outputs"],
                        dataclasses.replace(options, dependencies=()))
-        created = self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
+        try:
+            created = self._create(provider, kind, key, name, inputs, preview, options, "replace", detail)
+        except BaseException:  # nothing was replaced: the old one stays the stack's, as it was
+            self._forget(pending)
+            raise
         if not previous.get("options", {}).get("retain_on_delete"):
             provider.delete(previous["id"], previous["outputs"])
         self._forget(pending)
