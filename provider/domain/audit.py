@@ -26,10 +26,12 @@ implicit key, made by whichever resource first needed it), `autoscaler:<gateway 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -170,3 +172,22 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(f"--since: {text!r} is not an ISO date or time (2025-05-01, 2025-05-01T12:00Z) or a span "
                          f"back from now (30m, 1h, 7d)") from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+class ExpiredKeyRefusals:
+    """Each expired key's first refusal in a process (a replica, a gateway), as one `key.expired` record: later
+    refusals would only repeat it."""
+
+    def __init__(self, store_root: str | None, where: str):
+        self.log = AuditLog(store_root) if store_root else None
+        self.where = where  # the record's detail: which process refused it
+        self.noted: set[str] = set()
+
+    def first(self, account: str, key_id: str) -> Callable[[], bool] | None:
+        """The record's write, for the caller to run off its event loop (it is store I/O), if this is the key's first
+        refusal here; else None."""
+        if self.log is None or key_id in self.noted:
+            return None
+        self.noted.add(key_id)
+        return functools.partial(self.log.record, account=account, actor=key_id, action="key.expired", target=key_id,
+                                 result="refused", detail=self.where)

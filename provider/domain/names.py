@@ -108,6 +108,13 @@ def parse_api_key_name(value: str) -> ResourceName:
     return ResourceName.parse(value, "apiKeys")
 
 
+def owner_stack(owner: object) -> str | None:
+    """organization/project/stack of a resource's owner (organization/project/stack/resource name, as the program
+    passes it along; the resource's own name may hold a "/")."""
+    parts = owner.split("/", 3) if isinstance(owner, str) else []
+    return "/".join(parts[:3]) if len(parts) == 4 else None
+
+
 def split_pinned(model: str) -> tuple[str, str | None]:
     """A request's `model` as (model name, the deployment it pins or None): `accounts/a/models/m` or
     `accounts/a/models/m#accounts/a/deployments/d`. Each part is checked as a name; raises ValueError naming it."""

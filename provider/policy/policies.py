@@ -29,8 +29,8 @@ from pulumi_policy.proxy import _DictProxy, _is_unknown, _ListProxy
 from ember.provider.backends.store import Store
 from ember.provider.domain import catalog, catalog_lifecycle, file_kinds
 from ember.provider.domain.kinds import BY_NAME, KINDS
-from ember.provider.domain.names import (ID_PATTERN, check_id, deployment_name, model_name, parse_deployment_name,
-                                         parse_model_name)
+from ember.provider.domain.names import (ID_PATTERN, check_id, deployment_name, model_name, owner_stack,
+                                         parse_deployment_name, parse_model_name)
 from ember.provider.domain.rules import Declaration, DeploymentFacts, addon_misfits, name_clashes
 from ember.provider.domain.spec import DEFAULT_MAX_LORA_RANK, AcceleratorType, parse_known
 from ember.provider.providers.base import ProviderConfig
@@ -347,19 +347,13 @@ def _quota_store_url(config: Mapping[str, Any]) -> tuple[str, str | None]:
     return url, None
 
 
-def _stack_of(owner: Any) -> str | None:
-    """organization/project/stack of a deployment's owner (organization/project/stack/resource name)."""
-    parts = owner.split("/", 3) if isinstance(owner, str) else []
-    return "/".join(parts[:3]) if len(parts) == 4 else None
-
-
 def _this_stack(deployments: list[PolicyResource]) -> set[str]:
     """This stack as the owners of its records name it: from the owner each declared Deployment carries (the same
     under the engine and `ember preview`), and from the engine's stack settings where it gave them."""
     stacks = set()
     for deployment in deployments:
         references = plain(deployment.props).get("references")
-        if isinstance(references, dict) and (stack := _stack_of(references.get("owner"))):
+        if isinstance(references, dict) and (stack := owner_stack(references.get("owner"))):
             stacks.add(stack)
     if "PULUMI_PROJECT" in os.environ and "PULUMI_STACK" in os.environ:  # the engine's, not pulumi's placeholders
         stacks.add(f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}")
@@ -405,7 +399,7 @@ def _account_gpu_quota(args: StackValidationArgs, report: ReportViolation) -> No
     names = {name for deployment in deployments if (name := _deployment_name(deployment))}
     stacks = _this_stack(deployments)
     for record in records:
-        if record.name in names or _stack_of(record.owner) in stacks:
+        if record.name in names or owner_stack(record.owner) in stacks:
             continue
         account = parse_deployment_name(record.name).account_id  # a serverless deployment's is its declarer's
         if account in judged and (gpus := _gpus(record.inputs)):

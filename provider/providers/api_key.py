@@ -12,7 +12,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, 
 from ember.provider.domain.accounts import KeyRecord, hash_key, new_key
 from ember.provider.domain.audit import AuditLog
 from ember.provider.domain.kinds.api_key import KIND, ApiKeySpec
-from ember.provider.domain.names import parse_api_key_name
+from ember.provider.domain.names import owner_stack, parse_api_key_name
 from ember.provider.providers.base import REFERENCES, EmberError, EmberProvider, has_unknown
 
 HINT_CHARACTERS = 8  # "ek-" and five more: enough to tell a team's keys apart, nothing to guess the rest by
@@ -21,9 +21,7 @@ HINT_CHARACTERS = 8  # "ek-" and five more: enough to tell a team's keys apart, 
 def _stack(props: dict[str, Any]) -> str | None:
     """The stack that declares the key (organization/project/stack), from the owner the program passes along."""
     references = props.get(REFERENCES)
-    owner = references.get("owner") if isinstance(references, dict) else None
-    parts = owner.split("/", 3) if isinstance(owner, str) else []  # a resource's own name may hold a "/"
-    return "/".join(parts[:3]) if len(parts) == 4 else None
+    return owner_stack(references.get("owner")) if isinstance(references, dict) else None
 
 
 def _shown(stack: str) -> str:

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from ember.provider.domain.accounts import Caller
-from ember.provider.domain.audit import AuditLog
+from ember.provider.domain.audit import AuditLog, ExpiredKeyRefusals
 from ember.runtime.gateway.autoscaler import Autoscaler, scale_forever
 from ember.runtime.gateway.balancer import Balancer, affinity_key
 from ember.runtime.gateway.bodies import parse_json_object
@@ -60,7 +60,7 @@ class GatewayState:
         self.forwarder = Forwarder(self.client, self.balancer, self.metrics)
         self.autoscaler = Autoscaler(scalers_for(config), self._load, self._scaled, self._audit_scaled)
         self._tasks: set[asyncio.Task] = set()
-        self._expired_noted: set[str] = set()
+        self.expired_refusals = ExpiredKeyRefusals(config.store_url, "at the gateway")
 
     def _load(self, deployment: Deployment) -> int:
         return sum(self.balancer.outstanding(r) for r in deployment.replicas)
@@ -89,11 +89,8 @@ class GatewayState:
         if caller is None:
             raise invalid_key()
         if caller.expired():
-            if caller.key_id not in self._expired_noted:  # the first refusal here goes to the audit log
-                self._expired_noted.add(caller.key_id)
-                self._background(asyncio.to_thread(
-                    AuditLog(self.config.store_url).record, account=caller.account, actor=caller.key_id,
-                    action="key.expired", target=caller.key_id, result="refused", detail="at the gateway"))
+            if write := self.expired_refusals.first(caller.account, caller.key_id):
+                self._background(asyncio.to_thread(write))
             raise expired_key()
         return caller
 

@@ -18,7 +18,7 @@ import fsspec
 from fastapi import Request
 
 from ember.provider.domain.accounts import Accounts, Caller, DeploymentAccess, foreign_model_refusal, is_catalog_name
-from ember.provider.domain.audit import AuditLog
+from ember.provider.domain.audit import AuditLog, ExpiredKeyRefusals
 from ember.provider.domain.names import PIN, parse_deployment_name, parse_model_name
 from ember.provider.domain.records import DeploymentRecord
 from ember.provider.domain.replica_spec import DEFAULT_MAX_QUEUE
@@ -78,7 +78,7 @@ class Replica:
         self._keys_fs, self._keys_path = fsspec.core.url_to_fs(str(config.keys_url))
         self._keys_version = self._keys_file_version()
         self.accounts = Accounts.load(config.keys_url)
-        self._expired_noted: set[str] = set()
+        self.expired_refusals = ExpiredKeyRefusals(config.store_url, f"at {config.deployment.name}")
         self.meter = Meter(config.usage_url, config.deployment.name, config.accelerator_type, config.accelerator_count,
                            config.deployment.base_model, config.deployment.serverless)
         self.metrics = Metrics()
@@ -344,7 +344,8 @@ class Replica:
         if caller is None:
             raise invalid_key()
         if caller.expired():
-            self.note_expired(caller)
+            if write := self.expired_refusals.first(caller.account, caller.key_id):
+                threading.Thread(target=write, daemon=True, name="ember-audit").start()
             raise expired_key()
         return caller
 
@@ -355,15 +356,6 @@ class Replica:
             raise APIError(403, f"account {account!r} may not use deployment {self.config.deployment.name!r}",
                            type="permission_error", code="forbidden")
         return account
-
-    def note_expired(self, caller: Caller) -> None:
-        """The first refusal of an expired key here goes to the audit log (once per key and process)."""
-        if caller.key_id in self._expired_noted or not self.config.store_url:
-            return
-        self._expired_noted.add(caller.key_id)
-        threading.Thread(target=AuditLog(self.config.store_url).record, daemon=True, name="ember-audit", kwargs=dict(
-            account=caller.account, actor=caller.key_id, action="key.expired", target=caller.key_id, result="refused",
-            detail=f"at {self.config.deployment.name}")).start()
 
     def _keys_file_version(self) -> str | None:
         try:
